@@ -1,0 +1,121 @@
+//! The admin listener: `/healthz`, `/readyz`, `/status`. Metrics and reload endpoints
+//! join here.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::runtime::Runtime;
+use crate::server::stopped;
+
+/// What the admin endpoints read.
+#[derive(Debug)]
+pub struct AdminState {
+    pub runtime: Arc<ArcSwap<Runtime>>,
+    /// True once every listener is bound and serving; false again during shutdown.
+    pub ready: AtomicBool,
+}
+
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut shutdown: watch::Receiver<bool>) {
+    let builder = auto::Builder::new(TokioExecutor::new());
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    continue;
+                }
+            },
+            _ = stopped(&mut shutdown) => return,
+        };
+        let state = state.clone();
+        let svc = service_fn(move |req| {
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(handle(&state, req)) }
+        });
+        let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+}
+
+fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/readyz") => {
+            if state.ready.load(Ordering::Relaxed) {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+            }
+        }
+        (&Method::GET, "/status") => {
+            let body = status(&state.runtime.load());
+            let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+            r
+        }
+        (_, "/healthz" | "/readyz" | "/status") => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+/// The `/status` document.
+pub fn status(rt: &Runtime) -> serde_json::Value {
+    let pools: Vec<_> = rt
+        .pools
+        .iter()
+        .map(|p| {
+            let backends: Vec<_> = p
+                .members
+                .iter()
+                .map(|m| {
+                    let b = &m.backend;
+                    json!({
+                        "id": &*b.id,
+                        "address": b.address.to_string(),
+                        "weight": m.weight,
+                        "healthy": true,
+                        "draining": false,
+                        "in_flight": b.in_flight(),
+                        "requests": b.requests(),
+                        "connections_opened": b.pool.connections_opened(),
+                        "idle_connections": b.pool.idle_count(),
+                    })
+                })
+                .collect();
+            json!({ "name": &*p.name, "policy": p.policy.as_str(), "backends": backends })
+        })
+        .collect();
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "generation": rt.generation,
+        "config_hash": format!("{:016x}", rt.config.content_hash),
+        "config_path": rt.config.source.as_ref().map(|p| p.display().to_string()),
+        "last_reload": { "result": "none", "error": null },
+        "pools": pools,
+    })
+}

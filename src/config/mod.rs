@@ -1,0 +1,224 @@
+//! Configuration: the TOML file read into [`raw::RawConfig`], then validated into [`Config`].
+//!
+//! ```text
+//! file ──toml + serde──▶ RawConfig ──validate──▶ Config
+//! ```
+//!
+//! `Config` can only be built by validation, so code that holds one never re-checks it.
+//! Every rejection is a [`ConfigError`] naming the file, line, column and key path.
+
+pub mod raw;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use validate::validate;
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where it was read from, for messages and for reloading.
+    pub source: Option<PathBuf>,
+    /// A hash of the file's bytes, shown in `/status`, so ops can tell which edit is live.
+    pub content_hash: u64,
+    pub server: ServerConfig,
+    pub admin: Option<AdminConfig>,
+    /// Routes in file order; the runtime sorts them by specificity.
+    pub routes: Vec<RouteConfig>,
+    /// Pools sorted by name.
+    pub pools: Vec<PoolConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: Vec<SocketAddr>,
+    /// Runtime worker threads; 0 means one per core.
+    pub workers: usize,
+    pub shutdown_grace: Duration,
+    pub access_log: AccessLog,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessLog {
+    Off,
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_header_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    Any,
+    /// Lower-cased exact host name.
+    Exact(String),
+    /// `*.example.com` stored as `.example.com`.
+    Suffix(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub host: HostMatch,
+    pub path_prefix: String,
+    pub pool: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    RoundRobin,
+    LeastRequest,
+}
+
+impl Policy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::RoundRobin => "round_robin",
+            Policy::LeastRequest => "least_request",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub name: String,
+    pub policy: Policy,
+    pub backends: Vec<BackendConfig>,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    /// Further backends tried when connecting fails before any request byte was sent.
+    pub retries: u32,
+    /// Idle upstream keep-alive connections are closed after this long.
+    pub upstream_idle_timeout: Duration,
+    /// At most this many idle upstream connections are kept per backend.
+    pub max_idle_per_backend: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// Stable identity: the `id` key, else the address as written.
+    pub id: String,
+    pub address: BackendAddr,
+    pub weight: u32,
+}
+
+/// Where a backend listens. Names are resolved when a connection is opened, so a
+/// container's address change is picked up by the next connection.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum BackendAddr {
+    Ip(SocketAddr),
+    Name { host: String, port: u16 },
+}
+
+impl fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BackendAddr::Ip(a) => write!(f, "{a}"),
+            BackendAddr::Name { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+/// A rejected configuration: where, which key, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}:{column}: {key}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    /// Dotted key path, e.g. `pools.carts.backends[1].weight`.
+    pub key: String,
+    pub message: String,
+}
+
+/// A failure to produce a configuration from a file.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
+}
+
+/// Reads, parses and validates a configuration file.
+pub fn load(path: &Path) -> Result<Config, LoadError> {
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let mut config = parse(&text, &path.display().to_string())?;
+    config.source = Some(path.to_path_buf());
+    Ok(config)
+}
+
+/// Parses and validates configuration text; `file` names it in errors.
+pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+    let raw = parse_raw(text, file)?;
+    let mut config = validate(&raw, text, file)?;
+    config.content_hash = content_hash(text.as_bytes());
+    Ok(config)
+}
+
+fn parse_raw(text: &str, file: &str) -> Result<raw::RawConfig, ConfigError> {
+    let de = match toml::Deserializer::parse(text) {
+        Ok(de) => de,
+        Err(e) => return Err(toml_error(&e, String::new(), text, file)),
+    };
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let key = if key == "." { String::new() } else { key };
+        toml_error(e.inner(), key, text, file)
+    })
+}
+
+fn toml_error(e: &toml::de::Error, key: String, text: &str, file: &str) -> ConfigError {
+    let (line, column) = e
+        .span()
+        .map(|s| line_col(text, s.start))
+        .unwrap_or((1, 1));
+    let message = e.message().trim().to_owned();
+    ConfigError {
+        file: file.to_owned(),
+        line,
+        column,
+        key: if key.is_empty() {
+            "(file)".to_owned()
+        } else {
+            key
+        },
+        message,
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[line_start..].chars().count() + 1)
+}
+
+/// FNV-1a: a stable content hash, identical across builds and machines.
+pub fn content_hash(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}

@@ -1,0 +1,128 @@
+//! The serde mirror of the TOML file: every key the file may hold, nothing validated.
+//!
+//! Values that validation must point back at are wrapped in [`Spanned`] so a rejection
+//! can name the line and column. Unknown keys are refused here by `deny_unknown_fields`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::{self, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+
+/// The whole file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    pub admin: Option<RawAdmin>,
+    #[serde(default)]
+    pub routes: Vec<Spanned<RawRoute>>,
+    #[serde(default)]
+    pub pools: BTreeMap<Spanned<String>, Spanned<RawPool>>,
+}
+
+/// `[server]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub listen: Option<Spanned<Vec<Spanned<String>>>>,
+    pub workers: Option<Spanned<i64>>,
+    pub shutdown_grace: Option<Spanned<String>>,
+    pub access_log: Option<Spanned<String>>,
+    #[serde(default)]
+    pub limits: RawLimits,
+    /// Accepted by the schema so the error can say TLS is not available yet, rather
+    /// than calling a documented key unknown.
+    pub tls: Option<Spanned<toml::Value>>,
+}
+
+/// `[server.limits]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub max_connections: Option<Spanned<i64>>,
+    pub header_read_timeout: Option<Spanned<String>>,
+    pub idle_timeout: Option<Spanned<String>>,
+    pub max_header_bytes: Option<Spanned<i64>>,
+}
+
+/// `[admin]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: Spanned<String>,
+}
+
+/// One `[[routes]]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub host: Option<Spanned<String>>,
+    pub path_prefix: Option<Spanned<String>>,
+    pub pool: Spanned<String>,
+}
+
+/// One `[pools.NAME]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPool {
+    pub policy: Option<Spanned<String>>,
+    pub backends: Spanned<Vec<Spanned<RawBackend>>>,
+    pub connect_timeout: Option<Spanned<String>>,
+    pub response_timeout: Option<Spanned<String>>,
+    pub retries: Option<Spanned<i64>>,
+    pub upstream_idle_timeout: Option<Spanned<String>>,
+    pub max_idle_per_backend: Option<Spanned<i64>>,
+    /// Reserved for the stateful policies and active checks; validation explains.
+    pub health: Option<Spanned<toml::Value>>,
+    pub sticky: Option<Spanned<toml::Value>>,
+    pub learn: Option<Spanned<toml::Value>>,
+    pub hash_key: Option<Spanned<toml::Value>>,
+    pub bounded_load: Option<Spanned<toml::Value>>,
+}
+
+/// A backend: either `"host:port"` or `{ address = "...", weight = N, id = "..." }`.
+#[derive(Debug)]
+pub struct RawBackend {
+    pub address: String,
+    pub weight: Option<i64>,
+    pub id: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackendTable {
+    address: String,
+    weight: Option<i64>,
+    id: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for RawBackend {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct BackendVisitor;
+        impl<'de> Visitor<'de> for BackendVisitor {
+            type Value = RawBackend;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an address string \"host:port\" or a table { address, weight, id }")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawBackend, E> {
+                Ok(RawBackend {
+                    address: v.to_owned(),
+                    weight: None,
+                    id: None,
+                })
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawBackend, A::Error> {
+                let t = RawBackendTable::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(RawBackend {
+                    address: t.address,
+                    weight: t.weight,
+                    id: t.id,
+                })
+            }
+        }
+        deserializer.deserialize_any(BackendVisitor)
+    }
+}

@@ -1,0 +1,325 @@
+//! `RawConfig` → `Config`: every semantic rule of the schema, each failure a
+//! [`ConfigError`] that points at the offending key.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::raw::{RawConfig, RawPool};
+use super::{
+    line_col, AccessLog, AdminConfig, BackendAddr, BackendConfig, Config, ConfigError, HostMatch,
+    Limits, Policy, PoolConfig, RouteConfig, ServerConfig,
+};
+
+/// Largest accepted backend weight: keeps the round-robin schedule table small.
+pub const MAX_WEIGHT: i64 = 1000;
+/// hyper refuses read buffers below this size.
+const MIN_HEADER_BYTES: i64 = 8192;
+
+struct Ctx<'a> {
+    text: &'a str,
+    file: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err(&self, span: Option<Range<usize>>, key: impl Into<String>, msg: impl Into<String>) -> ConfigError {
+        let (line, column) = span.map_or((1, 1), |s| line_col(self.text, s.start));
+        ConfigError {
+            file: self.file.to_owned(),
+            line,
+            column,
+            key: key.into(),
+            message: msg.into(),
+        }
+    }
+
+    fn duration(&self, v: &Option<Spanned<String>>, key: &str, default: Duration) -> Result<Duration, ConfigError> {
+        let Some(v) = v else { return Ok(default) };
+        let d = humantime::parse_duration(v.get_ref().trim()).map_err(|e| {
+            self.err(
+                Some(v.span()),
+                key,
+                format!("invalid duration {:?} ({e}); write e.g. \"250ms\", \"2s\", \"1m\", \"1h\"", v.get_ref()),
+            )
+        })?;
+        if d.is_zero() {
+            return Err(self.err(Some(v.span()), key, "must be greater than zero"));
+        }
+        Ok(d)
+    }
+
+    fn int(&self, v: &Option<Spanned<i64>>, key: &str, range: Range<i64>, default: i64) -> Result<i64, ConfigError> {
+        let Some(v) = v else { return Ok(default) };
+        let n = *v.get_ref();
+        if !range.contains(&n) {
+            return Err(self.err(
+                Some(v.span()),
+                key,
+                format!("{n} is out of range; expected {} to {}", range.start, range.end - 1),
+            ));
+        }
+        Ok(n)
+    }
+
+    fn socket_addr(&self, v: &Spanned<String>, key: &str) -> Result<SocketAddr, ConfigError> {
+        v.get_ref().trim().parse().map_err(|_| {
+            self.err(
+                Some(v.span()),
+                key,
+                format!("invalid listen address {:?}; expected IP:PORT, e.g. \"127.0.0.1:8080\" or \"[::1]:8080\"", v.get_ref()),
+            )
+        })
+    }
+}
+
+/// Validates a parsed file. `text` and `file` are used only to locate errors.
+pub fn validate(raw: &RawConfig, text: &str, file: &str) -> Result<Config, ConfigError> {
+    let cx = Ctx { text, file };
+    let server = server(&cx, raw)?;
+    let admin = match &raw.admin {
+        None => None,
+        Some(a) => {
+            let listen = cx.socket_addr(&a.listen, "admin.listen")?;
+            if server.listen.contains(&listen) {
+                return Err(cx.err(Some(a.listen.span()), "admin.listen", "must differ from every server.listen address"));
+            }
+            Some(AdminConfig { listen })
+        }
+    };
+    let mut pools = Vec::with_capacity(raw.pools.len());
+    for (name, pool) in &raw.pools {
+        pools.push(self::pool(&cx, name, pool)?);
+    }
+    if pools.is_empty() {
+        return Err(cx.err(None, "pools", "at least one pool is required, e.g. [pools.web] with backends = [\"127.0.0.1:9001\"]"));
+    }
+    let routes = routes(&cx, raw, &pools)?;
+    Ok(Config {
+        source: None,
+        content_hash: 0,
+        server,
+        admin,
+        routes,
+        pools,
+    })
+}
+
+fn server(cx: &Ctx, raw: &RawConfig) -> Result<ServerConfig, ConfigError> {
+    let s = &raw.server;
+    let mut listen = Vec::new();
+    match &s.listen {
+        None => listen.push(SocketAddr::from(([127, 0, 0, 1], 8080))),
+        Some(list) => {
+            if list.get_ref().is_empty() {
+                return Err(cx.err(Some(list.span()), "server.listen", "at least one listen address is required"));
+            }
+            for (i, a) in list.get_ref().iter().enumerate() {
+                let key = format!("server.listen[{i}]");
+                let addr = cx.socket_addr(a, &key)?;
+                if listen.contains(&addr) {
+                    return Err(cx.err(Some(a.span()), key, format!("{addr} is listed twice")));
+                }
+                listen.push(addr);
+            }
+        }
+    }
+    if let Some(tls) = &s.tls {
+        return Err(cx.err(
+            Some(tls.span()),
+            "server.tls",
+            "TLS listeners are not available in this version; terminate TLS in front of Switchyard or remove [[server.tls]]",
+        ));
+    }
+    let access_log = match &s.access_log {
+        None => AccessLog::Off,
+        Some(v) => match v.get_ref().as_str() {
+            "off" => AccessLog::Off,
+            "json" => AccessLog::Json,
+            "text" => AccessLog::Text,
+            other => {
+                return Err(cx.err(Some(v.span()), "server.access_log", format!("unknown value {other:?}; expected \"off\", \"json\" or \"text\"")))
+            }
+        },
+    };
+    let l = &s.limits;
+    let limits = Limits {
+        max_connections: cx.int(&l.max_connections, "server.limits.max_connections", 1..10_000_001, 10_000)? as usize,
+        header_read_timeout: cx.duration(&l.header_read_timeout, "server.limits.header_read_timeout", Duration::from_secs(10))?,
+        idle_timeout: cx.duration(&l.idle_timeout, "server.limits.idle_timeout", Duration::from_secs(60))?,
+        max_header_bytes: cx.int(&l.max_header_bytes, "server.limits.max_header_bytes", MIN_HEADER_BYTES..16 * 1024 * 1024 + 1, 65536)? as usize,
+    };
+    Ok(ServerConfig {
+        listen,
+        workers: cx.int(&s.workers, "server.workers", 0..1025, 0)? as usize,
+        shutdown_grace: cx.duration(&s.shutdown_grace, "server.shutdown_grace", Duration::from_secs(30))?,
+        access_log,
+        limits,
+    })
+}
+
+fn pool(cx: &Ctx, name: &Spanned<String>, raw: &Spanned<RawPool>) -> Result<PoolConfig, ConfigError> {
+    let n = name.get_ref();
+    let key = |k: &str| format!("pools.{n}.{k}");
+    if n.is_empty() || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        return Err(cx.err(Some(name.span()), format!("pools.{n}"), "pool names use only letters, digits, '_' and '-'"));
+    }
+    let p = raw.get_ref();
+    let unavailable = [
+        ("health", &p.health, "active health checks"),
+        ("sticky", &p.sticky, "sticky cookies"),
+        ("learn", &p.learn, "learned session affinity"),
+        ("hash_key", &p.hash_key, "consistent hashing"),
+        ("bounded_load", &p.bounded_load, "consistent hashing"),
+    ];
+    for (k, v, what) in unavailable {
+        if let Some(v) = v {
+            return Err(cx.err(Some(v.span()), key(k), format!("{what} are not available in this version; remove this key")));
+        }
+    }
+    let policy = match &p.policy {
+        None => Policy::RoundRobin,
+        Some(v) => match v.get_ref().as_str() {
+            "round_robin" => Policy::RoundRobin,
+            "least_request" => Policy::LeastRequest,
+            s @ ("sticky_cookie" | "sticky_learn" | "consistent_hash") => {
+                return Err(cx.err(Some(v.span()), key("policy"), format!("policy {s:?} is not available in this version; use \"round_robin\" or \"least_request\"")))
+            }
+            other => {
+                return Err(cx.err(
+                    Some(v.span()),
+                    key("policy"),
+                    format!("unknown policy {other:?}; expected one of round_robin, least_request, sticky_cookie, sticky_learn, consistent_hash"),
+                ))
+            }
+        },
+    };
+    let list = &p.backends;
+    if list.get_ref().is_empty() {
+        return Err(cx.err(Some(list.span()), key("backends"), "a pool needs at least one backend"));
+    }
+    let mut backends: Vec<BackendConfig> = Vec::with_capacity(list.get_ref().len());
+    let mut ids = HashSet::new();
+    for (i, b) in list.get_ref().iter().enumerate() {
+        let bkey = format!("pools.{n}.backends[{i}]");
+        let span = Some(b.span());
+        let rb = b.get_ref();
+        let address = backend_addr(&rb.address).map_err(|m| cx.err(span.clone(), format!("{bkey}.address"), m))?;
+        let weight = match rb.weight {
+            None => 1,
+            Some(w) if (1..=MAX_WEIGHT).contains(&w) => w as u32,
+            Some(0) => return Err(cx.err(span, format!("{bkey}.weight"), "weight 0 is not allowed: weights are 1 to 1000; to take a backend out, remove it")),
+            Some(w) => return Err(cx.err(span, format!("{bkey}.weight"), format!("weight {w} is out of range; expected 1 to {MAX_WEIGHT}"))),
+        };
+        let id = match &rb.id {
+            Some(id) if id.trim().is_empty() => return Err(cx.err(span, format!("{bkey}.id"), "a backend id must not be empty")),
+            Some(id) => id.clone(),
+            None => rb.address.trim().to_owned(),
+        };
+        if !ids.insert(id.clone()) {
+            return Err(cx.err(span, format!("{bkey}.id"), format!("duplicate backend id {id:?} in pool {n:?}; give each backend a distinct address or id")));
+        }
+        backends.push(BackendConfig { id, address, weight });
+    }
+    Ok(PoolConfig {
+        name: n.clone(),
+        policy,
+        backends,
+        connect_timeout: cx.duration(&p.connect_timeout, &key("connect_timeout"), Duration::from_secs(2))?,
+        response_timeout: cx.duration(&p.response_timeout, &key("response_timeout"), Duration::from_secs(30))?,
+        retries: cx.int(&p.retries, &key("retries"), 0..11, 2)? as u32,
+        upstream_idle_timeout: cx.duration(&p.upstream_idle_timeout, &key("upstream_idle_timeout"), Duration::from_secs(60))?,
+        max_idle_per_backend: cx.int(&p.max_idle_per_backend, &key("max_idle_per_backend"), 0..100_001, 256)? as usize,
+    })
+}
+
+/// Parses `IP:PORT`, `[IPv6]:PORT` or `hostname:PORT`.
+fn backend_addr(s: &str) -> Result<BackendAddr, String> {
+    let s = s.trim();
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        if a.port() == 0 {
+            return Err(format!("invalid backend address {s:?}: port 0"));
+        }
+        return Ok(BackendAddr::Ip(a));
+    }
+    let bad = || format!("invalid backend address {s:?}; expected HOST:PORT, e.g. \"127.0.0.1:9001\" or \"app-1:8080\"");
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let valid_host = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+        && !host.chars().all(|c| c.is_ascii_digit() || c == '.');
+    if !valid_host || port == 0 {
+        return Err(bad());
+    }
+    Ok(BackendAddr::Name {
+        host: host.to_ascii_lowercase(),
+        port,
+    })
+}
+
+fn routes(cx: &Ctx, raw: &RawConfig, pools: &[PoolConfig]) -> Result<Vec<RouteConfig>, ConfigError> {
+    if raw.routes.is_empty() {
+        if pools.len() == 1 {
+            return Ok(vec![RouteConfig {
+                host: HostMatch::Any,
+                path_prefix: "/".to_owned(),
+                pool: pools[0].name.clone(),
+            }]);
+        }
+        return Err(cx.err(None, "routes", "with more than one pool, [[routes]] must say which requests go to which pool"));
+    }
+    let mut out = Vec::with_capacity(raw.routes.len());
+    for (i, r) in raw.routes.iter().enumerate() {
+        let key = |k: &str| format!("routes[{i}].{k}");
+        let r = r.get_ref();
+        let pool = r.pool.get_ref();
+        if !pools.iter().any(|p| &p.name == pool) {
+            let known: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();
+            return Err(cx.err(Some(r.pool.span()), key("pool"), format!("no pool named {pool:?}; defined pools: {}", known.join(", "))));
+        }
+        let host = match &r.host {
+            None => HostMatch::Any,
+            Some(h) => host_match(h.get_ref()).map_err(|m| cx.err(Some(h.span()), key("host"), m))?,
+        };
+        let path_prefix = match &r.path_prefix {
+            None => "/".to_owned(),
+            Some(p) if p.get_ref().starts_with('/') && !p.get_ref().contains(['?', '#', ' ']) => p.get_ref().clone(),
+            Some(p) => return Err(cx.err(Some(p.span()), key("path_prefix"), format!("invalid path prefix {:?}; it must start with '/' and hold no '?', '#' or spaces", p.get_ref()))),
+        };
+        out.push(RouteConfig {
+            host,
+            path_prefix,
+            pool: pool.clone(),
+        });
+    }
+    Ok(out)
+}
+
+fn host_match(h: &str) -> Result<HostMatch, String> {
+    let h = h.trim().to_ascii_lowercase();
+    if h.is_empty() || h == "*" {
+        return Ok(HostMatch::Any);
+    }
+    let (name, wildcard) = match h.strip_prefix("*.") {
+        Some(rest) => (rest, true),
+        None => (h.as_str(), false),
+    };
+    let valid = !name.is_empty()
+        && name.split('.').all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+    if !valid {
+        return Err(format!("invalid host {h:?}; expected a host name (no port), \"*.example.com\" or \"*\""));
+    }
+    Ok(if wildcard {
+        HostMatch::Suffix(format!(".{name}"))
+    } else {
+        HostMatch::Exact(name.to_owned())
+    })
+}

@@ -1,0 +1,172 @@
+//! Switchyard: a layer-7 HTTP load balancer and session-affinity proxy.
+//!
+//! # Layout
+//!
+//! - [`config`]: the TOML file → `RawConfig` (serde) → validated [`config::Config`].
+//! - [`runtime`]: the immutable snapshot a request routes with (routes, pools,
+//!   selectors), built from a `Config` and published through one `ArcSwap`.
+//! - [`balance`]: selection algorithms, one per file.
+//! - [`upstream`]: backends, their lasting state and pooled keep-alive connections.
+//! - [`proxy`]: the request path: headers, forwarding, upgrades, error responses.
+//! - [`server`]: client listeners, limits, graceful shutdown.
+//! - [`admin`]: the admin listener.
+//! - [`demo`]: the built-in backend and the self-contained demo.
+//!
+//! [`Server::bind`] then [`Server::run`] (or [`run`]) drive everything; tests use them
+//! in-process with listeners on port 0.
+
+#![forbid(unsafe_code)]
+
+pub mod access_log;
+pub mod admin;
+pub mod balance;
+pub mod config;
+pub mod demo;
+pub mod proxy;
+pub mod runtime;
+pub mod server;
+pub mod upstream;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+
+use config::Config;
+use runtime::Runtime;
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A proxy whose listeners are bound but not yet serving.
+#[derive(Debug)]
+pub struct Server {
+    listeners: Vec<server::Listener>,
+    admin: Option<TcpListener>,
+    runtime: Arc<ArcSwap<Runtime>>,
+    config: Arc<Config>,
+}
+
+impl Server {
+    /// Binds every listener of `config`. Nothing is served until [`run`](Self::run).
+    pub async fn bind(config: Config) -> Result<Server, RunError> {
+        let mut listeners = Vec::new();
+        for &addr in &config.server.listen {
+            let l = server::Listener::bind(addr)
+                .await
+                .map_err(|source| RunError::Bind { addr, source })?;
+            listeners.push(l);
+        }
+        let admin = match &config.admin {
+            Some(a) => Some(
+                TcpListener::bind(a.listen)
+                    .await
+                    .map_err(|source| RunError::Bind { addr: a.listen, source })?,
+            ),
+            None => None,
+        };
+        let runtime = Runtime::build(config, 1, None);
+        let config = runtime.config.clone();
+        Ok(Server {
+            listeners,
+            admin,
+            runtime: Arc::new(ArcSwap::from_pointee(runtime)),
+            config,
+        })
+    }
+
+    /// Addresses the client listeners are bound to, in config order.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().map(|l| l.local_addr).collect()
+    }
+
+    /// Address of the admin listener, if configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The live snapshot handle.
+    pub fn runtime(&self) -> Arc<ArcSwap<Runtime>> {
+        self.runtime.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then drains within `server.shutdown_grace`.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let limits = self.config.server.limits.clone();
+        let grace = self.config.server.shutdown_grace;
+        let conn_limit = Arc::new(Semaphore::new(limits.max_connections));
+        let proxy = proxy::Proxy::new(self.runtime.clone());
+        let admin_state = Arc::new(admin::AdminState {
+            runtime: self.runtime.clone(),
+            ready: AtomicBool::new(false),
+        });
+        let mut tasks = Vec::new();
+        for l in self.listeners {
+            tracing::info!(listen = %l.local_addr, "serving");
+            tasks.push(tokio::spawn(server::serve(
+                l,
+                proxy.clone(),
+                limits.clone(),
+                conn_limit.clone(),
+                stop_rx.clone(),
+                grace,
+            )));
+        }
+        if let Some(l) = self.admin {
+            if let Ok(a) = l.local_addr() {
+                tracing::info!(listen = %a, "admin listener");
+            }
+            tasks.push(tokio::spawn(admin::serve(l, admin_state.clone(), stop_rx.clone())));
+        }
+        admin_state.ready.store(true, Ordering::Relaxed);
+        shutdown.await;
+        tracing::info!("shutting down: no new connections, letting requests finish");
+        admin_state.ready.store(false, Ordering::Relaxed);
+        let _ = stop_tx.send(true);
+        for t in tasks {
+            let _ = t.await;
+        }
+        tracing::info!("stopped");
+    }
+}
+
+/// Binds the listeners of `config` and serves until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    Server::bind(config).await?.run(shutdown).await;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

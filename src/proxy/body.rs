@@ -1,0 +1,166 @@
+//! The response body sent to clients: either a small fixed body (errors, upgrades) or a
+//! backend's body streamed frame by frame.
+//!
+//! A streamed body owns the upstream connection while it is read. When the backend's
+//! body reaches its end the connection goes back to the pool, and the in-flight count
+//! drops. A body dropped before its end (client gone) takes the connection with it, since
+//! an HTTP/1.1 connection with unread response bytes cannot carry another request.
+//! Whatever else must happen once the response is over (access log line, connection
+//! idle tracking) rides on the body and runs when it is dropped.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use crate::access_log::AccessRecord;
+use crate::server::idle::ActiveRequest;
+use crate::upstream::client::Sender;
+use crate::upstream::InFlight;
+
+#[derive(Debug)]
+pub struct ProxyBody {
+    inner: Inner,
+    /// Emitted when the body is dropped, with the bytes sent by then.
+    log: Option<Box<AccessRecord>>,
+    /// Keeps the client connection counted as busy until the response is over.
+    _active: Option<ActiveRequest>,
+}
+
+#[derive(Debug)]
+enum Inner {
+    Full(Option<Bytes>),
+    Upstream {
+        body: Incoming,
+        /// Returned to the pool when `body` ends.
+        conn: Option<Sender>,
+        /// Released when `body` ends.
+        in_flight: Option<InFlight>,
+    },
+}
+
+impl ProxyBody {
+    pub fn full(data: impl Into<Bytes>) -> Self {
+        let data: Bytes = data.into();
+        ProxyBody {
+            inner: Inner::Full((!data.is_empty()).then_some(data)),
+            log: None,
+            _active: None,
+        }
+    }
+
+    pub fn empty() -> Self {
+        ProxyBody::full(Bytes::new())
+    }
+
+    /// Streams `body`; `conn` is returned to the backend's pool once it has ended.
+    pub fn upstream(body: Incoming, conn: Sender, in_flight: InFlight) -> Self {
+        let mut b = ProxyBody {
+            inner: Inner::Upstream {
+                body,
+                conn: Some(conn),
+                in_flight: Some(in_flight),
+            },
+            log: None,
+            _active: None,
+        };
+        if let Inner::Upstream { body, .. } = &b.inner {
+            if body.is_end_stream() {
+                b.finish_upstream();
+            }
+        }
+        b
+    }
+
+    pub fn with_log(mut self, log: Option<Box<AccessRecord>>) -> Self {
+        self.log = log;
+        self
+    }
+
+    pub fn with_active(mut self, active: Option<ActiveRequest>) -> Self {
+        self._active = active;
+        self
+    }
+
+    fn finish_upstream(&mut self) {
+        if let Inner::Upstream { conn, in_flight, .. } = &mut self.inner {
+            if let (Some(tx), Some(f)) = (conn.take(), in_flight.as_ref()) {
+                f.backend().pool.checkin(tx);
+            }
+            in_flight.take();
+        }
+    }
+
+    fn count(&mut self, n: usize) {
+        if let Some(log) = &mut self.log {
+            log.bytes += n as u64;
+        }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        match &mut this.inner {
+            Inner::Full(data) => {
+                let frame = data.take().map(|d| Ok(Frame::data(d)));
+                if let Some(Ok(f)) = &frame {
+                    let n = f.data_ref().map_or(0, Bytes::len);
+                    this.count(n);
+                }
+                Poll::Ready(frame)
+            }
+            Inner::Upstream { body, conn, .. } => {
+                let polled = Pin::new(&mut *body).poll_frame(cx);
+                match polled {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(None) => {
+                        this.finish_upstream();
+                        Poll::Ready(None)
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        conn.take();
+                        Poll::Ready(Some(Err(e)))
+                    }
+                    Poll::Ready(Some(Ok(frame))) => {
+                        let n = frame.data_ref().map_or(0, Bytes::len);
+                        let ended = body.is_end_stream();
+                        this.count(n);
+                        if ended {
+                            this.finish_upstream();
+                        }
+                        Poll::Ready(Some(Ok(frame)))
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Full(d) => d.is_none(),
+            Inner::Upstream { body, .. } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Full(None) => SizeHint::with_exact(0),
+            Inner::Full(Some(d)) => SizeHint::with_exact(d.len() as u64),
+            Inner::Upstream { body, .. } => body.size_hint(),
+        }
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        if let Some(log) = self.log.take() {
+            log.emit();
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! Forwarding one request: load the snapshot, route, walk the pool's candidates until a
+//! connection is had, send, and stream the response back.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use crate::access_log::AccessRecord;
+use crate::runtime::{Pool, Runtime};
+use crate::server::idle::ActiveRequest;
+use crate::upstream::{InFlight, PooledConn};
+
+use super::body::ProxyBody;
+use super::error::ProxyError;
+use super::headers::{self, X_REQUEST_ID};
+use super::upgrade;
+
+/// What the proxy knows of the client connection a request came on.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientInfo {
+    pub addr: SocketAddr,
+    /// Whether the client connection is TLS (sets `X-Forwarded-Proto`).
+    pub tls: bool,
+}
+
+/// The request handler shared by every listener.
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    runtime: Arc<ArcSwap<Runtime>>,
+}
+
+impl Proxy {
+    pub fn new(runtime: Arc<ArcSwap<Runtime>>) -> Self {
+        Proxy { runtime }
+    }
+
+    pub async fn handle(&self, client: ClientInfo, active: Option<ActiveRequest>, mut req: Request<Incoming>) -> Response<ProxyBody> {
+        let start = Instant::now();
+        let rt = self.runtime.load_full();
+        let upgrade = headers::is_upgrade(req.headers(), req.version());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let pool = rt.route(headers::request_host(&req), req.uri().path());
+        let proto = if client.tls { "https" } else { "http" };
+        let request_id = headers::prepare_request(&mut req, client.addr.ip(), proto, upgrade);
+        let mut log = AccessRecord::new(rt.config.server.access_log, start, req.method(), req.uri().path(), Some(&request_id));
+
+        let result = match pool {
+            None => Err(ProxyError::NoRoute),
+            Some(pool) => {
+                if let Some(l) = &mut log {
+                    l.pool = Some(pool.name.to_string());
+                }
+                forward(pool, req, &mut log, start).await
+            }
+        };
+        let mut resp = match result {
+            Ok((mut resp, conn, in_flight)) => {
+                let is_101 = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+                headers::prepare_response(resp.headers_mut(), request_id, upgrade && is_101);
+                match (is_101, client_upgrade) {
+                    (true, Some(client_upgrade)) => {
+                        let backend_upgrade = hyper::upgrade::on(&mut resp);
+                        upgrade::splice(client_upgrade, backend_upgrade, in_flight);
+                        resp.map(|_| ProxyBody::empty())
+                    }
+                    (true, None) => {
+                        tracing::warn!(backend = %in_flight.backend().id, "backend switched protocols without an upgrade request");
+                        with_request_id(ProxyError::BadUpgrade("unrequested 101").to_response(), log.as_deref())
+                    }
+                    (false, _) => resp.map(|b| ProxyBody::upstream(b, conn, in_flight)),
+                }
+            }
+            Err(e) => {
+                let status = e.status();
+                if status.is_server_error() {
+                    tracing::warn!(error = %e, "request failed");
+                } else {
+                    tracing::debug!(error = %e, "request refused");
+                }
+                let mut r = e.to_response();
+                r.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+                r
+            }
+        };
+        if let Some(l) = &mut log {
+            l.status = resp.status().as_u16();
+        }
+        let body = std::mem::replace(resp.body_mut(), ProxyBody::empty());
+        *resp.body_mut() = body.with_log(log).with_active(active);
+        resp
+    }
+}
+
+fn with_request_id(mut r: Response<ProxyBody>, log: Option<&AccessRecord>) -> Response<ProxyBody> {
+    if let Some(id) = log.and_then(|l| http::HeaderValue::from_str(&l.request_id).ok()) {
+        r.headers_mut().insert(X_REQUEST_ID.clone(), id);
+    }
+    r
+}
+
+type Forwarded = (Response<Incoming>, crate::upstream::client::Sender, InFlight);
+
+/// Sends `req` to the first candidate that accepts a connection, trying at most
+/// `retries` further backends, each once, and only while no request byte was sent.
+async fn forward(pool: &Pool, req: Request<Incoming>, log: &mut Option<Box<AccessRecord>>, start: Instant) -> Result<Forwarded, ProxyError> {
+    let mut last_err = None;
+    let mut conn = None;
+    for i in pool.candidates().take(pool.retries as usize + 1) {
+        let backend = &pool.members[i].backend;
+        let in_flight = backend.start_request();
+        match backend.pool.checkout().await {
+            Ok(c) => {
+                conn = Some((c, in_flight));
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(pool = %pool.name, backend = %backend.id, error = %e, "backend unreachable, trying the next one");
+                last_err = Some(e);
+            }
+        }
+    }
+    let Some((conn, in_flight)) = conn else {
+        return Err(match last_err {
+            Some(e) => ProxyError::Connect(e),
+            None => ProxyError::NoBackend { pool: pool.name.to_string() },
+        });
+    };
+    if let Some(l) = log {
+        l.backend = Some(in_flight.backend().id.to_string());
+    }
+    let (resp, tx) = send(pool, conn, req, &in_flight).await?;
+    if let Some(l) = log {
+        l.set_upstream(start.elapsed());
+    }
+    in_flight.backend().count_response();
+    Ok((resp, tx, in_flight))
+}
+
+/// Sends on `conn`; if a reused keep-alive connection turns out closed before the
+/// request was written, sends once more on a fresh connection to the same backend.
+async fn send(pool: &Pool, conn: PooledConn, req: Request<Incoming>, in_flight: &InFlight) -> Result<(Response<Incoming>, crate::upstream::client::Sender), ProxyError> {
+    let PooledConn { mut tx, mut reused } = conn;
+    let mut req = req;
+    loop {
+        let sent = tokio::time::timeout(pool.response_timeout, tx.try_send_request(req)).await;
+        match sent {
+            Err(_) => return Err(ProxyError::Timeout(pool.response_timeout)),
+            Ok(Ok(resp)) => return Ok((resp, tx)),
+            Ok(Err(mut e)) => match e.take_message() {
+                Some(unsent) if reused => {
+                    tracing::debug!(backend = %in_flight.backend().id, error = %e.error(), "stale keep-alive connection, reconnecting");
+                    req = unsent;
+                    tx = in_flight.backend().pool.connect().await?;
+                    reused = false;
+                }
+                _ => return Err(ProxyError::Upstream(e.into_error())),
+            },
+        }
+    }
+}

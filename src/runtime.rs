@@ -1,0 +1,206 @@
+//! The runtime snapshot: everything a request needs, built from a [`Config`] off the hot
+//! path and published with one `ArcSwap` store. A request loads it once and keeps it to
+//! the end, so it never sees half of one configuration and half of another.
+//!
+//! Backends are carried from the previous snapshot by (pool, id) when their address is
+//! unchanged, so in-flight counts and idle connections survive a rebuild.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::balance::{Candidates, Selector};
+use crate::config::{Config, HostMatch, Policy};
+use crate::upstream::Backend;
+
+/// One immutable generation of routing state.
+#[derive(Debug)]
+pub struct Runtime {
+    /// Increases by one with every applied configuration.
+    pub generation: u64,
+    pub config: Arc<Config>,
+    /// Sorted by specificity; the first match wins.
+    routes: Vec<Route>,
+    pub pools: Vec<Pool>,
+}
+
+#[derive(Debug)]
+struct Route {
+    host: HostMatch,
+    prefix: String,
+    pool: usize,
+}
+
+/// A pool as this snapshot sees it.
+#[derive(Debug)]
+pub struct Pool {
+    pub name: Arc<str>,
+    pub policy: Policy,
+    pub members: Vec<Member>,
+    selector: Selector,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub retries: u32,
+}
+
+/// A backend with its weight in this snapshot.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub backend: Arc<Backend>,
+    pub weight: u32,
+}
+
+impl Runtime {
+    /// Builds a snapshot, reusing the backends of `previous` where the id and address match.
+    pub fn build(config: Config, generation: u64, previous: Option<&Runtime>) -> Runtime {
+        let mut carried: HashMap<(&str, &str), &Arc<Backend>> = HashMap::new();
+        if let Some(prev) = previous {
+            for p in &prev.pools {
+                for m in &p.members {
+                    carried.insert((&p.name, &m.backend.id), &m.backend);
+                }
+            }
+        }
+        let pools: Vec<Pool> = config
+            .pools
+            .iter()
+            .map(|pc| {
+                let members: Vec<Member> = pc
+                    .backends
+                    .iter()
+                    .map(|bc| {
+                        let backend = match carried.get(&(pc.name.as_str(), bc.id.as_str())) {
+                            Some(b) if b.address == bc.address => Arc::clone(b),
+                            _ => Backend::new(bc, pc),
+                        };
+                        Member {
+                            backend,
+                            weight: bc.weight,
+                        }
+                    })
+                    .collect();
+                Pool {
+                    name: Arc::from(pc.name.as_str()),
+                    policy: pc.policy,
+                    selector: Selector::build(pc.policy, &members),
+                    members,
+                    connect_timeout: pc.connect_timeout,
+                    response_timeout: pc.response_timeout,
+                    retries: pc.retries,
+                }
+            })
+            .collect();
+        let mut routes: Vec<(usize, Route)> = config
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let pool = pools.iter().position(|p| *p.name == *r.pool).unwrap_or(0);
+                (
+                    i,
+                    Route {
+                        host: r.host.clone(),
+                        prefix: r.path_prefix.clone(),
+                        pool,
+                    },
+                )
+            })
+            .collect();
+        routes.sort_by_key(|(i, r)| (std::cmp::Reverse(host_rank(&r.host)), std::cmp::Reverse(r.prefix.len()), *i));
+        Runtime {
+            generation,
+            config: Arc::new(config),
+            routes: routes.into_iter().map(|(_, r)| r).collect(),
+            pools,
+        }
+    }
+
+    /// The pool for a request: exact host beats wildcard (longer suffix first) beats
+    /// any host; then the longest matching path prefix; then file order.
+    pub fn route(&self, host: Option<&str>, path: &str) -> Option<&Pool> {
+        let host = host.map(strip_port);
+        self.routes
+            .iter()
+            .find(|r| host_matches(&r.host, host) && prefix_matches(&r.prefix, path))
+            .map(|r| &self.pools[r.pool])
+    }
+
+    pub fn pool(&self, name: &str) -> Option<&Pool> {
+        self.pools.iter().find(|p| &*p.name == name)
+    }
+}
+
+impl Pool {
+    /// Backends to try for one request, best first.
+    pub fn candidates(&self) -> Candidates {
+        self.selector.candidates(&self.members)
+    }
+}
+
+fn host_rank(h: &HostMatch) -> (u8, usize) {
+    match h {
+        HostMatch::Exact(_) => (2, 0),
+        HostMatch::Suffix(s) => (1, s.len()),
+        HostMatch::Any => (0, 0),
+    }
+}
+
+fn host_matches(m: &HostMatch, host: Option<&str>) -> bool {
+    match (m, host) {
+        (HostMatch::Any, _) => true,
+        (_, None) => false,
+        (HostMatch::Exact(e), Some(h)) => e.eq_ignore_ascii_case(h),
+        (HostMatch::Suffix(s), Some(h)) => {
+            h.len() > s.len() && h.is_char_boundary(h.len() - s.len()) && h[h.len() - s.len()..].eq_ignore_ascii_case(s)
+        }
+    }
+}
+
+/// `/cart` matches `/cart` and `/cart/x` but not `/cartoon`; `/cart/` matches by prefix.
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    path.starts_with(prefix)
+        && (prefix.ends_with('/') || path.len() == prefix.len() || path.as_bytes()[prefix.len()] == b'/')
+}
+
+/// `example.com:8080` → `example.com`; `[::1]:8080` → `[::1]`. Also drops a trailing dot.
+fn strip_port(host: &str) -> &str {
+    let h = if host.starts_with('[') {
+        host.find(']').map_or(host, |i| &host[..=i])
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, _)| h)
+    };
+    h.strip_suffix('.').unwrap_or(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_ignored() {
+        assert_eq!(strip_port("a.example.com:8080"), "a.example.com");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+        assert_eq!(strip_port("example.com."), "example.com");
+        assert_eq!(strip_port("example.com"), "example.com");
+    }
+
+    #[test]
+    fn prefixes_respect_segments() {
+        assert!(prefix_matches("/", "/anything"));
+        assert!(prefix_matches("/cart", "/cart"));
+        assert!(prefix_matches("/cart", "/cart/1"));
+        assert!(!prefix_matches("/cart", "/cartoon"));
+        assert!(prefix_matches("/cart/", "/cart/1"));
+        assert!(!prefix_matches("/cart/", "/cart"));
+    }
+
+    #[test]
+    fn wildcard_needs_a_label() {
+        let m = HostMatch::Suffix(".example.com".into());
+        assert!(host_matches(&m, Some("a.example.com")));
+        assert!(host_matches(&m, Some("A.Example.COM")));
+        assert!(!host_matches(&m, Some("example.com")));
+        assert!(!host_matches(&m, Some("badexample.com")));
+        assert!(!host_matches(&m, None));
+    }
+}

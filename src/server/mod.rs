@@ -1,0 +1,141 @@
+//! Client-facing listeners: accept loop, connection limit, per-connection timeouts and
+//! graceful shutdown.
+//!
+//! Every listener serves HTTP/1.1 and HTTP/2 with prior knowledge (h2c) through
+//! hyper-util's auto builder. A [`ListenerKind`] says how a connection is set up before
+//! HTTP, so TLS listeners can join as another kind.
+
+pub mod idle;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+
+use crate::config::Limits;
+use crate::proxy::{ClientInfo, Proxy};
+
+use idle::{Activity, TrackedIo};
+
+/// How connections on a listener are set up before HTTP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// Plain TCP: HTTP/1.1 and h2c.
+    Plain,
+}
+
+/// A bound client listener, ready to serve.
+#[derive(Debug)]
+pub struct Listener {
+    pub listener: TcpListener,
+    pub local_addr: SocketAddr,
+    pub kind: ListenerKind,
+}
+
+impl Listener {
+    pub async fn bind(addr: SocketAddr) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        let local_addr = listener.local_addr()?;
+        Ok(Listener {
+            listener,
+            local_addr,
+            kind: ListenerKind::Plain,
+        })
+    }
+}
+
+/// The HTTP connection builder with the configured limits.
+pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes)
+        .keep_alive(true)
+        // One flattened write per response head and body chunk: fewer syscalls.
+        .writev(false);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    b
+}
+
+/// Accepts and serves connections until `shutdown` turns true, then stops accepting and
+/// lets open connections finish their requests for at most `grace`.
+pub async fn serve(
+    listener: Listener,
+    proxy: Proxy,
+    limits: Limits,
+    conn_limit: Arc<Semaphore>,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let builder = Arc::new(http_builder(&limits));
+    let graceful = GracefulShutdown::new();
+    let tls = listener.kind != ListenerKind::Plain;
+    loop {
+        let permit = tokio::select! {
+            p = conn_limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = stopped(&mut shutdown) => break,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.listener.accept() => match r {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of descriptors or similar: back off briefly rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stopped(&mut shutdown) => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let activity = Activity::new();
+        let io = TokioIo::new(TrackedIo::new(stream, activity.clone()));
+        let info = ClientInfo { addr: peer, tls };
+        let proxy = proxy.clone();
+        let svc_activity = activity.clone();
+        let svc = service_fn(move |req| {
+            let proxy = proxy.clone();
+            let active = svc_activity.begin();
+            async move { Ok::<_, Infallible>(proxy.handle(info, Some(active), req).await) }
+        });
+        let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
+        let conn = graceful.watch(conn);
+        let idle_timeout = limits.idle_timeout;
+        tokio::spawn(async move {
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(client = %peer, error = %e, "client connection error");
+                    }
+                }
+                _ = activity.idle_timeout(idle_timeout) => {
+                    tracing::debug!(client = %peer, "closing idle client connection");
+                }
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!(?grace, "shutdown grace period over; closing remaining connections");
+    }
+}
+
+/// Resolves once `rx` holds `true` (or its sender is gone).
+pub async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}

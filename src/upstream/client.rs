@@ -1,0 +1,179 @@
+//! A small per-backend pool of HTTP/1.1 keep-alive connections.
+//!
+//! Each idle connection is a hyper `SendRequest` whose connection task runs on its own.
+//! A connection goes back to the pool only after its response body was read to the end
+//! (see `proxy::body`), and is checked with `ready()` before reuse. Idle connections
+//! expire after `upstream_idle_timeout`; at most `max_idle_per_backend` are kept.
+//! The lock is per backend and held only to push or pop a vector entry.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::config::{BackendAddr, PoolConfig};
+
+/// The sending half of an upstream HTTP/1.1 connection.
+pub type Sender = http1::SendRequest<Incoming>;
+
+/// Why no connection to a backend could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connect to {addr} failed: {source}")]
+    Connect { addr: String, source: io::Error },
+    #[error("connect to {addr} timed out after {after:?}")]
+    ConnectTimeout { addr: String, after: Duration },
+    #[error("HTTP/1.1 handshake with {addr} failed: {source}")]
+    Handshake { addr: String, source: hyper::Error },
+}
+
+#[derive(Debug)]
+struct Idle {
+    tx: Sender,
+    since: Instant,
+}
+
+/// Idle connections to one backend.
+#[derive(Debug)]
+pub struct ConnPool {
+    addr: BackendAddr,
+    idle: Mutex<Vec<Idle>>,
+    max_idle: usize,
+    idle_timeout: Duration,
+    connect_timeout: Duration,
+    /// Connections opened so far: against the request count it shows reuse.
+    opened: AtomicU64,
+}
+
+/// A connection checked out of the pool (or freshly opened).
+#[derive(Debug)]
+pub struct PooledConn {
+    pub tx: Sender,
+    /// True when it came from the idle list: a failure to send on it may only mean the
+    /// backend closed it meanwhile, so the request is worth one more try on a new one.
+    pub reused: bool,
+}
+
+impl ConnPool {
+    pub fn new(addr: BackendAddr, pool: &PoolConfig) -> Self {
+        ConnPool {
+            addr,
+            idle: Mutex::new(Vec::new()),
+            max_idle: pool.max_idle_per_backend,
+            idle_timeout: pool.upstream_idle_timeout,
+            connect_timeout: pool.connect_timeout,
+            opened: AtomicU64::new(0),
+        }
+    }
+
+    pub fn connections_opened(&self) -> u64 {
+        self.opened.load(Ordering::Relaxed)
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        self.idle_timeout
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+        // A panic while holding this lock cannot leave the vector inconsistent.
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An idle connection that is ready for a request, or a new one.
+    pub async fn checkout(&self) -> Result<PooledConn, UpstreamError> {
+        loop {
+            let idle = {
+                let mut idle = self.lock();
+                idle.pop()
+            };
+            let Some(Idle { mut tx, since }) = idle else { break };
+            if tx.is_closed() || since.elapsed() >= self.idle_timeout {
+                continue;
+            }
+            if tx.ready().await.is_ok() {
+                return Ok(PooledConn { tx, reused: true });
+            }
+        }
+        self.connect().await.map(|tx| PooledConn { tx, reused: false })
+    }
+
+    /// Opens a new connection within the connect timeout.
+    pub async fn connect(&self) -> Result<Sender, UpstreamError> {
+        let addr = || self.addr.to_string();
+        let stream = match tokio::time::timeout(self.connect_timeout, connect_tcp(&self.addr)).await {
+            Err(_) => {
+                return Err(UpstreamError::ConnectTimeout {
+                    addr: addr(),
+                    after: self.connect_timeout,
+                })
+            }
+            Ok(Err(source)) => return Err(UpstreamError::Connect { addr: addr(), source }),
+            Ok(Ok(s)) => s,
+        };
+        let _ = stream.set_nodelay(true);
+        let (tx, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| UpstreamError::Handshake { addr: addr(), source })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        Ok(tx)
+    }
+
+    /// Returns a connection whose last response was read to the end.
+    pub fn checkin(&self, tx: Sender) {
+        if tx.is_closed() || self.max_idle == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let mut idle = self.lock();
+        // The oldest entry sits at the front; drop it if it expired, so a busy pool
+        // sheds stale connections without waiting for the reaper.
+        if idle.first().is_some_and(|c| now.duration_since(c.since) >= self.idle_timeout) {
+            idle.remove(0);
+        }
+        if idle.len() < self.max_idle {
+            idle.push(Idle { tx, since: now });
+        }
+    }
+
+    /// Closes idle connections that expired or that the backend closed.
+    pub fn prune(&self) {
+        let now = Instant::now();
+        let expired: Vec<Idle> = {
+            let mut idle = self.lock();
+            let (keep, gone) = std::mem::take(&mut *idle)
+                .into_iter()
+                .partition(|c| !c.tx.is_closed() && now.duration_since(c.since) < self.idle_timeout);
+            *idle = keep;
+            gone
+        };
+        drop(expired);
+    }
+
+    /// Closes every idle connection.
+    pub fn clear(&self) {
+        let all = std::mem::take(&mut *self.lock());
+        drop(all);
+    }
+}
+
+async fn connect_tcp(addr: &BackendAddr) -> io::Result<TcpStream> {
+    match addr {
+        BackendAddr::Ip(a) => TcpStream::connect(a).await,
+        BackendAddr::Name { host, port } => TcpStream::connect((host.as_str(), *port)).await,
+    }
+}

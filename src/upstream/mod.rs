@@ -1,0 +1,7 @@
+//! Upstream side: backends with their lasting state, and the connections to them.
+
+pub mod backend;
+pub mod client;
+
+pub use backend::{Backend, InFlight};
+pub use client::{ConnPool, PooledConn, UpstreamError};
