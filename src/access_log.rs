@@ -31,7 +31,13 @@ pub struct AccessRecord {
 }
 
 impl AccessRecord {
-    pub fn new(format: AccessLog, start: Instant, method: &http::Method, path: &str, request_id: Option<&HeaderValue>) -> Option<Box<Self>> {
+    pub fn new(
+        format: AccessLog,
+        start: Instant,
+        method: &http::Method,
+        path: &str,
+        request_id: Option<&HeaderValue>,
+    ) -> Option<Box<Self>> {
         if format == AccessLog::Off {
             return None;
         }
@@ -46,7 +52,10 @@ impl AccessRecord {
             upstream_seconds: None,
             total_seconds: 0.0,
             bytes: 0,
-            request_id: request_id.and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned(),
+            request_id: request_id
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_owned(),
         }))
     }
 
@@ -55,11 +64,11 @@ impl AccessRecord {
     }
 
     /// Writes the line.
-    pub fn emit(mut self: Box<Self>) {
+    pub fn emit(mut self) {
         self.total_seconds = self.start.elapsed().as_secs_f64();
         let line = match self.format {
             AccessLog::Off => return,
-            AccessLog::Json => serde_json::to_string(&*self).unwrap_or_default(),
+            AccessLog::Json => serde_json::to_string(&self).unwrap_or_default(),
             AccessLog::Text => format!(
                 "{} {} {} pool={} backend={} upstream={} total={:.6} bytes={} id={}",
                 self.method,
@@ -67,7 +76,8 @@ impl AccessRecord {
                 self.status,
                 self.pool.as_deref().unwrap_or("-"),
                 self.backend.as_deref().unwrap_or("-"),
-                self.upstream_seconds.map_or("-".to_owned(), |s| format!("{s:.6}")),
+                self.upstream_seconds
+                    .map_or("-".to_owned(), |s| format!("{s:.6}")),
                 self.total_seconds,
                 self.bytes,
                 self.request_id,

@@ -28,7 +28,11 @@ pub struct AdminState {
     pub ready: AtomicBool,
 }
 
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let builder = auto::Builder::new(TokioExecutor::new());
     loop {
         let (stream, _) = tokio::select! {
@@ -46,7 +50,9 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut shutdown: 
             let state = state.clone();
             async move { Ok::<_, Infallible>(handle(&state, req)) }
         });
-        let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), svc)
+            .into_owned();
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -66,11 +72,15 @@ fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
         (&Method::GET, "/status") => {
             let body = status(&state.runtime.load());
             let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
-            r.headers_mut()
-                .insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
             r
         }
-        (_, "/healthz" | "/readyz" | "/status") => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
+        (_, "/healthz" | "/readyz" | "/status") => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
@@ -78,8 +88,10 @@ fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }
 

@@ -52,7 +52,9 @@ pub async fn backend(listener: TcpListener, name: String, shutdown: impl Future<
             let state = state.clone();
             async move { Ok::<_, Infallible>(answer(&state, req).await) }
         });
-        let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), svc)
+            .into_owned();
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -64,7 +66,11 @@ async fn answer(state: &BackendState, req: Request<Incoming>) -> Response<Full<B
         return Response::new(Full::new(Bytes::from_static(b"ok\n")));
     }
     let (parts, body) = req.into_parts();
-    let body_bytes = body.collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
+    let body_bytes = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes().len())
+        .unwrap_or(0);
     let sid = parts
         .headers
         .get_all(header::COOKIE)
@@ -97,7 +103,12 @@ async fn answer(state: &BackendState, req: Request<Incoming>) -> Response<Full<B
     let headers: serde_json::Map<String, serde_json::Value> = parts
         .headers
         .iter()
-        .map(|(k, v)| (k.as_str().to_owned(), json!(String::from_utf8_lossy(v.as_bytes()))))
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                json!(String::from_utf8_lossy(v.as_bytes())),
+            )
+        })
         .collect();
     let doc = json!({
         "backend": state.name,
@@ -114,8 +125,14 @@ async fn answer(state: &BackendState, req: Request<Incoming>) -> Response<Full<B
     let mut resp = Response::new(Full::new(Bytes::from(text)));
     *resp.status_mut() = StatusCode::OK;
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    h.insert("x-backend", HeaderValue::from_str(&state.name).unwrap_or(HeaderValue::from_static("backend")));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(
+        "x-backend",
+        HeaderValue::from_str(&state.name).unwrap_or(HeaderValue::from_static("backend")),
+    );
     if issued {
         if let Ok(v) = HeaderValue::from_str(&format!("sid={sid}; Path=/; HttpOnly")) {
             h.insert(header::SET_COOKIE, v);
@@ -133,7 +150,12 @@ async fn bind_or_any(preferred: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// The demo's configuration, for backends at `web` and `carts`.
-pub fn demo_config(listen: SocketAddr, admin: SocketAddr, web: &[SocketAddr], carts: &[SocketAddr]) -> String {
+pub fn demo_config(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    web: &[SocketAddr],
+    carts: &[SocketAddr],
+) -> String {
     let list = |prefix: &str, a: &[SocketAddr]| {
         a.iter()
             .enumerate()

@@ -69,11 +69,16 @@ impl Server {
             listeners.push(l);
         }
         let admin = match &config.admin {
-            Some(a) => Some(
-                TcpListener::bind(a.listen)
-                    .await
-                    .map_err(|source| RunError::Bind { addr: a.listen, source })?,
-            ),
+            Some(a) => {
+                Some(
+                    TcpListener::bind(a.listen)
+                        .await
+                        .map_err(|source| RunError::Bind {
+                            addr: a.listen,
+                            source,
+                        })?,
+                )
+            }
             None => None,
         };
         let runtime = Runtime::build(config, 1, None);
@@ -128,7 +133,11 @@ impl Server {
             if let Ok(a) = l.local_addr() {
                 tracing::info!(listen = %a, "admin listener");
             }
-            tasks.push(tokio::spawn(admin::serve(l, admin_state.clone(), stop_rx.clone())));
+            tasks.push(tokio::spawn(admin::serve(
+                l,
+                admin_state.clone(),
+                stop_rx.clone(),
+            )));
         }
         admin_state.ready.store(true, Ordering::Relaxed);
         shutdown.await;

@@ -11,7 +11,11 @@ use tracing_subscriber::EnvFilter;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "switchyard", version, about = "Layer-7 HTTP load balancer and session-affinity proxy")]
+#[command(
+    name = "switchyard",
+    version,
+    about = "Layer-7 HTTP load balancer and session-affinity proxy"
+)]
 struct Cli {
     /// Configuration file (TOML).
     #[arg(long, env = "SWITCHYARD_CONFIG", global = true)]
@@ -38,7 +42,9 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .init();
     match cli.command {

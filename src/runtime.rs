@@ -106,7 +106,13 @@ impl Runtime {
                 )
             })
             .collect();
-        routes.sort_by_key(|(i, r)| (std::cmp::Reverse(host_rank(&r.host)), std::cmp::Reverse(r.prefix.len()), *i));
+        routes.sort_by_key(|(i, r)| {
+            (
+                std::cmp::Reverse(host_rank(&r.host)),
+                std::cmp::Reverse(r.prefix.len()),
+                *i,
+            )
+        });
         Runtime {
             generation,
             config: Arc::new(config),
@@ -151,7 +157,9 @@ fn host_matches(m: &HostMatch, host: Option<&str>) -> bool {
         (_, None) => false,
         (HostMatch::Exact(e), Some(h)) => e.eq_ignore_ascii_case(h),
         (HostMatch::Suffix(s), Some(h)) => {
-            h.len() > s.len() && h.is_char_boundary(h.len() - s.len()) && h[h.len() - s.len()..].eq_ignore_ascii_case(s)
+            h.len() > s.len()
+                && h.is_char_boundary(h.len() - s.len())
+                && h[h.len() - s.len()..].eq_ignore_ascii_case(s)
         }
     }
 }
@@ -159,7 +167,9 @@ fn host_matches(m: &HostMatch, host: Option<&str>) -> bool {
 /// `/cart` matches `/cart` and `/cart/x` but not `/cartoon`; `/cart/` matches by prefix.
 fn prefix_matches(prefix: &str, path: &str) -> bool {
     path.starts_with(prefix)
-        && (prefix.ends_with('/') || path.len() == prefix.len() || path.as_bytes()[prefix.len()] == b'/')
+        && (prefix.ends_with('/')
+            || path.len() == prefix.len()
+            || path.as_bytes()[prefix.len()] == b'/')
 }
 
 /// `example.com:8080` → `example.com`; `[::1]:8080` → `[::1]`. Also drops a trailing dot.

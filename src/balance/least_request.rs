@@ -19,11 +19,19 @@ impl LeastRequest {
     }
 
     /// Same as [`pick`](Self::pick) with a caller-supplied generator (seeded in tests).
-    pub fn pick_with(&self, rng: &mut fastrand::Rng, load: impl Fn(usize) -> (usize, u32)) -> usize {
+    pub fn pick_with(
+        &self,
+        rng: &mut fastrand::Rng,
+        load: impl Fn(usize) -> (usize, u32),
+    ) -> usize {
         self.pick_by(|n| rng.usize(..n), load)
     }
 
-    fn pick_by(&self, mut below: impl FnMut(usize) -> usize, load: impl Fn(usize) -> (usize, u32)) -> usize {
+    fn pick_by(
+        &self,
+        mut below: impl FnMut(usize) -> usize,
+        load: impl Fn(usize) -> (usize, u32),
+    ) -> usize {
         match self.len {
             0 | 1 => 0,
             n => {
@@ -54,7 +62,10 @@ mod tests {
         let lr = LeastRequest::new(2);
         let mut rng = fastrand::Rng::with_seed(7);
         for _ in 0..100 {
-            assert_eq!(lr.pick_with(&mut rng, |i| (if i == 0 { 5 } else { 0 }, 1)), 1);
+            assert_eq!(
+                lr.pick_with(&mut rng, |i| (if i == 0 { 5 } else { 0 }, 1)),
+                1
+            );
         }
     }
 
@@ -64,7 +75,10 @@ mod tests {
         let mut rng = fastrand::Rng::with_seed(1);
         // 4 in flight at weight 4 beats 2 in flight at weight 1.
         for _ in 0..50 {
-            assert_eq!(lr.pick_with(&mut rng, |i| if i == 0 { (4, 4) } else { (2, 1) }), 0);
+            assert_eq!(
+                lr.pick_with(&mut rng, |i| if i == 0 { (4, 4) } else { (2, 1) }),
+                0
+            );
         }
     }
 
@@ -73,7 +87,10 @@ mod tests {
         let lr = LeastRequest::new(3);
         let mut rng = fastrand::Rng::with_seed(3);
         for _ in 0..200 {
-            assert_ne!(lr.pick_with(&mut rng, |i| (if i == 2 { 9 } else { 0 }, 1)), 2);
+            assert_ne!(
+                lr.pick_with(&mut rng, |i| (if i == 2 { 9 } else { 0 }, 1)),
+                2
+            );
         }
     }
 }

@@ -5,8 +5,6 @@
 pub mod least_request;
 pub mod round_robin;
 
-
-
 use crate::config::Policy;
 use crate::runtime::Member;
 
@@ -33,7 +31,9 @@ impl Selector {
     pub fn candidates(&self, members: &[Member]) -> Candidates {
         let first = match self {
             Selector::RoundRobin(rr) => rr.next(),
-            Selector::LeastRequest(lr) => lr.pick(|i| (members[i].backend.in_flight(), members[i].weight)),
+            Selector::LeastRequest(lr) => {
+                lr.pick(|i| (members[i].backend.in_flight(), members[i].weight))
+            }
         };
         Candidates::new(first, members.len())
     }

@@ -189,10 +189,7 @@ fn parse_raw(text: &str, file: &str) -> Result<raw::RawConfig, ConfigError> {
 }
 
 fn toml_error(e: &toml::de::Error, key: String, text: &str, file: &str) -> ConfigError {
-    let (line, column) = e
-        .span()
-        .map(|s| line_col(text, s.start))
-        .unwrap_or((1, 1));
+    let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
     let message = e.message().trim().to_owned();
     ConfigError {
         file: file.to_owned(),

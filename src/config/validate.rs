@@ -25,7 +25,12 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn err(&self, span: Option<Range<usize>>, key: impl Into<String>, msg: impl Into<String>) -> ConfigError {
+    fn err(
+        &self,
+        span: Option<Range<usize>>,
+        key: impl Into<String>,
+        msg: impl Into<String>,
+    ) -> ConfigError {
         let (line, column) = span.map_or((1, 1), |s| line_col(self.text, s.start));
         ConfigError {
             file: self.file.to_owned(),
@@ -36,13 +41,21 @@ impl Ctx<'_> {
         }
     }
 
-    fn duration(&self, v: &Option<Spanned<String>>, key: &str, default: Duration) -> Result<Duration, ConfigError> {
+    fn duration(
+        &self,
+        v: &Option<Spanned<String>>,
+        key: &str,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
         let Some(v) = v else { return Ok(default) };
         let d = humantime::parse_duration(v.get_ref().trim()).map_err(|e| {
             self.err(
                 Some(v.span()),
                 key,
-                format!("invalid duration {:?} ({e}); write e.g. \"250ms\", \"2s\", \"1m\", \"1h\"", v.get_ref()),
+                format!(
+                    "invalid duration {:?} ({e}); write e.g. \"250ms\", \"2s\", \"1m\", \"1h\"",
+                    v.get_ref()
+                ),
             )
         })?;
         if d.is_zero() {
@@ -51,14 +64,24 @@ impl Ctx<'_> {
         Ok(d)
     }
 
-    fn int(&self, v: &Option<Spanned<i64>>, key: &str, range: Range<i64>, default: i64) -> Result<i64, ConfigError> {
+    fn int(
+        &self,
+        v: &Option<Spanned<i64>>,
+        key: &str,
+        range: Range<i64>,
+        default: i64,
+    ) -> Result<i64, ConfigError> {
         let Some(v) = v else { return Ok(default) };
         let n = *v.get_ref();
         if !range.contains(&n) {
             return Err(self.err(
                 Some(v.span()),
                 key,
-                format!("{n} is out of range; expected {} to {}", range.start, range.end - 1),
+                format!(
+                    "{n} is out of range; expected {} to {}",
+                    range.start,
+                    range.end - 1
+                ),
             ));
         }
         Ok(n)
@@ -83,8 +106,12 @@ pub fn validate(raw: &RawConfig, text: &str, file: &str) -> Result<Config, Confi
         None => None,
         Some(a) => {
             let listen = cx.socket_addr(&a.listen, "admin.listen")?;
-            if server.listen.contains(&listen) {
-                return Err(cx.err(Some(a.listen.span()), "admin.listen", "must differ from every server.listen address"));
+            if listen.port() != 0 && server.listen.contains(&listen) {
+                return Err(cx.err(
+                    Some(a.listen.span()),
+                    "admin.listen",
+                    "must differ from every server.listen address",
+                ));
             }
             Some(AdminConfig { listen })
         }
@@ -94,7 +121,11 @@ pub fn validate(raw: &RawConfig, text: &str, file: &str) -> Result<Config, Confi
         pools.push(self::pool(&cx, name, pool)?);
     }
     if pools.is_empty() {
-        return Err(cx.err(None, "pools", "at least one pool is required, e.g. [pools.web] with backends = [\"127.0.0.1:9001\"]"));
+        return Err(cx.err(
+            None,
+            "pools",
+            "at least one pool is required, e.g. [pools.web] with backends = [\"127.0.0.1:9001\"]",
+        ));
     }
     let routes = routes(&cx, raw, &pools)?;
     Ok(Config {
@@ -114,12 +145,16 @@ fn server(cx: &Ctx, raw: &RawConfig) -> Result<ServerConfig, ConfigError> {
         None => listen.push(SocketAddr::from(([127, 0, 0, 1], 8080))),
         Some(list) => {
             if list.get_ref().is_empty() {
-                return Err(cx.err(Some(list.span()), "server.listen", "at least one listen address is required"));
+                return Err(cx.err(
+                    Some(list.span()),
+                    "server.listen",
+                    "at least one listen address is required",
+                ));
             }
             for (i, a) in list.get_ref().iter().enumerate() {
                 let key = format!("server.listen[{i}]");
                 let addr = cx.socket_addr(a, &key)?;
-                if listen.contains(&addr) {
+                if addr.port() != 0 && listen.contains(&addr) {
                     return Err(cx.err(Some(a.span()), key, format!("{addr} is listed twice")));
                 }
                 listen.push(addr);
@@ -140,31 +175,69 @@ fn server(cx: &Ctx, raw: &RawConfig) -> Result<ServerConfig, ConfigError> {
             "json" => AccessLog::Json,
             "text" => AccessLog::Text,
             other => {
-                return Err(cx.err(Some(v.span()), "server.access_log", format!("unknown value {other:?}; expected \"off\", \"json\" or \"text\"")))
+                return Err(cx.err(
+                    Some(v.span()),
+                    "server.access_log",
+                    format!("unknown value {other:?}; expected \"off\", \"json\" or \"text\""),
+                ))
             }
         },
     };
     let l = &s.limits;
     let limits = Limits {
-        max_connections: cx.int(&l.max_connections, "server.limits.max_connections", 1..10_000_001, 10_000)? as usize,
-        header_read_timeout: cx.duration(&l.header_read_timeout, "server.limits.header_read_timeout", Duration::from_secs(10))?,
-        idle_timeout: cx.duration(&l.idle_timeout, "server.limits.idle_timeout", Duration::from_secs(60))?,
-        max_header_bytes: cx.int(&l.max_header_bytes, "server.limits.max_header_bytes", MIN_HEADER_BYTES..16 * 1024 * 1024 + 1, 65536)? as usize,
+        max_connections: cx.int(
+            &l.max_connections,
+            "server.limits.max_connections",
+            1..10_000_001,
+            10_000,
+        )? as usize,
+        header_read_timeout: cx.duration(
+            &l.header_read_timeout,
+            "server.limits.header_read_timeout",
+            Duration::from_secs(10),
+        )?,
+        idle_timeout: cx.duration(
+            &l.idle_timeout,
+            "server.limits.idle_timeout",
+            Duration::from_secs(60),
+        )?,
+        max_header_bytes: cx.int(
+            &l.max_header_bytes,
+            "server.limits.max_header_bytes",
+            MIN_HEADER_BYTES..16 * 1024 * 1024 + 1,
+            65536,
+        )? as usize,
     };
     Ok(ServerConfig {
         listen,
         workers: cx.int(&s.workers, "server.workers", 0..1025, 0)? as usize,
-        shutdown_grace: cx.duration(&s.shutdown_grace, "server.shutdown_grace", Duration::from_secs(30))?,
+        shutdown_grace: cx.duration(
+            &s.shutdown_grace,
+            "server.shutdown_grace",
+            Duration::from_secs(30),
+        )?,
         access_log,
         limits,
     })
 }
 
-fn pool(cx: &Ctx, name: &Spanned<String>, raw: &Spanned<RawPool>) -> Result<PoolConfig, ConfigError> {
+fn pool(
+    cx: &Ctx,
+    name: &Spanned<String>,
+    raw: &Spanned<RawPool>,
+) -> Result<PoolConfig, ConfigError> {
     let n = name.get_ref();
     let key = |k: &str| format!("pools.{n}.{k}");
-    if n.is_empty() || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-        return Err(cx.err(Some(name.span()), format!("pools.{n}"), "pool names use only letters, digits, '_' and '-'"));
+    if n.is_empty()
+        || !n
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(cx.err(
+            Some(name.span()),
+            format!("pools.{n}"),
+            "pool names use only letters, digits, '_' and '-'",
+        ));
     }
     let p = raw.get_ref();
     let unavailable = [
@@ -176,7 +249,11 @@ fn pool(cx: &Ctx, name: &Spanned<String>, raw: &Spanned<RawPool>) -> Result<Pool
     ];
     for (k, v, what) in unavailable {
         if let Some(v) = v {
-            return Err(cx.err(Some(v.span()), key(k), format!("{what} are not available in this version; remove this key")));
+            return Err(cx.err(
+                Some(v.span()),
+                key(k),
+                format!("{what} are not available in this version; remove this key"),
+            ));
         }
     }
     let policy = match &p.policy {
@@ -198,7 +275,11 @@ fn pool(cx: &Ctx, name: &Spanned<String>, raw: &Spanned<RawPool>) -> Result<Pool
     };
     let list = &p.backends;
     if list.get_ref().is_empty() {
-        return Err(cx.err(Some(list.span()), key("backends"), "a pool needs at least one backend"));
+        return Err(cx.err(
+            Some(list.span()),
+            key("backends"),
+            "a pool needs at least one backend",
+        ));
     }
     let mut backends: Vec<BackendConfig> = Vec::with_capacity(list.get_ref().len());
     let mut ids = HashSet::new();
@@ -206,32 +287,66 @@ fn pool(cx: &Ctx, name: &Spanned<String>, raw: &Spanned<RawPool>) -> Result<Pool
         let bkey = format!("pools.{n}.backends[{i}]");
         let span = Some(b.span());
         let rb = b.get_ref();
-        let address = backend_addr(&rb.address).map_err(|m| cx.err(span.clone(), format!("{bkey}.address"), m))?;
+        let address = backend_addr(&rb.address)
+            .map_err(|m| cx.err(span.clone(), format!("{bkey}.address"), m))?;
         let weight = match rb.weight {
             None => 1,
             Some(w) if (1..=MAX_WEIGHT).contains(&w) => w as u32,
-            Some(0) => return Err(cx.err(span, format!("{bkey}.weight"), "weight 0 is not allowed: weights are 1 to 1000; to take a backend out, remove it")),
-            Some(w) => return Err(cx.err(span, format!("{bkey}.weight"), format!("weight {w} is out of range; expected 1 to {MAX_WEIGHT}"))),
+            Some(0) => return Err(cx.err(
+                span,
+                format!("{bkey}.weight"),
+                "weight 0 is not allowed: weights are 1 to 1000; to take a backend out, remove it",
+            )),
+            Some(w) => {
+                return Err(cx.err(
+                    span,
+                    format!("{bkey}.weight"),
+                    format!("weight {w} is out of range; expected 1 to {MAX_WEIGHT}"),
+                ))
+            }
         };
         let id = match &rb.id {
-            Some(id) if id.trim().is_empty() => return Err(cx.err(span, format!("{bkey}.id"), "a backend id must not be empty")),
+            Some(id) if id.trim().is_empty() => {
+                return Err(cx.err(span, format!("{bkey}.id"), "a backend id must not be empty"))
+            }
             Some(id) => id.clone(),
             None => rb.address.trim().to_owned(),
         };
         if !ids.insert(id.clone()) {
             return Err(cx.err(span, format!("{bkey}.id"), format!("duplicate backend id {id:?} in pool {n:?}; give each backend a distinct address or id")));
         }
-        backends.push(BackendConfig { id, address, weight });
+        backends.push(BackendConfig {
+            id,
+            address,
+            weight,
+        });
     }
     Ok(PoolConfig {
         name: n.clone(),
         policy,
         backends,
-        connect_timeout: cx.duration(&p.connect_timeout, &key("connect_timeout"), Duration::from_secs(2))?,
-        response_timeout: cx.duration(&p.response_timeout, &key("response_timeout"), Duration::from_secs(30))?,
+        connect_timeout: cx.duration(
+            &p.connect_timeout,
+            &key("connect_timeout"),
+            Duration::from_secs(2),
+        )?,
+        response_timeout: cx.duration(
+            &p.response_timeout,
+            &key("response_timeout"),
+            Duration::from_secs(30),
+        )?,
         retries: cx.int(&p.retries, &key("retries"), 0..11, 2)? as u32,
-        upstream_idle_timeout: cx.duration(&p.upstream_idle_timeout, &key("upstream_idle_timeout"), Duration::from_secs(60))?,
-        max_idle_per_backend: cx.int(&p.max_idle_per_backend, &key("max_idle_per_backend"), 0..100_001, 256)? as usize,
+        upstream_idle_timeout: cx.duration(
+            &p.upstream_idle_timeout,
+            &key("upstream_idle_timeout"),
+            Duration::from_secs(60),
+        )?,
+        max_idle_per_backend: cx.int(
+            &p.max_idle_per_backend,
+            &key("max_idle_per_backend"),
+            0..100_001,
+            256,
+        )? as usize,
     })
 }
 
@@ -244,7 +359,9 @@ fn backend_addr(s: &str) -> Result<BackendAddr, String> {
         }
         return Ok(BackendAddr::Ip(a));
     }
-    let bad = || format!("invalid backend address {s:?}; expected HOST:PORT, e.g. \"127.0.0.1:9001\" or \"app-1:8080\"");
+    let bad = || {
+        format!("invalid backend address {s:?}; expected HOST:PORT, e.g. \"127.0.0.1:9001\" or \"app-1:8080\"")
+    };
     let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
     let port: u16 = port.parse().map_err(|_| bad())?;
     let valid_host = !host.is_empty()
@@ -265,7 +382,11 @@ fn backend_addr(s: &str) -> Result<BackendAddr, String> {
     })
 }
 
-fn routes(cx: &Ctx, raw: &RawConfig, pools: &[PoolConfig]) -> Result<Vec<RouteConfig>, ConfigError> {
+fn routes(
+    cx: &Ctx,
+    raw: &RawConfig,
+    pools: &[PoolConfig],
+) -> Result<Vec<RouteConfig>, ConfigError> {
     if raw.routes.is_empty() {
         if pools.len() == 1 {
             return Ok(vec![RouteConfig {
@@ -274,7 +395,11 @@ fn routes(cx: &Ctx, raw: &RawConfig, pools: &[PoolConfig]) -> Result<Vec<RouteCo
                 pool: pools[0].name.clone(),
             }]);
         }
-        return Err(cx.err(None, "routes", "with more than one pool, [[routes]] must say which requests go to which pool"));
+        return Err(cx.err(
+            None,
+            "routes",
+            "with more than one pool, [[routes]] must say which requests go to which pool",
+        ));
     }
     let mut out = Vec::with_capacity(raw.routes.len());
     for (i, r) in raw.routes.iter().enumerate() {
@@ -283,11 +408,20 @@ fn routes(cx: &Ctx, raw: &RawConfig, pools: &[PoolConfig]) -> Result<Vec<RouteCo
         let pool = r.pool.get_ref();
         if !pools.iter().any(|p| &p.name == pool) {
             let known: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();
-            return Err(cx.err(Some(r.pool.span()), key("pool"), format!("no pool named {pool:?}; defined pools: {}", known.join(", "))));
+            return Err(cx.err(
+                Some(r.pool.span()),
+                key("pool"),
+                format!(
+                    "no pool named {pool:?}; defined pools: {}",
+                    known.join(", ")
+                ),
+            ));
         }
         let host = match &r.host {
             None => HostMatch::Any,
-            Some(h) => host_match(h.get_ref()).map_err(|m| cx.err(Some(h.span()), key("host"), m))?,
+            Some(h) => {
+                host_match(h.get_ref()).map_err(|m| cx.err(Some(h.span()), key("host"), m))?
+            }
         };
         let path_prefix = match &r.path_prefix {
             None => "/".to_owned(),
@@ -313,9 +447,15 @@ fn host_match(h: &str) -> Result<HostMatch, String> {
         None => (h.as_str(), false),
     };
     let valid = !name.is_empty()
-        && name.split('.').all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        });
     if !valid {
-        return Err(format!("invalid host {h:?}; expected a host name (no port), \"*.example.com\" or \"*\""));
+        return Err(format!(
+            "invalid host {h:?}; expected a host name (no port), \"*.example.com\" or \"*\""
+        ));
     }
     Ok(if wildcard {
         HostMatch::Suffix(format!(".{name}"))

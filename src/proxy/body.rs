@@ -85,7 +85,10 @@ impl ProxyBody {
     }
 
     fn finish_upstream(&mut self) {
-        if let Inner::Upstream { conn, in_flight, .. } = &mut self.inner {
+        if let Inner::Upstream {
+            conn, in_flight, ..
+        } = &mut self.inner
+        {
             if let (Some(tx), Some(f)) = (conn.take(), in_flight.as_ref()) {
                 f.backend().pool.checkin(tx);
             }
@@ -104,7 +107,10 @@ impl Body for ProxyBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
         match &mut this.inner {
             Inner::Full(data) => {
@@ -160,7 +166,7 @@ impl Body for ProxyBody {
 impl Drop for ProxyBody {
     fn drop(&mut self) {
         if let Some(log) = self.log.take() {
-            log.emit();
+            (*log).emit();
         }
     }
 }

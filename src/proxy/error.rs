@@ -17,6 +17,8 @@ pub enum ProxyError {
     NoBackend { pool: String },
     #[error(transparent)]
     Connect(#[from] UpstreamError),
+    #[error("every backend of pool {pool} is unreachable; last error: {last}")]
+    AllUnreachable { pool: String, last: UpstreamError },
     #[error("upstream request failed: {0}")]
     Upstream(#[source] hyper::Error),
     #[error("no response headers from the backend within {0:?}")]
@@ -29,8 +31,12 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
-            ProxyError::NoBackend { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::Connect(_) | ProxyError::Upstream(_) | ProxyError::BadUpgrade(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::NoBackend { .. } | ProxyError::AllUnreachable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ProxyError::Connect(_) | ProxyError::Upstream(_) | ProxyError::BadUpgrade(_) => {
+                StatusCode::BAD_GATEWAY
+            }
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -38,11 +44,17 @@ impl ProxyError {
     /// The response the client gets: status, and the status's reason as plain text.
     pub fn to_response(&self) -> Response<ProxyBody> {
         let status = self.status();
-        let text = format!("{} {}\n", status.as_u16(), status.canonical_reason().unwrap_or(""));
+        let text = format!(
+            "{} {}\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("")
+        );
         let mut resp = Response::new(ProxyBody::full(text));
         *resp.status_mut() = status;
-        resp.headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
         resp
     }
 }
@@ -56,7 +68,10 @@ mod tests {
         assert_eq!(ProxyError::NoRoute.status(), 404);
         assert_eq!(ProxyError::NoBackend { pool: "p".into() }.status(), 503);
         assert_eq!(ProxyError::Timeout(Duration::from_secs(1)).status(), 504);
-        let e = UpstreamError::ConnectTimeout { addr: "10.0.0.1:1".into(), after: Duration::from_secs(1) };
+        let e = UpstreamError::ConnectTimeout {
+            addr: "10.0.0.1:1".into(),
+            after: Duration::from_secs(1),
+        };
         let e = ProxyError::from(e);
         assert_eq!(e.status(), 502);
         assert_eq!(e.to_response().status(), 502);

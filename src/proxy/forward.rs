@@ -38,7 +38,12 @@ impl Proxy {
         Proxy { runtime }
     }
 
-    pub async fn handle(&self, client: ClientInfo, active: Option<ActiveRequest>, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    pub async fn handle(
+        &self,
+        client: ClientInfo,
+        active: Option<ActiveRequest>,
+        mut req: Request<Incoming>,
+    ) -> Response<ProxyBody> {
         let start = Instant::now();
         let rt = self.runtime.load_full();
         let upgrade = headers::is_upgrade(req.headers(), req.version());
@@ -46,7 +51,13 @@ impl Proxy {
         let pool = rt.route(headers::request_host(&req), req.uri().path());
         let proto = if client.tls { "https" } else { "http" };
         let request_id = headers::prepare_request(&mut req, client.addr.ip(), proto, upgrade);
-        let mut log = AccessRecord::new(rt.config.server.access_log, start, req.method(), req.uri().path(), Some(&request_id));
+        let mut log = AccessRecord::new(
+            rt.config.server.access_log,
+            start,
+            req.method(),
+            req.uri().path(),
+            Some(&request_id),
+        );
 
         let result = match pool {
             None => Err(ProxyError::NoRoute),
@@ -60,7 +71,11 @@ impl Proxy {
         let mut resp = match result {
             Ok((mut resp, conn, in_flight)) => {
                 let is_101 = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-                headers::prepare_response(resp.headers_mut(), request_id, upgrade && is_101);
+                headers::prepare_response(
+                    resp.headers_mut(),
+                    request_id.clone(),
+                    upgrade && is_101,
+                );
                 match (is_101, client_upgrade) {
                     (true, Some(client_upgrade)) => {
                         let backend_upgrade = hyper::upgrade::on(&mut resp);
@@ -69,7 +84,9 @@ impl Proxy {
                     }
                     (true, None) => {
                         tracing::warn!(backend = %in_flight.backend().id, "backend switched protocols without an upgrade request");
-                        with_request_id(ProxyError::BadUpgrade("unrequested 101").to_response(), log.as_deref())
+                        let mut r = ProxyError::BadUpgrade("unrequested 101").to_response();
+                        r.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+                        r
                     }
                     (false, _) => resp.map(|b| ProxyBody::upstream(b, conn, in_flight)),
                 }
@@ -95,21 +112,25 @@ impl Proxy {
     }
 }
 
-fn with_request_id(mut r: Response<ProxyBody>, log: Option<&AccessRecord>) -> Response<ProxyBody> {
-    if let Some(id) = log.and_then(|l| http::HeaderValue::from_str(&l.request_id).ok()) {
-        r.headers_mut().insert(X_REQUEST_ID.clone(), id);
-    }
-    r
-}
-
-type Forwarded = (Response<Incoming>, crate::upstream::client::Sender, InFlight);
+type Forwarded = (
+    Response<Incoming>,
+    crate::upstream::client::Sender,
+    InFlight,
+);
 
 /// Sends `req` to the first candidate that accepts a connection, trying at most
 /// `retries` further backends, each once, and only while no request byte was sent.
-async fn forward(pool: &Pool, req: Request<Incoming>, log: &mut Option<Box<AccessRecord>>, start: Instant) -> Result<Forwarded, ProxyError> {
+async fn forward(
+    pool: &Pool,
+    req: Request<Incoming>,
+    log: &mut Option<Box<AccessRecord>>,
+    start: Instant,
+) -> Result<Forwarded, ProxyError> {
     let mut last_err = None;
     let mut conn = None;
+    let mut tried = 0;
     for i in pool.candidates().take(pool.retries as usize + 1) {
+        tried += 1;
         let backend = &pool.members[i].backend;
         let in_flight = backend.start_request();
         match backend.pool.checkout().await {
@@ -124,9 +145,17 @@ async fn forward(pool: &Pool, req: Request<Incoming>, log: &mut Option<Box<Acces
         }
     }
     let Some((conn, in_flight)) = conn else {
+        // Every backend of the pool failed: the pool is unavailable (503). Only some of
+        // them tried, as the retry budget allowed: the chosen backend failed (502).
         return Err(match last_err {
+            Some(last) if tried == pool.members.len() => ProxyError::AllUnreachable {
+                pool: pool.name.to_string(),
+                last,
+            },
             Some(e) => ProxyError::Connect(e),
-            None => ProxyError::NoBackend { pool: pool.name.to_string() },
+            None => ProxyError::NoBackend {
+                pool: pool.name.to_string(),
+            },
         });
     };
     if let Some(l) = log {
@@ -142,7 +171,12 @@ async fn forward(pool: &Pool, req: Request<Incoming>, log: &mut Option<Box<Acces
 
 /// Sends on `conn`; if a reused keep-alive connection turns out closed before the
 /// request was written, sends once more on a fresh connection to the same backend.
-async fn send(pool: &Pool, conn: PooledConn, req: Request<Incoming>, in_flight: &InFlight) -> Result<(Response<Incoming>, crate::upstream::client::Sender), ProxyError> {
+async fn send(
+    pool: &Pool,
+    conn: PooledConn,
+    req: Request<Incoming>,
+    in_flight: &InFlight,
+) -> Result<(Response<Incoming>, crate::upstream::client::Sender), ProxyError> {
     let PooledConn { mut tx, mut reused } = conn;
     let mut req = req;
     loop {

@@ -82,7 +82,12 @@ pub fn request_host<B>(req: &Request<B>) -> Option<&str> {
 }
 
 /// Rewrites a downstream request for an HTTP/1.1 backend. Returns the request id.
-pub fn prepare_request<B>(req: &mut Request<B>, client: IpAddr, proto: &'static str, upgrade: bool) -> HeaderValue {
+pub fn prepare_request<B>(
+    req: &mut Request<B>,
+    client: IpAddr,
+    proto: &'static str,
+    upgrade: bool,
+) -> HeaderValue {
     let authority = req.uri().authority().map(|a| a.as_str().to_owned());
     let had_te = req.headers().contains_key(header::TRANSFER_ENCODING);
     let headers = req.headers_mut();
@@ -93,7 +98,10 @@ pub fn prepare_request<B>(req: &mut Request<B>, client: IpAddr, proto: &'static 
         headers.remove(header::CONTENT_LENGTH);
     }
     if !headers.contains_key(header::HOST) {
-        if let Some(a) = authority.as_deref().and_then(|a| HeaderValue::from_str(a).ok()) {
+        if let Some(a) = authority
+            .as_deref()
+            .and_then(|a| HeaderValue::from_str(a).ok())
+        {
             headers.insert(header::HOST, a);
         }
     }
@@ -170,7 +178,10 @@ mod tests {
     #[test]
     fn strips_hop_by_hop_and_connection_named() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, X-Secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));

@@ -20,8 +20,12 @@ pub fn splice(client: OnUpgrade, backend: OnUpgrade, in_flight: InFlight) {
         let mut client = TokioIo::new(client);
         let mut backend = TokioIo::new(backend);
         match tokio::io::copy_bidirectional(&mut client, &mut backend).await {
-            Ok((up, down)) => tracing::debug!(backend = %in_flight.backend().id, up, down, "upgraded connection closed"),
-            Err(e) => tracing::debug!(backend = %in_flight.backend().id, error = %e, "upgraded connection ended with an error"),
+            Ok((up, down)) => {
+                tracing::debug!(backend = %in_flight.backend().id, up, down, "upgraded connection closed")
+            }
+            Err(e) => {
+                tracing::debug!(backend = %in_flight.backend().id, error = %e, "upgraded connection ended with an error")
+            }
         }
         drop(in_flight);
     });

@@ -95,7 +95,9 @@ impl ConnPool {
                 let mut idle = self.lock();
                 idle.pop()
             };
-            let Some(Idle { mut tx, since }) = idle else { break };
+            let Some(Idle { mut tx, since }) = idle else {
+                break;
+            };
             if tx.is_closed() || since.elapsed() >= self.idle_timeout {
                 continue;
             }
@@ -103,27 +105,38 @@ impl ConnPool {
                 return Ok(PooledConn { tx, reused: true });
             }
         }
-        self.connect().await.map(|tx| PooledConn { tx, reused: false })
+        self.connect()
+            .await
+            .map(|tx| PooledConn { tx, reused: false })
     }
 
     /// Opens a new connection within the connect timeout.
     pub async fn connect(&self) -> Result<Sender, UpstreamError> {
         let addr = || self.addr.to_string();
-        let stream = match tokio::time::timeout(self.connect_timeout, connect_tcp(&self.addr)).await {
+        let stream = match tokio::time::timeout(self.connect_timeout, connect_tcp(&self.addr)).await
+        {
             Err(_) => {
                 return Err(UpstreamError::ConnectTimeout {
                     addr: addr(),
                     after: self.connect_timeout,
                 })
             }
-            Ok(Err(source)) => return Err(UpstreamError::Connect { addr: addr(), source }),
+            Ok(Err(source)) => {
+                return Err(UpstreamError::Connect {
+                    addr: addr(),
+                    source,
+                })
+            }
             Ok(Ok(s)) => s,
         };
         let _ = stream.set_nodelay(true);
         let (tx, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(|source| UpstreamError::Handshake { addr: addr(), source })?;
+            .map_err(|source| UpstreamError::Handshake {
+                addr: addr(),
+                source,
+            })?;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
@@ -142,7 +155,10 @@ impl ConnPool {
         let mut idle = self.lock();
         // The oldest entry sits at the front; drop it if it expired, so a busy pool
         // sheds stale connections without waiting for the reaper.
-        if idle.first().is_some_and(|c| now.duration_since(c.since) >= self.idle_timeout) {
+        if idle
+            .first()
+            .is_some_and(|c| now.duration_since(c.since) >= self.idle_timeout)
+        {
             idle.remove(0);
         }
         if idle.len() < self.max_idle {
@@ -155,9 +171,9 @@ impl ConnPool {
         let now = Instant::now();
         let expired: Vec<Idle> = {
             let mut idle = self.lock();
-            let (keep, gone) = std::mem::take(&mut *idle)
-                .into_iter()
-                .partition(|c| !c.tx.is_closed() && now.duration_since(c.since) < self.idle_timeout);
+            let (keep, gone) = std::mem::take(&mut *idle).into_iter().partition(|c| {
+                !c.tx.is_closed() && now.duration_since(c.since) < self.idle_timeout
+            });
             *idle = keep;
             gone
         };

@@ -1,0 +1,204 @@
+//! Shared test scaffolding: the real proxy in-process on 127.0.0.1:0, real backends on
+//! 127.0.0.1:0, and a plain HTTP/1.1 client.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub type Resp = Response<Full<Bytes>>;
+
+/// The proxy running in-process.
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    pub runtime: Arc<arc_swap::ArcSwap<switchyard::runtime::Runtime>>,
+    stop: Option<oneshot::Sender<()>>,
+    pub task: Option<JoinHandle<()>>,
+}
+
+impl TestProxy {
+    /// Starts the proxy from TOML text; `listen` and `admin.listen` should be port 0.
+    pub async fn start(toml: &str) -> TestProxy {
+        let config = switchyard::config::parse(toml, "test.toml").expect("valid test config");
+        let server = switchyard::Server::bind(config).await.expect("bind");
+        let addr = server.local_addrs()[0];
+        let admin = server.admin_addr();
+        let runtime = server.runtime();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async move {
+            let _ = rx.await;
+        }));
+        TestProxy {
+            addr,
+            admin,
+            runtime,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Asks for a graceful shutdown; the returned handle ends when the proxy stopped.
+    pub fn shutdown(&mut self) -> JoinHandle<()> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        self.task.take().expect("running")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A backend serving `handler` on 127.0.0.1:0 until the test's runtime ends.
+pub async fn backend<F, Fut>(handler: F) -> SocketAddr
+where
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Resp> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handler = Arc::new(handler);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let handler = handler.clone();
+            let svc = service_fn(move |req| {
+                let handler = handler.clone();
+                async move { Ok::<_, Infallible>(handler(req).await) }
+            });
+            tokio::spawn(async move {
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// The built-in demo backend, named `name`.
+pub async fn named_backend(name: &str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(switchyard::demo::backend(
+        listener,
+        name.to_owned(),
+        std::future::pending(),
+    ));
+    addr
+}
+
+/// An address where nothing listens (connection refused).
+pub async fn dead_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    drop(l);
+    a
+}
+
+pub fn text(body: impl Into<Bytes>) -> Resp {
+    Response::new(Full::new(body.into()))
+}
+
+/// A response with its body collected.
+pub struct Got {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Got {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("JSON body")
+    }
+
+    /// The `backend` field of the demo backend's answer.
+    pub fn backend(&self) -> String {
+        self.json()["backend"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+}
+
+/// An HTTP/1.1 keep-alive client connection.
+pub struct Client {
+    tx: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn.with_upgrades());
+        Client { tx }
+    }
+
+    pub async fn send(&mut self, req: Request<Full<Bytes>>) -> Got {
+        self.tx.ready().await.unwrap();
+        let resp = self.tx.send_request(req).await.unwrap();
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        Got {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body,
+        }
+    }
+
+    pub async fn get(&mut self, path: &str) -> Got {
+        self.send(get(path)).await
+    }
+}
+
+pub fn get(path: &str) -> Request<Full<Bytes>> {
+    Request::get(path)
+        .header("host", "test.local")
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+/// One GET on a new connection.
+pub async fn fetch(addr: SocketAddr, req: Request<Full<Bytes>>) -> Got {
+    Client::connect(addr).await.send(req).await
+}
+
+/// Proxy config: one listener and an admin listener on port 0, plus `rest`.
+pub fn config(rest: &str) -> String {
+    format!("[server]\nlisten = [\"127.0.0.1:0\"]\nshutdown_grace = \"5s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{rest}")
+}
+
+/// `"a", "b"` for a backend list.
+pub fn list(addrs: &[SocketAddr]) -> String {
+    addrs
+        .iter()
+        .map(|a| format!("\"{a}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -1,0 +1,572 @@
+//! The proxy end to end: real listeners and backends on 127.0.0.1:0, real HTTP.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::Request;
+use http_body_util::{BodyExt, Full, StreamBody};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Notify};
+
+/// Upper bound for waits that should end much sooner; a failure, never a sync point.
+const LIMIT: Duration = Duration::from_secs(10);
+
+#[tokio::test]
+async fn round_robin_is_even_over_three_backends() {
+    let b = [
+        named_backend("a").await,
+        named_backend("b").await,
+        named_backend("c").await,
+    ];
+    let proxy = TestProxy::start(&config(&format!(
+        "[pools.web]\nbackends = [{}]\n",
+        list(&b)
+    )))
+    .await;
+    let mut client = Client::connect(proxy.addr).await;
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for _ in 0..300 {
+        let got = client.get("/").await;
+        assert_eq!(got.status, 200);
+        *counts.entry(got.backend()).or_default() += 1;
+    }
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    assert!(counts.values().all(|&n| n == 100), "{counts:?}");
+}
+
+#[tokio::test]
+async fn weighted_round_robin_interleaves() {
+    let (a, b, c) = (
+        named_backend("a").await,
+        named_backend("b").await,
+        named_backend("c").await,
+    );
+    let pools = format!(
+        "[pools.web]\nbackends = [{{ address = \"{a}\", weight = 5 }}, \"{b}\", \"{c}\"]\n"
+    );
+    let proxy = TestProxy::start(&config(&pools)).await;
+    let mut client = Client::connect(proxy.addr).await;
+    let mut seq = String::new();
+    for _ in 0..14 {
+        seq.push_str(&client.get("/").await.backend());
+    }
+    assert_eq!(seq, "aabacaaaabacaa");
+}
+
+/// A backend that answers `/hold` only when released, and everything else at once,
+/// reporting its name.
+async fn holding_backend(
+    name: &'static str,
+    held: mpsc::UnboundedSender<&'static str>,
+    release: Arc<Notify>,
+) -> std::net::SocketAddr {
+    backend(move |req| {
+        let held = held.clone();
+        let release = release.clone();
+        async move {
+            if req.uri().path() == "/hold" {
+                let wait = release.notified();
+                let _ = held.send(name);
+                wait.await;
+            }
+            text(name)
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn least_request_prefers_the_idle_backend() {
+    let (held_tx, mut held_rx) = mpsc::unbounded_channel();
+    let release = Arc::new(Notify::new());
+    let a = holding_backend("a", held_tx.clone(), release.clone()).await;
+    let b = holding_backend("b", held_tx, release.clone()).await;
+    let proxy = TestProxy::start(&config(&format!(
+        "[pools.web]\npolicy = \"least_request\"\nbackends = [\"{a}\", \"{b}\"]\n"
+    )))
+    .await;
+    let addr = proxy.addr;
+    let hold = tokio::spawn(async move { fetch(addr, get("/hold")).await });
+    let busy = held_rx.recv().await.unwrap();
+    let idle = if busy == "a" { "b" } else { "a" };
+    let mut client = Client::connect(proxy.addr).await;
+    for _ in 0..20 {
+        let got = client.get("/").await;
+        assert_eq!(got.body, idle.as_bytes());
+    }
+    release.notify_waiters();
+    assert_eq!(hold.await.unwrap().status, 200);
+}
+
+#[tokio::test]
+async fn routes_by_host_then_longest_prefix() {
+    let exact = named_backend("exact").await;
+    let wild = named_backend("wild").await;
+    let stat = named_backend("static").await;
+    let deep = named_backend("deep").await;
+    let fallback = named_backend("fallback").await;
+    let cfg = format!(
+        r#"
+[[routes]]
+pool = "fallback"
+[[routes]]
+path_prefix = "/static"
+pool = "static"
+[[routes]]
+path_prefix = "/static/deep"
+pool = "deep"
+[[routes]]
+host = "*.example.com"
+pool = "wild"
+[[routes]]
+host = "api.example.com"
+pool = "exact"
+[pools.exact]
+backends = ["{exact}"]
+[pools.wild]
+backends = ["{wild}"]
+[pools.static]
+backends = ["{stat}"]
+[pools.deep]
+backends = ["{deep}"]
+[pools.fallback]
+backends = ["{fallback}"]
+"#
+    );
+    let proxy = TestProxy::start(&config(&cfg)).await;
+    let cases = [
+        ("api.example.com", "/", "exact"),
+        ("API.Example.com:8443", "/static/x", "exact"),
+        ("shop.example.com", "/static", "wild"),
+        ("example.com", "/", "fallback"),
+        ("other.test", "/static/x.css", "static"),
+        ("other.test", "/static/deep/y", "deep"),
+        ("other.test", "/staticky", "fallback"),
+    ];
+    let mut client = Client::connect(proxy.addr).await;
+    for (host, path, want) in cases {
+        let req = Request::get(path)
+            .header("host", host)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        assert_eq!(client.send(req).await.backend(), want, "{host}{path}");
+    }
+}
+
+#[tokio::test]
+async fn no_route_is_404() {
+    let a = named_backend("a").await;
+    let cfg = format!(
+        "[[routes]]\nhost = \"only.example.com\"\npool = \"p\"\n[pools.p]\nbackends = [\"{a}\"]\n"
+    );
+    let proxy = TestProxy::start(&config(&cfg)).await;
+    let got = fetch(proxy.addr, get("/")).await;
+    assert_eq!(got.status, 404);
+    assert!(got.headers.contains_key("x-request-id"));
+}
+
+#[tokio::test]
+async fn request_headers_follow_the_rules() {
+    let a = named_backend("a").await;
+    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    let req = Request::get("/h?q=1")
+        .header("host", "shop.example.com:8080")
+        .header("connection", "keep-alive, x-drop-me")
+        .header("x-drop-me", "secret")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-connection", "keep-alive")
+        .header("te", "trailers")
+        .header("x-forwarded-for", "203.0.113.7")
+        .header("x-kept", "yes")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let got = fetch(proxy.addr, req).await;
+    assert_eq!(got.status, 200);
+    let seen = &got.json()["headers"];
+    for gone in [
+        "connection",
+        "x-drop-me",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        assert!(
+            seen.get(gone).is_none(),
+            "{gone} reached the backend: {seen}"
+        );
+    }
+    assert_eq!(seen["x-kept"], "yes");
+    assert_eq!(seen["host"], "shop.example.com:8080");
+    assert_eq!(seen["x-forwarded-host"], "shop.example.com:8080");
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    assert_eq!(seen["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
+    assert_eq!(got.json()["query"], "q=1");
+    let id = seen["x-request-id"].as_str().unwrap();
+    assert_eq!(id.len(), 32);
+    assert!(id.chars().all(|c| c.is_ascii_hexdigit()));
+    assert_eq!(got.headers["x-request-id"], id);
+}
+
+#[tokio::test]
+async fn request_id_is_propagated() {
+    let a = named_backend("a").await;
+    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    let req = Request::get("/")
+        .header("host", "x")
+        .header("x-request-id", "abc-123")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let got = fetch(proxy.addr, req).await;
+    assert_eq!(got.json()["headers"]["x-request-id"], "abc-123");
+    assert_eq!(got.headers["x-request-id"], "abc-123");
+}
+
+#[tokio::test]
+async fn response_hop_by_hop_headers_are_removed() {
+    let a = backend(|_| async {
+        let mut r = text("ok");
+        let h = r.headers_mut();
+        h.insert("connection", "x-internal".parse().unwrap());
+        h.insert("x-internal", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("x-public", "1".parse().unwrap());
+        r
+    })
+    .await;
+    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    let got = fetch(proxy.addr, get("/")).await;
+    assert_eq!(got.status, 200);
+    assert!(got.headers.get("x-internal").is_none());
+    assert!(got.headers.get("keep-alive").is_none());
+    assert_eq!(got.headers["x-public"], "1");
+}
+
+#[tokio::test]
+async fn unreachable_backend_is_502_and_dead_pool_is_503() {
+    let (d1, d2, d3) = (dead_addr().await, dead_addr().await, dead_addr().await);
+    let cfg = format!(
+        "[[routes]]\npath_prefix = \"/one\"\npool = \"one\"\n[[routes]]\npool = \"all\"\n\
+         [pools.one]\nretries = 0\nbackends = [\"{d1}\", \"{d2}\"]\n[pools.all]\nbackends = [\"{d1}\", \"{d2}\", \"{d3}\"]\n"
+    );
+    let proxy = TestProxy::start(&config(&cfg)).await;
+    let got = fetch(proxy.addr, get("/one")).await;
+    assert_eq!(got.status, 502);
+    let body = String::from_utf8_lossy(&got.body);
+    assert!(body.starts_with("502"), "{body}");
+    assert!(
+        !body.contains("127.0.0.1"),
+        "internal detail leaked: {body}"
+    );
+    assert_eq!(fetch(proxy.addr, get("/")).await.status, 503);
+}
+
+#[tokio::test]
+async fn garbage_from_backend_is_502() {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let _ = s.write_all(b"this is not http\r\n\r\n").await;
+        }
+    });
+    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    assert_eq!(fetch(proxy.addr, get("/")).await.status, 502);
+}
+
+#[tokio::test]
+async fn slow_backend_is_504() {
+    let a = backend(|_| async {
+        std::future::pending::<()>().await;
+        text("never")
+    })
+    .await;
+    let proxy = TestProxy::start(&config(&format!(
+        "[pools.p]\nresponse_timeout = \"200ms\"\nbackends = [\"{a}\"]\n"
+    )))
+    .await;
+    let got = tokio::time::timeout(LIMIT, fetch(proxy.addr, get("/")))
+        .await
+        .expect("answered");
+    assert_eq!(got.status, 504);
+}
+
+#[tokio::test]
+async fn dead_backend_costs_no_failed_request() {
+    let dead = dead_addr().await;
+    let (a, b) = (named_backend("a").await, named_backend("b").await);
+    let proxy = TestProxy::start(&config(&format!(
+        "[pools.p]\nbackends = [\"{dead}\", \"{a}\", \"{b}\"]\n"
+    )))
+    .await;
+    let mut client = Client::connect(proxy.addr).await;
+    let mut seen = HashMap::<String, usize>::new();
+    for _ in 0..60 {
+        let got = client.get("/").await;
+        assert_eq!(got.status, 200);
+        *seen.entry(got.backend()).or_default() += 1;
+    }
+    assert_eq!(seen.len(), 2);
+}
+
+#[tokio::test]
+async fn keep_alive_connections_to_backends_are_reused() {
+    let a = named_backend("a").await;
+    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    let mut client = Client::connect(proxy.addr).await;
+    for _ in 0..50 {
+        assert_eq!(client.get("/").await.status, 200);
+    }
+    let rt = proxy.runtime.load();
+    let backend = &rt.pools[0].members[0].backend;
+    assert_eq!(backend.pool.connections_opened(), 1);
+    assert_eq!(backend.requests(), 50);
+}
+
+const BIG: u64 = 80 * 1024 * 1024;
+const CHUNK: usize = 64 * 1024;
+
+fn chunks(
+    total: u64,
+) -> impl futures_util::Stream<Item = Result<http_body::Frame<Bytes>, std::io::Error>> {
+    let chunk = Bytes::from(vec![7u8; CHUNK]);
+    futures_util::stream::iter(
+        (0..total / CHUNK as u64).map(move |_| Ok(http_body::Frame::data(chunk.clone()))),
+    )
+}
+
+#[tokio::test]
+async fn large_bodies_stream_both_ways() {
+    let a = backend(|req| async move {
+        if req.uri().path() == "/download" {
+            let body = StreamBody::new(chunks(BIG));
+            let body = http_body_util::BodyExt::boxed(body);
+            let collected = body.collect().await.unwrap().to_bytes();
+            return text(collected);
+        }
+        let mut body = req.into_body();
+        let mut n = 0u64;
+        while let Some(f) = body.frame().await {
+            n += f.unwrap().data_ref().map_or(0, |d| d.len() as u64);
+        }
+        text(n.to_string())
+    })
+    .await;
+    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+
+    // Upload: streamed from the client without a length, counted by the backend.
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut tx, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::post("/upload")
+        .header("host", "x")
+        .body(StreamBody::new(chunks(BIG)))
+        .unwrap();
+    let resp = tx.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, BIG.to_string().as_bytes());
+
+    // Download: counted frame by frame on the client.
+    let mut client = Client::connect(proxy.addr).await;
+    let got = client.get("/download").await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.body.len() as u64, BIG);
+}
+
+#[tokio::test]
+async fn websocket_echo_through_the_proxy() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut ws = tokio_tungstenite::accept_async(s).await.unwrap();
+                while let Some(Ok(m)) = ws.next().await {
+                    if m.is_text() || m.is_binary() {
+                        ws.send(m).await.unwrap();
+                    }
+                }
+            });
+        }
+    });
+    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    let (mut ws, resp) = tokio_tungstenite::connect_async(format!("ws://{}/chat", proxy.addr))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 101);
+    for i in 0..10 {
+        ws.send(Message::text(format!("hello {i}"))).await.unwrap();
+        let m = tokio::time::timeout(LIMIT, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.into_text().unwrap().as_str(), format!("hello {i}"));
+    }
+    ws.close(None).await.unwrap();
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge() {
+    let a = named_backend("a").await;
+    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    for _ in 0..3 {
+        let req = Request::get(format!("http://h2.example.com:{}/two", proxy.addr.port()))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = tx.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.version(), http::Version::HTTP_2);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(doc["path"], "/two");
+        assert_eq!(
+            doc["headers"]["host"],
+            format!("h2.example.com:{}", proxy.addr.port())
+        );
+    }
+}
+
+#[tokio::test]
+async fn slow_header_sender_is_cut_off() {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    let a = backend(move |_| {
+        h.fetch_add(1, Ordering::SeqCst);
+        async { text("ok") }
+    })
+    .await;
+    let cfg = format!(
+        "[server.limits]\nheader_read_timeout = \"300ms\"\n[pools.p]\nbackends = [\"{a}\"]\n"
+    );
+    let proxy = TestProxy::start(&config(&cfg)).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Half: ")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    // The proxy must close the connection on its own; LIMIT only bounds a broken build.
+    let _ = tokio::time::timeout(LIMIT, s.read_to_end(&mut buf))
+        .await
+        .expect("connection was not cut off");
+    assert!(!String::from_utf8_lossy(&buf).contains("200 OK"));
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connection_is_closed() {
+    let a = named_backend("a").await;
+    let cfg = format!("[server.limits]\nidle_timeout = \"300ms\"\nheader_read_timeout = \"1h\"\n[pools.p]\nbackends = [\"{a}\"]\n");
+    let proxy = TestProxy::start(&config(&cfg)).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 65536];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let mut rest = Vec::new();
+    tokio::time::timeout(LIMIT, s.read_to_end(&mut rest))
+        .await
+        .expect("idle connection stayed open")
+        .ok();
+}
+
+#[tokio::test]
+async fn oversized_headers_get_431() {
+    let a = named_backend("a").await;
+    let cfg =
+        format!("[server.limits]\nmax_header_bytes = 8192\n[pools.p]\nbackends = [\"{a}\"]\n");
+    let proxy = TestProxy::start(&config(&cfg)).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let big = "a".repeat(16 * 1024);
+    let _ = s
+        .write_all(format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n").as_bytes())
+        .await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(LIMIT, s.read_to_end(&mut buf))
+        .await
+        .expect("answered");
+    assert!(
+        String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 431"),
+        "{}",
+        String::from_utf8_lossy(&buf)
+    );
+}
+
+#[tokio::test]
+async fn malformed_request_gets_400_and_never_reaches_a_backend() {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    let a = backend(move |_| {
+        h.fetch_add(1, Ordering::SeqCst);
+        async { text("ok") }
+    })
+    .await;
+    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    for bad in [
+        &b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"[..],
+        b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n",
+        b"NOT A REQUEST\r\n\r\n",
+    ] {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(bad).await.unwrap();
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(LIMIT, s.read_to_end(&mut buf))
+            .await
+            .expect("answered");
+        assert!(
+            String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 400"),
+            "{}",
+            String::from_utf8_lossy(&buf)
+        );
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn graceful_shutdown_lets_a_slow_request_finish() {
+    let (held_tx, mut held_rx) = mpsc::unbounded_channel();
+    let release = Arc::new(Notify::new());
+    let a = holding_backend("a", held_tx, release.clone()).await;
+    let mut proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    let addr = proxy.addr;
+    let slow = tokio::spawn(async move { fetch(addr, get("/hold")).await });
+    held_rx.recv().await.unwrap();
+    let stopped = proxy.shutdown();
+    // New connections are refused once the listener is gone; in-flight work goes on.
+    release.notify_waiters();
+    let got = tokio::time::timeout(LIMIT, slow).await.unwrap().unwrap();
+    assert_eq!(got.status, 200);
+    assert_eq!(got.body, "a");
+    tokio::time::timeout(LIMIT, stopped)
+        .await
+        .expect("proxy stopped")
+        .unwrap();
+    assert!(TcpStream::connect(addr).await.is_err());
+}
