@@ -570,3 +570,39 @@ async fn graceful_shutdown_lets_a_slow_request_finish() {
         .unwrap();
     assert!(TcpStream::connect(addr).await.is_err());
 }
+
+#[tokio::test]
+async fn keep_alive_wait_is_governed_by_idle_timeout_not_header_timeout() {
+    let a = named_backend("a").await;
+    let cfg = format!("[server.limits]\nidle_timeout = \"1h\"\nheader_read_timeout = \"200ms\"\n[pools.p]\nbackends = [\"{a}\"]\n");
+    let proxy = TestProxy::start(&config(&cfg)).await;
+    let mut client = Client::connect(proxy.addr).await;
+    assert_eq!(client.get("/").await.status, 200);
+    // The connection waits between requests longer than the header timeout: what is
+    // under test is the passing of time itself.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(client.get("/").await.status, 200);
+}
+
+#[tokio::test]
+async fn slow_second_request_on_a_keep_alive_connection_is_cut_off() {
+    let a = named_backend("a").await;
+    let cfg = format!("[server.limits]\nidle_timeout = \"1h\"\nheader_read_timeout = \"300ms\"\n[pools.p]\nbackends = [\"{a}\"]\n");
+    let proxy = TestProxy::start(&config(&cfg)).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 65536];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    s.write_all(b"GET /second HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(LIMIT, s.read_to_end(&mut rest))
+        .await
+        .expect("slow head was not cut off")
+        .ok();
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+}

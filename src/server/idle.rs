@@ -1,17 +1,30 @@
-//! Client connection activity, for `server.limits.idle_timeout`.
+//! Client connection timers: `server.limits.idle_timeout` and `header_read_timeout`.
 //!
 //! The socket is wrapped so every read and write stamps the time, and each request
-//! holds an [`ActiveRequest`] until its response is over. A connection with no request
-//! in progress and no traffic for the idle timeout is closed gracefully.
+//! holds an [`ActiveRequest`] until its response is over. With no request in progress:
+//!
+//! - bytes arriving start a request head: the connection must deliver the whole head
+//!   (hyper calls the service) within `header_read_timeout`, or it is closed. This is
+//!   the slowloris defence, and it starts at the first byte of each request, so it does
+//!   not also cut keep-alive connections that are merely waiting;
+//! - no bytes at all for `idle_timeout` closes the connection.
+//!
+//! hyper's own header timer is not used because it also runs while a keep-alive
+//! connection waits for its next request, which would cap keep-alive idling at the
+//! header timeout. HTTP/2 connections exchange control frames between requests, so for
+//! them only the idle rule applies once the first request arrived.
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
+
+const NONE: u64 = u64::MAX;
 
 /// Shared between a connection's socket wrapper, its requests and its watchdog.
 #[derive(Debug)]
@@ -19,8 +32,22 @@ pub struct Activity {
     opened: Instant,
     /// Milliseconds after `opened` of the last byte read or written.
     last_io_ms: AtomicU64,
+    /// Milliseconds after `opened` of the first byte of a request head not yet complete,
+    /// or `NONE`.
+    head_started_ms: AtomicU64,
     /// Requests whose response is not over yet.
     active: AtomicUsize,
+    /// The connection speaks HTTP/2.
+    multiplexed: AtomicBool,
+    /// Wakes the watchdog when a response ends, so the next timer starts on time.
+    changed: Notify,
+}
+
+/// Which limit closed a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    Idle,
+    HeaderRead,
 }
 
 impl Activity {
@@ -28,39 +55,74 @@ impl Activity {
         Arc::new(Activity {
             opened: Instant::now(),
             last_io_ms: AtomicU64::new(0),
+            head_started_ms: AtomicU64::new(NONE),
             active: AtomicUsize::new(0),
+            multiplexed: AtomicBool::new(false),
+            changed: Notify::new(),
         })
     }
 
-    fn touch(&self) {
-        let ms = self.opened.elapsed().as_millis() as u64;
-        self.last_io_ms.store(ms, Ordering::Relaxed);
+    fn now_ms(&self) -> u64 {
+        self.opened.elapsed().as_millis() as u64
     }
 
-    /// Marks a request as started; it ends when the guard drops.
-    pub fn begin(self: &Arc<Self>) -> ActiveRequest {
+    fn on_read(&self) {
+        let now = self.now_ms();
+        self.last_io_ms.store(now, Ordering::Relaxed);
+        if self.active.load(Ordering::Relaxed) == 0
+            && self.head_started_ms.load(Ordering::Relaxed) == NONE
+        {
+            self.head_started_ms.store(now, Ordering::Relaxed);
+            // Once per request head: the watchdog switches to the header deadline.
+            self.changed.notify_one();
+        }
+    }
+
+    fn on_write(&self) {
+        self.last_io_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Marks a request as started (its head is complete); it ends when the guard drops.
+    pub fn begin(self: &Arc<Self>, version: http::Version) -> ActiveRequest {
         self.active.fetch_add(1, Ordering::Relaxed);
+        self.head_started_ms.store(NONE, Ordering::Relaxed);
+        if version == http::Version::HTTP_2 {
+            self.multiplexed.store(true, Ordering::Relaxed);
+        }
         ActiveRequest(self.clone())
     }
 
-    /// How long the connection has been idle, or `None` while a request is in progress.
-    fn idle_for(&self) -> Option<Duration> {
-        if self.active.load(Ordering::Relaxed) > 0 {
-            return None;
-        }
-        let last = Duration::from_millis(self.last_io_ms.load(Ordering::Relaxed));
-        Some(self.opened.elapsed().saturating_sub(last))
-    }
-
-    /// Resolves once the connection has been idle for `timeout`.
-    pub async fn idle_timeout(&self, timeout: Duration) {
+    /// Resolves when the connection has been idle for `idle`, or a request head has been
+    /// arriving for longer than `header`.
+    pub async fn expired(&self, idle: Duration, header: Duration) -> Expiry {
+        let (idle_ms, header_ms) = (idle.as_millis() as u64, header.as_millis() as u64);
         loop {
-            let wait = match self.idle_for() {
-                Some(idle) if idle >= timeout => return,
-                Some(idle) => timeout - idle,
-                None => timeout,
+            let notified = self.changed.notified();
+            let wait = if self.active.load(Ordering::Relaxed) > 0 {
+                None
+            } else {
+                let head = self.head_started_ms.load(Ordering::Relaxed);
+                let (deadline, kind) = if head != NONE && !self.multiplexed.load(Ordering::Relaxed)
+                {
+                    (head.saturating_add(header_ms), Expiry::HeaderRead)
+                } else {
+                    (
+                        self.last_io_ms
+                            .load(Ordering::Relaxed)
+                            .saturating_add(idle_ms),
+                        Expiry::Idle,
+                    )
+                };
+                let now = self.now_ms();
+                if now >= deadline {
+                    return kind;
+                }
+                Some(Duration::from_millis(deadline - now))
             };
-            tokio::time::sleep(wait).await;
+            tokio::select! {
+                _ = tokio::time::sleep(wait.unwrap_or(idle.max(header))) => {}
+                _ = notified => {}
+            }
         }
     }
 }
@@ -71,8 +133,11 @@ pub struct ActiveRequest(Arc<Activity>);
 
 impl Drop for ActiveRequest {
     fn drop(&mut self) {
-        self.0.touch();
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        let a = &self.0;
+        a.last_io_ms.store(a.now_ms(), Ordering::Relaxed);
+        a.head_started_ms.store(NONE, Ordering::Relaxed);
+        a.active.fetch_sub(1, Ordering::Relaxed);
+        a.changed.notify_one();
     }
 }
 
@@ -85,7 +150,6 @@ pub struct TrackedIo<T> {
 
 impl<T> TrackedIo<T> {
     pub fn new(inner: T, activity: Arc<Activity>) -> Self {
-        activity.touch();
         TrackedIo { inner, activity }
     }
 }
@@ -99,7 +163,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for TrackedIo<T> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.touch();
+            self.activity.on_read();
         }
         r
     }
@@ -113,7 +177,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+            self.activity.on_write();
         }
         r
     }
@@ -125,7 +189,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+            self.activity.on_write();
         }
         r
     }

@@ -56,7 +56,8 @@ pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        // Enforced per request head by `idle::Activity` instead; see there.
+        .header_read_timeout(None)
         .max_buf_size(limits.max_header_bytes)
         .keep_alive(true)
         // One flattened write per response head and body chunk: fewer syscalls.
@@ -108,12 +109,13 @@ pub async fn serve(
         let svc_activity = activity.clone();
         let svc = service_fn(move |req| {
             let proxy = proxy.clone();
-            let active = svc_activity.begin();
+            let active = svc_activity.begin(req.version());
             async move { Ok::<_, Infallible>(proxy.handle(info, Some(active), req).await) }
         });
         let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
         let conn = graceful.watch(conn);
         let idle_timeout = limits.idle_timeout;
+        let header_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
             let mut conn = std::pin::pin!(conn);
             tokio::select! {
@@ -122,8 +124,8 @@ pub async fn serve(
                         tracing::debug!(client = %peer, error = %e, "client connection error");
                     }
                 }
-                _ = activity.idle_timeout(idle_timeout) => {
-                    tracing::debug!(client = %peer, "closing idle client connection");
+                why = activity.expired(idle_timeout, header_timeout) => {
+                    tracing::debug!(client = %peer, ?why, "closing client connection");
                 }
             }
             drop(permit);
