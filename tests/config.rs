@@ -1,0 +1,1076 @@
+//! Configuration: every rejection names the right key, line and column; defaults and the
+//! example files are what the documentation says; `switchyard check` exits as promised.
+//!
+//! No sockets are opened. Each rejecting test builds its TOML so that the offending key
+//! sits alone on its line, and asserts that line.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use switchyard::config::{
+    load, parse, AccessLog, BackendAddr, Config, ConfigError, HostMatch, Policy,
+};
+
+const FILE: &str = "test.toml";
+
+fn ok(text: &str) -> Config {
+    parse(text, FILE).unwrap_or_else(|e| panic!("expected a valid config, got: {e}\n---\n{text}"))
+}
+
+fn err(text: &str) -> ConfigError {
+    match parse(text, FILE) {
+        Ok(c) => panic!("expected a rejection, got: {c:?}\n---\n{text}"),
+        Err(e) => {
+            assert_eq!(e.file, FILE, "{e}");
+            e
+        }
+    }
+}
+
+/// Asserts the key path, the line, the column (when given) and a fragment of the message.
+#[track_caller]
+fn assert_err(text: &str, key: &str, line: usize, column: Option<usize>, fragment: &str) {
+    let e = err(text);
+    assert_eq!(e.key, key, "key path of: {e}");
+    assert_located(&e, line, column, fragment);
+}
+
+/// As [`assert_err`] without the key path: for the serde-level errors whose key path is
+/// not yet clean (see `serde_error_key_paths_are_clean`, ignored until fixed).
+#[track_caller]
+fn assert_located(e: &ConfigError, line: usize, column: Option<usize>, fragment: &str) {
+    assert_eq!(e.line, line, "line of: {e}");
+    if let Some(column) = column {
+        assert_eq!(e.column, column, "column of: {e}");
+    }
+    assert!(
+        e.message.contains(fragment),
+        "message of: {e}\nexpected it to contain: {fragment}"
+    );
+    let shown = e.to_string();
+    let prefix = format!("{}:{}:{}: {}: ", e.file, e.line, e.column, e.key);
+    assert!(shown.starts_with(&prefix), "display: {shown}");
+}
+
+/// A valid pool, two lines, for files whose error lies elsewhere.
+const WEB: &str = "[pools.web]\nbackends = [\"127.0.0.1:9001\"]\n";
+
+// ---------------------------------------------------------------------------------------
+// Unknown keys
+
+#[test]
+fn unknown_top_level_key() {
+    let text = format!("# comment\nbogus = 1\n{WEB}");
+    assert_err(&text, "bogus", 2, Some(1), "unknown field `bogus`");
+}
+
+#[test]
+fn unknown_key_in_server() {
+    let text = format!("[server]\nlisten = [\"127.0.0.1:8080\"]\nlsten = 1\nworkers = 2\n{WEB}");
+    assert_err(&text, "server.lsten", 3, Some(1), "unknown field `lsten`");
+}
+
+#[test]
+fn unknown_key_in_server_limits() {
+    let text = format!(
+        "[server.limits]\nmax_connections = 5\nmax_conns = 1\nidle_timeout = \"5s\"\n{WEB}"
+    );
+    assert_err(
+        &text,
+        "server.limits.max_conns",
+        3,
+        Some(1),
+        "unknown field `max_conns`",
+    );
+}
+
+#[test]
+fn unknown_key_in_admin() {
+    let text = format!("{WEB}[admin]\nlisten = \"127.0.0.1:9090\"\nport = 9090\n");
+    assert_err(&text, "admin.port", 5, Some(1), "unknown field `port`");
+}
+
+#[test]
+fn unknown_key_in_pool() {
+    // Key path should be `pools.x.retry`: see serde_error_key_paths_are_clean.
+    let text = "[pools.x]\nbackends = [\"127.0.0.1:9001\"]\nretry = 1\nretries = 1\n";
+    let e = err(text);
+    assert_located(&e, 3, Some(1), "unknown field `retry`");
+    assert!(e.message.contains("`retries`"), "lists the known keys: {e}");
+}
+
+#[test]
+fn unknown_key_in_backend_table() {
+    // Key path should be `pools.x.backends[1].wieght`: see serde_error_key_paths_are_clean.
+    let text = "[pools.x]\nbackends = [\n  \"127.0.0.1:9001\",\n  { address = \"127.0.0.1:9002\", wieght = 2 },\n]\n";
+    let e = err(text);
+    assert_located(&e, 4, Some(33), "unknown field `wieght`");
+    assert!(e.message.contains("`weight`"), "lists the known keys: {e}");
+}
+
+#[test]
+fn unknown_key_in_route() {
+    // Key path should be `routes[0].prefix`: see serde_error_key_paths_are_clean.
+    let text = format!("{WEB}[[routes]]\npool = \"web\"\nprefix = \"/\"\n");
+    let e = err(&text);
+    assert_located(&e, 5, Some(1), "unknown field `prefix`");
+}
+
+// ---------------------------------------------------------------------------------------
+// Syntax and types
+
+#[test]
+fn toml_syntax_error() {
+    let text =
+        "[pools.web]\nbackends = [\"127.0.0.1:9001\"]\nretries = = 2\nconnect_timeout = \"2s\"\n";
+    assert_err(text, "(file)", 3, Some(11), "extra `=`");
+}
+
+#[test]
+fn toml_duplicate_key() {
+    let text = format!("{WEB}retries = 1\nretries = 2\n");
+    assert_err(&text, "(file)", 4, Some(1), "duplicate key");
+}
+
+#[test]
+fn wrong_type() {
+    // Key path should be `pools.x.retries`: see serde_error_key_paths_are_clean.
+    let text = "[pools.x]\nbackends = [\"127.0.0.1:9001\"]\nretries = \"two\"\n";
+    let e = err(text);
+    assert_located(&e, 3, Some(11), "invalid type: string \"two\"");
+}
+
+#[test]
+fn wrong_type_listen_not_a_list() {
+    // Key path should be `server.listen`: see serde_error_key_paths_are_clean.
+    let text = format!("[server]\nlisten = \"127.0.0.1:8080\"\n{WEB}");
+    let e = err(&text);
+    assert_located(&e, 2, Some(10), "expected a sequence");
+}
+
+// ---------------------------------------------------------------------------------------
+// Pools, backends, routes
+
+#[test]
+fn duplicate_backend_addresses() {
+    let text = "[pools.x]\nbackends = [\n  \"127.0.0.1:9001\",\n  \"127.0.0.1:9001\",\n]\n";
+    assert_err(
+        text,
+        "pools.x.backends[1].id",
+        4,
+        Some(3),
+        "duplicate backend id \"127.0.0.1:9001\"",
+    );
+}
+
+#[test]
+fn duplicate_backend_explicit_ids() {
+    let text = "[pools.x]\nbackends = [\n  { address = \"127.0.0.1:9001\", id = \"a\" },\n  { address = \"127.0.0.1:9002\", id = \"a\" },\n]\n";
+    assert_err(
+        text,
+        "pools.x.backends[1].id",
+        4,
+        None,
+        "duplicate backend id \"a\"",
+    );
+}
+
+#[test]
+fn explicit_id_colliding_with_an_address() {
+    let text = "[pools.x]\nbackends = [\n  \"127.0.0.1:9001\",\n  { address = \"127.0.0.1:9002\", id = \"127.0.0.1:9001\" },\n]\n";
+    assert_err(
+        text,
+        "pools.x.backends[1].id",
+        4,
+        None,
+        "duplicate backend id \"127.0.0.1:9001\"",
+    );
+}
+
+#[test]
+fn same_address_in_two_pools_is_fine() {
+    let c = ok("[pools.a]\nbackends = [\"127.0.0.1:9001\"]\n[pools.b]\nbackends = [\"127.0.0.1:9001\"]\n[[routes]]\npool = \"a\"\n");
+    assert_eq!(c.pools.len(), 2);
+}
+
+#[test]
+fn route_naming_a_missing_pool() {
+    let text = format!("{WEB}[[routes]]\npool = \"nope\"\n");
+    assert_err(
+        &text,
+        "routes[0].pool",
+        4,
+        Some(8),
+        "no pool named \"nope\"",
+    );
+}
+
+#[test]
+fn empty_backends() {
+    let text = "[pools.x]\npolicy = \"round_robin\"\nbackends = []\n";
+    assert_err(
+        text,
+        "pools.x.backends",
+        3,
+        Some(12),
+        "at least one backend",
+    );
+}
+
+#[test]
+fn pool_without_backends_key() {
+    // Key path should be `pools.x`: see serde_error_key_paths_are_clean.
+    let e = err("[pools.x]\npolicy = \"round_robin\"\n");
+    assert_located(&e, 1, None, "missing field `backends`");
+}
+
+#[test]
+fn no_pools() {
+    // A rule about the whole file: it points at the start.
+    assert_err(
+        "[server]\nlisten = [\"127.0.0.1:8080\"]\n",
+        "pools",
+        1,
+        Some(1),
+        "at least one pool is required",
+    );
+    assert_err("", "pools", 1, Some(1), "at least one pool is required");
+}
+
+#[test]
+fn several_pools_and_no_routes() {
+    let text =
+        "[pools.a]\nbackends = [\"127.0.0.1:9001\"]\n[pools.b]\nbackends = [\"127.0.0.1:9002\"]\n";
+    assert_err(
+        text,
+        "routes",
+        1,
+        Some(1),
+        "with more than one pool, [[routes]] must say",
+    );
+}
+
+#[test]
+fn invalid_pool_name() {
+    let text = "[pools.\"a b\"]\nbackends = [\"127.0.0.1:9001\"]\n";
+    assert_err(
+        text,
+        "pools.a b",
+        1,
+        None,
+        "pool names use only letters, digits",
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Durations
+
+#[test]
+fn duration_with_unknown_unit() {
+    let text = format!("{WEB}connect_timeout = \"10 parsecs\"\n");
+    assert_err(
+        &text,
+        "pools.web.connect_timeout",
+        3,
+        Some(19),
+        "invalid duration \"10 parsecs\"",
+    );
+}
+
+#[test]
+fn empty_duration() {
+    let text = format!("{WEB}response_timeout = \"\"\nretries = 1\n");
+    assert_err(
+        &text,
+        "pools.web.response_timeout",
+        3,
+        Some(20),
+        "invalid duration \"\"",
+    );
+}
+
+#[test]
+fn zero_duration() {
+    let text = format!("[server]\nworkers = 1\nshutdown_grace = \"0s\"\n{WEB}");
+    assert_err(
+        &text,
+        "server.shutdown_grace",
+        3,
+        Some(18),
+        "must be greater than zero",
+    );
+}
+
+#[test]
+fn bad_duration_in_limits() {
+    let text = format!("[server.limits]\nidle_timeout = \"60\"\n{WEB}");
+    assert_err(
+        &text,
+        "server.limits.idle_timeout",
+        2,
+        Some(16),
+        "invalid duration \"60\"",
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Addresses
+
+#[test]
+fn bad_listen_address() {
+    let text = format!("[server]\nlisten = [\"127.0.0.1:8080\", \"localhost:80\"]\n{WEB}");
+    assert_err(
+        &text,
+        "server.listen[1]",
+        2,
+        Some(29),
+        "invalid listen address \"localhost:80\"",
+    );
+}
+
+#[test]
+fn listen_address_twice() {
+    let text = format!("[server]\nlisten = [\"127.0.0.1:8080\", \"127.0.0.1:8080\"]\n{WEB}");
+    assert_err(&text, "server.listen[1]", 2, Some(29), "listed twice");
+}
+
+#[test]
+fn empty_listen_list() {
+    let text = format!("[server]\nlisten = []\n{WEB}");
+    assert_err(
+        &text,
+        "server.listen",
+        2,
+        Some(10),
+        "at least one listen address",
+    );
+}
+
+/// A pool whose second backend, alone on line 4 at column 3, is `backend`.
+fn second_backend(backend: &str) -> String {
+    format!("[pools.x]\nbackends = [\n  \"127.0.0.1:9001\",\n  {backend},\n]\n")
+}
+
+#[track_caller]
+fn assert_bad_backend_address(address: &str) {
+    let text = second_backend(&format!("\"{address}\""));
+    let fragment = format!("invalid backend address \"{address}\"");
+    assert_err(&text, "pools.x.backends[1].address", 4, Some(3), &fragment);
+}
+
+#[test]
+fn backend_address_without_port() {
+    assert_bad_backend_address("localhost");
+}
+
+#[test]
+fn backend_address_port_out_of_range() {
+    assert_bad_backend_address("1.2.3.4:99999");
+}
+
+#[test]
+fn backend_ipv6_without_brackets() {
+    assert_bad_backend_address("::1");
+    assert_bad_backend_address("::1:80");
+}
+
+#[test]
+fn backend_address_with_space() {
+    assert_bad_backend_address("a b:80");
+}
+
+#[test]
+fn backend_address_port_zero() {
+    assert_bad_backend_address("127.0.0.1:0");
+}
+
+#[test]
+fn backend_address_in_table() {
+    let text = second_backend("{ address = \"a b:80\", weight = 2 }");
+    assert_err(
+        &text,
+        "pools.x.backends[1].address",
+        4,
+        None,
+        "invalid backend address \"a b:80\"",
+    );
+}
+
+#[test]
+fn admin_listen_equal_to_server_listen() {
+    let text = format!("[server]\nlisten = [\"127.0.0.1:8081\", \"127.0.0.1:8080\"]\n[admin]\nlisten = \"127.0.0.1:8080\"\n{WEB}");
+    assert_err(
+        &text,
+        "admin.listen",
+        4,
+        Some(10),
+        "must differ from every server.listen",
+    );
+}
+
+#[test]
+fn admin_listen_equal_to_default_listen() {
+    let text = format!("[admin]\nlisten = \"127.0.0.1:8080\"\n{WEB}");
+    assert_err(
+        &text,
+        "admin.listen",
+        2,
+        Some(10),
+        "must differ from every server.listen",
+    );
+}
+
+#[test]
+fn bad_admin_listen() {
+    let text = format!("[admin]\nlisten = \"localhost:9090\"\n{WEB}");
+    assert_err(&text, "admin.listen", 2, Some(10), "invalid listen address");
+}
+
+// ---------------------------------------------------------------------------------------
+// Weights
+
+#[test]
+fn weight_zero() {
+    // Line is right; the column is the backend table's, not the weight's: see
+    // backend_field_errors_point_at_the_field.
+    let text = second_backend("{ address = \"127.0.0.1:9002\", weight = 0 }");
+    assert_err(
+        &text,
+        "pools.x.backends[1].weight",
+        4,
+        None,
+        "weight 0 is not allowed",
+    );
+}
+
+#[test]
+fn weight_above_1000() {
+    let text = second_backend("{ address = \"127.0.0.1:9002\", weight = 1001 }");
+    assert_err(
+        &text,
+        "pools.x.backends[1].weight",
+        4,
+        None,
+        "weight 1001 is out of range; expected 1 to 1000",
+    );
+}
+
+#[test]
+fn empty_backend_id() {
+    let text = second_backend("{ address = \"127.0.0.1:9002\", id = \" \" }");
+    assert_err(
+        &text,
+        "pools.x.backends[1].id",
+        4,
+        None,
+        "must not be empty",
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Enumerations and features of later versions
+
+#[test]
+fn unknown_policy() {
+    let text = format!("{WEB}policy = \"random\"\nretries = 1\n");
+    assert_err(
+        &text,
+        "pools.web.policy",
+        3,
+        Some(10),
+        "unknown policy \"random\"",
+    );
+}
+
+#[test]
+fn sticky_cookie_policy_not_available() {
+    let text = format!("{WEB}policy = \"sticky_cookie\"\nretries = 1\n");
+    assert_err(
+        &text,
+        "pools.web.policy",
+        3,
+        Some(10),
+        "not available in this version",
+    );
+}
+
+#[test]
+fn server_tls_not_available() {
+    let text = format!("{WEB}[[server.tls]]\nlisten = \"127.0.0.1:8443\"\n");
+    assert_err(
+        &text,
+        "server.tls",
+        3,
+        Some(1),
+        "TLS listeners are not available in this version",
+    );
+}
+
+#[test]
+fn health_checks_not_available() {
+    let text = format!("{WEB}[pools.web.health]\npath = \"/healthz\"\n");
+    assert_err(
+        &text,
+        "pools.web.health",
+        3,
+        Some(1),
+        "not available in this version",
+    );
+}
+
+#[test]
+fn sticky_table_not_available() {
+    let text = format!("{WEB}[pools.web.sticky]\ncookie = \"SWITCHYARD\"\n");
+    assert_err(
+        &text,
+        "pools.web.sticky",
+        3,
+        Some(1),
+        "not available in this version",
+    );
+}
+
+#[test]
+fn hash_key_not_available() {
+    let text = format!("{WEB}hash_key = [\"client_ip\"]\n");
+    assert_err(
+        &text,
+        "pools.web.hash_key",
+        3,
+        Some(12),
+        "not available in this version",
+    );
+}
+
+#[test]
+fn unknown_access_log() {
+    let text = format!("[server]\nworkers = 1\naccess_log = \"verbose\"\n{WEB}");
+    assert_err(
+        &text,
+        "server.access_log",
+        3,
+        Some(14),
+        "unknown value \"verbose\"",
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Ranges
+
+#[test]
+fn max_header_bytes_below_8192() {
+    let text = format!("[server.limits]\nmax_connections = 5\nmax_header_bytes = 4096\n{WEB}");
+    assert_err(
+        &text,
+        "server.limits.max_header_bytes",
+        3,
+        Some(20),
+        "4096 is out of range; expected 8192",
+    );
+}
+
+#[test]
+fn retries_out_of_range() {
+    let text = format!("{WEB}retries = 11\n");
+    assert_err(
+        &text,
+        "pools.web.retries",
+        3,
+        Some(11),
+        "11 is out of range; expected 0 to 10",
+    );
+}
+
+#[test]
+fn negative_workers() {
+    let text = format!("[server]\nworkers = -1\n{WEB}");
+    assert_err(&text, "server.workers", 2, Some(11), "-1 is out of range");
+}
+
+#[test]
+fn zero_max_connections() {
+    let text = format!("[server.limits]\nmax_connections = 0\n{WEB}");
+    assert_err(
+        &text,
+        "server.limits.max_connections",
+        2,
+        Some(19),
+        "0 is out of range",
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Route hosts and paths
+
+#[test]
+fn route_host_with_port() {
+    let text = format!("{WEB}[[routes]]\nhost = \"shop.example.com:8080\"\npool = \"web\"\n");
+    assert_err(
+        &text,
+        "routes[0].host",
+        4,
+        Some(8),
+        "invalid host \"shop.example.com:8080\"",
+    );
+}
+
+#[test]
+fn route_host_with_empty_label() {
+    let text = format!("{WEB}[[routes]]\nhost = \"a..b\"\npool = \"web\"\n");
+    assert_err(&text, "routes[0].host", 4, Some(8), "invalid host \"a..b\"");
+}
+
+#[test]
+fn path_prefix_without_leading_slash() {
+    let text = format!(
+        "{WEB}[[routes]]\npool = \"web\"\n[[routes]]\npath_prefix = \"api\"\npool = \"web\"\n"
+    );
+    assert_err(
+        &text,
+        "routes[1].path_prefix",
+        6,
+        Some(15),
+        "invalid path prefix \"api\"",
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Known gaps, kept as the assertions that should hold. Run with `-- --ignored`.
+
+/// serde-level errors (unknown keys, wrong types, missing keys) below a `Spanned` value
+/// carry serde_spanned's private field name in the key path, and pool names show as `?`
+/// because the `pools` map is keyed by `Spanned<String>`.
+#[test]
+#[ignore = "key paths of serde-level errors contain `$__serde_spanned_private_value` and `?`"]
+fn serde_error_key_paths_are_clean() {
+    let cases = [
+        ("[pools.x]\nbackends = [\"127.0.0.1:9001\"]\nretry = 1\n", "pools.x.retry"),
+        ("[pools.x]\nbackends = [\"127.0.0.1:9001\"]\nretries = \"two\"\n", "pools.x.retries"),
+        ("[pools.x]\npolicy = \"round_robin\"\n", "pools.x"),
+        (
+            "[pools.x]\nbackends = [\n  \"127.0.0.1:9001\",\n  { address = \"127.0.0.1:9002\", wieght = 2 },\n]\n",
+            "pools.x.backends[1].wieght",
+        ),
+        ("[pools.x]\nbackends = [\n  { weight = 2 },\n]\n", "pools.x.backends[0]"),
+        ("[pools.x]\nbackends = [\"127.0.0.1:9001\"]\n[[routes]]\npool = \"x\"\nprefix = \"/\"\n", "routes[0].prefix"),
+        ("[pools.x]\nbackends = [\"127.0.0.1:9001\"]\n[[routes]]\nhost = \"a\"\n", "routes[0]"),
+        ("[server]\nlisten = \"127.0.0.1:8080\"\n[pools.x]\nbackends = [\"127.0.0.1:9001\"]\n", "server.listen"),
+        ("[server]\nworkers = 1.5\n[pools.x]\nbackends = [\"127.0.0.1:9001\"]\n", "server.workers"),
+    ];
+    let mut wrong = Vec::new();
+    for (text, key) in cases {
+        let e = err(text);
+        if e.key != key {
+            wrong.push(format!("expected key {key:?}, got: {e}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+/// Validation errors about a backend's address, weight or id point at the start of the
+/// backend's entry, not at the field: wrong column for inline tables, wrong line for
+/// multi-line inline tables and for `[[pools.x.backends]]` tables.
+#[test]
+#[ignore = "backend address/weight/id errors point at the backend entry, not the field"]
+fn backend_field_errors_point_at_the_field() {
+    let inline = second_backend("{ address = \"127.0.0.1:9002\", weight = 0 }");
+    let e = err(&inline);
+    assert_eq!((e.line, e.column), (4, 42), "{e}");
+
+    let multi_line =
+        "[pools.x]\nbackends = [\n  { address = \"127.0.0.1:9001\",\n    weight = 0 },\n]\n";
+    let e = err(multi_line);
+    assert_eq!((e.line, e.column), (4, 14), "{e}");
+
+    let tables = "[[pools.x.backends]]\naddress = \"127.0.0.1:9001\"\nweight = 0\n";
+    let e = err(tables);
+    assert_eq!((e.line, e.column), (3, 10), "{e}");
+
+    let tables = "[[pools.x.backends]]\naddress = \"127.0.0.1:9001\"\n[[pools.x.backends]]\naddress = \"127.0.0.1:9002\"\nid = \"127.0.0.1:9001\"\n";
+    let e = err(tables);
+    assert_eq!((e.line, e.column), (5, 6), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Accepted configurations
+
+#[test]
+fn defaults() {
+    let c = ok("[pools.web]\nbackends = [\"127.0.0.1:9001\"]\n");
+    let s = &c.server;
+    assert_eq!(s.listen, vec![SocketAddr::from(([127, 0, 0, 1], 8080))]);
+    assert_eq!(s.workers, 0);
+    assert_eq!(s.shutdown_grace, Duration::from_secs(30));
+    assert_eq!(s.access_log, AccessLog::Off);
+    assert_eq!(s.limits.max_connections, 10_000);
+    assert_eq!(s.limits.header_read_timeout, Duration::from_secs(10));
+    assert_eq!(s.limits.idle_timeout, Duration::from_secs(60));
+    assert_eq!(s.limits.max_header_bytes, 65_536);
+    assert!(c.admin.is_none());
+    assert_eq!(c.pools.len(), 1);
+    let p = &c.pools[0];
+    assert_eq!(p.name, "web");
+    assert_eq!(p.policy, Policy::RoundRobin);
+    assert_eq!(p.connect_timeout, Duration::from_secs(2));
+    assert_eq!(p.response_timeout, Duration::from_secs(30));
+    assert_eq!(p.retries, 2);
+    assert_eq!(p.upstream_idle_timeout, Duration::from_secs(60));
+    assert_eq!(p.max_idle_per_backend, 256);
+    assert_eq!(p.backends.len(), 1);
+    assert_eq!(p.backends[0].weight, 1);
+    assert!(c.source.is_none());
+}
+
+#[test]
+fn every_key_set() {
+    let text = r#"
+[server]
+listen = ["127.0.0.1:8080", "[::1]:8080"]
+workers = 4
+shutdown_grace = "5s"
+access_log = "json"
+
+[server.limits]
+max_connections = 100
+header_read_timeout = "250ms"
+idle_timeout = "2m"
+max_header_bytes = 8192
+
+[admin]
+listen = "127.0.0.1:9090"
+
+[[routes]]
+host = "Shop.Example.com"
+path_prefix = "/cart"
+pool = "web"
+
+[pools.web]
+policy = "least_request"
+backends = ["127.0.0.1:9001"]
+connect_timeout = "1s"
+response_timeout = "1h"
+retries = 0
+upstream_idle_timeout = "90s"
+max_idle_per_backend = 0
+"#;
+    let c = ok(text);
+    let s = &c.server;
+    assert_eq!(
+        s.listen,
+        vec![
+            "127.0.0.1:8080".parse::<SocketAddr>().unwrap(),
+            "[::1]:8080".parse().unwrap()
+        ]
+    );
+    assert_eq!(s.workers, 4);
+    assert_eq!(s.shutdown_grace, Duration::from_secs(5));
+    assert_eq!(s.access_log, AccessLog::Json);
+    assert_eq!(s.limits.max_connections, 100);
+    assert_eq!(s.limits.header_read_timeout, Duration::from_millis(250));
+    assert_eq!(s.limits.idle_timeout, Duration::from_secs(120));
+    assert_eq!(s.limits.max_header_bytes, 8192);
+    assert_eq!(
+        c.admin.as_ref().map(|a| a.listen),
+        Some("127.0.0.1:9090".parse().unwrap())
+    );
+    assert_eq!(c.routes.len(), 1);
+    assert_eq!(
+        c.routes[0].host,
+        HostMatch::Exact("shop.example.com".into())
+    );
+    assert_eq!(c.routes[0].path_prefix, "/cart");
+    assert_eq!(c.routes[0].pool, "web");
+    let p = &c.pools[0];
+    assert_eq!(p.policy, Policy::LeastRequest);
+    assert_eq!(p.connect_timeout, Duration::from_secs(1));
+    assert_eq!(p.response_timeout, Duration::from_secs(3600));
+    assert_eq!(p.retries, 0);
+    assert_eq!(p.upstream_idle_timeout, Duration::from_secs(90));
+    assert_eq!(p.max_idle_per_backend, 0);
+}
+
+#[test]
+fn one_pool_and_no_routes_makes_a_catch_all_route() {
+    let c = ok("[pools.only]\nbackends = [\"127.0.0.1:9001\", \"127.0.0.1:9002\"]\n");
+    assert_eq!(c.routes.len(), 1);
+    let r = &c.routes[0];
+    assert_eq!(r.host, HostMatch::Any);
+    assert_eq!(r.path_prefix, "/");
+    assert_eq!(r.pool, "only");
+}
+
+#[test]
+fn backend_ids_default_to_the_address_and_explicit_ids_are_used() {
+    let c = ok(r#"
+[pools.x]
+backends = [
+    "127.0.0.1:9001",
+    { address = "127.0.0.1:9002" },
+    { address = "127.0.0.1:9003", id = "third" },
+]
+"#);
+    let ids: Vec<&str> = c.pools[0].backends.iter().map(|b| b.id.as_str()).collect();
+    assert_eq!(ids, ["127.0.0.1:9001", "127.0.0.1:9002", "third"]);
+    assert_eq!(
+        c.pools[0].backends[2].address,
+        BackendAddr::Ip("127.0.0.1:9003".parse().unwrap())
+    );
+}
+
+#[test]
+fn weights() {
+    let c = ok(r#"
+[pools.x]
+backends = [
+    "127.0.0.1:9001",
+    { address = "127.0.0.1:9002", weight = 1 },
+    { address = "127.0.0.1:9003", weight = 3 },
+    { address = "127.0.0.1:9004", weight = 1000 },
+]
+"#);
+    let weights: Vec<u32> = c.pools[0].backends.iter().map(|b| b.weight).collect();
+    assert_eq!(weights, [1, 1, 3, 1000]);
+}
+
+#[test]
+fn backend_host_names_are_accepted() {
+    let c = ok(r#"
+[pools.x]
+backends = ["app-1:8080", "db.internal.example:5432", "[::1]:9001"]
+"#);
+    let b = &c.pools[0].backends;
+    assert_eq!(
+        b[0].address,
+        BackendAddr::Name {
+            host: "app-1".into(),
+            port: 8080
+        }
+    );
+    assert_eq!(b[0].id, "app-1:8080");
+    assert_eq!(b[0].address.to_string(), "app-1:8080");
+    assert_eq!(
+        b[1].address,
+        BackendAddr::Name {
+            host: "db.internal.example".into(),
+            port: 5432
+        }
+    );
+    assert_eq!(b[2].address, BackendAddr::Ip("[::1]:9001".parse().unwrap()));
+}
+
+#[test]
+fn route_hosts() {
+    let c = ok(r#"
+[pools.web]
+backends = ["127.0.0.1:9001"]
+
+[[routes]]
+host = "*.example.com"
+pool = "web"
+
+[[routes]]
+host = "*"
+path_prefix = "/api"
+pool = "web"
+
+[[routes]]
+pool = "web"
+"#);
+    let hosts: Vec<&HostMatch> = c.routes.iter().map(|r| &r.host).collect();
+    assert_eq!(
+        hosts,
+        [
+            &HostMatch::Suffix(".example.com".into()),
+            &HostMatch::Any,
+            &HostMatch::Any
+        ]
+    );
+    let prefixes: Vec<&str> = c.routes.iter().map(|r| r.path_prefix.as_str()).collect();
+    assert_eq!(prefixes, ["/", "/api", "/"]);
+}
+
+#[test]
+fn content_hash_follows_the_text() {
+    let a = ok(WEB);
+    let b = ok(WEB);
+    let c = ok(&format!("{WEB}retries = 2\n"));
+    assert_eq!(a.content_hash, b.content_hash);
+    assert_ne!(a.content_hash, c.content_hash);
+}
+
+// ---------------------------------------------------------------------------------------
+// The example files
+
+fn example_files() -> Vec<std::path::PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
+        .map(|entry| entry.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn every_example_file_is_valid() {
+    let files = example_files();
+    assert!(
+        files.len() >= 2,
+        "expected at least 2 example files, found {files:?}"
+    );
+    for path in &files {
+        match load(path) {
+            Ok(c) => assert_eq!(c.source.as_deref(), Some(path.as_path())),
+            Err(e) => panic!("{} is invalid: {e}", path.display()),
+        }
+    }
+}
+
+#[test]
+fn the_documented_example_says_what_it_shows() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/switchyard.toml");
+    let c = load(&path).unwrap();
+    assert_eq!(
+        c.server.listen,
+        vec!["127.0.0.1:8080".parse::<SocketAddr>().unwrap()]
+    );
+    assert_eq!(
+        c.admin.map(|a| a.listen),
+        Some("127.0.0.1:9090".parse().unwrap())
+    );
+    let pools: Vec<(&str, Policy)> = c
+        .pools
+        .iter()
+        .map(|p| (p.name.as_str(), p.policy))
+        .collect();
+    assert_eq!(
+        pools,
+        [("api", Policy::LeastRequest), ("web", Policy::RoundRobin)]
+    );
+    assert!(
+        c.routes
+            .iter()
+            .any(|r| matches!(r.host, HostMatch::Exact(_))),
+        "routes by host"
+    );
+    assert!(
+        c.routes.iter().any(|r| r.path_prefix != "/"),
+        "routes by path"
+    );
+    assert!(
+        c.routes
+            .iter()
+            .any(|r| r.host == HostMatch::Any && r.path_prefix == "/"),
+        "a catch-all route"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// The command line
+
+fn switchyard() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    cmd.env_remove("SWITCHYARD_CONFIG").env("RUST_LOG", "off");
+    cmd
+}
+
+#[test]
+fn check_accepts_a_valid_file() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/minimal.toml");
+    let out = switchyard()
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("valid"), "stdout: {stdout}");
+}
+
+#[test]
+fn check_rejects_an_invalid_file_with_its_location() {
+    use std::io::Write;
+    let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    write!(
+        file,
+        "[pools.web]\nbackends = [\"127.0.0.1:9001\"]\nretries = 1\npolicy = \"fastest\"\n"
+    )
+    .unwrap();
+    file.flush().unwrap();
+    let out = switchyard()
+        .arg("check")
+        .arg("--config")
+        .arg(file.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    let location = format!("{}:4:10:", file.path().display());
+    assert!(
+        stderr.contains(&location),
+        "stderr: {stderr}\nexpected: {location}"
+    );
+    assert!(stderr.contains("pools.web.policy"), "stderr: {stderr}");
+    assert!(
+        stderr.contains("unknown policy \"fastest\""),
+        "stderr: {stderr}"
+    );
+}
+
+#[test]
+fn check_rejects_a_missing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("absent.toml");
+    let out = switchyard()
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(
+        stderr.contains(&path.display().to_string()),
+        "stderr: {stderr}"
+    );
+}
+
+#[test]
+fn check_reads_the_config_from_the_environment() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/switchyard.toml");
+    let out = switchyard()
+        .arg("check")
+        .env("SWITCHYARD_CONFIG", &path)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn version() {
+    let out = switchyard().arg("--version").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(env!("CARGO_PKG_VERSION")),
+        "stdout: {stdout}"
+    );
+}
