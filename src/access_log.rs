@@ -63,11 +63,19 @@ impl AccessRecord {
         self.upstream_seconds = Some(elapsed.as_secs_f64());
     }
 
-    /// Writes the line.
+    /// Writes the line to standard output.
     pub fn emit(mut self) {
         self.total_seconds = self.start.elapsed().as_secs_f64();
-        let line = match self.format {
-            AccessLog::Off => return,
+        if let Some(line) = self.line() {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{line}");
+        }
+    }
+
+    /// The line in the configured format.
+    pub fn line(&self) -> Option<String> {
+        Some(match self.format {
+            AccessLog::Off => return None,
             AccessLog::Json => serde_json::to_string(&self).unwrap_or_default(),
             AccessLog::Text => format!(
                 "{} {} {} pool={} backend={} upstream={} total={:.6} bytes={} id={}",
@@ -82,8 +90,58 @@ impl AccessRecord {
                 self.bytes,
                 self.request_id,
             ),
-        };
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{line}");
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(format: AccessLog) -> Option<Box<AccessRecord>> {
+        let id = HeaderValue::from_static("rid-1");
+        let mut r = AccessRecord::new(
+            format,
+            Instant::now(),
+            &http::Method::POST,
+            "/cart/1",
+            Some(&id),
+        )?;
+        r.status = 201;
+        r.pool = Some("carts".into());
+        r.backend = Some("cart-2".into());
+        r.set_upstream(Duration::from_millis(1500));
+        r.bytes = 42;
+        Some(r)
+    }
+
+    #[test]
+    fn off_records_nothing() {
+        assert!(record(AccessLog::Off).is_none());
+    }
+
+    #[test]
+    fn text_line_has_every_field() {
+        let line = record(AccessLog::Text).unwrap().line().unwrap();
+        assert!(
+            line.starts_with("POST /cart/1 201 pool=carts backend=cart-2 upstream=1.500000 total="),
+            "{line}"
+        );
+        assert!(line.ends_with(" bytes=42 id=rid-1"), "{line}");
+    }
+
+    #[test]
+    fn json_line_parses() {
+        let line = record(AccessLog::Json).unwrap().line().unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["method"], "POST");
+        assert_eq!(v["path"], "/cart/1");
+        assert_eq!(v["status"], 201);
+        assert_eq!(v["pool"], "carts");
+        assert_eq!(v["backend"], "cart-2");
+        assert_eq!(v["upstream_seconds"], 1.5);
+        assert_eq!(v["bytes"], 42);
+        assert_eq!(v["request_id"], "rid-1");
+        assert!(v["total_seconds"].is_number());
     }
 }
