@@ -31,7 +31,13 @@ async fn binary_serves_and_exits_cleanly_on_sigterm() {
     .await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("switchyard.toml");
-    std::fs::write(&path, format!("[server]\nlisten = [\"127.0.0.1:0\"]\nworkers = 1\n[pools.p]\nbackends = [\"{a}\"]\n")).unwrap();
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nworkers = 1\n[pools.p]\nbackends = [\"{a}\"]\n"
+        ),
+    )
+    .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .arg("--config")
         .arg(&path)
@@ -49,13 +55,21 @@ async fn binary_serves_and_exits_cleanly_on_sigterm() {
         }
     });
     let wait_for = |needle: &str| loop {
-        let line = log_rx.recv_timeout(Duration::from_secs(30)).expect("log line");
+        let line = log_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("log line");
         if line.contains(needle) {
             return line;
         }
     };
     let line = wait_for("serving");
-    let addr: std::net::SocketAddr = line.split("listen=").nth(1).unwrap().trim().parse().unwrap();
+    let addr: std::net::SocketAddr = line
+        .split("listen=")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
 
     let got = fetch(addr, get("/")).await;
     assert_eq!(got.status, 200);
@@ -63,13 +77,20 @@ async fn binary_serves_and_exits_cleanly_on_sigterm() {
 
     let slow = tokio::spawn(async move { fetch(addr, get("/hold")).await });
     held_rx.recv().await.unwrap();
-    let kill = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    let kill = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
     assert!(kill.success());
     // Shutdown has begun while the held request is still in flight.
     wait_for("shutting down");
     release.notify_waiters();
     let got = slow.await.unwrap();
     assert_eq!(got.status, 200);
-    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(status.success(), "exit status {status:?}");
 }

@@ -37,8 +37,8 @@ fn assert_err(text: &str, key: &str, line: usize, column: Option<usize>, fragmen
     assert_located(&e, line, column, fragment);
 }
 
-/// As [`assert_err`] without the key path: for the serde-level errors whose key path is
-/// not yet clean (see `serde_error_key_paths_are_clean`, ignored until fixed).
+/// As [`assert_err`] without the key path (key paths of parse-level errors are checked
+/// in `serde_error_key_paths_are_clean`).
 #[track_caller]
 fn assert_located(e: &ConfigError, line: usize, column: Option<usize>, fragment: &str) {
     assert_eq!(e.line, line, "line of: {e}");
@@ -637,13 +637,11 @@ fn path_prefix_without_leading_slash() {
 }
 
 // ---------------------------------------------------------------------------------------
-// Known gaps, kept as the assertions that should hold. Run with `-- --ignored`.
+// Key paths and positions of parse-level and backend-field errors.
 
-/// serde-level errors (unknown keys, wrong types, missing keys) below a `Spanned` value
-/// carry serde_spanned's private field name in the key path, and pool names show as `?`
-/// because the `pools` map is keyed by `Spanned<String>`.
+/// Parse-level errors (unknown keys, wrong types, missing keys) name the plain key path,
+/// with no serde internals in it, and the pool by its name.
 #[test]
-#[ignore = "key paths of serde-level errors contain `$__serde_spanned_private_value` and `?`"]
 fn serde_error_key_paths_are_clean() {
     let cases = [
         ("[pools.x]\nbackends = [\"127.0.0.1:9001\"]\nretry = 1\n", "pools.x.retry"),
@@ -669,11 +667,9 @@ fn serde_error_key_paths_are_clean() {
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 
-/// Validation errors about a backend's address, weight or id point at the start of the
-/// backend's entry, not at the field: wrong column for inline tables, wrong line for
-/// multi-line inline tables and for `[[pools.x.backends]]` tables.
+/// Validation errors about a backend's address, weight or id point at the field itself,
+/// in inline tables, multi-line inline tables and `[[pools.x.backends]]` tables.
 #[test]
-#[ignore = "backend address/weight/id errors point at the backend entry, not the field"]
 fn backend_field_errors_point_at_the_field() {
     let inline = second_backend("{ address = \"127.0.0.1:9002\", weight = 0 }");
     let e = err(&inline);

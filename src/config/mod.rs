@@ -181,11 +181,34 @@ fn parse_raw(text: &str, file: &str) -> Result<raw::RawConfig, ConfigError> {
         Ok(de) => de,
         Err(e) => return Err(toml_error(&e, String::new(), text, file)),
     };
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let key = e.path().to_string();
-        let key = if key == "." { String::new() } else { key };
-        toml_error(e.inner(), key, text, file)
-    })
+    serde_path_to_error::deserialize(de)
+        .map_err(|e| toml_error(e.inner(), key_path(e.path()), text, file))
+}
+
+/// serde_spanned's private field around every `Spanned` value: not a key of the file.
+const SPANNED_VALUE: &str = "$__serde_spanned_private_value";
+
+/// The dotted key path of a serde error, e.g. `pools.web.backends[1].weight`.
+fn key_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for segment in path {
+        let name = match segment {
+            Segment::Map { key } if key == SPANNED_VALUE => continue,
+            Segment::Seq { index } => {
+                out.push_str(&format!("[{index}]"));
+                continue;
+            }
+            Segment::Map { key } => key.as_str(),
+            Segment::Enum { variant } => variant.as_str(),
+            Segment::Unknown => "?",
+        };
+        if !out.is_empty() {
+            out.push('.');
+        }
+        out.push_str(name);
+    }
+    out
 }
 
 fn toml_error(e: &toml::de::Error, key: String, text: &str, file: &str) -> ConfigError {

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::ops::Range;
 
 use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
@@ -20,7 +21,7 @@ pub struct RawConfig {
     #[serde(default)]
     pub routes: Vec<Spanned<RawRoute>>,
     #[serde(default)]
-    pub pools: BTreeMap<Spanned<String>, Spanned<RawPool>>,
+    pub pools: BTreeMap<String, Spanned<RawPool>>,
 }
 
 /// `[server]`.
@@ -87,16 +88,19 @@ pub struct RawPool {
 #[derive(Debug)]
 pub struct RawBackend {
     pub address: String,
-    pub weight: Option<i64>,
-    pub id: Option<String>,
+    /// Where the address is written when the backend is a table; for the string form
+    /// the entry's own span (of the `Spanned<RawBackend>`) is the address's.
+    pub address_span: Option<Range<usize>>,
+    pub weight: Option<Spanned<i64>>,
+    pub id: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawBackendTable {
-    address: String,
-    weight: Option<i64>,
-    id: Option<String>,
+    address: Spanned<String>,
+    weight: Option<Spanned<i64>>,
+    id: Option<Spanned<String>>,
 }
 
 impl<'de> Deserialize<'de> for RawBackend {
@@ -110,6 +114,7 @@ impl<'de> Deserialize<'de> for RawBackend {
             fn visit_str<E: de::Error>(self, v: &str) -> Result<RawBackend, E> {
                 Ok(RawBackend {
                     address: v.to_owned(),
+                    address_span: None,
                     weight: None,
                     id: None,
                 })
@@ -117,7 +122,8 @@ impl<'de> Deserialize<'de> for RawBackend {
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawBackend, A::Error> {
                 let t = RawBackendTable::deserialize(de::value::MapAccessDeserializer::new(map))?;
                 Ok(RawBackend {
-                    address: t.address,
+                    address_span: Some(t.address.span()),
+                    address: t.address.into_inner(),
                     weight: t.weight,
                     id: t.id,
                 })

@@ -221,12 +221,7 @@ fn server(cx: &Ctx, raw: &RawConfig) -> Result<ServerConfig, ConfigError> {
     })
 }
 
-fn pool(
-    cx: &Ctx,
-    name: &Spanned<String>,
-    raw: &Spanned<RawPool>,
-) -> Result<PoolConfig, ConfigError> {
-    let n = name.get_ref();
+fn pool(cx: &Ctx, n: &str, raw: &Spanned<RawPool>) -> Result<PoolConfig, ConfigError> {
     let key = |k: &str| format!("pools.{n}.{k}");
     if n.is_empty()
         || !n
@@ -234,7 +229,7 @@ fn pool(
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
     {
         return Err(cx.err(
-            Some(name.span()),
+            Some(raw.span()),
             format!("pools.{n}"),
             "pool names use only letters, digits, '_' and '-'",
         ));
@@ -285,35 +280,41 @@ fn pool(
     let mut ids = HashSet::new();
     for (i, b) in list.get_ref().iter().enumerate() {
         let bkey = format!("pools.{n}.backends[{i}]");
-        let span = Some(b.span());
         let rb = b.get_ref();
+        let address_span = Some(rb.address_span.clone().unwrap_or_else(|| b.span()));
         let address = backend_addr(&rb.address)
-            .map_err(|m| cx.err(span.clone(), format!("{bkey}.address"), m))?;
-        let weight = match rb.weight {
+            .map_err(|m| cx.err(address_span.clone(), format!("{bkey}.address"), m))?;
+        let weight = match &rb.weight {
             None => 1,
-            Some(w) if (1..=MAX_WEIGHT).contains(&w) => w as u32,
-            Some(0) => return Err(cx.err(
-                span,
-                format!("{bkey}.weight"),
-                "weight 0 is not allowed: weights are 1 to 1000; to take a backend out, remove it",
-            )),
-            Some(w) => {
-                return Err(cx.err(
-                    span,
+            Some(w) => match *w.get_ref() {
+                n @ 1..=MAX_WEIGHT => n as u32,
+                0 => return Err(cx.err(
+                    Some(w.span()),
                     format!("{bkey}.weight"),
-                    format!("weight {w} is out of range; expected 1 to {MAX_WEIGHT}"),
+                    "weight 0 is not allowed: weights are 1 to 1000; to take a backend out, remove it",
+                )),
+                n => {
+                    return Err(cx.err(
+                        Some(w.span()),
+                        format!("{bkey}.weight"),
+                        format!("weight {n} is out of range; expected 1 to {MAX_WEIGHT}"),
+                    ))
+                }
+            },
+        };
+        let (id, id_span) = match &rb.id {
+            Some(id) if id.get_ref().trim().is_empty() => {
+                return Err(cx.err(
+                    Some(id.span()),
+                    format!("{bkey}.id"),
+                    "a backend id must not be empty",
                 ))
             }
-        };
-        let id = match &rb.id {
-            Some(id) if id.trim().is_empty() => {
-                return Err(cx.err(span, format!("{bkey}.id"), "a backend id must not be empty"))
-            }
-            Some(id) => id.clone(),
-            None => rb.address.trim().to_owned(),
+            Some(id) => (id.get_ref().clone(), Some(id.span())),
+            None => (rb.address.trim().to_owned(), address_span),
         };
         if !ids.insert(id.clone()) {
-            return Err(cx.err(span, format!("{bkey}.id"), format!("duplicate backend id {id:?} in pool {n:?}; give each backend a distinct address or id")));
+            return Err(cx.err(id_span, format!("{bkey}.id"), format!("duplicate backend id {id:?} in pool {n:?}; give each backend a distinct address or id")));
         }
         backends.push(BackendConfig {
             id,
@@ -322,7 +323,7 @@ fn pool(
         });
     }
     Ok(PoolConfig {
-        name: n.clone(),
+        name: n.to_owned(),
         policy,
         backends,
         connect_timeout: cx.duration(
