@@ -2,8 +2,12 @@
 //! backend list. A selector returns a [`Candidates`] order, so the caller can move on
 //! to another backend (connect failure, later health) within a fixed bound.
 
+pub mod consistent_hash;
+pub mod key;
+pub mod learned;
 pub mod least_request;
 pub mod round_robin;
+pub mod sticky_cookie;
 
 use crate::config::Policy;
 use crate::runtime::Member;

@@ -1,0 +1,190 @@
+//! Consistent hashing: weighted rendezvous hashing (Thaler and Ravishankar, "Using
+//! Name-Based Mappings to Increase Hit Rates", 1998; weights by the logarithmic method of
+//! Schindelhauer and Schomaker, "Weighted Distributed Hash Tables", 2005) evaluated once
+//! per slot of a fixed table of 2^18 slots when the snapshot is built.
+//!
+//! A key hashes to a slot; the slot's owner is the backend with the highest score for
+//! that slot. Lookups cost one key hash and one table read. Because each slot's owner is
+//! decided by a rendezvous among backends:
+//!
+//! - removing a backend moves only its own slots, adding one takes slots only for itself:
+//!   a key whose backend survived never moves;
+//! - shares follow weights, and with 2^18 slots the per-backend deviation is a fraction
+//!   of a percent (unlike ketama rings, and unlike Maglev's permutation fill, which moves
+//!   more keys than needed);
+//! - placement depends only on the (id, weight) set, never on list order, and uses fixed
+//!   seeds: two proxies with the same backends agree on every key.
+//!
+//! The next candidates for a key (backend down, draining, or over its bounded load) are
+//! the slot's rendezvous ranking, computed only when needed.
+
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+/// log2 of the number of slots.
+pub const SLOT_BITS: u32 = 18;
+/// Fixed seed for key hashing: placement must not vary between processes.
+const KEY_SEED: u64 = 0x5377_6974_6368_7961; // "Switchya"
+
+/// Hashes a request key.
+pub fn hash_key(key: &[u8]) -> u64 {
+    xxh3_64_with_seed(key, KEY_SEED)
+}
+
+/// The slot table of one pool in one snapshot.
+#[derive(Debug)]
+pub struct HashTable {
+    /// Owner (index into the backend list given to `new`) of each slot.
+    slots: Box<[u16]>,
+    seeds: Vec<u64>,
+    weights: Vec<f64>,
+    equal_weights: bool,
+    /// Ties between equal scores go to the smaller id, independent of list order.
+    ids: Vec<Box<str>>,
+}
+
+fn mix(mut z: u64) -> u64 {
+    // splitmix64's finaliser: a bijection with full avalanche.
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl HashTable {
+    /// Builds the table for backends `ids` with `weights` (same length, at most 65535).
+    pub fn new(ids: &[&str], weights: &[u32]) -> HashTable {
+        assert_eq!(ids.len(), weights.len());
+        assert!(ids.len() <= usize::from(u16::MAX));
+        let seeds: Vec<u64> = ids.iter().map(|id| xxh3_64_with_seed(id.as_bytes(), 0)).collect();
+        let equal_weights = weights.windows(2).all(|w| w[0] == w[1]);
+        let mut t = HashTable {
+            slots: Box::new([]),
+            seeds,
+            weights: weights.iter().map(|&w| f64::from(w)).collect(),
+            equal_weights,
+            ids: ids.iter().map(|&s| Box::from(s)).collect(),
+        };
+        if ids.is_empty() {
+            return t;
+        }
+        let slots: Vec<u16> = (0..1u64 << SLOT_BITS)
+            .map(|slot| {
+                let mut best = 0;
+                for i in 1..ids.len() {
+                    if t.beats(slot, i, best) {
+                        best = i;
+                    }
+                }
+                best as u16
+            })
+            .collect();
+        t.slots = slots.into_boxed_slice();
+        t
+    }
+
+    pub fn len(&self) -> usize {
+        self.seeds.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seeds.is_empty()
+    }
+
+    /// The slot of a key hash (top bits: the table is indifferent to which bits).
+    pub fn slot(key_hash: u64) -> u64 {
+        key_hash >> (64 - SLOT_BITS)
+    }
+
+    /// The backend owning `key_hash`, or `None` for an empty table.
+    pub fn owner(&self, key_hash: u64) -> Option<usize> {
+        self.slots.get(Self::slot(key_hash) as usize).map(|&i| usize::from(i))
+    }
+
+    fn raw(&self, slot: u64, i: usize) -> u64 {
+        mix(self.seeds[i] ^ mix(slot.wrapping_add(0x9e37_79b9_7f4a_7c15)))
+    }
+
+    /// Weighted rendezvous score: w / -ln(u) for u uniform in (0, 1).
+    fn score(&self, slot: u64, i: usize) -> f64 {
+        let u = ((self.raw(slot, i) >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        self.weights[i] / -u.ln()
+    }
+
+    /// Whether backend `a` outranks backend `b` for `slot`.
+    fn beats(&self, slot: u64, a: usize, b: usize) -> bool {
+        if self.equal_weights {
+            let (ra, rb) = (self.raw(slot, a), self.raw(slot, b));
+            return ra > rb || (ra == rb && self.ids[a] < self.ids[b]);
+        }
+        let (sa, sb) = (self.score(slot, a), self.score(slot, b));
+        sa > sb || (sa == sb && self.ids[a] < self.ids[b])
+    }
+
+    /// Every backend, best first, for `key_hash`: the owner, then the backends that
+    /// would own the key if those before them were gone.
+    pub fn ranking(&self, key_hash: u64) -> Vec<usize> {
+        let slot = Self::slot(key_hash);
+        let mut order: Vec<usize> = (0..self.len()).collect();
+        order.sort_by(|&a, &b| {
+            if self.beats(slot, a, b) {
+                std::cmp::Ordering::Less
+            } else if self.beats(slot, b, a) {
+                std::cmp::Ordering::Greater
+            } else {
+                std::cmp::Ordering::Equal
+            }
+        });
+        order
+    }
+}
+
+/// Bounded load (Mirrokni, Thorup and Zadimoghaddam, "Consistent Hashing with Bounded
+/// Loads", SODA 2018): a backend takes a new request only while its in-flight count is
+/// below `ceil(c × (total in flight + 1) / n)`.
+pub fn load_cap(c: f64, total_in_flight: usize, n: usize) -> usize {
+    if n == 0 {
+        return usize::MAX;
+    }
+    ((c * (total_in_flight as f64 + 1.0)) / n as f64).ceil().max(1.0) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranking_starts_with_the_owner_and_is_a_permutation() {
+        let ids = ["a", "b", "c", "d", "e"];
+        let t = HashTable::new(&ids, &[1, 2, 1, 3, 1]);
+        for k in 0..2000u64 {
+            let h = hash_key(&k.to_le_bytes());
+            let r = t.ranking(h);
+            assert_eq!(Some(r[0]), t.owner(h));
+            let mut sorted = r.clone();
+            sorted.sort();
+            assert_eq!(sorted, vec![0, 1, 2, 3, 4]);
+        }
+    }
+
+    #[test]
+    fn removal_promotes_the_runner_up() {
+        let t = HashTable::new(&["a", "b", "c", "d"], &[1, 1, 1, 1]);
+        let without_first = |h: u64| {
+            let r = t.ranking(h);
+            let ids: Vec<&str> = ["a", "b", "c", "d"].into_iter().filter(|&x| x != ["a", "b", "c", "d"][r[0]]).collect();
+            let t2 = HashTable::new(&ids, &[1, 1, 1]);
+            (ids[t2.owner(h).unwrap()], ["a", "b", "c", "d"][r[1]])
+        };
+        for k in 0..40u64 {
+            let (owner, runner_up) = without_first(hash_key(&k.to_le_bytes()));
+            assert_eq!(owner, runner_up);
+        }
+    }
+
+    #[test]
+    fn load_cap_follows_the_paper() {
+        assert_eq!(load_cap(1.25, 0, 4), 1);
+        assert_eq!(load_cap(1.25, 99, 4), 32);
+        assert_eq!(load_cap(2.0, 9, 10), 2);
+        assert_eq!(load_cap(1.5, 5, 0), usize::MAX);
+    }
+}

@@ -1,0 +1,141 @@
+//! The request key for consistent hashing: the first present source of a configured
+//! chain such as `["header:X-User-Id", "cookie:uid", "query:user", "client_ip"]`.
+
+use std::borrow::Cow;
+use std::net::IpAddr;
+
+use http::header::{HeaderName, COOKIE};
+use http::request::Parts;
+
+/// Where a key may come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    Header(HeaderName),
+    Cookie(String),
+    Query(String),
+    Path,
+    ClientIp,
+}
+
+impl KeySource {
+    /// Parses `header:NAME`, `cookie:NAME`, `query:NAME`, `path` or `client_ip`.
+    pub fn parse(s: &str) -> Result<KeySource, String> {
+        let bad_name = |what: &str| format!("{what} needs a name, e.g. \"{what}:X-User-Id\"");
+        match s.split_once(':') {
+            None if s == "path" => Ok(KeySource::Path),
+            None if s == "client_ip" => Ok(KeySource::ClientIp),
+            Some(("header", name)) if !name.is_empty() => HeaderName::from_bytes(name.as_bytes())
+                .map(KeySource::Header)
+                .map_err(|_| format!("invalid header name {name:?}")),
+            Some(("cookie", name)) if !name.is_empty() => Ok(KeySource::Cookie(name.to_owned())),
+            Some(("query", name)) if !name.is_empty() => Ok(KeySource::Query(name.to_owned())),
+            Some((what @ ("header" | "cookie" | "query"), _)) => Err(bad_name(what)),
+            _ => Err(format!(
+                "unknown key source {s:?}; expected header:NAME, cookie:NAME, query:NAME, path or client_ip"
+            )),
+        }
+    }
+
+    /// This source's value in a request, if present and non-empty.
+    pub fn extract<'a>(&self, req: &'a Parts, client: IpAddr) -> Option<Cow<'a, [u8]>> {
+        match self {
+            KeySource::Header(name) => req
+                .headers
+                .get(name)
+                .map(|v| Cow::Borrowed(v.as_bytes()))
+                .filter(|v| !v.is_empty()),
+            KeySource::Cookie(name) => cookie_value(req, name).map(|v| Cow::Borrowed(v.as_bytes())),
+            KeySource::Query(name) => req.uri.query().and_then(|q| {
+                form_urlencoded::parse(q.as_bytes())
+                    .find(|(k, v)| k == name && !v.is_empty())
+                    .map(|(_, v)| Cow::Owned(v.into_owned().into_bytes()))
+            }),
+            KeySource::Path => Some(Cow::Borrowed(req.uri.path().as_bytes())),
+            KeySource::ClientIp => Some(Cow::Owned(match client.to_canonical() {
+                IpAddr::V4(a) => a.octets().to_vec(),
+                IpAddr::V6(a) => a.octets().to_vec(),
+            })),
+        }
+    }
+}
+
+/// Every value of cookie `name` in the request's `Cookie` headers, in order.
+pub fn cookie_values<'a>(req: &'a Parts, name: &str) -> Vec<&'a str> {
+    let mut out = Vec::new();
+    for v in req.headers.get_all(COOKIE).iter().filter_map(|v| v.to_str().ok()) {
+        for pair in v.split(';') {
+            if let Some((k, v)) = pair.split_once('=') {
+                let v = v.trim().trim_matches('"');
+                if k.trim() == name && !v.is_empty() {
+                    out.push(v);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The first non-empty value of cookie `name`.
+pub fn cookie_value<'a>(req: &'a Parts, name: &str) -> Option<&'a str> {
+    req.headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| {
+            let (k, v) = pair.split_once('=')?;
+            let v = v.trim().trim_matches('"');
+            (k.trim() == name && !v.is_empty()).then_some(v)
+        })
+        .next()
+}
+
+/// The first present key of `chain`.
+pub fn extract<'a>(chain: &[KeySource], req: &'a Parts, client: IpAddr) -> Option<Cow<'a, [u8]>> {
+    chain.iter().find_map(|s| s.extract(req, client))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(uri: &str, headers: &[(&str, &str)]) -> Parts {
+        let mut b = http::Request::get(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    fn chain(spec: &[&str]) -> Vec<KeySource> {
+        spec.iter().map(|s| KeySource::parse(s).unwrap()).collect()
+    }
+
+    #[test]
+    fn first_present_source_wins() {
+        let c = chain(&["header:X-User-Id", "cookie:uid", "query:user", "client_ip"]);
+        let ip: IpAddr = "10.1.2.3".parse().unwrap();
+        let p = parts("/a?user=q1", &[("cookie", "x=1; uid=c1"), ("x-user-id", "h1")]);
+        assert_eq!(extract(&c, &p, ip).unwrap().as_ref(), b"h1");
+        let p = parts("/a?user=q1", &[("cookie", "x=1; uid=c1")]);
+        assert_eq!(extract(&c, &p, ip).unwrap().as_ref(), b"c1");
+        let p = parts("/a?other=1&user=q%201", &[]);
+        assert_eq!(extract(&c, &p, ip).unwrap().as_ref(), b"q 1");
+        let p = parts("/a", &[("x-user-id", "")]);
+        assert_eq!(extract(&c, &p, ip).unwrap().as_ref(), &[10, 1, 2, 3]);
+    }
+
+    #[test]
+    fn absent_chain_gives_none() {
+        let c = chain(&["header:X-User-Id", "query:user"]);
+        assert!(extract(&c, &parts("/", &[]), "::1".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn parse_errors_are_explained() {
+        assert!(KeySource::parse("header:").unwrap_err().contains("needs a name"));
+        assert!(KeySource::parse("header:bad name").unwrap_err().contains("invalid header"));
+        assert!(KeySource::parse("ip").unwrap_err().contains("unknown key source"));
+        assert_eq!(KeySource::parse("path").unwrap(), KeySource::Path);
+    }
+}

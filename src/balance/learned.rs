@@ -1,0 +1,194 @@
+//! Learned session affinity: remembers which backend issued each value of the
+//! application's own session cookie (e.g. `JSESSIONID`), so later requests carrying that
+//! value go back to it.
+//!
+//! Entries expire after `ttl` without use. The table never holds more than
+//! `max_entries`: when full, the least recently used sixty-fourth is evicted in one pass,
+//! so the scan is paid once per many inserts rather than on each.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+
+/// The session table of one pool; outlives configuration snapshots.
+#[derive(Debug)]
+pub struct Learned {
+    map: DashMap<Box<str>, Entry>,
+    ttl_secs: AtomicU64,
+    max_entries: AtomicUsize,
+}
+
+#[derive(Debug)]
+struct Entry {
+    backend: Arc<str>,
+    /// Unix seconds of the last request that used this entry.
+    last_used: AtomicU64,
+}
+
+/// What the table knows of a session value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// The backend id that owns the session.
+    Hit(Arc<str>),
+    /// It was known, but unused for longer than the ttl; now forgotten.
+    Expired,
+    Unknown,
+}
+
+impl Learned {
+    pub fn new(ttl_secs: u64, max_entries: usize) -> Self {
+        Learned {
+            map: DashMap::new(),
+            ttl_secs: AtomicU64::new(ttl_secs),
+            max_entries: AtomicUsize::new(max_entries.max(1)),
+        }
+    }
+
+    /// Applies new limits from a reloaded configuration.
+    pub fn set_limits(&self, ttl_secs: u64, max_entries: usize) {
+        self.ttl_secs.store(ttl_secs, Ordering::Relaxed);
+        self.max_entries.store(max_entries.max(1), Ordering::Relaxed);
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    pub fn lookup(&self, value: &str, now: u64) -> Lookup {
+        let ttl = self.ttl_secs.load(Ordering::Relaxed);
+        let expired = match self.map.get(value) {
+            None => return Lookup::Unknown,
+            Some(e) => {
+                if now.saturating_sub(e.last_used.load(Ordering::Relaxed)) < ttl {
+                    e.last_used.store(now, Ordering::Relaxed);
+                    return Lookup::Hit(e.backend.clone());
+                }
+                true
+            }
+        };
+        if expired {
+            self.map
+                .remove_if(value, |_, e| now.saturating_sub(e.last_used.load(Ordering::Relaxed)) >= ttl);
+        }
+        Lookup::Expired
+    }
+
+    /// Remembers that `value` belongs to `backend`.
+    pub fn learn(&self, value: &str, backend: &Arc<str>, now: u64) {
+        if let Some(e) = self.map.get(value) {
+            if *e.backend == **backend {
+                e.last_used.store(now, Ordering::Relaxed);
+                return;
+            }
+        }
+        if self.map.len() >= self.max_entries.load(Ordering::Relaxed) && !self.map.contains_key(value) {
+            self.evict_oldest();
+        }
+        self.map.insert(
+            value.into(),
+            Entry {
+                backend: backend.clone(),
+                last_used: AtomicU64::new(now),
+            },
+        );
+    }
+
+    /// Drops a session the application ended (it cleared the cookie).
+    pub fn forget(&self, value: &str) {
+        self.map.remove(value);
+    }
+
+    /// Removes entries unused for longer than the ttl.
+    pub fn sweep(&self, now: u64) {
+        let ttl = self.ttl_secs.load(Ordering::Relaxed);
+        self.map
+            .retain(|_, e| now.saturating_sub(e.last_used.load(Ordering::Relaxed)) < ttl);
+    }
+
+    /// Makes room: removes the least recently used entries, a sixty-fourth of the limit.
+    fn evict_oldest(&self) {
+        let max = self.max_entries.load(Ordering::Relaxed);
+        let excess = self.map.len().saturating_sub(max);
+        let batch = excess + (max / 64).max(1);
+        let mut ages: Vec<u64> = self.map.iter().map(|e| e.last_used.load(Ordering::Relaxed)).collect();
+        if ages.is_empty() {
+            return;
+        }
+        let k = batch.min(ages.len()) - 1;
+        let (_, cutoff, _) = ages.select_nth_unstable(k);
+        let cutoff = *cutoff;
+        let mut removed = 0;
+        self.map.retain(|_, e| {
+            if removed < batch && e.last_used.load(Ordering::Relaxed) <= cutoff {
+                removed += 1;
+                false
+            } else {
+                true
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> Arc<str> {
+        Arc::from(s)
+    }
+
+    #[test]
+    fn learns_and_finds() {
+        let t = Learned::new(60, 100);
+        t.learn("s1", &id("a"), 1000);
+        assert_eq!(t.lookup("s1", 1010), Lookup::Hit(id("a")));
+        assert_eq!(t.lookup("s2", 1010), Lookup::Unknown);
+    }
+
+    #[test]
+    fn ttl_counts_from_last_use() {
+        let t = Learned::new(60, 100);
+        t.learn("s1", &id("a"), 1000);
+        assert_eq!(t.lookup("s1", 1050), Lookup::Hit(id("a")));
+        assert_eq!(t.lookup("s1", 1100), Lookup::Hit(id("a")), "use renews it");
+        assert_eq!(t.lookup("s1", 1160), Lookup::Expired);
+        assert_eq!(t.lookup("s1", 1160), Lookup::Unknown);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn never_exceeds_max_entries_and_evicts_oldest() {
+        let t = Learned::new(1_000_000, 128);
+        for i in 0..1000u64 {
+            t.learn(&format!("s{i}"), &id("a"), i);
+            assert!(t.len() <= 128);
+        }
+        // The newest survive, the oldest are gone.
+        assert_eq!(t.lookup("s999", 1000), Lookup::Hit(id("a")));
+        assert_eq!(t.lookup("s0", 1000), Lookup::Unknown);
+    }
+
+    #[test]
+    fn relearning_moves_a_session() {
+        let t = Learned::new(60, 10);
+        t.learn("s", &id("a"), 1);
+        t.learn("s", &id("b"), 2);
+        assert_eq!(t.lookup("s", 3), Lookup::Hit(id("b")));
+        t.forget("s");
+        assert_eq!(t.lookup("s", 3), Lookup::Unknown);
+    }
+
+    #[test]
+    fn sweep_drops_stale_entries() {
+        let t = Learned::new(10, 100);
+        t.learn("old", &id("a"), 0);
+        t.learn("new", &id("a"), 95);
+        t.sweep(100);
+        assert_eq!(t.len(), 1);
+    }
+}
