@@ -5,7 +5,9 @@
 //! - [`config`]: the TOML file → `RawConfig` (serde) → validated [`config::Config`].
 //! - [`runtime`]: the immutable snapshot a request routes with (routes, pools,
 //!   selectors), built from a `Config` and published through one `ArcSwap`.
-//! - [`balance`]: selection algorithms, one per file.
+//! - [`pool`]: a pool in one snapshot, and the per-pool state that outlives snapshots.
+//! - [`affinity`]: per-request plans: which backends to try, cookies to set or learn.
+//! - [`balance`]: selection algorithms and affinity building blocks, one per file.
 //! - [`upstream`]: backends, their lasting state and pooled keep-alive connections.
 //! - [`proxy`]: the request path: headers, forwarding, upgrades, error responses.
 //! - [`server`]: client listeners, limits, graceful shutdown.
@@ -19,9 +21,11 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod affinity;
 pub mod balance;
 pub mod config;
 pub mod demo;
+pub mod pool;
 pub mod proxy;
 pub mod runtime;
 pub mod server;

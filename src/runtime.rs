@@ -7,10 +7,9 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
-use crate::balance::{Candidates, Selector};
-use crate::config::{Config, HostMatch, Policy};
+use crate::config::{Config, HostMatch};
+use crate::pool::Pool;
 use crate::upstream::Backend;
 
 /// One immutable generation of routing state.
@@ -31,25 +30,6 @@ struct Route {
     pool: usize,
 }
 
-/// A pool as this snapshot sees it.
-#[derive(Debug)]
-pub struct Pool {
-    pub name: Arc<str>,
-    pub policy: Policy,
-    pub members: Vec<Member>,
-    selector: Selector,
-    pub connect_timeout: Duration,
-    pub response_timeout: Duration,
-    pub retries: u32,
-}
-
-/// A backend with its weight in this snapshot.
-#[derive(Debug, Clone)]
-pub struct Member {
-    pub backend: Arc<Backend>,
-    pub weight: u32,
-}
-
 impl Runtime {
     /// Builds a snapshot, reusing the backends of `previous` where the id and address match.
     pub fn build(config: Config, generation: u64, previous: Option<&Runtime>) -> Runtime {
@@ -65,29 +45,20 @@ impl Runtime {
             .pools
             .iter()
             .map(|pc| {
-                let members: Vec<Member> = pc
+                let backends = pc
                     .backends
                     .iter()
-                    .map(|bc| {
-                        let backend = match carried.get(&(pc.name.as_str(), bc.id.as_str())) {
+                    .map(
+                        |bc| match carried.get(&(pc.name.as_str(), bc.id.as_str())) {
                             Some(b) if b.address == bc.address => Arc::clone(b),
                             _ => Backend::new(bc, pc),
-                        };
-                        Member {
-                            backend,
-                            weight: bc.weight,
-                        }
-                    })
+                        },
+                    )
                     .collect();
-                Pool {
-                    name: Arc::from(pc.name.as_str()),
-                    policy: pc.policy,
-                    selector: Selector::build(pc.policy, &members),
-                    members,
-                    connect_timeout: pc.connect_timeout,
-                    response_timeout: pc.response_timeout,
-                    retries: pc.retries,
-                }
+                let state = previous
+                    .and_then(|p| p.pool(&pc.name))
+                    .map_or_else(Default::default, |p| p.state.clone());
+                Pool::build(pc, backends, state)
             })
             .collect();
         let mut routes: Vec<(usize, Route)> = config
@@ -133,13 +104,6 @@ impl Runtime {
 
     pub fn pool(&self, name: &str) -> Option<&Pool> {
         self.pools.iter().find(|p| &*p.name == name)
-    }
-}
-
-impl Pool {
-    /// Backends to try for one request, best first.
-    pub fn candidates(&self) -> Candidates {
-        self.selector.candidates(&self.members)
     }
 }
 

@@ -485,18 +485,6 @@ fn unknown_policy() {
 }
 
 #[test]
-fn sticky_cookie_policy_not_available() {
-    let text = format!("{WEB}policy = \"sticky_cookie\"\nretries = 1\n");
-    assert_err(
-        &text,
-        "pools.web.policy",
-        3,
-        Some(10),
-        "not available in this version",
-    );
-}
-
-#[test]
 fn server_tls_not_available() {
     let text = format!("{WEB}[[server.tls]]\nlisten = \"127.0.0.1:8443\"\n");
     assert_err(
@@ -521,26 +509,26 @@ fn health_checks_not_available() {
 }
 
 #[test]
-fn sticky_table_not_available() {
+fn sticky_table_needs_sticky_policy() {
     let text = format!("{WEB}[pools.web.sticky]\ncookie = \"SWITCHYARD\"\n");
     assert_err(
         &text,
         "pools.web.sticky",
         3,
         Some(1),
-        "not available in this version",
+        "only used with policy = \"sticky_cookie\"",
     );
 }
 
 #[test]
-fn hash_key_not_available() {
+fn hash_key_needs_hash_policy() {
     let text = format!("{WEB}hash_key = [\"client_ip\"]\n");
     assert_err(
         &text,
         "pools.web.hash_key",
         3,
         Some(12),
-        "not available in this version",
+        "only used with policy = \"consistent_hash\"",
     );
 }
 

@@ -54,7 +54,10 @@ impl HashTable {
     pub fn new(ids: &[&str], weights: &[u32]) -> HashTable {
         assert_eq!(ids.len(), weights.len());
         assert!(ids.len() <= usize::from(u16::MAX));
-        let seeds: Vec<u64> = ids.iter().map(|id| xxh3_64_with_seed(id.as_bytes(), 0)).collect();
+        let seeds: Vec<u64> = ids
+            .iter()
+            .map(|id| xxh3_64_with_seed(id.as_bytes(), 0))
+            .collect();
         let equal_weights = weights.windows(2).all(|w| w[0] == w[1]);
         let mut t = HashTable {
             slots: Box::new([]),
@@ -96,7 +99,9 @@ impl HashTable {
 
     /// The backend owning `key_hash`, or `None` for an empty table.
     pub fn owner(&self, key_hash: u64) -> Option<usize> {
-        self.slots.get(Self::slot(key_hash) as usize).map(|&i| usize::from(i))
+        self.slots
+            .get(Self::slot(key_hash) as usize)
+            .map(|&i| usize::from(i))
     }
 
     fn raw(&self, slot: u64, i: usize) -> u64 {
@@ -144,7 +149,9 @@ pub fn load_cap(c: f64, total_in_flight: usize, n: usize) -> usize {
     if n == 0 {
         return usize::MAX;
     }
-    ((c * (total_in_flight as f64 + 1.0)) / n as f64).ceil().max(1.0) as usize
+    ((c * (total_in_flight as f64 + 1.0)) / n as f64)
+        .ceil()
+        .max(1.0) as usize
 }
 
 #[cfg(test)]
@@ -170,7 +177,10 @@ mod tests {
         let t = HashTable::new(&["a", "b", "c", "d"], &[1, 1, 1, 1]);
         let without_first = |h: u64| {
             let r = t.ranking(h);
-            let ids: Vec<&str> = ["a", "b", "c", "d"].into_iter().filter(|&x| x != ["a", "b", "c", "d"][r[0]]).collect();
+            let ids: Vec<&str> = ["a", "b", "c", "d"]
+                .into_iter()
+                .filter(|&x| x != ["a", "b", "c", "d"][r[0]])
+                .collect();
             let t2 = HashTable::new(&ids, &[1, 1, 1]);
             (ids[t2.owner(h).unwrap()], ["a", "b", "c", "d"][r[1]])
         };

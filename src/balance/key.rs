@@ -62,7 +62,12 @@ impl KeySource {
 /// Every value of cookie `name` in the request's `Cookie` headers, in order.
 pub fn cookie_values<'a>(req: &'a Parts, name: &str) -> Vec<&'a str> {
     let mut out = Vec::new();
-    for v in req.headers.get_all(COOKIE).iter().filter_map(|v| v.to_str().ok()) {
+    for v in req
+        .headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+    {
         for pair in v.split(';') {
             if let Some((k, v)) = pair.split_once('=') {
                 let v = v.trim().trim_matches('"');
@@ -115,7 +120,10 @@ mod tests {
     fn first_present_source_wins() {
         let c = chain(&["header:X-User-Id", "cookie:uid", "query:user", "client_ip"]);
         let ip: IpAddr = "10.1.2.3".parse().unwrap();
-        let p = parts("/a?user=q1", &[("cookie", "x=1; uid=c1"), ("x-user-id", "h1")]);
+        let p = parts(
+            "/a?user=q1",
+            &[("cookie", "x=1; uid=c1"), ("x-user-id", "h1")],
+        );
         assert_eq!(extract(&c, &p, ip).unwrap().as_ref(), b"h1");
         let p = parts("/a?user=q1", &[("cookie", "x=1; uid=c1")]);
         assert_eq!(extract(&c, &p, ip).unwrap().as_ref(), b"c1");
@@ -133,9 +141,15 @@ mod tests {
 
     #[test]
     fn parse_errors_are_explained() {
-        assert!(KeySource::parse("header:").unwrap_err().contains("needs a name"));
-        assert!(KeySource::parse("header:bad name").unwrap_err().contains("invalid header"));
-        assert!(KeySource::parse("ip").unwrap_err().contains("unknown key source"));
+        assert!(KeySource::parse("header:")
+            .unwrap_err()
+            .contains("needs a name"));
+        assert!(KeySource::parse("header:bad name")
+            .unwrap_err()
+            .contains("invalid header"));
+        assert!(KeySource::parse("ip")
+            .unwrap_err()
+            .contains("unknown key source"));
         assert_eq!(KeySource::parse("path").unwrap(), KeySource::Path);
     }
 }

@@ -48,7 +48,8 @@ impl Learned {
     /// Applies new limits from a reloaded configuration.
     pub fn set_limits(&self, ttl_secs: u64, max_entries: usize) {
         self.ttl_secs.store(ttl_secs, Ordering::Relaxed);
-        self.max_entries.store(max_entries.max(1), Ordering::Relaxed);
+        self.max_entries
+            .store(max_entries.max(1), Ordering::Relaxed);
     }
 
     pub fn len(&self) -> usize {
@@ -72,8 +73,9 @@ impl Learned {
             }
         };
         if expired {
-            self.map
-                .remove_if(value, |_, e| now.saturating_sub(e.last_used.load(Ordering::Relaxed)) >= ttl);
+            self.map.remove_if(value, |_, e| {
+                now.saturating_sub(e.last_used.load(Ordering::Relaxed)) >= ttl
+            });
         }
         Lookup::Expired
     }
@@ -86,7 +88,9 @@ impl Learned {
                 return;
             }
         }
-        if self.map.len() >= self.max_entries.load(Ordering::Relaxed) && !self.map.contains_key(value) {
+        if self.map.len() >= self.max_entries.load(Ordering::Relaxed)
+            && !self.map.contains_key(value)
+        {
             self.evict_oldest();
         }
         self.map.insert(
@@ -115,7 +119,11 @@ impl Learned {
         let max = self.max_entries.load(Ordering::Relaxed);
         let excess = self.map.len().saturating_sub(max);
         let batch = excess + (max / 64).max(1);
-        let mut ages: Vec<u64> = self.map.iter().map(|e| e.last_used.load(Ordering::Relaxed)).collect();
+        let mut ages: Vec<u64> = self
+            .map
+            .iter()
+            .map(|e| e.last_used.load(Ordering::Relaxed))
+            .collect();
         if ages.is_empty() {
             return;
         }

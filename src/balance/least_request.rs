@@ -13,6 +13,15 @@ impl LeastRequest {
         LeastRequest { len }
     }
 
+    /// Number of backends.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// Picks an index; `load(i)` returns backend `i`'s (in-flight, weight).
     pub fn pick(&self, load: impl Fn(usize) -> (usize, u32)) -> usize {
         self.pick_by(|n| fastrand::usize(..n), load)

@@ -10,7 +10,6 @@ pub mod round_robin;
 pub mod sticky_cookie;
 
 use crate::config::Policy;
-use crate::runtime::Member;
 
 pub use least_request::LeastRequest;
 pub use round_robin::RoundRobin;
@@ -23,23 +22,25 @@ pub enum Selector {
 }
 
 impl Selector {
-    pub fn build(policy: Policy, members: &[Member]) -> Self {
-        let weights: Vec<u32> = members.iter().map(|m| m.weight).collect();
+    /// A selector over backends with `weights`. Stateful policies balance new sessions
+    /// with smooth weighted round robin.
+    pub fn build(policy: Policy, weights: &[u32]) -> Self {
         match policy {
-            Policy::RoundRobin => Selector::RoundRobin(RoundRobin::new(&weights)),
-            Policy::LeastRequest => Selector::LeastRequest(LeastRequest::new(members.len())),
+            Policy::LeastRequest => Selector::LeastRequest(LeastRequest::new(weights.len())),
+            Policy::RoundRobin
+            | Policy::StickyCookie
+            | Policy::StickyLearn
+            | Policy::ConsistentHash => Selector::RoundRobin(RoundRobin::new(weights)),
         }
     }
 
-    /// The order in which to try `members` (the list this selector was built from).
-    pub fn candidates(&self, members: &[Member]) -> Candidates {
-        let first = match self {
-            Selector::RoundRobin(rr) => rr.next(),
-            Selector::LeastRequest(lr) => {
-                lr.pick(|i| (members[i].backend.in_flight(), members[i].weight))
-            }
-        };
-        Candidates::new(first, members.len())
+    /// The order in which to try the backends; `load(i)` gives backend `i`'s
+    /// (in-flight, weight).
+    pub fn candidates(&self, load: impl Fn(usize) -> (usize, u32)) -> Candidates {
+        match self {
+            Selector::RoundRobin(rr) => Candidates::new(rr.next(), rr.len()),
+            Selector::LeastRequest(lr) => Candidates::new(lr.pick(load), lr.len()),
+        }
     }
 }
 

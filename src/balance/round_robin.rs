@@ -12,6 +12,7 @@ pub struct RoundRobin {
     /// One full cycle of picks (length = sum of weights divided by their gcd).
     schedule: Box<[u32]>,
     next: AtomicUsize,
+    len: usize,
 }
 
 impl RoundRobin {
@@ -20,7 +21,17 @@ impl RoundRobin {
         RoundRobin {
             schedule: schedule(weights).into_boxed_slice(),
             next: AtomicUsize::new(0),
+            len: weights.len(),
         }
+    }
+
+    /// Number of backends.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 
     /// Index of the next backend.

@@ -145,16 +145,28 @@ impl Codec {
                 }
                 let mut tag = [0u8; 8];
                 tag.copy_from_slice(&raw[2..10]);
-                return Verdict::Valid { key: i, tag, expires };
+                return Verdict::Valid {
+                    key: i,
+                    tag,
+                    expires,
+                };
             }
         }
         Verdict::Invalid
     }
 
     /// For each key, a map from tag to position in `ids`.
-    pub fn tag_tables<'a>(&self, ids: impl Iterator<Item = &'a str> + Clone) -> Vec<HashMap<Tag, usize>> {
+    pub fn tag_tables<'a>(
+        &self,
+        ids: impl Iterator<Item = &'a str> + Clone,
+    ) -> Vec<HashMap<Tag, usize>> {
         (0..self.keys.len())
-            .map(|k| ids.clone().enumerate().map(|(i, id)| (self.tag(k, id), i)).collect())
+            .map(|k| {
+                ids.clone()
+                    .enumerate()
+                    .map(|(i, id)| (self.tag(k, id), i))
+                    .collect()
+            })
             .collect()
     }
 }
@@ -188,7 +200,12 @@ mod tests {
         let v = c.encode("cart-1", 1_000);
         assert_eq!(v.len(), ENCODED_LEN);
         assert_eq!(ENCODED_LEN, 40);
-        let Verdict::Valid { key: 0, tag, expires: 1_000 } = c.decode(&v, 999) else {
+        let Verdict::Valid {
+            key: 0,
+            tag,
+            expires: 1_000,
+        } = c.decode(&v, 999)
+        else {
             panic!("not valid")
         };
         assert_eq!(tag, c.tag(0, "cart-1"));
@@ -225,7 +242,15 @@ mod tests {
     #[test]
     fn garbage_is_invalid() {
         let c = codec("carts");
-        for g in ["", "x", "%%%%", &"A".repeat(40), &"A".repeat(39), &"é".repeat(20), "cart-1"] {
+        for g in [
+            "",
+            "x",
+            "%%%%",
+            &"A".repeat(40),
+            &"A".repeat(39),
+            &"é".repeat(20),
+            "cart-1",
+        ] {
             assert_eq!(c.decode(g, 1), Verdict::Invalid, "{g:?}");
         }
     }
@@ -242,7 +267,10 @@ mod tests {
         };
         assert_eq!(tag, after.tag(1, "a"));
         let fresh = after.encode("a", 5_000);
-        assert!(matches!(after.decode(&fresh, 1), Verdict::Valid { key: 0, .. }));
+        assert!(matches!(
+            after.decode(&fresh, 1),
+            Verdict::Valid { key: 0, .. }
+        ));
         assert_eq!(Codec::new("p", &[new]).decode(&v, 1), Verdict::Invalid);
     }
 }

@@ -82,6 +82,9 @@ pub struct RouteConfig {
 pub enum Policy {
     RoundRobin,
     LeastRequest,
+    StickyCookie,
+    StickyLearn,
+    ConsistentHash,
 }
 
 impl Policy {
@@ -89,8 +92,89 @@ impl Policy {
         match self {
             Policy::RoundRobin => "round_robin",
             Policy::LeastRequest => "least_request",
+            Policy::StickyCookie => "sticky_cookie",
+            Policy::StickyLearn => "sticky_learn",
+            Policy::ConsistentHash => "consistent_hash",
         }
     }
+}
+
+/// How a pool keeps a client on the backend that holds its state.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AffinityConfig {
+    /// Stateless pool.
+    None,
+    Cookie(StickyConfig),
+    Learn(LearnConfig),
+    Hash(HashConfig),
+}
+
+/// `[pools.NAME.sticky]`: a signed cookie issued by the proxy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StickyConfig {
+    pub cookie: String,
+    pub ttl: Duration,
+    /// The first signs, all verify. Empty: a random secret is generated at start.
+    pub secrets: Vec<Secret>,
+    pub on_unavailable: OnUnavailable,
+    /// Re-issue the cookie with a fresh expiry once half its ttl has passed.
+    pub sliding: bool,
+    pub http_only: bool,
+    pub secure: SecureMode,
+    pub same_site: SameSite,
+    pub path: String,
+    pub domain: Option<String>,
+}
+
+/// Secret bytes; never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub Vec<u8>);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Secret({} bytes)", self.0.len())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnUnavailable {
+    /// Pick another backend and re-issue the cookie.
+    Redispatch,
+    /// Answer 503 and keep the cookie.
+    Reject,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecureMode {
+    /// When the client connection is TLS.
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SameSite {
+    Lax,
+    Strict,
+    /// Implies `Secure`.
+    None,
+}
+
+/// `[pools.NAME.learn]`: affinity learned from the application's session cookie.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LearnConfig {
+    pub cookie: String,
+    pub ttl: Duration,
+    pub max_entries: usize,
+}
+
+/// Consistent hashing of a request key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HashConfig {
+    /// The first present source is the key.
+    pub key: Vec<crate::balance::key::KeySource>,
+    /// `c` of consistent hashing with bounded loads; `None` = unbounded.
+    pub bounded_load: Option<f64>,
 }
 
 #[derive(Debug, Clone)]
@@ -106,6 +190,9 @@ pub struct PoolConfig {
     pub upstream_idle_timeout: Duration,
     /// At most this many idle upstream connections are kept per backend.
     pub max_idle_per_backend: usize,
+    /// How long a draining backend keeps serving its existing affinity.
+    pub drain_timeout: Duration,
+    pub affinity: AffinityConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,6 +201,8 @@ pub struct BackendConfig {
     pub id: String,
     pub address: BackendAddr,
     pub weight: u32,
+    /// Takes no new sessions; keeps its existing ones for the pool's `drain_timeout`.
+    pub drain: bool,
 }
 
 /// Where a backend listens. Names are resolved when a connection is opened, so a

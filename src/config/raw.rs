@@ -76,12 +76,44 @@ pub struct RawPool {
     pub retries: Option<Spanned<i64>>,
     pub upstream_idle_timeout: Option<Spanned<String>>,
     pub max_idle_per_backend: Option<Spanned<i64>>,
-    /// Reserved for the stateful policies and active checks; validation explains.
-    pub health: Option<Spanned<toml::Value>>,
-    pub sticky: Option<Spanned<toml::Value>>,
-    pub learn: Option<Spanned<toml::Value>>,
-    pub hash_key: Option<Spanned<toml::Value>>,
+    pub drain_timeout: Option<Spanned<String>>,
+    pub sticky: Option<Spanned<RawSticky>>,
+    pub learn: Option<Spanned<RawLearn>>,
+    pub hash_key: Option<Spanned<Vec<Spanned<String>>>>,
+    /// A number; integers are accepted too, so it is read as a TOML value.
     pub bounded_load: Option<Spanned<toml::Value>>,
+    /// Reserved for active checks; validation explains.
+    pub health: Option<Spanned<toml::Value>>,
+}
+
+/// `[pools.NAME.sticky]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSticky {
+    pub cookie: Option<Spanned<String>>,
+    pub ttl: Option<Spanned<String>>,
+    /// One environment variable name, or a list (the first signs, all verify).
+    pub secret_env: Option<Spanned<toml::Value>>,
+    /// One file, or a list; each non-empty line of a file is a secret.
+    pub secret_file: Option<Spanned<toml::Value>>,
+    pub on_unavailable: Option<Spanned<String>>,
+    pub drain_timeout: Option<Spanned<String>>,
+    pub sliding: Option<bool>,
+    pub http_only: Option<bool>,
+    /// `"auto"`, `true` or `false`.
+    pub secure: Option<Spanned<toml::Value>>,
+    pub same_site: Option<Spanned<String>>,
+    pub path: Option<Spanned<String>>,
+    pub domain: Option<Spanned<String>>,
+}
+
+/// `[pools.NAME.learn]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLearn {
+    pub cookie: Option<Spanned<String>>,
+    pub ttl: Option<Spanned<String>>,
+    pub max_entries: Option<Spanned<i64>>,
 }
 
 /// A backend: either `"host:port"` or `{ address = "...", weight = N, id = "..." }`.
@@ -93,6 +125,7 @@ pub struct RawBackend {
     pub address_span: Option<Range<usize>>,
     pub weight: Option<Spanned<i64>>,
     pub id: Option<Spanned<String>>,
+    pub drain: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -101,6 +134,7 @@ struct RawBackendTable {
     address: Spanned<String>,
     weight: Option<Spanned<i64>>,
     id: Option<Spanned<String>>,
+    drain: Option<bool>,
 }
 
 impl<'de> Deserialize<'de> for RawBackend {
@@ -109,7 +143,9 @@ impl<'de> Deserialize<'de> for RawBackend {
         impl<'de> Visitor<'de> for BackendVisitor {
             type Value = RawBackend;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an address string \"host:port\" or a table { address, weight, id }")
+                f.write_str(
+                    "an address string \"host:port\" or a table { address, weight, id, drain }",
+                )
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<RawBackend, E> {
                 Ok(RawBackend {
@@ -117,6 +153,7 @@ impl<'de> Deserialize<'de> for RawBackend {
                     address_span: None,
                     weight: None,
                     id: None,
+                    drain: None,
                 })
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawBackend, A::Error> {
@@ -126,6 +163,7 @@ impl<'de> Deserialize<'de> for RawBackend {
                     address: t.address.into_inner(),
                     weight: t.weight,
                     id: t.id,
+                    drain: t.drain,
                 })
             }
         }

@@ -4,14 +4,18 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use toml::Spanned;
 
-use super::raw::{RawConfig, RawPool};
+use super::raw::{RawConfig, RawLearn, RawPool, RawSticky};
+use crate::balance::key::KeySource;
+
 use super::{
-    line_col, AccessLog, AdminConfig, BackendAddr, BackendConfig, Config, ConfigError, HostMatch,
-    Limits, Policy, PoolConfig, RouteConfig, ServerConfig,
+    line_col, AccessLog, AdminConfig, AffinityConfig, BackendAddr, BackendConfig, Config,
+    ConfigError, HashConfig, HostMatch, LearnConfig, Limits, OnUnavailable, Policy, PoolConfig,
+    RouteConfig, SameSite, Secret, SecureMode, ServerConfig, StickyConfig,
 };
 
 /// Largest accepted backend weight: keeps the round-robin schedule table small.
@@ -235,30 +239,21 @@ fn pool(cx: &Ctx, n: &str, raw: &Spanned<RawPool>) -> Result<PoolConfig, ConfigE
         ));
     }
     let p = raw.get_ref();
-    let unavailable = [
-        ("health", &p.health, "active health checks"),
-        ("sticky", &p.sticky, "sticky cookies"),
-        ("learn", &p.learn, "learned session affinity"),
-        ("hash_key", &p.hash_key, "consistent hashing"),
-        ("bounded_load", &p.bounded_load, "consistent hashing"),
-    ];
-    for (k, v, what) in unavailable {
-        if let Some(v) = v {
-            return Err(cx.err(
-                Some(v.span()),
-                key(k),
-                format!("{what} are not available in this version; remove this key"),
-            ));
-        }
+    if let Some(v) = &p.health {
+        return Err(cx.err(
+            Some(v.span()),
+            key("health"),
+            "active health checks are not available in this version; remove this table",
+        ));
     }
     let policy = match &p.policy {
         None => Policy::RoundRobin,
         Some(v) => match v.get_ref().as_str() {
             "round_robin" => Policy::RoundRobin,
             "least_request" => Policy::LeastRequest,
-            s @ ("sticky_cookie" | "sticky_learn" | "consistent_hash") => {
-                return Err(cx.err(Some(v.span()), key("policy"), format!("policy {s:?} is not available in this version; use \"round_robin\" or \"least_request\"")))
-            }
+            "sticky_cookie" => Policy::StickyCookie,
+            "sticky_learn" => Policy::StickyLearn,
+            "consistent_hash" => Policy::ConsistentHash,
             other => {
                 return Err(cx.err(
                     Some(v.span()),
@@ -267,6 +262,71 @@ fn pool(cx: &Ctx, n: &str, raw: &Spanned<RawPool>) -> Result<PoolConfig, ConfigE
                 ))
             }
         },
+    };
+    // A sub-table for another policy is a mistake worth pointing at.
+    let misplaced = [
+        (
+            "sticky",
+            p.sticky.as_ref().map(|v| v.span()),
+            Policy::StickyCookie,
+        ),
+        (
+            "learn",
+            p.learn.as_ref().map(|v| v.span()),
+            Policy::StickyLearn,
+        ),
+        (
+            "hash_key",
+            p.hash_key.as_ref().map(|v| v.span()),
+            Policy::ConsistentHash,
+        ),
+        (
+            "bounded_load",
+            p.bounded_load.as_ref().map(|v| v.span()),
+            Policy::ConsistentHash,
+        ),
+    ];
+    for (k, span, wants) in misplaced {
+        if span.is_some() && policy != wants {
+            return Err(cx.err(
+                span,
+                key(k),
+                format!(
+                    "only used with policy = \"{}\", but this pool's policy is \"{}\"",
+                    wants.as_str(),
+                    policy.as_str()
+                ),
+            ));
+        }
+    }
+    let sticky_drain = p
+        .sticky
+        .as_ref()
+        .and_then(|s| s.get_ref().drain_timeout.as_ref());
+    if let (Some(a), Some(_)) = (&p.drain_timeout, sticky_drain) {
+        return Err(cx.err(
+            Some(a.span()),
+            key("drain_timeout"),
+            "drain_timeout is set both here and in [sticky]; keep one",
+        ));
+    }
+    let drain_timeout = match sticky_drain {
+        Some(d) => cx.duration(
+            &Some(d.clone()),
+            &key("sticky.drain_timeout"),
+            Duration::ZERO,
+        )?,
+        None => cx.duration(
+            &p.drain_timeout,
+            &key("drain_timeout"),
+            Duration::from_secs(300),
+        )?,
+    };
+    let affinity = match policy {
+        Policy::RoundRobin | Policy::LeastRequest => AffinityConfig::None,
+        Policy::StickyCookie => AffinityConfig::Cookie(sticky(cx, n, p.sticky.as_ref())?),
+        Policy::StickyLearn => AffinityConfig::Learn(learn(cx, n, raw.span(), p.learn.as_ref())?),
+        Policy::ConsistentHash => AffinityConfig::Hash(hash(cx, n, p)?),
     };
     let list = &p.backends;
     if list.get_ref().is_empty() {
@@ -320,6 +380,7 @@ fn pool(cx: &Ctx, n: &str, raw: &Spanned<RawPool>) -> Result<PoolConfig, ConfigE
             id,
             address,
             weight,
+            drain: rb.drain.unwrap_or(false),
         });
     }
     Ok(PoolConfig {
@@ -348,7 +409,323 @@ fn pool(cx: &Ctx, n: &str, raw: &Spanned<RawPool>) -> Result<PoolConfig, ConfigE
             0..100_001,
             256,
         )? as usize,
+        drain_timeout,
+        affinity,
     })
+}
+
+fn sticky(
+    cx: &Ctx,
+    pool: &str,
+    raw: Option<&Spanned<RawSticky>>,
+) -> Result<StickyConfig, ConfigError> {
+    let default = RawSticky::default();
+    let s = raw.map_or(&default, |r| r.get_ref());
+    let key = |k: &str| format!("pools.{pool}.sticky.{k}");
+    let cookie = match &s.cookie {
+        None => "SWITCHYARD".to_owned(),
+        Some(c) if is_cookie_name(c.get_ref()) => c.get_ref().clone(),
+        Some(c) => {
+            return Err(cx.err(
+                Some(c.span()),
+                key("cookie"),
+                format!(
+                    "invalid cookie name {:?}; use letters, digits and !#$%&'*+-.^_`|~",
+                    c.get_ref()
+                ),
+            ))
+        }
+    };
+    let mut secrets = Vec::new();
+    if let Some(v) = &s.secret_env {
+        for name in string_list(cx, v, &key("secret_env"))? {
+            match std::env::var_os(&name) {
+                Some(val) if !val.is_empty() => secrets.push(check_secret(
+                    cx,
+                    v,
+                    &key("secret_env"),
+                    val.into_encoded_bytes(),
+                    &format!("environment variable {name}"),
+                )?),
+                _ => {
+                    return Err(cx.err(
+                        Some(v.span()),
+                        key("secret_env"),
+                        format!("environment variable {name} is not set or empty"),
+                    ))
+                }
+            }
+        }
+    }
+    if let Some(v) = &s.secret_file {
+        for path in string_list(cx, v, &key("secret_file"))? {
+            let full = relative_to(cx.file, &path);
+            let text = std::fs::read(&full).map_err(|e| {
+                cx.err(
+                    Some(v.span()),
+                    key("secret_file"),
+                    format!("cannot read {}: {e}", full.display()),
+                )
+            })?;
+            let mut any = false;
+            for line in text.split(|&b| b == b'\n') {
+                let line = line.trim_ascii();
+                if !line.is_empty() {
+                    secrets.push(check_secret(
+                        cx,
+                        v,
+                        &key("secret_file"),
+                        line.to_vec(),
+                        &full.display().to_string(),
+                    )?);
+                    any = true;
+                }
+            }
+            if !any {
+                return Err(cx.err(
+                    Some(v.span()),
+                    key("secret_file"),
+                    format!("{} holds no secret", full.display()),
+                ));
+            }
+        }
+    }
+    let on_unavailable = match &s.on_unavailable {
+        None => OnUnavailable::Redispatch,
+        Some(v) => match v.get_ref().as_str() {
+            "redispatch" => OnUnavailable::Redispatch,
+            "reject" => OnUnavailable::Reject,
+            other => {
+                return Err(cx.err(
+                    Some(v.span()),
+                    key("on_unavailable"),
+                    format!("unknown value {other:?}; expected \"redispatch\" or \"reject\""),
+                ))
+            }
+        },
+    };
+    let secure = match &s.secure {
+        None => SecureMode::Auto,
+        Some(v) => match v.get_ref() {
+            toml::Value::Boolean(true) => SecureMode::Always,
+            toml::Value::Boolean(false) => SecureMode::Never,
+            toml::Value::String(a) if a == "auto" => SecureMode::Auto,
+            _ => {
+                return Err(cx.err(
+                    Some(v.span()),
+                    key("secure"),
+                    "expected \"auto\", true or false",
+                ))
+            }
+        },
+    };
+    let same_site = match &s.same_site {
+        None => SameSite::Lax,
+        Some(v) => match v.get_ref().to_ascii_lowercase().as_str() {
+            "lax" => SameSite::Lax,
+            "strict" => SameSite::Strict,
+            "none" => SameSite::None,
+            _ => {
+                return Err(cx.err(
+                    Some(v.span()),
+                    key("same_site"),
+                    format!(
+                        "unknown value {:?}; expected \"lax\", \"strict\" or \"none\"",
+                        v.get_ref()
+                    ),
+                ))
+            }
+        },
+    };
+    let path = match &s.path {
+        None => "/".to_owned(),
+        Some(p)
+            if p.get_ref().starts_with('/')
+                && !p.get_ref().chars().any(|c| c == ';' || c.is_control()) =>
+        {
+            p.get_ref().clone()
+        }
+        Some(p) => {
+            return Err(cx.err(
+                Some(p.span()),
+                key("path"),
+                "a cookie path starts with '/' and holds no ';'",
+            ))
+        }
+    };
+    let domain = match &s.domain {
+        None => None,
+        Some(d) => {
+            let v = d.get_ref().trim_start_matches('.').to_ascii_lowercase();
+            if v.is_empty()
+                || !v.split('.').all(|l| {
+                    !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                })
+            {
+                return Err(cx.err(
+                    Some(d.span()),
+                    key("domain"),
+                    format!("invalid cookie domain {:?}", d.get_ref()),
+                ));
+            }
+            Some(v)
+        }
+    };
+    let ttl = cx.duration(&s.ttl, &key("ttl"), Duration::from_secs(3600))?;
+    if ttl > Duration::from_secs(400 * 24 * 3600) {
+        return Err(cx.err(
+            s.ttl.as_ref().map(|t| t.span()),
+            key("ttl"),
+            "at most 400 days (browsers cap cookie lifetimes there)",
+        ));
+    }
+    Ok(StickyConfig {
+        cookie,
+        ttl,
+        secrets,
+        on_unavailable,
+        sliding: s.sliding.unwrap_or(false),
+        http_only: s.http_only.unwrap_or(true),
+        secure,
+        same_site,
+        path,
+        domain,
+    })
+}
+
+/// Shortest accepted signing secret.
+const MIN_SECRET: usize = 16;
+
+fn check_secret(
+    cx: &Ctx,
+    v: &Spanned<toml::Value>,
+    key: &str,
+    secret: Vec<u8>,
+    from: &str,
+) -> Result<Secret, ConfigError> {
+    if secret.len() < MIN_SECRET {
+        return Err(cx.err(
+            Some(v.span()),
+            key,
+            format!(
+                "the secret in {from} is {} bytes; at least {MIN_SECRET} are required",
+                secret.len()
+            ),
+        ));
+    }
+    Ok(Secret(secret))
+}
+
+fn string_list(cx: &Ctx, v: &Spanned<toml::Value>, key: &str) -> Result<Vec<String>, ConfigError> {
+    let bad = || {
+        cx.err(
+            Some(v.span()),
+            key,
+            "expected a string or a list of strings",
+        )
+    };
+    match v.get_ref() {
+        toml::Value::String(s) if !s.is_empty() => Ok(vec![s.clone()]),
+        toml::Value::Array(a) if !a.is_empty() => a
+            .iter()
+            .map(|x| {
+                x.as_str()
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .ok_or_else(bad)
+            })
+            .collect(),
+        _ => Err(bad()),
+    }
+}
+
+/// `path` as written if absolute, else relative to the configuration file's folder.
+fn relative_to(config_file: &str, path: &str) -> PathBuf {
+    let p = Path::new(path);
+    if p.is_absolute() {
+        return p.to_path_buf();
+    }
+    Path::new(config_file)
+        .parent()
+        .map_or_else(|| p.to_path_buf(), |dir| dir.join(p))
+}
+
+/// An RFC 6265 cookie-name (an RFC 9110 token).
+fn is_cookie_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+fn learn(
+    cx: &Ctx,
+    pool: &str,
+    pool_span: Range<usize>,
+    raw: Option<&Spanned<RawLearn>>,
+) -> Result<LearnConfig, ConfigError> {
+    let key = |k: &str| format!("pools.{pool}.learn.{k}");
+    let Some(raw) = raw else {
+        return Err(cx.err(Some(pool_span), format!("pools.{pool}.learn"), "policy sticky_learn needs [pools.NAME.learn] with cookie = \"NAME\", the application's session cookie"));
+    };
+    let l = raw.get_ref();
+    let cookie = match &l.cookie {
+        Some(c) if is_cookie_name(c.get_ref()) => c.get_ref().clone(),
+        Some(c) => return Err(cx.err(Some(c.span()), key("cookie"), format!("invalid cookie name {:?}", c.get_ref()))),
+        None => return Err(cx.err(Some(raw.span()), key("cookie"), "the name of the application's session cookie is required, e.g. cookie = \"JSESSIONID\"")),
+    };
+    Ok(LearnConfig {
+        cookie,
+        ttl: cx.duration(&l.ttl, &key("ttl"), Duration::from_secs(1800))?,
+        max_entries: cx.int(
+            &l.max_entries,
+            &key("max_entries"),
+            1..100_000_001,
+            1_000_000,
+        )? as usize,
+    })
+}
+
+fn hash(cx: &Ctx, pool: &str, p: &RawPool) -> Result<HashConfig, ConfigError> {
+    let key = match &p.hash_key {
+        None => vec![KeySource::ClientIp],
+        Some(list) => {
+            if list.get_ref().is_empty() {
+                return Err(cx.err(
+                    Some(list.span()),
+                    format!("pools.{pool}.hash_key"),
+                    "at least one key source is required",
+                ));
+            }
+            list.get_ref()
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    KeySource::parse(s.get_ref()).map_err(|m| {
+                        cx.err(Some(s.span()), format!("pools.{pool}.hash_key[{i}]"), m)
+                    })
+                })
+                .collect::<Result<_, _>>()?
+        }
+    };
+    let bounded_load = match &p.bounded_load {
+        None => None,
+        Some(v) => {
+            let c = match v.get_ref() {
+                toml::Value::Float(f) => *f,
+                toml::Value::Integer(i) => *i as f64,
+                _ => f64::NAN,
+            };
+            if !(c > 1.0 && c <= 100.0) {
+                return Err(cx.err(
+                    Some(v.span()),
+                    format!("pools.{pool}.bounded_load"),
+                    "expected a number above 1.0 (e.g. 1.25) and at most 100",
+                ));
+            }
+            Some(c)
+        }
+    };
+    Ok(HashConfig { key, bounded_load })
 }
 
 /// Parses `IP:PORT`, `[IPv6]:PORT` or `hostname:PORT`.

@@ -17,6 +17,8 @@ pub enum ProxyError {
     NoBackend { pool: String },
     #[error(transparent)]
     Connect(#[from] UpstreamError),
+    #[error("the backend pinned by affinity in pool {pool} is unreachable and the pool rejects")]
+    Rejected { pool: String },
     #[error("every backend of pool {pool} is unreachable; last error: {last}")]
     AllUnreachable { pool: String, last: UpstreamError },
     #[error("upstream request failed: {0}")]
@@ -31,9 +33,9 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
-            ProxyError::NoBackend { .. } | ProxyError::AllUnreachable { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::NoBackend { .. }
+            | ProxyError::AllUnreachable { .. }
+            | ProxyError::Rejected { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect(_) | ProxyError::Upstream(_) | ProxyError::BadUpgrade(_) => {
                 StatusCode::BAD_GATEWAY
             }

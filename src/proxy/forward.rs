@@ -6,12 +6,16 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
+use http::header::SET_COOKIE;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::access_log::AccessRecord;
-use crate::runtime::{Pool, Runtime};
+use crate::affinity::strip_cookie;
+use crate::pool::{Affinity, Outcome, Pool};
+use crate::runtime::Runtime;
 use crate::server::idle::ActiveRequest;
+use crate::upstream::client::Sender;
 use crate::upstream::{InFlight, PooledConn};
 
 use super::body::ProxyBody;
@@ -65,7 +69,7 @@ impl Proxy {
                 if let Some(l) = &mut log {
                     l.pool = Some(pool.name.to_string());
                 }
-                forward(pool, req, &mut log, start).await
+                forward(pool, req, client, &mut log, start).await
             }
         };
         let mut resp = match result {
@@ -112,60 +116,87 @@ impl Proxy {
     }
 }
 
-type Forwarded = (
-    Response<Incoming>,
-    crate::upstream::client::Sender,
-    InFlight,
-);
+type Forwarded = (Response<Incoming>, Sender, InFlight);
 
-/// Sends `req` to the first candidate that accepts a connection, trying at most
-/// `retries` further backends, each once, and only while no request byte was sent.
+/// Sends `req` along the pool's plan: the client's affinity target first, then others,
+/// trying at most `retries` further backends, each once, and only while no request byte
+/// was sent. Sets or learns affinity cookies on the response.
 async fn forward(
     pool: &Pool,
     req: Request<Incoming>,
+    client: ClientInfo,
     log: &mut Option<Box<AccessRecord>>,
     start: Instant,
 ) -> Result<Forwarded, ProxyError> {
+    let (mut parts, body) = req.into_parts();
+    let mut plan = pool.plan(&parts, client.addr.ip());
+    if let Affinity::Cookie { cfg, .. } = &pool.affinity {
+        strip_cookie(&mut parts.headers, &cfg.cookie);
+    }
+    let req = Request::from_parts(parts, body);
+
+    let budget = pool.retries as usize + 1;
+    let mut attempts = 0;
     let mut last_err = None;
-    let mut conn = None;
-    let mut tried = 0;
-    for i in pool.candidates().take(pool.retries as usize + 1) {
-        tried += 1;
+    let chosen = loop {
+        let Some(i) = plan.next(pool) else { break None };
+        if attempts == budget {
+            // Retries ran out while the pool still had candidates.
+            break Some(Err(()));
+        }
+        attempts += 1;
         let backend = &pool.members[i].backend;
         let in_flight = backend.start_request();
         match backend.pool.checkout().await {
-            Ok(c) => {
-                conn = Some((c, in_flight));
-                break;
-            }
+            Ok(c) => break Some(Ok((i, c, in_flight))),
             Err(e) => {
-                tracing::warn!(pool = %pool.name, backend = %backend.id, error = %e, "backend unreachable, trying the next one");
+                tracing::warn!(pool = %pool.name, backend = %backend.id, error = %e, "backend unreachable");
                 last_err = Some(e);
+                if plan.failed(i).is_err() {
+                    pool.state.stats.count(Outcome::Rejected);
+                    return Err(ProxyError::Rejected {
+                        pool: pool.name.to_string(),
+                    });
+                }
             }
         }
+    };
+    if let Some(o) = plan.outcome {
+        pool.state.stats.count(o);
     }
-    let Some((conn, in_flight)) = conn else {
-        // Every backend of the pool failed: the pool is unavailable (503). Only some of
-        // them tried, as the retry budget allowed: the chosen backend failed (502).
-        return Err(match last_err {
-            Some(last) if tried == pool.members.len() => ProxyError::AllUnreachable {
+    let (i, conn, in_flight) = match (chosen, last_err) {
+        (Some(Ok(c)), _) => c,
+        // Every candidate of the pool failed: the pool is unavailable (503). Only some,
+        // as the retry budget allowed: the chosen backend failed (502).
+        (None, Some(last)) => {
+            return Err(ProxyError::AllUnreachable {
                 pool: pool.name.to_string(),
                 last,
-            },
-            Some(e) => ProxyError::Connect(e),
-            None => ProxyError::NoBackend {
+            })
+        }
+        (Some(Err(())), Some(e)) => return Err(ProxyError::Connect(e)),
+        (_, None) => {
+            return Err(ProxyError::NoBackend {
                 pool: pool.name.to_string(),
-            },
-        });
+            })
+        }
     };
     if let Some(l) = log {
         l.backend = Some(in_flight.backend().id.to_string());
     }
-    let (resp, tx) = send(pool, conn, req, &in_flight).await?;
+    let (mut resp, tx) = send(pool, conn, req, &in_flight).await?;
     if let Some(l) = log {
         l.set_upstream(start.elapsed());
     }
     in_flight.backend().count_response();
+    if plan.outcome.is_some() {
+        if plan.issue_cookie() {
+            if let Some(v) = pool.sticky_cookie(i, client.tls) {
+                resp.headers_mut().append(SET_COOKIE, v);
+            }
+        }
+        pool.learn_from(i, resp.headers());
+    }
     Ok((resp, tx, in_flight))
 }
 
@@ -176,7 +207,7 @@ async fn send(
     conn: PooledConn,
     req: Request<Incoming>,
     in_flight: &InFlight,
-) -> Result<(Response<Incoming>, crate::upstream::client::Sender), ProxyError> {
+) -> Result<(Response<Incoming>, Sender), ProxyError> {
     let PooledConn { mut tx, mut reused } = conn;
     let mut req = req;
     loop {

@@ -1,8 +1,8 @@
 //! A backend and the state that must outlive any one configuration snapshot.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 use crate::config::{BackendAddr, BackendConfig, PoolConfig};
 
@@ -21,6 +21,17 @@ pub struct Backend {
     requests: AtomicU64,
     /// Idle keep-alive connections to this backend.
     pub pool: ConnPool,
+    /// When draining began, in milliseconds of [`clock_ms`], or `NOT_DRAINING`.
+    drain_started_ms: AtomicU64,
+}
+
+const NOT_DRAINING: u64 = u64::MAX;
+
+/// Milliseconds since this process first asked: a monotonic clock cheap to store in an
+/// atomic.
+pub fn clock_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
 impl Backend {
@@ -33,6 +44,7 @@ impl Backend {
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             pool: ConnPool::new(cfg.address.clone(), pool),
+            drain_started_ms: AtomicU64::new(NOT_DRAINING),
         });
         if tokio::runtime::Handle::try_current().is_ok() {
             tokio::spawn(reap_idle(Arc::downgrade(&backend)));
@@ -50,6 +62,33 @@ impl Backend {
 
     pub(crate) fn count_response(&self) {
         self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Starts draining now unless it already is; or stops draining.
+    pub fn set_draining(&self, draining: bool) {
+        if draining {
+            let _ = self.drain_started_ms.compare_exchange(
+                NOT_DRAINING,
+                clock_ms(),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        } else {
+            self.drain_started_ms.store(NOT_DRAINING, Ordering::Relaxed);
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.drain_started_ms.load(Ordering::Relaxed) != NOT_DRAINING
+    }
+
+    /// True once a draining backend has drained for longer than `timeout`: its sessions
+    /// are then sent elsewhere.
+    pub fn drain_expired(&self, timeout: Duration) -> bool {
+        match self.drain_started_ms.load(Ordering::Relaxed) {
+            NOT_DRAINING => false,
+            since => clock_ms().saturating_sub(since) >= timeout.as_millis() as u64,
+        }
     }
 
     /// Marks a request as in flight until the returned guard drops.

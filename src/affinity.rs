@@ -1,0 +1,316 @@
+//! Per-request affinity: which backends to try, in what order, and what to tell the
+//! client afterwards (a sticky cookie) or to learn from the response (a session cookie).
+//!
+//! A [`Plan`] yields member indices: first the backend the client's affinity points at
+//! (cookie, learned session, hash key owner), then fallbacks (balanced new assignment,
+//! or the key's rendezvous ranking), never one twice.
+
+use std::net::IpAddr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use cookie::{Cookie, SameSite as CookieSameSite};
+use http::header::{HeaderMap, HeaderValue, COOKIE, SET_COOKIE};
+use http::request::Parts;
+
+use crate::balance::consistent_hash::{self, load_cap};
+use crate::balance::key;
+use crate::balance::learned::Lookup;
+use crate::balance::sticky_cookie::Verdict;
+use crate::config::{OnUnavailable, SameSite, SecureMode};
+use crate::pool::{Affinity, Outcome, Pool};
+
+/// Unix time in seconds.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The order of backends to try for one request, and the affinity bookkeeping.
+#[derive(Debug)]
+pub struct Plan {
+    /// The member the client's affinity points at, tried first.
+    pinned: Option<usize>,
+    pinned_done: bool,
+    rest: Rest,
+    /// `None` for stateless pools.
+    pub outcome: Option<Outcome>,
+    /// A failed pinned backend means 503 rather than another backend.
+    reject_if_pinned_fails: bool,
+    /// Re-issue the sticky cookie even on a hit (sliding expiry).
+    renew: bool,
+}
+
+#[derive(Debug)]
+enum Rest {
+    /// Balanced over eligible members: the selector's order.
+    Balanced(Option<crate::balance::Candidates>),
+    /// The rendezvous ranking of a hash key, computed on first use; members at or over
+    /// `cap` in-flight requests are passed over.
+    Ranked {
+        key_hash: u64,
+        order: Option<Vec<usize>>,
+        pos: usize,
+        cap: usize,
+    },
+}
+
+/// Why a plan ended without a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// The pinned backend failed and the pool rejects rather than redispatches.
+    Rejected,
+}
+
+impl Plan {
+    /// The next member to try.
+    pub fn next(&mut self, pool: &Pool) -> Option<usize> {
+        if !self.pinned_done {
+            self.pinned_done = true;
+            if let Some(p) = self.pinned {
+                return Some(p);
+            }
+        }
+        loop {
+            let i = match &mut self.rest {
+                Rest::Balanced(c) => {
+                    let c = c.get_or_insert_with(|| pool.selector_candidates());
+                    pool.eligible.get(c.next()?).copied()?
+                }
+                Rest::Ranked {
+                    key_hash,
+                    order,
+                    pos,
+                    cap,
+                } => {
+                    let Affinity::Hash { table, .. } = &pool.affinity else {
+                        return None;
+                    };
+                    let order = order.get_or_insert_with(|| table.ranking(*key_hash));
+                    let i = *order.get(*pos)?;
+                    *pos += 1;
+                    if !pool.usable(i) || pool.members[i].backend.in_flight() >= *cap {
+                        continue;
+                    }
+                    i
+                }
+            };
+            if Some(i) != self.pinned {
+                return Some(i);
+            }
+        }
+    }
+
+    /// Called when member `i` could not be reached. Returns `Err` when the plan must stop.
+    pub fn failed(&mut self, i: usize) -> Result<(), Stop> {
+        if Some(i) == self.pinned {
+            if self.reject_if_pinned_fails {
+                self.outcome = Some(Outcome::Rejected);
+                return Err(Stop::Rejected);
+            }
+            if self.outcome.is_some() {
+                self.outcome = Some(Outcome::Redispatched);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the client must get a (new) sticky cookie for the backend that served it.
+    pub fn issue_cookie(&self) -> bool {
+        self.renew || !matches!(self.outcome, Some(Outcome::Hit))
+    }
+}
+
+impl Pool {
+    /// Decides where one request goes.
+    pub fn plan(&self, req: &Parts, client: IpAddr) -> Plan {
+        let mut plan = Plan {
+            pinned: None,
+            pinned_done: false,
+            rest: Rest::Balanced(None),
+            outcome: None,
+            reject_if_pinned_fails: false,
+            renew: false,
+        };
+        match &self.affinity {
+            Affinity::None => {}
+            Affinity::Cookie { cfg, codec, tags } => {
+                let now = unix_now() as u32;
+                let mut outcome = Outcome::New;
+                for value in key::cookie_values(req, &cfg.cookie) {
+                    match codec.decode(value, now) {
+                        Verdict::Invalid => outcome = Outcome::Invalid,
+                        Verdict::Expired => outcome = Outcome::Expired,
+                        Verdict::Valid { key, tag, expires } => {
+                            match tags[key].get(&tag).copied().filter(|&i| self.usable(i)) {
+                                Some(i) => {
+                                    plan.pinned = Some(i);
+                                    outcome = Outcome::Hit;
+                                    plan.reject_if_pinned_fails =
+                                        cfg.on_unavailable == OnUnavailable::Reject;
+                                    let left = u64::from(expires).saturating_sub(u64::from(now));
+                                    plan.renew = cfg.sliding && left < cfg.ttl.as_secs() / 2;
+                                }
+                                None => outcome = Outcome::Redispatched,
+                            }
+                            break;
+                        }
+                    }
+                }
+                plan.outcome = Some(outcome);
+            }
+            Affinity::Learn { cfg } => {
+                let mut outcome = Outcome::New;
+                if let (Some(value), Some(table)) =
+                    (key::cookie_value(req, &cfg.cookie), self.state.learned())
+                {
+                    match table.lookup(value, unix_now()) {
+                        Lookup::Hit(id) => {
+                            match self.by_id.get(&id).copied().filter(|&i| self.usable(i)) {
+                                Some(i) => {
+                                    plan.pinned = Some(i);
+                                    outcome = Outcome::Hit;
+                                }
+                                None => outcome = Outcome::Redispatched,
+                            }
+                        }
+                        Lookup::Expired => outcome = Outcome::Expired,
+                        Lookup::Unknown => {}
+                    }
+                }
+                plan.outcome = Some(outcome);
+            }
+            Affinity::Hash { cfg, table } => match key::extract(&cfg.key, req, client) {
+                None => plan.outcome = Some(Outcome::New),
+                Some(k) => {
+                    let key_hash = consistent_hash::hash_key(&k);
+                    let cap = match cfg.bounded_load {
+                        None => usize::MAX,
+                        Some(c) => {
+                            let usable = (0..self.members.len()).filter(|&i| self.usable(i));
+                            let (n, total) = usable.fold((0, 0), |(n, t), i| {
+                                (n + 1, t + self.members[i].backend.in_flight())
+                            });
+                            load_cap(c, total, n)
+                        }
+                    };
+                    let owner = table
+                        .owner(key_hash)
+                        .filter(|&i| self.usable(i) && self.members[i].backend.in_flight() < cap);
+                    plan.outcome = Some(if owner.is_some() {
+                        Outcome::Hit
+                    } else {
+                        Outcome::Redispatched
+                    });
+                    plan.pinned = owner;
+                    plan.rest = Rest::Ranked {
+                        key_hash,
+                        order: None,
+                        pos: 0,
+                        cap,
+                    };
+                }
+            },
+        }
+        plan
+    }
+
+    /// The `Set-Cookie` value pinning a client to member `i`.
+    pub fn sticky_cookie(&self, i: usize, tls: bool) -> Option<HeaderValue> {
+        let Affinity::Cookie { cfg, codec, .. } = &self.affinity else {
+            return None;
+        };
+        let ttl = cfg.ttl.as_secs();
+        let expires = (unix_now() + ttl).min(u64::from(u32::MAX)) as u32;
+        let value = codec.encode(&self.members[i].backend.id, expires);
+        let mut c = Cookie::build((cfg.cookie.as_str(), value))
+            .path(cfg.path.as_str())
+            .max_age(cookie::time::Duration::seconds(ttl as i64))
+            .http_only(cfg.http_only)
+            .same_site(match cfg.same_site {
+                SameSite::Lax => CookieSameSite::Lax,
+                SameSite::Strict => CookieSameSite::Strict,
+                SameSite::None => CookieSameSite::None,
+            })
+            .secure(match cfg.secure {
+                _ if cfg.same_site == SameSite::None => true,
+                SecureMode::Auto => tls,
+                SecureMode::Always => true,
+                SecureMode::Never => false,
+            });
+        if let Some(d) = &cfg.domain {
+            c = c.domain(d.as_str());
+        }
+        HeaderValue::from_str(&c.build().to_string()).ok()
+    }
+
+    /// Learns from a response of member `i` the session cookie it set (or cleared).
+    pub fn learn_from(&self, i: usize, headers: &HeaderMap) {
+        let (Affinity::Learn { cfg }, Some(table)) = (&self.affinity, self.state.learned()) else {
+            return;
+        };
+        for v in headers.get_all(SET_COOKIE) {
+            let Some(c) = v.to_str().ok().and_then(|s| Cookie::parse(s).ok()) else {
+                continue;
+            };
+            if c.name() != cfg.cookie {
+                continue;
+            }
+            let cleared =
+                c.value().is_empty() || c.max_age().is_some_and(|a| a.is_zero() || a.is_negative());
+            if cleared {
+                table.forget(c.value());
+            } else {
+                table.learn(c.value(), &self.members[i].backend.id, unix_now());
+            }
+        }
+    }
+}
+
+/// Removes cookie `name` from the request's `Cookie` headers: the proxy's own cookie is
+/// not the backend's business.
+pub fn strip_cookie(headers: &mut HeaderMap, name: &str) {
+    if !headers
+        .get_all(COOKIE)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|s| s.contains(name)))
+    {
+        return;
+    }
+    let kept: Vec<String> = headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|pair| {
+            !pair.is_empty() && pair.split_once('=').is_none_or(|(k, _)| k.trim() != name)
+        })
+        .map(str::to_owned)
+        .collect();
+    headers.remove(COOKIE);
+    if !kept.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+            headers.insert(COOKIE, v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strip_cookie_keeps_the_others() {
+        let mut h = HeaderMap::new();
+        h.append(COOKIE, HeaderValue::from_static("a=1; SW=xyz; b=2"));
+        h.append(COOKIE, HeaderValue::from_static("SW=other"));
+        strip_cookie(&mut h, "SW");
+        assert_eq!(h.get_all(COOKIE).iter().count(), 1);
+        assert_eq!(h[COOKIE], "a=1; b=2");
+        let mut only = HeaderMap::new();
+        only.insert(COOKIE, HeaderValue::from_static("SW=1"));
+        strip_cookie(&mut only, "SW");
+        assert!(only.get(COOKIE).is_none());
+    }
+}

@@ -1,0 +1,232 @@
+//! A pool as one snapshot sees it, and the per-pool state that outlives snapshots.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use crate::balance::consistent_hash::HashTable;
+use crate::balance::learned::Learned;
+use crate::balance::sticky_cookie::{self, Codec, Tag};
+use crate::balance::Selector;
+use crate::config::{AffinityConfig, HashConfig, LearnConfig, Policy, PoolConfig, StickyConfig};
+use crate::upstream::Backend;
+
+/// What a pool keeps across configuration snapshots, found again by pool name.
+#[derive(Debug, Default)]
+pub struct PoolState {
+    pub stats: AffinityStats,
+    /// The learned session table (sticky_learn pools).
+    learned: OnceLock<Learned>,
+    /// The secret used when none is configured: random, made once per process.
+    generated_secret: OnceLock<Vec<u8>>,
+}
+
+impl PoolState {
+    pub fn learned(&self) -> Option<&Learned> {
+        self.learned.get()
+    }
+}
+
+/// How affinity decisions turned out, for `/status` (and, later, metrics).
+#[derive(Debug, Default)]
+pub struct AffinityStats {
+    counts: [AtomicU64; 6],
+}
+
+/// The outcome of one affinity decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The client went to the backend its cookie, session or key points at.
+    Hit,
+    /// No affinity yet: a backend was chosen by balancing.
+    New,
+    /// The cookie or learned session had expired: treated as new.
+    Expired,
+    /// The cookie was forged, truncated, from another pool or garbage: treated as new.
+    Invalid,
+    /// The backend it points at is gone, drained or down: another one was chosen.
+    Redispatched,
+    /// The backend it points at is down and the pool says to answer 503.
+    Rejected,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 6] = [
+        Outcome::Hit,
+        Outcome::New,
+        Outcome::Expired,
+        Outcome::Invalid,
+        Outcome::Redispatched,
+        Outcome::Rejected,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Hit => "hit",
+            Outcome::New => "new",
+            Outcome::Expired => "expired",
+            Outcome::Invalid => "invalid",
+            Outcome::Redispatched => "redispatched",
+            Outcome::Rejected => "rejected",
+        }
+    }
+}
+
+impl AffinityStats {
+    pub fn count(&self, o: Outcome) {
+        self.counts[o as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self, o: Outcome) -> u64 {
+        self.counts[o as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// A backend with what this snapshot says about it.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub backend: Arc<Backend>,
+    pub weight: u32,
+    /// Takes no new sessions (`drain = true`).
+    pub draining: bool,
+}
+
+/// The affinity machinery of one pool in one snapshot.
+#[derive(Debug)]
+pub enum Affinity {
+    None,
+    Cookie {
+        cfg: StickyConfig,
+        codec: Codec,
+        /// Per signing key: backend tag → member index.
+        tags: Vec<HashMap<Tag, usize>>,
+    },
+    Learn {
+        cfg: LearnConfig,
+    },
+    Hash {
+        cfg: HashConfig,
+        /// Over all members, draining ones included.
+        table: HashTable,
+    },
+}
+
+/// A pool as this snapshot sees it.
+#[derive(Debug)]
+pub struct Pool {
+    pub name: Arc<str>,
+    pub policy: Policy,
+    pub members: Vec<Member>,
+    /// Indices of members that take new sessions.
+    pub eligible: Vec<usize>,
+    /// Balances over `eligible`.
+    selector: Selector,
+    /// Backend id → member index.
+    pub by_id: HashMap<Arc<str>, usize>,
+    pub affinity: Affinity,
+    pub state: Arc<PoolState>,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub retries: u32,
+    pub drain_timeout: Duration,
+}
+
+impl Pool {
+    /// Builds the snapshot view of a pool from its config, its backends (carried or new)
+    /// and its lasting state.
+    pub fn build(pc: &PoolConfig, backends: Vec<Arc<Backend>>, state: Arc<PoolState>) -> Pool {
+        let members: Vec<Member> = pc
+            .backends
+            .iter()
+            .zip(backends)
+            .map(|(bc, backend)| {
+                backend.set_draining(bc.drain);
+                Member {
+                    backend,
+                    weight: bc.weight,
+                    draining: bc.drain,
+                }
+            })
+            .collect();
+        let eligible: Vec<usize> = (0..members.len())
+            .filter(|&i| !members[i].draining)
+            .collect();
+        let weights: Vec<u32> = eligible.iter().map(|&i| members[i].weight).collect();
+        let by_id = members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.backend.id.clone(), i))
+            .collect();
+        let ids = || members.iter().map(|m| &*m.backend.id);
+        let affinity = match &pc.affinity {
+            AffinityConfig::None => Affinity::None,
+            AffinityConfig::Cookie(cfg) => {
+                let secrets: Vec<Vec<u8>> = if cfg.secrets.is_empty() {
+                    let s = state.generated_secret.get_or_init(|| {
+                        tracing::warn!(
+                            pool = %pc.name,
+                            "no sticky cookie secret configured: using a random one; affinity will not survive a restart or span several proxies"
+                        );
+                        sticky_cookie::random_secret()
+                    });
+                    vec![s.clone()]
+                } else {
+                    cfg.secrets.iter().map(|s| s.0.clone()).collect()
+                };
+                let codec = Codec::new(&pc.name, &secrets);
+                let tags = codec.tag_tables(ids());
+                Affinity::Cookie {
+                    cfg: cfg.clone(),
+                    codec,
+                    tags,
+                }
+            }
+            AffinityConfig::Learn(cfg) => {
+                let ttl = cfg.ttl.as_secs().max(1);
+                match state.learned.get() {
+                    Some(l) => l.set_limits(ttl, cfg.max_entries),
+                    None => {
+                        let _ = state.learned.set(Learned::new(ttl, cfg.max_entries));
+                    }
+                }
+                Affinity::Learn { cfg: cfg.clone() }
+            }
+            AffinityConfig::Hash(cfg) => {
+                let ids: Vec<&str> = ids().collect();
+                let w: Vec<u32> = members.iter().map(|m| m.weight).collect();
+                Affinity::Hash {
+                    cfg: cfg.clone(),
+                    table: HashTable::new(&ids, &w),
+                }
+            }
+        };
+        Pool {
+            name: Arc::from(pc.name.as_str()),
+            policy: pc.policy,
+            selector: Selector::build(pc.policy, &weights),
+            members,
+            eligible,
+            by_id,
+            affinity,
+            state,
+            connect_timeout: pc.connect_timeout,
+            response_timeout: pc.response_timeout,
+            retries: pc.retries,
+            drain_timeout: pc.drain_timeout,
+        }
+    }
+
+    /// Positions in `eligible`, in balancing order.
+    pub(crate) fn selector_candidates(&self) -> crate::balance::Candidates {
+        self.selector.candidates(|i| {
+            let m = &self.members[self.eligible[i]];
+            (m.backend.in_flight(), m.weight)
+        })
+    }
+
+    /// Whether member `i` may serve a client whose affinity points at it.
+    pub fn usable(&self, i: usize) -> bool {
+        !self.members[i].backend.drain_expired(self.drain_timeout)
+    }
+}
