@@ -17,6 +17,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::pool::{Affinity, Outcome};
 use crate::runtime::Runtime;
 use crate::server::stopped;
 
@@ -78,11 +79,64 @@ fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
             );
             r
         }
+        (&Method::GET, path) if owner_pool(path).is_some() => owner(
+            &state.runtime.load(),
+            owner_pool(path).unwrap_or_default(),
+            req.uri().query(),
+        ),
         (_, "/healthz" | "/readyz" | "/status") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// The NAME of `/pools/NAME/owner`.
+fn owner_pool(path: &str) -> Option<&str> {
+    path.strip_prefix("/pools/")?.strip_suffix("/owner")
+}
+
+/// `GET /pools/NAME/owner?key=K`: which backend owns hash key `K` now, and the order
+/// the key would fall back in.
+fn owner(rt: &Runtime, name: &str, query: Option<&str>) -> Response<Full<Bytes>> {
+    let Some(pool) = rt.pool(name) else {
+        return text(StatusCode::NOT_FOUND, "no such pool\n");
+    };
+    let key = query.and_then(|q| {
+        form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "key")
+            .map(|(_, v)| v.into_owned())
+    });
+    let Some(key) = key else {
+        return text(StatusCode::BAD_REQUEST, "missing ?key=\n");
+    };
+    match pool.hash_candidates(key.as_bytes()) {
+        None => text(
+            StatusCode::BAD_REQUEST,
+            "this pool does not use consistent_hash\n",
+        ),
+        Some(order) => {
+            let ids: Vec<&str> = order
+                .iter()
+                .map(|&i| &*pool.members[i].backend.id)
+                .collect();
+            json_response(&json!({
+                "pool": name,
+                "key": key,
+                "owner": ids.first(),
+                "candidates": ids,
+            }))
+        }
+    }
+}
+
+fn json_response(v: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
@@ -111,7 +165,7 @@ pub fn status(rt: &Runtime) -> serde_json::Value {
                         "address": b.address.to_string(),
                         "weight": m.weight,
                         "healthy": true,
-                        "draining": false,
+                        "draining": b.is_draining(),
                         "in_flight": b.in_flight(),
                         "requests": b.requests(),
                         "connections_opened": b.pool.connections_opened(),
@@ -119,7 +173,19 @@ pub fn status(rt: &Runtime) -> serde_json::Value {
                     })
                 })
                 .collect();
-            json!({ "name": &*p.name, "policy": p.policy.as_str(), "backends": backends })
+            let mut doc =
+                json!({ "name": &*p.name, "policy": p.policy.as_str(), "backends": backends });
+            if !matches!(p.affinity, Affinity::None) {
+                let outcomes: serde_json::Map<String, serde_json::Value> = Outcome::ALL
+                    .iter()
+                    .map(|&o| (o.as_str().to_owned(), json!(p.state.stats.get(o))))
+                    .collect();
+                doc["affinity"] = json!(outcomes);
+            }
+            if let Some(l) = p.state.learned() {
+                doc["sessions_learned"] = json!(l.len());
+            }
+            doc
         })
         .collect();
     json!({

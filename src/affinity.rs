@@ -215,6 +215,16 @@ impl Pool {
         plan
     }
 
+    /// For a consistent_hash pool: the members in the order `key` would try them now
+    /// (owner first), skipping drained-out ones; `None` for other pools.
+    pub fn hash_candidates(&self, key: &[u8]) -> Option<Vec<usize>> {
+        let Affinity::Hash { table, .. } = &self.affinity else {
+            return None;
+        };
+        let order = table.ranking(consistent_hash::hash_key(key));
+        Some(order.into_iter().filter(|&i| self.usable(i)).collect())
+    }
+
     /// The `Set-Cookie` value pinning a client to member `i`.
     pub fn sticky_cookie(&self, i: usize, tls: bool) -> Option<HeaderValue> {
         let Affinity::Cookie { cfg, codec, .. } = &self.affinity else {

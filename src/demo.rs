@@ -215,8 +215,12 @@ policy = "round_robin"
 backends = [{web}]
 
 [pools.carts]
-policy = "round_robin"
+policy = "sticky_cookie"
 backends = [{carts}]
+
+[pools.carts.sticky]
+cookie = "SWITCHYARD"
+ttl = "1h"
 "#,
         web = list("web", web),
         carts = list("cart", carts),
@@ -248,7 +252,7 @@ pub async fn demo(shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         "Switchyard demo: proxy on http://{p}, admin on http://{a}\n\
          \n  stateless pool \"web\" (round robin over web-1, web-2, web-3):\n\
          \x20   for i in 1 2 3 4 5 6; do curl -s http://{p}/ | grep '\"backend\"'; done\n\
-         \n  stateful pool \"carts\" (per-session visit counter, cookie jar kept by curl):\n\
+         \n  stateful pool \"carts\" (sticky cookie; the per-session visit counter counts up, cookie jar kept by curl):\n\
          \x20   for i in 1 2 3 4; do curl -s -b /tmp/sy.jar -c /tmp/sy.jar http://{p}/cart | grep -E '\"(backend|visits)\"'; done\n\
          \n  status:    curl -s http://{a}/status\n\
          \x20 h2c:       curl -s --http2-prior-knowledge http://{p}/\n\

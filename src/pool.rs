@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use crate::balance::consistent_hash::HashTable;
@@ -80,6 +80,18 @@ impl AffinityStats {
 
     pub fn get(&self, o: Outcome) -> u64 {
         self.counts[o as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// Drops expired learned sessions now and then, so sessions that are never asked for
+/// again do not wait for eviction. Ends when the pool's state is dropped.
+async fn sweep_learned(state: Weak<PoolState>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let Some(state) = state.upgrade() else { return };
+        if let Some(l) = state.learned() {
+            l.sweep(crate::affinity::unix_now());
+        }
     }
 }
 
@@ -188,6 +200,9 @@ impl Pool {
                     Some(l) => l.set_limits(ttl, cfg.max_entries),
                     None => {
                         let _ = state.learned.set(Learned::new(ttl, cfg.max_entries));
+                        if tokio::runtime::Handle::try_current().is_ok() {
+                            tokio::spawn(sweep_learned(Arc::downgrade(&state)));
+                        }
                     }
                 }
                 Affinity::Learn { cfg: cfg.clone() }

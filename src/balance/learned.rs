@@ -3,7 +3,8 @@
 //! value go back to it.
 //!
 //! Entries expire after `ttl` without use. The table never holds more than
-//! `max_entries`: when full, the least recently used sixty-fourth is evicted in one pass,
+//! `max_entries`: when full, the least recently used sixty-fourth (by a logical clock of uses) is evicted in
+//! one pass,
 //! so the scan is paid once per many inserts rather than on each.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -17,13 +18,17 @@ pub struct Learned {
     map: DashMap<Box<str>, Entry>,
     ttl_secs: AtomicU64,
     max_entries: AtomicUsize,
+    /// Logical clock for recency: strictly orders uses, even within one second.
+    ticks: AtomicU64,
 }
 
 #[derive(Debug)]
 struct Entry {
     backend: Arc<str>,
-    /// Unix seconds of the last request that used this entry.
+    /// Unix seconds of the last request that used this entry (for the ttl).
     last_used: AtomicU64,
+    /// `ticks` at the last use (for evicting the least recently used).
+    stamp: AtomicU64,
 }
 
 /// What the table knows of a session value.
@@ -42,6 +47,7 @@ impl Learned {
             map: DashMap::new(),
             ttl_secs: AtomicU64::new(ttl_secs),
             max_entries: AtomicUsize::new(max_entries.max(1)),
+            ticks: AtomicU64::new(0),
         }
     }
 
@@ -67,6 +73,7 @@ impl Learned {
             Some(e) => {
                 if now.saturating_sub(e.last_used.load(Ordering::Relaxed)) < ttl {
                     e.last_used.store(now, Ordering::Relaxed);
+                    e.stamp.store(self.tick(), Ordering::Relaxed);
                     return Lookup::Hit(e.backend.clone());
                 }
                 true
@@ -85,6 +92,7 @@ impl Learned {
         if let Some(e) = self.map.get(value) {
             if *e.backend == **backend {
                 e.last_used.store(now, Ordering::Relaxed);
+                e.stamp.store(self.tick(), Ordering::Relaxed);
                 return;
             }
         }
@@ -98,8 +106,13 @@ impl Learned {
             Entry {
                 backend: backend.clone(),
                 last_used: AtomicU64::new(now),
+                stamp: AtomicU64::new(self.tick()),
             },
         );
+    }
+
+    fn tick(&self) -> u64 {
+        self.ticks.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Drops a session the application ended (it cleared the cookie).
@@ -122,7 +135,7 @@ impl Learned {
         let mut ages: Vec<u64> = self
             .map
             .iter()
-            .map(|e| e.last_used.load(Ordering::Relaxed))
+            .map(|e| e.stamp.load(Ordering::Relaxed))
             .collect();
         if ages.is_empty() {
             return;
@@ -132,7 +145,7 @@ impl Learned {
         let cutoff = *cutoff;
         let mut removed = 0;
         self.map.retain(|_, e| {
-            if removed < batch && e.last_used.load(Ordering::Relaxed) <= cutoff {
+            if removed < batch && e.stamp.load(Ordering::Relaxed) <= cutoff {
                 removed += 1;
                 false
             } else {
@@ -173,12 +186,19 @@ mod tests {
     fn never_exceeds_max_entries_and_evicts_oldest() {
         let t = Learned::new(1_000_000, 128);
         for i in 0..1000u64 {
-            t.learn(&format!("s{i}"), &id("a"), i);
+            // All within one second: recency, not the clock, decides.
+            t.learn(&format!("s{i}"), &id("a"), 7);
             assert!(t.len() <= 128);
         }
-        // The newest survive, the oldest are gone.
-        assert_eq!(t.lookup("s999", 1000), Lookup::Hit(id("a")));
-        assert_eq!(t.lookup("s0", 1000), Lookup::Unknown);
+        // Using an old entry makes it recent: it survives the next evictions.
+        assert_eq!(t.lookup("s900", 7), Lookup::Hit(id("a")));
+        for i in 1000..1100u64 {
+            t.learn(&format!("s{i}"), &id("a"), 7);
+        }
+        assert_eq!(t.lookup("s900", 7), Lookup::Hit(id("a")));
+        assert_eq!(t.lookup("s1099", 7), Lookup::Hit(id("a")));
+        assert_eq!(t.lookup("s0", 7), Lookup::Unknown);
+        assert_eq!(t.lookup("s950", 7), Lookup::Unknown);
     }
 
     #[test]

@@ -202,3 +202,106 @@ pub fn list(addrs: &[SocketAddr]) -> String {
         .collect::<Vec<_>>()
         .join(", ")
 }
+
+/// A backend that can be killed (listener and every open connection closed) and started
+/// again on the same address.
+pub struct Killable {
+    pub addr: SocketAddr,
+    name: String,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Killable {
+    pub async fn start(name: &str) -> Killable {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut k = Killable {
+            addr: listener.local_addr().unwrap(),
+            name: name.to_owned(),
+            task: None,
+        };
+        k.serve(listener);
+        k
+    }
+
+    fn serve(&mut self, listener: TcpListener) {
+        let name = self.name.clone();
+        self.task = Some(tokio::spawn(async move {
+            // Connections live in this set, so aborting the task closes them all.
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let name = name.clone();
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let name = name.clone();
+                    async move { Ok::<_, Infallible>(session_answer(&name, &req)) }
+                });
+                conns.spawn(async move {
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        }));
+    }
+
+    /// Closes the listener and all connections; connecting is refused afterwards.
+    pub async fn kill(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+
+    /// Serves again on the same address.
+    pub async fn revive(&mut self) {
+        let listener = TcpListener::bind(self.addr).await.unwrap();
+        self.serve(listener);
+    }
+}
+
+impl Drop for Killable {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+/// Answers with the backend's name; issues a `JSESSIONID` when the request has none,
+/// as an application server would.
+pub fn session_answer(name: &str, req: &Request<Incoming>) -> Resp {
+    let mut r = text(name.to_owned());
+    let has_session = req
+        .headers()
+        .get_all(http::header::COOKIE)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|s| s.contains("JSESSIONID=")));
+    if !has_session && req.uri().path() != "/no-session" {
+        let id = format!("{name}-{:016x}", fastrand::u64(..));
+        r.headers_mut().insert(
+            http::header::SET_COOKIE,
+            format!("JSESSIONID={id}; Path=/; HttpOnly")
+                .parse()
+                .unwrap(),
+        );
+    }
+    r
+}
+
+/// GETs `/status` from the admin listener.
+pub async fn status(proxy: &TestProxy) -> serde_json::Value {
+    fetch(proxy.admin.expect("admin listener"), get("/status"))
+        .await
+        .json()
+}
+
+/// A request with a `Cookie` header.
+pub fn get_with_cookie(path: &str, cookie: &str) -> Request<Full<Bytes>> {
+    Request::get(path)
+        .header("host", "test.local")
+        .header("cookie", cookie)
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}

@@ -1,0 +1,597 @@
+//! Session affinity end to end: sticky cookies, learned sessions and consistent hashing
+//! through the real proxy, against real backends on 127.0.0.1.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use base64::engine::general_purpose::{STANDARD, URL_SAFE, URL_SAFE_NO_PAD};
+use base64::Engine;
+use common::*;
+use switchyard::affinity::unix_now;
+use switchyard::balance::sticky_cookie::Codec;
+
+const SECRET: &str = "a test secret of more than sixteen bytes";
+
+/// Sets a uniquely named environment variable to the test secret and returns its name.
+fn secret_env(tag: &str) -> String {
+    let name = format!("SWITCHYARD_TEST_SECRET_{tag}");
+    std::env::set_var(&name, SECRET);
+    name
+}
+
+fn sticky_pool(name: &str, backends: &[std::net::SocketAddr], extra: &str) -> String {
+    let list: Vec<String> = backends
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("{{ address = \"{a}\", id = \"{name}-{}\" }}", i + 1))
+        .collect();
+    format!(
+        "[pools.{name}]\npolicy = \"sticky_cookie\"\nbackends = [{}]\n[pools.{name}.sticky]\n{extra}\n",
+        list.join(", ")
+    )
+}
+
+/// Our cookie's `Set-Cookie` headers in a response.
+fn our_cookies(got: &Got, name: &str) -> Vec<String> {
+    got.headers
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter(|v| v.starts_with(&format!("{name}=")))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `NAME=value` of a `Set-Cookie` header.
+fn pair(set_cookie: &str) -> String {
+    set_cookie.split(';').next().unwrap().to_owned()
+}
+
+fn value(set_cookie: &str) -> String {
+    pair(set_cookie).split_once('=').unwrap().1.to_owned()
+}
+
+#[tokio::test]
+async fn sticky_cookie_pins_a_client_for_a_thousand_requests() {
+    let b = [
+        named_backend("c1").await,
+        named_backend("c2").await,
+        named_backend("c3").await,
+    ];
+    let proxy = TestProxy::start(&config(&sticky_pool("carts", &b, ""))).await;
+    let mut client = Client::connect(proxy.addr).await;
+
+    let first = client.get("/cart").await;
+    assert_eq!(first.status, 200);
+    let ours = our_cookies(&first, "SWITCHYARD");
+    assert_eq!(ours.len(), 1, "{:?}", first.headers);
+    let c = &ours[0];
+    assert_eq!(value(c).len(), 40, "{c}");
+    for attr in ["Path=/", "Max-Age=3600", "HttpOnly", "SameSite=Lax"] {
+        assert!(c.contains(attr), "{attr} missing from {c}");
+    }
+    assert!(
+        !c.contains("Secure"),
+        "plain-text client got a Secure cookie: {c}"
+    );
+    // The application's own cookie passes through untouched, beside ours.
+    let app: Vec<_> = first
+        .headers
+        .get_all("set-cookie")
+        .iter()
+        .filter(|v| v.to_str().unwrap().starts_with("sid="))
+        .collect();
+    assert_eq!(app.len(), 1);
+    assert!(app[0].to_str().unwrap().ends_with("; Path=/; HttpOnly"));
+
+    let backend = first.backend();
+    let cookie = pair(c);
+    let mut visits = 0;
+    for _ in 0..1000 {
+        let got = client
+            .send(get_with_cookie(
+                "/cart",
+                &format!("{cookie}; {}", pair(app[0].to_str().unwrap())),
+            ))
+            .await;
+        assert_eq!(got.backend(), backend);
+        assert!(
+            our_cookies(&got, "SWITCHYARD").is_empty(),
+            "a hit must not re-issue the cookie"
+        );
+        // The proxy's cookie is not forwarded; the application's is.
+        let seen = got.json()["headers"]["cookie"].as_str().unwrap().to_owned();
+        assert!(!seen.contains("SWITCHYARD"), "{seen}");
+        visits = got.json()["visits"].as_u64().unwrap();
+    }
+    assert_eq!(
+        visits, 1001,
+        "the backend's session counter saw every request"
+    );
+    let s = status(&proxy).await;
+    assert_eq!(s["pools"][0]["affinity"]["hit"], 1000);
+    assert_eq!(s["pools"][0]["affinity"]["new"], 1);
+}
+
+#[tokio::test]
+async fn cookie_reveals_no_backend_address_or_port() {
+    let b = [named_backend("c1").await, named_backend("c2").await];
+    // Ids default to the addresses, the worst case for leaking them.
+    let cfg = format!(
+        "[pools.p]\npolicy = \"sticky_cookie\"\nbackends = [\"{}\", \"{}\"]\n",
+        b[0], b[1]
+    );
+    let proxy = TestProxy::start(&config(&cfg)).await;
+    for _ in 0..10 {
+        let got = fetch(proxy.addr, get("/")).await;
+        let v = value(&our_cookies(&got, "SWITCHYARD")[0]);
+        let raw = URL_SAFE_NO_PAD.decode(&v).unwrap();
+        for a in &b {
+            let text = a.to_string();
+            let port = a.port();
+            let octets = match a.ip() {
+                std::net::IpAddr::V4(ip) => ip.octets().to_vec(),
+                std::net::IpAddr::V6(ip) => ip.octets().to_vec(),
+            };
+            let encodings = [
+                text.clone(),
+                port.to_string(),
+                a.ip().to_string(),
+                STANDARD.encode(&text),
+                URL_SAFE.encode(&text),
+                URL_SAFE_NO_PAD.encode(&text),
+                hex(text.as_bytes()),
+                format!("{port:x}"),
+            ];
+            for e in &encodings {
+                assert!(!v.contains(e.as_str()), "cookie {v} contains {e}");
+            }
+            let needles = [
+                port.to_be_bytes().to_vec(),
+                port.to_le_bytes().to_vec(),
+                octets.clone(),
+                text.as_bytes().to_vec(),
+            ];
+            for n in &needles {
+                assert!(
+                    !raw.windows(n.len()).any(|w| w == n.as_slice()),
+                    "cookie bytes {raw:?} contain {n:?}"
+                );
+            }
+        }
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[tokio::test]
+async fn forged_expired_foreign_and_garbage_cookies_are_treated_as_absent() {
+    let env = secret_env("BAD_COOKIES");
+    let b = [named_backend("c1").await, named_backend("c2").await];
+    let cfg = format!(
+        "[[routes]]\npath_prefix = \"/a\"\npool = \"a\"\n[[routes]]\npath_prefix = \"/b\"\npool = \"b\"\n{}{}",
+        sticky_pool("a", &b, &format!("secret_env = \"{env}\"")),
+        sticky_pool("b", &b, &format!("secret_env = \"{env}\""))
+    );
+    let proxy = TestProxy::start(&config(&cfg)).await;
+    let good = value(&our_cookies(&fetch(proxy.addr, get("/a")).await, "SWITCHYARD")[0]);
+
+    // Forged: every single-character change of a valid cookie.
+    let alphabet = ["A", "B", "-", "_", "z", "9"];
+    let mut forged = 0;
+    for i in 0..good.len() {
+        for ch in alphabet {
+            let mut f = good.clone();
+            f.replace_range(i..i + 1, ch);
+            if f == good {
+                continue;
+            }
+            let got = fetch(
+                proxy.addr,
+                get_with_cookie("/a", &format!("SWITCHYARD={f}")),
+            )
+            .await;
+            assert_eq!(got.status, 200);
+            assert_eq!(
+                our_cookies(&got, "SWITCHYARD").len(),
+                1,
+                "forged cookie {f} was accepted"
+            );
+            forged += 1;
+        }
+    }
+
+    // Expired: minted with the real secret, valid but past its expiry.
+    let codec = Codec::new("a", &[SECRET.as_bytes().to_vec()]);
+    let expired = codec.encode("a-1", (unix_now() - 10) as u32);
+    let got = fetch(
+        proxy.addr,
+        get_with_cookie("/a", &format!("SWITCHYARD={expired}")),
+    )
+    .await;
+    assert_eq!(our_cookies(&got, "SWITCHYARD").len(), 1);
+    // And a fresh one minted the same way is honoured: the test's codec is the proxy's.
+    let fresh = codec.encode("a-2", (unix_now() + 600) as u32);
+    for _ in 0..5 {
+        let got = fetch(
+            proxy.addr,
+            get_with_cookie("/a", &format!("SWITCHYARD={fresh}")),
+        )
+        .await;
+        assert_eq!(got.backend(), "c2");
+        assert!(our_cookies(&got, "SWITCHYARD").is_empty());
+    }
+
+    // Foreign: a valid cookie of pool a, sent to pool b (same secret, same backends).
+    let got = fetch(
+        proxy.addr,
+        get_with_cookie("/b", &format!("SWITCHYARD={good}")),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    assert_eq!(our_cookies(&got, "SWITCHYARD").len(), 1);
+
+    // Garbage of all kinds.
+    let garbage = [
+        "",
+        "x",
+        "%00%ff",
+        "\"quoted\"",
+        &"A".repeat(40),
+        &"A".repeat(4000),
+        "é",
+        "a=b=c",
+        "==",
+    ];
+    for g in garbage {
+        let got = fetch(
+            proxy.addr,
+            get_with_cookie("/a", &format!("SWITCHYARD={g}")),
+        )
+        .await;
+        assert_eq!(got.status, 200, "{g:?}");
+    }
+
+    let s = status(&proxy).await;
+    let a = &s["pools"][0]["affinity"];
+    assert_eq!(a["expired"], 1, "{s}");
+    assert!(a["invalid"].as_u64().unwrap() >= forged, "{s}");
+    assert_eq!(s["pools"][1]["affinity"]["invalid"], 1, "{s}");
+}
+
+#[tokio::test]
+async fn down_backend_redispatches_and_reissues_the_cookie() {
+    let mut x = Killable::start("x").await;
+    let y = Killable::start("y").await;
+    let proxy = TestProxy::start(&config(&sticky_pool("p", &[x.addr, y.addr], ""))).await;
+    // Find a cookie for x.
+    let mut cookie = None;
+    for _ in 0..4 {
+        let got = fetch(proxy.addr, get("/no-session")).await;
+        if got.body == "x" {
+            cookie = Some(pair(&our_cookies(&got, "SWITCHYARD")[0]));
+            break;
+        }
+    }
+    let cookie = cookie.expect("round robin reached x");
+    x.kill().await;
+    let got = fetch(proxy.addr, get_with_cookie("/no-session", &cookie)).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.body, "y");
+    let reissued = our_cookies(&got, "SWITCHYARD");
+    assert_eq!(reissued.len(), 1);
+    let new_cookie = pair(&reissued[0]);
+    assert_ne!(new_cookie, cookie);
+    for _ in 0..10 {
+        let got = fetch(proxy.addr, get_with_cookie("/no-session", &new_cookie)).await;
+        assert_eq!(got.body, "y");
+        assert!(our_cookies(&got, "SWITCHYARD").is_empty());
+    }
+    assert_eq!(
+        status(&proxy).await["pools"][0]["affinity"]["redispatched"],
+        1
+    );
+    drop(y);
+}
+
+#[tokio::test]
+async fn reject_answers_503_and_keeps_the_cookie() {
+    let mut x = Killable::start("x").await;
+    let y = Killable::start("y").await;
+    let proxy = TestProxy::start(&config(&sticky_pool(
+        "p",
+        &[x.addr, y.addr],
+        "on_unavailable = \"reject\"",
+    )))
+    .await;
+    let first = fetch(proxy.addr, get("/no-session")).await;
+    assert_eq!(first.body, "x", "round robin starts with the first backend");
+    let cookie = pair(&our_cookies(&first, "SWITCHYARD")[0]);
+    x.kill().await;
+    let got = fetch(proxy.addr, get_with_cookie("/no-session", &cookie)).await;
+    assert_eq!(got.status, 503);
+    assert!(our_cookies(&got, "SWITCHYARD").is_empty());
+    x.revive().await;
+    let got = fetch(proxy.addr, get_with_cookie("/no-session", &cookie)).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(
+        got.body, "x",
+        "the kept cookie leads back once the backend is up"
+    );
+    assert_eq!(status(&proxy).await["pools"][0]["affinity"]["rejected"], 1);
+    drop(y);
+}
+
+#[tokio::test]
+async fn draining_backend_keeps_its_sessions_but_takes_no_new_ones() {
+    let env = secret_env("DRAIN");
+    let (a, b) = (named_backend("a").await, named_backend("b").await);
+    let pool = |drain_timeout: &str| {
+        format!(
+            "[pools.p]\npolicy = \"sticky_cookie\"\nbackends = [{{ address = \"{a}\", id = \"a\" }}, {{ address = \"{b}\", id = \"b\", drain = true }}]\n\
+             [pools.p.sticky]\nsecret_env = \"{env}\"\ndrain_timeout = \"{drain_timeout}\"\n"
+        )
+    };
+    let codec = Codec::new("p", &[SECRET.as_bytes().to_vec()]);
+    let on_b = format!(
+        "SWITCHYARD={}",
+        codec.encode("b", (unix_now() + 600) as u32)
+    );
+
+    let proxy = TestProxy::start(&config(&pool("1h"))).await;
+    for _ in 0..50 {
+        assert_eq!(
+            fetch(proxy.addr, get("/")).await.backend(),
+            "a",
+            "a draining backend took a new session"
+        );
+    }
+    for _ in 0..10 {
+        let got = fetch(proxy.addr, get_with_cookie("/", &on_b)).await;
+        assert_eq!(
+            got.backend(),
+            "b",
+            "an existing session left its draining backend early"
+        );
+        assert!(our_cookies(&got, "SWITCHYARD").is_empty());
+    }
+    let s = status(&proxy).await;
+    assert_eq!(s["pools"][0]["backends"][1]["draining"], true);
+
+    let short = TestProxy::start(&config(&pool("10ms"))).await;
+    // What is under test is the drain timeout running out.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let got = fetch(short.addr, get_with_cookie("/", &on_b)).await;
+    assert_eq!(got.backend(), "a");
+    assert_eq!(our_cookies(&got, "SWITCHYARD").len(), 1);
+    assert_eq!(
+        status(&short).await["pools"][0]["affinity"]["redispatched"],
+        1
+    );
+}
+
+#[tokio::test]
+async fn secure_and_same_site_none_attributes() {
+    let a = named_backend("a").await;
+    let cfg = sticky_pool(
+        "p",
+        &[a],
+        "cookie = \"route\"\nsame_site = \"none\"\nhttp_only = false\npath = \"/shop\"\ndomain = \"example.com\"\nttl = \"10m\"",
+    );
+    let proxy = TestProxy::start(&config(&cfg)).await;
+    let got = fetch(proxy.addr, get("/")).await;
+    let c = &our_cookies(&got, "route")[0];
+    for attr in [
+        "Path=/shop",
+        "Domain=example.com",
+        "Max-Age=600",
+        "SameSite=None",
+        "Secure",
+    ] {
+        assert!(c.contains(attr), "{attr} missing from {c}");
+    }
+    assert!(!c.contains("HttpOnly"), "{c}");
+}
+
+fn learn_pool(backends: &[std::net::SocketAddr], extra: &str) -> String {
+    let list: Vec<String> = backends
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("{{ address = \"{a}\", id = \"s{}\" }}", i + 1))
+        .collect();
+    format!(
+        "[pools.s]\npolicy = \"sticky_learn\"\nbackends = [{}]\n[pools.s.learn]\ncookie = \"JSESSIONID\"\n{extra}\n",
+        list.join(", ")
+    )
+}
+
+#[tokio::test]
+async fn learned_sessions_stick_to_the_backend_that_issued_them() {
+    let (x, y, z) = (
+        Killable::start("x").await,
+        Killable::start("y").await,
+        Killable::start("z").await,
+    );
+    let proxy = TestProxy::start(&config(&learn_pool(&[x.addr, y.addr, z.addr], ""))).await;
+    let mut owners = HashMap::new();
+    for _ in 0..6 {
+        let got = fetch(proxy.addr, get("/")).await;
+        let set = got.headers["set-cookie"].to_str().unwrap().to_owned();
+        owners.insert(pair(&set), String::from_utf8(got.body.to_vec()).unwrap());
+    }
+    assert_eq!(
+        owners.values().collect::<HashSet<_>>().len(),
+        3,
+        "sessions spread by balancing"
+    );
+    for (session, owner) in &owners {
+        for _ in 0..100 {
+            let got = fetch(proxy.addr, get_with_cookie("/", session)).await;
+            assert_eq!(&String::from_utf8(got.body.to_vec()).unwrap(), owner);
+        }
+    }
+    // An unknown session value is balanced normally, and the table learns nothing new.
+    let got = fetch(proxy.addr, get_with_cookie("/", "JSESSIONID=never-issued")).await;
+    assert_eq!(got.status, 200);
+    let s = status(&proxy).await;
+    assert_eq!(s["pools"][0]["sessions_learned"], 6);
+    assert_eq!(s["pools"][0]["affinity"]["hit"], 600);
+    drop((x, y, z));
+}
+
+#[tokio::test]
+async fn learned_table_is_bounded_and_follows_a_down_backend() {
+    let (mut x, y) = (Killable::start("x").await, Killable::start("y").await);
+    let proxy = TestProxy::start(&config(&learn_pool(&[x.addr, y.addr], "max_entries = 3"))).await;
+    let mut sessions = Vec::new();
+    for _ in 0..10 {
+        let got = fetch(proxy.addr, get("/")).await;
+        sessions.push((
+            pair(got.headers["set-cookie"].to_str().unwrap()),
+            got.body.clone(),
+        ));
+        let n = status(&proxy).await["pools"][0]["sessions_learned"]
+            .as_u64()
+            .unwrap();
+        assert!(n <= 3, "{n} sessions learned with max_entries = 3");
+    }
+    // The newest session of x (round robin alternates x, y) is still known; x goes
+    // down; the request is redispatched to y.
+    let (session, owner) = sessions[8].clone();
+    assert_eq!(owner, "x");
+    assert_eq!(
+        fetch(proxy.addr, get_with_cookie("/", &session)).await.body,
+        "x"
+    );
+    x.kill().await;
+    let got = fetch(proxy.addr, get_with_cookie("/", &session)).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.body, "y");
+    let s = status(&proxy).await;
+    assert_eq!(s["pools"][0]["affinity"]["hit"], 1);
+    assert_eq!(s["pools"][0]["affinity"]["redispatched"], 1);
+    drop(y);
+}
+
+fn hash_pool(backends: &[(String, std::net::SocketAddr)], extra: &str) -> String {
+    let list: Vec<String> = backends
+        .iter()
+        .map(|(id, a)| format!("{{ address = \"{a}\", id = \"{id}\" }}"))
+        .collect();
+    format!(
+        "[pools.h]\npolicy = \"consistent_hash\"\nhash_key = [\"header:X-User-Id\", \"query:user\"]\nbackends = [{}]\n{extra}\n",
+        list.join(", ")
+    )
+}
+
+fn user(path: &str, id: &str) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    http::Request::get(path)
+        .header("host", "t")
+        .header("x-user-id", id)
+        .body(Default::default())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn hash_placement_is_stable_and_independent_of_list_order() {
+    let names = ["h1", "h2", "h3", "h4"];
+    let mut backends = Vec::new();
+    for n in names {
+        backends.push((n.to_owned(), named_backend(n).await));
+    }
+    let p1 = TestProxy::start(&config(&hash_pool(&backends, ""))).await;
+    let mut reversed = backends.clone();
+    reversed.reverse();
+    let p2 = TestProxy::start(&config(&hash_pool(&reversed, ""))).await;
+    let mut used = HashSet::new();
+    let admin = p1.admin.unwrap();
+    for u in 0..200 {
+        let id = format!("user-{u}");
+        let a = fetch(p1.addr, user("/", &id)).await.backend();
+        let b = fetch(p2.addr, user("/", &id)).await.backend();
+        assert_eq!(a, b, "{id}");
+        let again = fetch(p1.addr, user("/", &id)).await.backend();
+        assert_eq!(a, again);
+        let owner = fetch(admin, get(&format!("/pools/h/owner?key={id}")))
+            .await
+            .json();
+        assert_eq!(owner["owner"], a.as_str());
+        used.insert(a);
+    }
+    assert_eq!(used.len(), 4, "keys spread over every backend");
+    // The query source is used when the header is absent.
+    let by_query = fetch(p1.addr, get("/?user=user-7")).await.backend();
+    assert_eq!(
+        by_query,
+        fetch(p1.addr, user("/", "user-7")).await.backend()
+    );
+}
+
+#[tokio::test]
+async fn hash_keys_fail_over_and_come_back() {
+    let mut ks = Vec::new();
+    for n in ["k1", "k2", "k3"] {
+        ks.push(Killable::start(n).await);
+    }
+    let backends: Vec<(String, std::net::SocketAddr)> = ks
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (format!("k{}", i + 1), k.addr))
+        .collect();
+    let proxy = TestProxy::start(&config(&hash_pool(&backends, ""))).await;
+    let body = |g: &Got| String::from_utf8(g.body.to_vec()).unwrap();
+    let mut owner_of = HashMap::new();
+    for u in 0..60 {
+        let id = format!("u{u}");
+        owner_of.insert(
+            id.clone(),
+            body(&fetch(proxy.addr, user("/no-session", &id)).await),
+        );
+    }
+    ks[0].kill().await;
+    for (id, owner) in &owner_of {
+        let got = fetch(proxy.addr, user("/no-session", id)).await;
+        assert_eq!(got.status, 200, "{id}");
+        if owner == "k1" {
+            assert_ne!(body(&got), "k1");
+        } else {
+            assert_eq!(&body(&got), owner, "a key whose backend is up moved");
+        }
+    }
+    ks[0].revive().await;
+    for (id, owner) in &owner_of {
+        assert_eq!(
+            &body(&fetch(proxy.addr, user("/no-session", id)).await),
+            owner,
+            "{id} did not come back"
+        );
+    }
+    let s = status(&proxy).await;
+    assert!(s["pools"][0]["affinity"]["redispatched"].as_u64().unwrap() > 0);
+}
+
+#[tokio::test]
+async fn owner_endpoint_errors() {
+    let a = named_backend("a").await;
+    let cfg = format!(
+        "[[routes]]\npool = \"rr\"\n[pools.rr]\nbackends = [\"{a}\"]\n{}",
+        hash_pool(&[("a".into(), a)], "")
+    );
+    let proxy = TestProxy::start(&config(&cfg)).await;
+    let admin = proxy.admin.unwrap();
+    assert_eq!(
+        fetch(admin, get("/pools/nope/owner?key=1")).await.status,
+        404
+    );
+    assert_eq!(fetch(admin, get("/pools/rr/owner?key=1")).await.status, 400);
+    assert_eq!(fetch(admin, get("/pools/h/owner")).await.status, 400);
+    assert_eq!(fetch(admin, get("/pools/owner")).await.status, 404);
+    assert_eq!(
+        fetch(admin, get("/pools/h/owner?key=1")).await.json()["owner"],
+        "a"
+    );
+}
