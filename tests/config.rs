@@ -9,8 +9,11 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use switchyard::balance::key::KeySource;
 use switchyard::config::{
-    load, parse, AccessLog, BackendAddr, Config, ConfigError, HostMatch, Policy,
+    load, parse, AccessLog, AffinityConfig, BackendAddr, Config, ConfigError, HashConfig,
+    HostMatch, LearnConfig, LoadError, OnUnavailable, Policy, SameSite, Secret, SecureMode,
+    StickyConfig,
 };
 
 const FILE: &str = "test.toml";
@@ -545,6 +548,496 @@ fn unknown_access_log() {
 }
 
 // ---------------------------------------------------------------------------------------
+// Session affinity: sticky cookies, learned sessions, consistent hashing
+
+/// A `sticky_cookie` pool whose `[pools.x.sticky]` header is line 4: its keys start on
+/// line 5.
+const STICKY: &str =
+    "[pools.x]\npolicy = \"sticky_cookie\"\nbackends = [\"127.0.0.1:9001\"]\n[pools.x.sticky]\n";
+
+/// A `sticky_learn` pool whose `[pools.x.learn]` header is line 4: its keys start on
+/// line 5.
+const LEARN: &str =
+    "[pools.x]\npolicy = \"sticky_learn\"\nbackends = [\"127.0.0.1:9001\"]\n[pools.x.learn]\n";
+
+/// A `consistent_hash` pool on lines 1 to 3: further pool keys start on line 4.
+const HASH: &str = "[pools.x]\npolicy = \"consistent_hash\"\nbackends = [\"127.0.0.1:9001\"]\n";
+
+/// `[pools.x.sticky]` holding `cookie = "SID"` on line 5, then `line` alone on line 6.
+fn sticky_line(line: &str) -> String {
+    format!("{STICKY}cookie = \"SID\"\n{line}\n")
+}
+
+/// A TOML literal string naming `path` (no escapes, so any path separator is fine).
+fn toml_path(path: &Path) -> String {
+    format!("'{}'", path.display())
+}
+
+#[test]
+fn unknown_key_in_sticky() {
+    let text = sticky_line("cokie = \"x\"");
+    assert_err(
+        &text,
+        "pools.x.sticky.cokie",
+        6,
+        Some(1),
+        "unknown field `cokie`",
+    );
+    assert!(
+        err(&text).message.contains("`cookie`"),
+        "lists the known keys"
+    );
+}
+
+#[test]
+fn unknown_key_in_learn() {
+    let text = format!("{LEARN}cookie = \"JSESSIONID\"\nmax_entry = 5\n");
+    assert_err(
+        &text,
+        "pools.x.learn.max_entry",
+        6,
+        Some(1),
+        "unknown field `max_entry`",
+    );
+    assert!(
+        err(&text).message.contains("`max_entries`"),
+        "lists the known keys"
+    );
+}
+
+#[test]
+fn learn_table_needs_learn_policy() {
+    let text = format!("{WEB}[pools.web.learn]\ncookie = \"JSESSIONID\"\n");
+    assert_err(
+        &text,
+        "pools.web.learn",
+        3,
+        Some(1),
+        "only used with policy = \"sticky_learn\", but this pool's policy is \"round_robin\"",
+    );
+    // Another stateful policy is no better.
+    let text = "[pools.x]\npolicy = \"sticky_cookie\"\nbackends = [\"127.0.0.1:9001\"]\n[pools.x.learn]\ncookie = \"JSESSIONID\"\n";
+    assert_err(
+        text,
+        "pools.x.learn",
+        4,
+        Some(1),
+        "but this pool's policy is \"sticky_cookie\"",
+    );
+}
+
+#[test]
+fn sticky_table_with_another_stateful_policy() {
+    let text = format!("{HASH}[pools.x.sticky]\ncookie = \"SID\"\n");
+    assert_err(
+        &text,
+        "pools.x.sticky",
+        4,
+        Some(1),
+        "only used with policy = \"sticky_cookie\", but this pool's policy is \"consistent_hash\"",
+    );
+}
+
+#[test]
+fn hash_key_with_a_sticky_policy() {
+    let text = format!("{STICKY}cookie = \"SID\"\n[pools.y]\npolicy = \"sticky_learn\"\nhash_key = [\"path\"]\nbackends = [\"127.0.0.1:9002\"]\n[pools.y.learn]\ncookie = \"JSESSIONID\"\n");
+    assert_err(
+        &text,
+        "pools.y.hash_key",
+        8,
+        Some(12),
+        "only used with policy = \"consistent_hash\", but this pool's policy is \"sticky_learn\"",
+    );
+}
+
+#[test]
+fn bounded_load_needs_hash_policy() {
+    let text = format!("{WEB}bounded_load = 1.5\n");
+    assert_err(
+        &text,
+        "pools.web.bounded_load",
+        3,
+        Some(16),
+        "only used with policy = \"consistent_hash\"",
+    );
+}
+
+#[test]
+fn bad_sticky_cookie_name() {
+    for name in ["my cookie", "a;b", "a=b", "", "caf\u{e9}"] {
+        let text = format!("{STICKY}ttl = \"2h\"\ncookie = \"{name}\"\n");
+        let fragment = format!("invalid cookie name {name:?}");
+        assert_err(&text, "pools.x.sticky.cookie", 6, Some(10), &fragment);
+    }
+}
+
+#[test]
+fn bad_learn_cookie_name() {
+    let text = format!("{LEARN}ttl = \"30m\"\ncookie = \"JSESSION ID\"\n");
+    assert_err(
+        &text,
+        "pools.x.learn.cookie",
+        6,
+        Some(10),
+        "invalid cookie name \"JSESSION ID\"",
+    );
+}
+
+#[test]
+fn sticky_learn_without_learn_table() {
+    let text = "[pools.x]\npolicy = \"sticky_learn\"\nbackends = [\"127.0.0.1:9001\"]\n";
+    assert_err(
+        text,
+        "pools.x.learn",
+        1,
+        Some(1),
+        "policy sticky_learn needs [pools.NAME.learn] with cookie = \"NAME\"",
+    );
+}
+
+#[test]
+fn learn_table_without_cookie() {
+    let text = format!("{LEARN}ttl = \"30m\"\n");
+    assert_err(
+        &text,
+        "pools.x.learn.cookie",
+        4,
+        Some(1),
+        "the name of the application's session cookie is required",
+    );
+}
+
+#[test]
+fn secret_env_naming_an_unset_variable() {
+    let name = "SWITCHYARD_CONFIG_TEST_UNSET_SECRET";
+    std::env::remove_var(name);
+    let text = sticky_line(&format!("secret_env = \"{name}\""));
+    let fragment = format!("environment variable {name} is not set or empty");
+    assert_err(&text, "pools.x.sticky.secret_env", 6, Some(14), &fragment);
+
+    let name = "SWITCHYARD_CONFIG_TEST_EMPTY_SECRET";
+    std::env::set_var(name, "");
+    let text = sticky_line(&format!("secret_env = \"{name}\""));
+    let fragment = format!("environment variable {name} is not set or empty");
+    assert_err(&text, "pools.x.sticky.secret_env", 6, Some(14), &fragment);
+}
+
+#[test]
+fn secret_env_shorter_than_16_bytes() {
+    let name = "SWITCHYARD_CONFIG_TEST_SHORT_SECRET";
+    std::env::set_var(name, "fifteen-bytes!!");
+    let text = sticky_line(&format!("secret_env = \"{name}\""));
+    let fragment =
+        format!("the secret in environment variable {name} is 15 bytes; at least 16 are required");
+    assert_err(&text, "pools.x.sticky.secret_env", 6, Some(14), &fragment);
+}
+
+#[test]
+fn secret_env_of_wrong_type() {
+    for value in [
+        "42",
+        "[]",
+        "[\"\"]",
+        "\"\"",
+        "[\"A_VAR\", 1]",
+        "{ name = \"A_VAR\" }",
+    ] {
+        let text = sticky_line(&format!("secret_env = {value}"));
+        assert_err(
+            &text,
+            "pools.x.sticky.secret_env",
+            6,
+            Some(14),
+            "expected a string or a list of strings",
+        );
+    }
+}
+
+#[test]
+fn secret_file_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("absent.secret");
+    let text = sticky_line(&format!("secret_file = {}", toml_path(&path)));
+    let fragment = format!("cannot read {}", path.display());
+    assert_err(&text, "pools.x.sticky.secret_file", 6, Some(15), &fragment);
+}
+
+#[test]
+fn secret_file_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    for (i, content) in ["", "\n", "  \n\t\n\r\n"].into_iter().enumerate() {
+        let path = dir.path().join(format!("empty-{i}.secret"));
+        std::fs::write(&path, content).unwrap();
+        let text = sticky_line(&format!("secret_file = {}", toml_path(&path)));
+        let fragment = format!("{} holds no secret", path.display());
+        assert_err(&text, "pools.x.sticky.secret_file", 6, Some(15), &fragment);
+    }
+}
+
+#[test]
+fn secret_file_with_a_short_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sticky.secret");
+    std::fs::write(&path, "0123456789abcdef-long-enough\nshort\n").unwrap();
+    let text = sticky_line(&format!("secret_file = {}", toml_path(&path)));
+    let fragment = format!(
+        "the secret in {} is 5 bytes; at least 16 are required",
+        path.display()
+    );
+    assert_err(&text, "pools.x.sticky.secret_file", 6, Some(15), &fragment);
+}
+
+#[test]
+fn secret_file_of_wrong_type() {
+    for value in ["true", "[]", "[\"\"]"] {
+        let text = sticky_line(&format!("secret_file = {value}"));
+        assert_err(
+            &text,
+            "pools.x.sticky.secret_file",
+            6,
+            Some(15),
+            "expected a string or a list of strings",
+        );
+    }
+}
+
+#[test]
+fn secret_file_is_relative_to_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("sticky.secret"),
+        "\n  a-secret-of-more-than-16-bytes  \n\n",
+    )
+    .unwrap();
+    let config = dir.path().join("switchyard.toml");
+    std::fs::write(&config, sticky_line("secret_file = \"sticky.secret\"")).unwrap();
+    let c = load(&config).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        sticky_of(&c).secrets,
+        [Secret(b"a-secret-of-more-than-16-bytes".to_vec())]
+    );
+
+    // Relative to the file, not to the working directory: elsewhere it is not found.
+    let other = tempfile::tempdir().unwrap();
+    let moved = other.path().join("switchyard.toml");
+    std::fs::copy(&config, &moved).unwrap();
+    match load(&moved) {
+        Err(LoadError::Invalid(e)) => {
+            assert_eq!(e.key, "pools.x.sticky.secret_file", "{e}");
+            assert_eq!((e.line, e.column), (6, 15), "{e}");
+            let expected = other.path().join("sticky.secret");
+            assert!(
+                e.message
+                    .contains(&format!("cannot read {}", expected.display())),
+                "{e}"
+            );
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+#[test]
+fn unknown_on_unavailable() {
+    let text = sticky_line("on_unavailable = \"retry\"");
+    assert_err(
+        &text,
+        "pools.x.sticky.on_unavailable",
+        6,
+        Some(18),
+        "unknown value \"retry\"; expected \"redispatch\" or \"reject\"",
+    );
+}
+
+#[test]
+fn secure_of_wrong_type_or_value() {
+    for value in ["\"yes\"", "\"true\"", "\"Auto\"", "1", "[]"] {
+        let text = sticky_line(&format!("secure = {value}"));
+        assert_err(
+            &text,
+            "pools.x.sticky.secure",
+            6,
+            Some(10),
+            "expected \"auto\", true or false",
+        );
+    }
+}
+
+#[test]
+fn unknown_same_site() {
+    let text = sticky_line("same_site = \"lenient\"");
+    assert_err(
+        &text,
+        "pools.x.sticky.same_site",
+        6,
+        Some(13),
+        "unknown value \"lenient\"; expected \"lax\", \"strict\" or \"none\"",
+    );
+}
+
+#[test]
+fn cookie_path_without_leading_slash() {
+    for value in ["cart", "", "/a;b"] {
+        let text = sticky_line(&format!("path = \"{value}\""));
+        assert_err(
+            &text,
+            "pools.x.sticky.path",
+            6,
+            Some(8),
+            "a cookie path starts with '/' and holds no ';'",
+        );
+    }
+}
+
+#[test]
+fn bad_cookie_domain() {
+    for value in [
+        "exa mple.com",
+        "a..b",
+        "example.com:443",
+        "",
+        ".",
+        "*.example.com",
+    ] {
+        let text = sticky_line(&format!("domain = \"{value}\""));
+        let fragment = format!("invalid cookie domain {value:?}");
+        assert_err(&text, "pools.x.sticky.domain", 6, Some(10), &fragment);
+    }
+}
+
+#[test]
+fn sticky_ttl_over_400_days() {
+    let text = sticky_line("ttl = \"401days\"");
+    assert_err(&text, "pools.x.sticky.ttl", 6, Some(7), "at most 400 days");
+    let c = ok(&sticky_line("ttl = \"400days\""));
+    assert_eq!(sticky_of(&c).ttl, Duration::from_secs(400 * 24 * 3600));
+}
+
+#[test]
+fn sticky_ttl_zero() {
+    let text = sticky_line("ttl = \"0s\"");
+    assert_err(
+        &text,
+        "pools.x.sticky.ttl",
+        6,
+        Some(7),
+        "must be greater than zero",
+    );
+}
+
+#[test]
+fn drain_timeout_in_pool_and_in_sticky() {
+    let text = "[pools.x]\npolicy = \"sticky_cookie\"\nbackends = [\"127.0.0.1:9001\"]\ndrain_timeout = \"1m\"\n[pools.x.sticky]\ndrain_timeout = \"2m\"\n";
+    assert_err(
+        text,
+        "pools.x.drain_timeout",
+        4,
+        Some(17),
+        "drain_timeout is set both here and in [sticky]; keep one",
+    );
+}
+
+#[test]
+fn bad_drain_timeout() {
+    let text = format!("{WEB}drain_timeout = \"soon\"\n");
+    assert_err(
+        &text,
+        "pools.web.drain_timeout",
+        3,
+        Some(17),
+        "invalid duration \"soon\"",
+    );
+    let text = format!("{WEB}drain_timeout = \"0s\"\n");
+    assert_err(
+        &text,
+        "pools.web.drain_timeout",
+        3,
+        Some(17),
+        "must be greater than zero",
+    );
+    let text = sticky_line("drain_timeout = \"5\"");
+    assert_err(
+        &text,
+        "pools.x.sticky.drain_timeout",
+        6,
+        Some(17),
+        "invalid duration \"5\"",
+    );
+}
+
+#[test]
+fn empty_hash_key() {
+    let text = format!("{HASH}hash_key = []\n");
+    assert_err(
+        &text,
+        "pools.x.hash_key",
+        4,
+        Some(12),
+        "at least one key source is required",
+    );
+}
+
+#[test]
+fn unknown_hash_key_source() {
+    let text = format!("{HASH}hash_key = [\"header:X-User-Id\", \"ip\"]\n");
+    assert_err(
+        &text,
+        "pools.x.hash_key[1]",
+        4,
+        Some(33),
+        "unknown key source \"ip\"; expected header:NAME, cookie:NAME, query:NAME, path or client_ip",
+    );
+}
+
+#[test]
+fn hash_key_source_without_name() {
+    for what in ["header", "cookie", "query"] {
+        let text = format!("{HASH}hash_key = [\"{what}:\"]\n");
+        let fragment = format!("{what} needs a name");
+        assert_err(&text, "pools.x.hash_key[0]", 4, Some(13), &fragment);
+    }
+}
+
+#[test]
+fn hash_key_invalid_header_name() {
+    let text = format!("{HASH}hash_key = [\"client_ip\", \"header:X User\"]\n");
+    assert_err(
+        &text,
+        "pools.x.hash_key[1]",
+        4,
+        Some(26),
+        "invalid header name \"X User\"",
+    );
+}
+
+#[test]
+fn bounded_load_out_of_range_or_not_a_number() {
+    for value in [
+        "1.0", "1", "0.5", "0", "-2", "101", "100.5", "\"high\"", "nan", "inf",
+    ] {
+        let text = format!("{HASH}bounded_load = {value}\n");
+        assert_err(
+            &text,
+            "pools.x.bounded_load",
+            4,
+            Some(16),
+            "expected a number above 1.0 (e.g. 1.25) and at most 100",
+        );
+    }
+}
+
+#[test]
+fn learn_max_entries_zero() {
+    let text = format!("{LEARN}cookie = \"JSESSIONID\"\nmax_entries = 0\n");
+    assert_err(
+        &text,
+        "pools.x.learn.max_entries",
+        6,
+        Some(15),
+        "0 is out of range; expected 1 to",
+    );
+}
+
+// ---------------------------------------------------------------------------------------
 // Ranges
 
 #[test]
@@ -885,6 +1378,280 @@ fn content_hash_follows_the_text() {
 }
 
 // ---------------------------------------------------------------------------------------
+// Accepted session affinity configurations
+
+#[track_caller]
+fn sticky_of(c: &Config) -> &StickyConfig {
+    match &c.pools[0].affinity {
+        AffinityConfig::Cookie(s) => s,
+        other => panic!("expected sticky cookie affinity, got {other:?}"),
+    }
+}
+
+#[track_caller]
+fn learn_of(c: &Config) -> &LearnConfig {
+    match &c.pools[0].affinity {
+        AffinityConfig::Learn(l) => l,
+        other => panic!("expected learned affinity, got {other:?}"),
+    }
+}
+
+#[track_caller]
+fn hash_of(c: &Config) -> &HashConfig {
+    match &c.pools[0].affinity {
+        AffinityConfig::Hash(h) => h,
+        other => panic!("expected consistent hashing, got {other:?}"),
+    }
+}
+
+fn key_sources(spec: &[&str]) -> Vec<KeySource> {
+    spec.iter().map(|s| KeySource::parse(s).unwrap()).collect()
+}
+
+#[test]
+fn sticky_defaults() {
+    let expected = StickyConfig {
+        cookie: "SWITCHYARD".into(),
+        ttl: Duration::from_secs(3600),
+        secrets: vec![],
+        on_unavailable: OnUnavailable::Redispatch,
+        sliding: false,
+        http_only: true,
+        secure: SecureMode::Auto,
+        same_site: SameSite::Lax,
+        path: "/".into(),
+        domain: None,
+    };
+    // Without a [sticky] table, and with an empty one.
+    let without = "[pools.x]\npolicy = \"sticky_cookie\"\nbackends = [\"127.0.0.1:9001\"]\n";
+    for text in [without, STICKY] {
+        let c = ok(text);
+        assert_eq!(c.pools[0].policy, Policy::StickyCookie);
+        assert_eq!(sticky_of(&c), &expected, "{text}");
+        assert_eq!(c.pools[0].drain_timeout, Duration::from_secs(300));
+    }
+}
+
+#[test]
+fn sticky_every_key_set() {
+    let name = "SWITCHYARD_CONFIG_TEST_EVERY_KEY_SECRET";
+    std::env::set_var(name, "an-environment-secret");
+    let c = ok(&format!(
+        r#"
+[pools.x]
+policy = "sticky_cookie"
+backends = ["127.0.0.1:9001"]
+[pools.x.sticky]
+cookie = "cart_srv"
+ttl = "2h"
+secret_env = "{name}"
+on_unavailable = "reject"
+drain_timeout = "90s"
+sliding = true
+http_only = false
+secure = true
+same_site = "Strict"
+path = "/cart"
+domain = ".Shop.Example.com"
+"#
+    ));
+    assert_eq!(
+        sticky_of(&c),
+        &StickyConfig {
+            cookie: "cart_srv".into(),
+            ttl: Duration::from_secs(7200),
+            secrets: vec![Secret(b"an-environment-secret".to_vec())],
+            on_unavailable: OnUnavailable::Reject,
+            sliding: true,
+            http_only: false,
+            secure: SecureMode::Always,
+            same_site: SameSite::Strict,
+            path: "/cart".into(),
+            domain: Some("shop.example.com".into()),
+        }
+    );
+    // drain_timeout given in [sticky] is the pool's.
+    assert_eq!(c.pools[0].drain_timeout, Duration::from_secs(90));
+
+    let c = ok(&sticky_line("secure = false\nsame_site = \"none\""));
+    assert_eq!(sticky_of(&c).secure, SecureMode::Never);
+    assert_eq!(sticky_of(&c).same_site, SameSite::None);
+    let c = ok(&sticky_line("secure = \"auto\""));
+    assert_eq!(sticky_of(&c).secure, SecureMode::Auto);
+}
+
+#[test]
+fn learn_defaults() {
+    let c = ok(&format!("{LEARN}cookie = \"JSESSIONID\"\n"));
+    assert_eq!(c.pools[0].policy, Policy::StickyLearn);
+    assert_eq!(
+        learn_of(&c),
+        &LearnConfig {
+            cookie: "JSESSIONID".into(),
+            ttl: Duration::from_secs(1800),
+            max_entries: 1_000_000,
+        }
+    );
+    assert_eq!(c.pools[0].drain_timeout, Duration::from_secs(300));
+
+    let c = ok(&format!(
+        "{LEARN}cookie = \"PHPSESSID\"\nttl = \"2h\"\nmax_entries = 5\n"
+    ));
+    assert_eq!(
+        learn_of(&c),
+        &LearnConfig {
+            cookie: "PHPSESSID".into(),
+            ttl: Duration::from_secs(7200),
+            max_entries: 5,
+        }
+    );
+}
+
+#[test]
+fn hash_defaults() {
+    let c = ok(HASH);
+    assert_eq!(c.pools[0].policy, Policy::ConsistentHash);
+    assert_eq!(
+        hash_of(&c),
+        &HashConfig {
+            key: vec![KeySource::ClientIp],
+            bounded_load: None,
+        }
+    );
+    assert_eq!(c.pools[0].drain_timeout, Duration::from_secs(300));
+}
+
+#[test]
+fn hash_key_chain_and_bounded_load() {
+    let c = ok(&format!(
+        "{HASH}hash_key = [\"header:X-User-Id\", \"cookie:uid\", \"query:user\", \"path\", \"client_ip\"]\nbounded_load = 1.25\n"
+    ));
+    let h = hash_of(&c);
+    assert_eq!(
+        h.key,
+        key_sources(&[
+            "header:X-User-Id",
+            "cookie:uid",
+            "query:user",
+            "path",
+            "client_ip"
+        ])
+    );
+    assert_eq!(h.key[3], KeySource::Path);
+    assert_eq!(h.bounded_load, Some(1.25));
+    let c = ok(&format!("{HASH}bounded_load = 100\n"));
+    assert_eq!(hash_of(&c).bounded_load, Some(100.0));
+}
+
+#[test]
+fn integer_bounded_load_is_a_float() {
+    let c = ok(&format!("{HASH}bounded_load = 2\n"));
+    assert_eq!(hash_of(&c).bounded_load, Some(2.0));
+}
+
+#[test]
+fn drain_timeout_default_and_explicit() {
+    assert_eq!(ok(WEB).pools[0].drain_timeout, Duration::from_secs(300));
+    let c = ok(&format!("{WEB}drain_timeout = \"30s\"\n"));
+    assert_eq!(c.pools[0].drain_timeout, Duration::from_secs(30));
+    let c = ok(&format!("{HASH}drain_timeout = \"10m\"\n"));
+    assert_eq!(c.pools[0].drain_timeout, Duration::from_secs(600));
+}
+
+#[test]
+fn backend_drain_flag() {
+    let c = ok(r#"
+[pools.x]
+policy = "consistent_hash"
+backends = [
+    "127.0.0.1:9001",
+    { address = "127.0.0.1:9002", drain = true },
+    { address = "127.0.0.1:9003", drain = false, id = "c" },
+]
+
+[[pools.y.backends]]
+address = "127.0.0.1:9101"
+drain = true
+
+[[routes]]
+pool = "x"
+"#);
+    let drains: Vec<bool> = c.pools[0].backends.iter().map(|b| b.drain).collect();
+    assert_eq!(drains, [false, true, false]);
+    assert_eq!(c.pools[1].name, "y");
+    assert!(c.pools[1].backends[0].drain);
+}
+
+#[test]
+fn drain_must_be_a_boolean() {
+    let text = second_backend("{ address = \"127.0.0.1:9002\", drain = \"yes\" }");
+    let e = err(&text);
+    assert_located(
+        &e,
+        4,
+        None,
+        "invalid type: string \"yes\", expected a boolean",
+    );
+}
+
+#[test]
+fn secret_env_list_keeps_its_order() {
+    let (a, b) = (
+        "SWITCHYARD_CONFIG_TEST_LIST_SECRET_A",
+        "SWITCHYARD_CONFIG_TEST_LIST_SECRET_B",
+    );
+    std::env::set_var(a, "the-current-secret-signs");
+    std::env::set_var(b, "the-previous-secret-verifies");
+    let c = ok(&sticky_line(&format!("secret_env = [\"{a}\", \"{b}\"]")));
+    assert_eq!(
+        sticky_of(&c).secrets,
+        [
+            Secret(b"the-current-secret-signs".to_vec()),
+            Secret(b"the-previous-secret-verifies".to_vec()),
+        ]
+    );
+    let c = ok(&sticky_line(&format!("secret_env = [\"{b}\", \"{a}\"]")));
+    assert_eq!(
+        sticky_of(&c).secrets[0],
+        Secret(b"the-previous-secret-verifies".to_vec())
+    );
+}
+
+#[test]
+fn secrets_from_env_come_before_secrets_from_files() {
+    let name = "SWITCHYARD_CONFIG_TEST_COMBINED_SECRET";
+    std::env::set_var(name, "secret-from-the-environment");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rotation.secret");
+    std::fs::write(
+        &file,
+        "first-secret-in-the-file\r\n\r\nsecond-secret-in-the-file",
+    )
+    .unwrap();
+    // The file is named first in the table: the order is still env, then file.
+    let c = ok(&sticky_line(&format!(
+        "secret_file = {}\nsecret_env = \"{name}\"",
+        toml_path(&file)
+    )));
+    assert_eq!(
+        sticky_of(&c).secrets,
+        [
+            Secret(b"secret-from-the-environment".to_vec()),
+            Secret(b"first-secret-in-the-file".to_vec()),
+            Secret(b"second-secret-in-the-file".to_vec()),
+        ]
+    );
+}
+
+#[test]
+fn secrets_are_not_printed() {
+    let s = Secret(b"do-not-print-this-secret".to_vec());
+    let shown = format!("{s:?}");
+    assert!(!shown.contains("do-not-print"), "{shown}");
+    assert!(shown.contains("24 bytes"), "{shown}");
+}
+
+// ---------------------------------------------------------------------------------------
 // The example files
 
 fn example_files() -> Vec<std::path::PathBuf> {
@@ -950,6 +1717,65 @@ fn the_documented_example_says_what_it_shows() {
             .any(|r| r.host == HostMatch::Any && r.path_prefix == "/"),
         "a catch-all route"
     );
+}
+
+#[test]
+fn the_stateful_example_says_what_it_shows() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/stateful.toml");
+    let c = load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let pools: Vec<(&str, Policy)> = c
+        .pools
+        .iter()
+        .map(|p| (p.name.as_str(), p.policy))
+        .collect();
+    assert_eq!(
+        pools,
+        [
+            ("cache", Policy::ConsistentHash),
+            ("carts", Policy::StickyCookie),
+            ("sessions", Policy::StickyLearn),
+        ]
+    );
+    for p in &c.pools {
+        assert!(
+            c.routes.iter().any(|r| r.pool == p.name),
+            "a route to {}",
+            p.name
+        );
+    }
+    let pool = |name: &str| c.pools.iter().find(|p| p.name == name).unwrap();
+
+    let carts = pool("carts");
+    let AffinityConfig::Cookie(sticky) = &carts.affinity else {
+        panic!("{:?}", carts.affinity)
+    };
+    // It must load on any machine: no secret from the environment or a file.
+    assert!(sticky.secrets.is_empty(), "{sticky:?}");
+    let draining: Vec<&str> = c
+        .pools
+        .iter()
+        .flat_map(|p| &p.backends)
+        .filter(|b| b.drain)
+        .map(|b| b.id.as_str())
+        .collect();
+    assert_eq!(draining, ["cart-3"]);
+    assert_eq!(carts.drain_timeout, Duration::from_secs(300));
+
+    let sessions = pool("sessions");
+    let AffinityConfig::Learn(learn) = &sessions.affinity else {
+        panic!("{:?}", sessions.affinity)
+    };
+    assert_eq!(learn.cookie, "JSESSIONID");
+
+    let cache = pool("cache");
+    let AffinityConfig::Hash(hash) = &cache.affinity else {
+        panic!("{:?}", cache.affinity)
+    };
+    assert_eq!(
+        hash.key,
+        key_sources(&["header:X-User-Id", "cookie:uid", "query:user", "client_ip"])
+    );
+    assert_eq!(hash.bounded_load, Some(1.25));
 }
 
 // ---------------------------------------------------------------------------------------

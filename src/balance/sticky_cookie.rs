@@ -259,7 +259,7 @@ mod tests {
     fn rotation_signs_with_first_and_accepts_all() {
         let old = b"old secret old secret old secret".to_vec();
         let new = b"new secret new secret new secret".to_vec();
-        let before = Codec::new("p", &[old.clone()]);
+        let before = Codec::new("p", std::slice::from_ref(&old));
         let after = Codec::new("p", &[new.clone(), old]);
         let v = before.encode("a", 5_000);
         let Verdict::Valid { key: 1, tag, .. } = after.decode(&v, 1) else {
