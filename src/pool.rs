@@ -100,8 +100,10 @@ async fn sweep_learned(state: Weak<PoolState>) {
 pub struct Member {
     pub backend: Arc<Backend>,
     pub weight: u32,
-    /// Takes no new sessions (`drain = true`).
+    /// Takes no new sessions (`drain = true`, or removed from the config).
     pub draining: bool,
+    /// No longer in the config: kept only while its clients drain.
+    pub removed: bool,
 }
 
 /// The affinity machinery of one pool in one snapshot.
@@ -147,8 +149,15 @@ pub struct Pool {
 impl Pool {
     /// Builds the snapshot view of a pool from its config, its backends (carried or new)
     /// and its lasting state.
-    pub fn build(pc: &PoolConfig, backends: Vec<Arc<Backend>>, state: Arc<PoolState>) -> Pool {
-        let members: Vec<Member> = pc
+    /// `removed` are members of the previous snapshot that left the config and still
+    /// drain; they serve their existing clients and take no new ones.
+    pub fn build(
+        pc: &PoolConfig,
+        backends: Vec<Arc<Backend>>,
+        removed: Vec<Member>,
+        state: Arc<PoolState>,
+    ) -> Pool {
+        let mut members: Vec<Member> = pc
             .backends
             .iter()
             .zip(backends)
@@ -158,9 +167,18 @@ impl Pool {
                     backend,
                     weight: bc.weight,
                     draining: bc.drain,
+                    removed: false,
                 }
             })
             .collect();
+        for m in removed {
+            m.backend.set_draining(true);
+            members.push(Member {
+                draining: true,
+                removed: true,
+                ..m
+            });
+        }
         let eligible: Vec<usize> = (0..members.len())
             .filter(|&i| !members[i].draining)
             .collect();

@@ -6,6 +6,7 @@
 //! unchanged, so in-flight counts and idle connections survive a rebuild.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::config::{Config, HostMatch};
@@ -55,10 +56,18 @@ impl Runtime {
                         },
                     )
                     .collect();
-                let state = previous
-                    .and_then(|p| p.pool(&pc.name))
-                    .map_or_else(Default::default, |p| p.state.clone());
-                Pool::build(pc, backends, state)
+                let prev = previous.and_then(|p| p.pool(&pc.name));
+                let state = prev.map_or_else(Default::default, |p| p.state.clone());
+                // Backends that left the config keep draining until their time is up.
+                let removed = prev.map_or_else(Vec::new, |p| {
+                    p.members
+                        .iter()
+                        .filter(|m| !pc.backends.iter().any(|b| *b.id == *m.backend.id))
+                        .filter(|m| !m.backend.drain_expired(pc.drain_timeout))
+                        .cloned()
+                        .collect()
+                });
+                Pool::build(pc, backends, removed, state)
             })
             .collect();
         let mut routes: Vec<(usize, Route)> = config
@@ -84,6 +93,7 @@ impl Runtime {
                 *i,
             )
         });
+        LIVE_SNAPSHOTS.fetch_add(1, Ordering::Relaxed);
         Runtime {
             generation,
             config: Arc::new(config),
@@ -104,6 +114,30 @@ impl Runtime {
 
     pub fn pool(&self, name: &str) -> Option<&Pool> {
         self.pools.iter().find(|p| &*p.name == name)
+    }
+
+    /// True when a backend removed from the config has finished draining and a rebuild
+    /// would drop it.
+    pub fn has_drained_removals(&self) -> bool {
+        self.pools.iter().any(|p| {
+            p.members
+                .iter()
+                .any(|m| m.removed && m.backend.drain_expired(p.drain_timeout))
+        })
+    }
+}
+
+/// Snapshots alive in this process: old ones must be freed once no request holds them.
+static LIVE_SNAPSHOTS: AtomicUsize = AtomicUsize::new(0);
+
+/// How many snapshots exist right now (current, plus any still held by requests).
+pub fn live_snapshots() -> usize {
+    LIVE_SNAPSHOTS.load(Ordering::Relaxed)
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        LIVE_SNAPSHOTS.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -1473,8 +1473,9 @@ domain = ".Shop.Example.com"
     // drain_timeout given in [sticky] is the pool's.
     assert_eq!(c.pools[0].drain_timeout, Duration::from_secs(90));
 
-    let c = ok(&sticky_line("secure = false\nsame_site = \"none\""));
+    let c = ok(&sticky_line("secure = false\nsame_site = \"strict\""));
     assert_eq!(sticky_of(&c).secure, SecureMode::Never);
+    let c = ok(&sticky_line("secure = true\nsame_site = \"none\""));
     assert_eq!(sticky_of(&c).same_site, SameSite::None);
     let c = ok(&sticky_line("secure = \"auto\""));
     assert_eq!(sticky_of(&c).secure, SecureMode::Auto);
@@ -1524,20 +1525,14 @@ fn hash_defaults() {
 #[test]
 fn hash_key_chain_and_bounded_load() {
     let c = ok(&format!(
-        "{HASH}hash_key = [\"header:X-User-Id\", \"cookie:uid\", \"query:user\", \"path\", \"client_ip\"]\nbounded_load = 1.25\n"
+        "{HASH}hash_key = [\"header:X-User-Id\", \"cookie:uid\", \"query:user\", \"client_ip\"]\nbounded_load = 1.25\n"
     ));
     let h = hash_of(&c);
     assert_eq!(
         h.key,
-        key_sources(&[
-            "header:X-User-Id",
-            "cookie:uid",
-            "query:user",
-            "path",
-            "client_ip"
-        ])
+        key_sources(&["header:X-User-Id", "cookie:uid", "query:user", "client_ip"])
     );
-    assert_eq!(h.key[3], KeySource::Path);
+    assert_eq!(h.key[3], KeySource::ClientIp);
     assert_eq!(h.bounded_load, Some(1.25));
     let c = ok(&format!("{HASH}bounded_load = 100\n"));
     assert_eq!(hash_of(&c).bounded_load, Some(100.0));
@@ -1882,5 +1877,50 @@ fn version() {
     assert!(
         stdout.contains(env!("CARGO_PKG_VERSION")),
         "stdout: {stdout}"
+    );
+}
+
+#[test]
+fn sticky_ttl_below_a_second() {
+    assert_err(
+        &sticky_line("ttl = \"500ms\""),
+        "pools.x.sticky.ttl",
+        6,
+        Some(7),
+        "at least 1s",
+    );
+}
+
+#[test]
+fn same_site_none_needs_secure() {
+    assert_err(
+        &sticky_line("same_site = \"none\"\nsecure = false"),
+        "pools.x.sticky.secure",
+        7,
+        Some(10),
+        "requires Secure",
+    );
+}
+
+#[test]
+fn hash_sources_after_an_always_present_one() {
+    let text = format!("{HASH}hash_key = [\"client_ip\", \"header:X-User\"]\n");
+    assert_err(&text, "pools.x.hash_key[1]", 4, None, "never used");
+}
+
+#[test]
+fn hash_cookie_source_name_must_be_a_cookie_name() {
+    let text = format!("{HASH}hash_key = [\"cookie:a b\"]\n");
+    assert_err(&text, "pools.x.hash_key[0]", 4, None, "invalid cookie name");
+}
+
+#[test]
+fn environment_secrets_are_trimmed_like_file_secrets() {
+    let name = "SWITCHYARD_CONFIG_TEST_TRIMMED_SECRET";
+    std::env::set_var(name, "  a secret with a newline\n");
+    let c = ok(&sticky_line(&format!("secret_env = \"{name}\"")));
+    assert_eq!(
+        sticky_of(&c).secrets,
+        vec![Secret(b"a secret with a newline".to_vec())]
     );
 }

@@ -27,7 +27,13 @@ impl KeySource {
             Some(("header", name)) if !name.is_empty() => HeaderName::from_bytes(name.as_bytes())
                 .map(KeySource::Header)
                 .map_err(|_| format!("invalid header name {name:?}")),
-            Some(("cookie", name)) if !name.is_empty() => Ok(KeySource::Cookie(name.to_owned())),
+            Some(("cookie", name)) if !name.is_empty() => {
+                if name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)) {
+                    Ok(KeySource::Cookie(name.to_owned()))
+                } else {
+                    Err(format!("invalid cookie name {name:?}"))
+                }
+            }
             Some(("query", name)) if !name.is_empty() => Ok(KeySource::Query(name.to_owned())),
             Some((what @ ("header" | "cookie" | "query"), _)) => Err(bad_name(what)),
             _ => Err(format!(

@@ -32,7 +32,7 @@ pub struct Config {
     pub pools: Vec<PoolConfig>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     pub listen: Vec<SocketAddr>,
     /// Runtime worker threads; 0 means one per core.
@@ -49,7 +49,7 @@ pub enum AccessLog {
     Text,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
     pub max_connections: usize,
     pub header_read_timeout: Duration,
@@ -57,7 +57,7 @@ pub struct Limits {
     pub max_header_bytes: usize,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
 }
@@ -71,7 +71,7 @@ pub enum HostMatch {
     Suffix(String),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RouteConfig {
     pub host: HostMatch,
     pub path_prefix: String,
@@ -177,7 +177,7 @@ pub struct HashConfig {
     pub bounded_load: Option<f64>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PoolConfig {
     pub name: String,
     pub policy: Policy,

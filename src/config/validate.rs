@@ -444,7 +444,7 @@ fn sticky(
                     cx,
                     v,
                     &key("secret_env"),
-                    val.into_encoded_bytes(),
+                    val.into_encoded_bytes().trim_ascii().to_vec(),
                     &format!("environment variable {name}"),
                 )?),
                 _ => {
@@ -537,6 +537,13 @@ fn sticky(
             }
         },
     };
+    if same_site == SameSite::None && secure == SecureMode::Never {
+        return Err(cx.err(
+            s.secure.as_ref().map(|v| v.span()),
+            key("secure"),
+            "same_site = \"none\" requires Secure (browsers drop such cookies otherwise); remove secure = false",
+        ));
+    }
     let path = match &s.path {
         None => "/".to_owned(),
         Some(p)
@@ -559,7 +566,10 @@ fn sticky(
             let v = d.get_ref().trim_start_matches('.').to_ascii_lowercase();
             if v.is_empty()
                 || !v.split('.').all(|l| {
-                    !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                    !l.is_empty()
+                        && !l.starts_with('-')
+                        && !l.ends_with('-')
+                        && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
                 })
             {
                 return Err(cx.err(
@@ -572,6 +582,13 @@ fn sticky(
         }
     };
     let ttl = cx.duration(&s.ttl, &key("ttl"), Duration::from_secs(3600))?;
+    if ttl < Duration::from_secs(1) {
+        return Err(cx.err(
+            s.ttl.as_ref().map(|t| t.span()),
+            key("ttl"),
+            "at least 1s (cookie lifetimes are whole seconds)",
+        ));
+    }
     if ttl > Duration::from_secs(400 * 24 * 3600) {
         return Err(cx.err(
             s.ttl.as_ref().map(|t| t.span()),
@@ -675,7 +692,17 @@ fn learn(
     };
     Ok(LearnConfig {
         cookie,
-        ttl: cx.duration(&l.ttl, &key("ttl"), Duration::from_secs(1800))?,
+        ttl: {
+            let ttl = cx.duration(&l.ttl, &key("ttl"), Duration::from_secs(1800))?;
+            if ttl < Duration::from_secs(1) {
+                return Err(cx.err(
+                    l.ttl.as_ref().map(|t| t.span()),
+                    key("ttl"),
+                    "at least 1s (sessions are timed in whole seconds)",
+                ));
+            }
+            ttl
+        },
         max_entries: cx.int(
             &l.max_entries,
             &key("max_entries"),
@@ -696,7 +723,8 @@ fn hash(cx: &Ctx, pool: &str, p: &RawPool) -> Result<HashConfig, ConfigError> {
                     "at least one key source is required",
                 ));
             }
-            list.get_ref()
+            let sources = list
+                .get_ref()
                 .iter()
                 .enumerate()
                 .map(|(i, s)| {
@@ -704,7 +732,25 @@ fn hash(cx: &Ctx, pool: &str, p: &RawPool) -> Result<HashConfig, ConfigError> {
                         cx.err(Some(s.span()), format!("pools.{pool}.hash_key[{i}]"), m)
                     })
                 })
-                .collect::<Result<_, _>>()?
+                .collect::<Result<Vec<_>, _>>()?;
+            // client_ip and path are always present: anything after them is dead.
+            let list = list.get_ref();
+            if let Some(i) = sources
+                .iter()
+                .position(|k| matches!(k, KeySource::ClientIp | KeySource::Path))
+            {
+                if i + 1 < sources.len() {
+                    return Err(cx.err(
+                        Some(list[i + 1].span()),
+                        format!("pools.{pool}.hash_key[{}]", i + 1),
+                        format!(
+                            "never used: {:?} before it is always present; put it last",
+                            list[i].get_ref()
+                        ),
+                    ));
+                }
+            }
+            sources
         }
     };
     let bounded_load = match &p.bounded_load {
