@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::pool::{Affinity, Outcome};
+use crate::reload::Reloader;
 use crate::runtime::Runtime;
 use crate::server::stopped;
 
@@ -25,6 +26,7 @@ use crate::server::stopped;
 #[derive(Debug)]
 pub struct AdminState {
     pub runtime: Arc<ArcSwap<Runtime>>,
+    pub reloader: Arc<Reloader>,
     /// True once every listener is bound and serving; false again during shutdown.
     pub ready: AtomicBool,
 }
@@ -49,7 +51,7 @@ pub async fn serve(
         let state = state.clone();
         let svc = service_fn(move |req| {
             let state = state.clone();
-            async move { Ok::<_, Infallible>(handle(&state, req)) }
+            async move { Ok::<_, Infallible>(handle(&state, req).await) }
         });
         let conn = builder
             .serve_connection(TokioIo::new(stream), svc)
@@ -60,8 +62,24 @@ pub async fn serve(
     }
 }
 
-fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(state: &Arc<AdminState>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
+        (&Method::POST, "/reload") => match state.reloader.reload_async().await {
+            Ok(applied) => json_response(&json!({
+                "generation": applied.generation(),
+                "changed": matches!(applied, crate::reload::Applied::Swapped { .. }),
+            })),
+            Err(e) => {
+                let mut r = Response::new(Full::new(Bytes::from(format!("{e}\n"))));
+                *r.status_mut() = StatusCode::BAD_REQUEST;
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("text/plain; charset=utf-8"),
+                );
+                r
+            }
+        },
+        (_, "/reload") => text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => {
             if state.ready.load(Ordering::Relaxed) {
@@ -70,15 +88,7 @@ fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
             }
         }
-        (&Method::GET, "/status") => {
-            let body = status(&state.runtime.load());
-            let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                http::HeaderValue::from_static("application/json"),
-            );
-            r
-        }
+        (&Method::GET, "/status") => json_response(&status(&state.runtime.load(), &state.reloader)),
         (&Method::GET, path) if owner_pool(path).is_some() => owner(
             &state.runtime.load(),
             owner_pool(path).unwrap_or_default(),
@@ -150,7 +160,7 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
 }
 
 /// The `/status` document.
-pub fn status(rt: &Runtime) -> serde_json::Value {
+pub fn status(rt: &Runtime, reloader: &Reloader) -> serde_json::Value {
     let pools: Vec<_> = rt
         .pools
         .iter()
@@ -166,6 +176,7 @@ pub fn status(rt: &Runtime) -> serde_json::Value {
                         "weight": m.weight,
                         "healthy": true,
                         "draining": b.is_draining(),
+                        "removed": m.removed,
                         "in_flight": b.in_flight(),
                         "requests": b.requests(),
                         "connections_opened": b.pool.connections_opened(),
@@ -193,7 +204,19 @@ pub fn status(rt: &Runtime) -> serde_json::Value {
         "generation": rt.generation,
         "config_hash": format!("{:016x}", rt.config.content_hash),
         "config_path": rt.config.source.as_ref().map(|p| p.display().to_string()),
-        "last_reload": { "result": "none", "error": null },
+        "last_reload": match reloader.last() {
+            None => json!({ "result": "none", "error": null }),
+            Some(l) => json!({
+                "result": if l.ok { "success" } else { "failure" },
+                "error": l.error,
+                "at_unix": l.at_unix,
+            }),
+        },
+        "reloads": {
+            "success": reloader.successes.load(std::sync::atomic::Ordering::Relaxed),
+            "failure": reloader.failures.load(std::sync::atomic::Ordering::Relaxed),
+        },
+        "live_snapshots": crate::runtime::live_snapshots(),
         "pools": pools,
     })
 }

@@ -11,6 +11,7 @@
 //! - [`upstream`]: backends, their lasting state and pooled keep-alive connections.
 //! - [`proxy`]: the request path: headers, forwarding, upgrades, error responses.
 //! - [`server`]: client listeners, limits, graceful shutdown.
+//! - [`reload`]: file watching, `SIGHUP` and `POST /reload` → validated → one swap.
 //! - [`admin`]: the admin listener.
 //! - [`demo`]: the built-in backend and the self-contained demo.
 //!
@@ -27,6 +28,7 @@ pub mod config;
 pub mod demo;
 pub mod pool;
 pub mod proxy;
+pub mod reload;
 pub mod runtime;
 pub mod server;
 pub mod upstream;
@@ -60,6 +62,7 @@ pub struct Server {
     admin: Option<TcpListener>,
     runtime: Arc<ArcSwap<Runtime>>,
     config: Arc<Config>,
+    reloader: Arc<reload::Reloader>,
 }
 
 impl Server {
@@ -87,11 +90,17 @@ impl Server {
         };
         let runtime = Runtime::build(config, 1, None);
         let config = runtime.config.clone();
+        let runtime = Arc::new(ArcSwap::from_pointee(runtime));
+        let reloader = Arc::new(reload::Reloader::new(
+            config.source.clone(),
+            runtime.clone(),
+        ));
         Ok(Server {
             listeners,
             admin,
-            runtime: Arc::new(ArcSwap::from_pointee(runtime)),
+            runtime,
             config,
+            reloader,
         })
     }
 
@@ -110,17 +119,29 @@ impl Server {
         self.runtime.clone()
     }
 
+    /// Applies configuration changes: reload the file, follow generations.
+    pub fn reloader(&self) -> Arc<reload::Reloader> {
+        self.reloader.clone()
+    }
+
     /// Serves until `shutdown` resolves, then drains within `server.shutdown_grace`.
+    /// The configuration file, if any, is watched and reloaded on change and on SIGHUP.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let (stop_tx, stop_rx) = watch::channel(false);
         let limits = self.config.server.limits.clone();
-        let grace = self.config.server.shutdown_grace;
         let conn_limit = Arc::new(Semaphore::new(limits.max_connections));
         let proxy = proxy::Proxy::new(self.runtime.clone());
         let admin_state = Arc::new(admin::AdminState {
             runtime: self.runtime.clone(),
+            reloader: self.reloader.clone(),
             ready: AtomicBool::new(false),
         });
+        // Kept alive until shutdown: dropping it stops the watching.
+        let _watcher = reload::watch(self.reloader.clone(), reload::DEBOUNCE);
+        let background = [
+            tokio::spawn(reload_on_sighup(self.reloader.clone())),
+            tokio::spawn(compact_periodically(self.reloader.clone())),
+        ];
         let mut tasks = Vec::new();
         for l in self.listeners {
             tracing::info!(listen = %l.local_addr, "serving");
@@ -130,7 +151,6 @@ impl Server {
                 limits.clone(),
                 conn_limit.clone(),
                 stop_rx.clone(),
-                grace,
             )));
         }
         if let Some(l) = self.admin {
@@ -148,10 +168,39 @@ impl Server {
         tracing::info!("shutting down: no new connections, letting requests finish");
         admin_state.ready.store(false, Ordering::Relaxed);
         let _ = stop_tx.send(true);
+        for t in background {
+            t.abort();
+        }
         for t in tasks {
             let _ = t.await;
         }
         tracing::info!("stopped");
+    }
+}
+
+/// Reloads the configuration on each SIGHUP.
+async fn reload_on_sighup(reloader: Arc<reload::Reloader>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the configuration");
+            let _ = reloader.reload_async().await;
+        }
+    }
+    #[cfg(not(unix))]
+    std::future::pending::<()>().await;
+}
+
+/// Drops backends that left the config once they have drained.
+async fn compact_periodically(reloader: Arc<reload::Reloader>) {
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let r = reloader.clone();
+        let _ = tokio::task::spawn_blocking(move || r.compact()).await;
     }
 }
 

@@ -42,6 +42,11 @@ impl Proxy {
         Proxy { runtime }
     }
 
+    /// The live snapshot handle.
+    pub fn runtime(&self) -> &Arc<ArcSwap<Runtime>> {
+        &self.runtime
+    }
+
     pub async fn handle(
         &self,
         client: ClientInfo,

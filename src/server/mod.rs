@@ -69,14 +69,13 @@ pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 }
 
 /// Accepts and serves connections until `shutdown` turns true, then stops accepting and
-/// lets open connections finish their requests for at most `grace`.
+/// lets open connections finish their requests for at most `server.shutdown_grace`.
 pub async fn serve(
     listener: Listener,
     proxy: Proxy,
     limits: Limits,
     conn_limit: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
-    grace: Duration,
 ) {
     let builder = Arc::new(http_builder(&limits));
     let graceful = GracefulShutdown::new();
@@ -132,6 +131,8 @@ pub async fn serve(
         });
     }
     drop(listener);
+    // Read now: the grace period may have been changed by a reload.
+    let grace = proxy.runtime().load().config.server.shutdown_grace;
     if tokio::time::timeout(grace, graceful.shutdown())
         .await
         .is_err()

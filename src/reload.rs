@@ -1,0 +1,308 @@
+//! Configuration reload: from the file watcher, `SIGHUP`, or `POST /reload`.
+//!
+//! ```text
+//! read file ─▶ parse ─▶ validate ─▶ check restart-only keys ─▶ build snapshot ─▶ one ArcSwap store
+//! ```
+//!
+//! Everything before the store happens off the hot path; a request sees the old snapshot
+//! or the new one, never a mix. Any failure leaves the running snapshot untouched and is
+//! recorded for `/status`. Reloads are serialised, and a file whose content hash equals
+//! the running one is a no-op.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+
+use crate::affinity::unix_now;
+use crate::config::{self, Config, LoadError};
+use crate::runtime::Runtime;
+
+/// How long the file must stay quiet before a change is applied.
+pub const DEBOUNCE: Duration = Duration::from_millis(40);
+
+/// Why a reload was refused. The running configuration stays.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("no configuration file to reload (started without --config)")]
+    NoFile,
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("{key} changed: applying it needs a restart; revert it to reload the rest")]
+    NeedsRestart { key: &'static str },
+}
+
+/// What a successful reload did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The file's content is what is running already.
+    Unchanged { generation: u64 },
+    /// A new snapshot is serving.
+    Swapped { generation: u64 },
+}
+
+impl Applied {
+    pub fn generation(self) -> u64 {
+        match self {
+            Applied::Unchanged { generation } | Applied::Swapped { generation } => generation,
+        }
+    }
+}
+
+/// The outcome of the last reload attempt, for `/status`.
+#[derive(Debug, Clone, Default)]
+pub struct LastReload {
+    pub at_unix: u64,
+    pub ok: bool,
+    pub error: Option<String>,
+}
+
+/// Applies configuration changes to the live snapshot.
+#[derive(Debug)]
+pub struct Reloader {
+    path: Option<PathBuf>,
+    runtime: Arc<ArcSwap<Runtime>>,
+    /// Held for the whole of a reload, so reloads never interleave.
+    last: Mutex<Option<LastReload>>,
+    pub successes: AtomicU64,
+    pub failures: AtomicU64,
+    /// Unix time of the last successful reload (or of the start).
+    pub last_success_unix: AtomicU64,
+    /// Announces each new generation (tests and the watcher's callers wait on it).
+    generation_tx: watch::Sender<u64>,
+}
+
+impl Reloader {
+    pub fn new(path: Option<PathBuf>, runtime: Arc<ArcSwap<Runtime>>) -> Self {
+        let generation = runtime.load().generation;
+        Reloader {
+            path,
+            runtime,
+            last: Mutex::new(None),
+            successes: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            last_success_unix: AtomicU64::new(unix_now()),
+            generation_tx: watch::channel(generation).0,
+        }
+    }
+
+    pub fn path(&self) -> Option<&PathBuf> {
+        self.path.as_ref()
+    }
+
+    /// Follows the serving generation.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation_tx.subscribe()
+    }
+
+    pub fn last(&self) -> Option<LastReload> {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<LastReload>> {
+        self.last.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reloads the file now. Blocking (file I/O, building hash tables): call it from a
+    /// blocking context, e.g. [`reload_async`](Self::reload_async).
+    pub fn reload(&self) -> Result<Applied, ReloadError> {
+        let mut last = self.lock();
+        let result = self.try_reload();
+        match &result {
+            Ok(Applied::Unchanged { .. }) => return result,
+            Ok(Applied::Swapped { .. }) => {
+                self.successes.fetch_add(1, Ordering::Relaxed);
+                self.last_success_unix.store(unix_now(), Ordering::Relaxed);
+                *last = Some(LastReload {
+                    at_unix: unix_now(),
+                    ok: true,
+                    error: None,
+                });
+            }
+            Err(e) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "configuration reload failed; the running configuration stays");
+                *last = Some(LastReload {
+                    at_unix: unix_now(),
+                    ok: false,
+                    error: Some(e.to_string()),
+                });
+            }
+        }
+        result
+    }
+
+    /// [`reload`](Self::reload) on the blocking pool.
+    pub async fn reload_async(self: &Arc<Self>) -> Result<Applied, ReloadError> {
+        let me = self.clone();
+        match tokio::task::spawn_blocking(move || me.reload()).await {
+            Ok(r) => r,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+
+    fn try_reload(&self) -> Result<Applied, ReloadError> {
+        let path = self.path.as_ref().ok_or(ReloadError::NoFile)?;
+        let new = config::load(path)?;
+        let old = self.runtime.load_full();
+        if new.content_hash == old.config.content_hash {
+            return Ok(Applied::Unchanged {
+                generation: old.generation,
+            });
+        }
+        restart_only(&old.config, &new)?;
+        let summary = diff(&old.config, &new);
+        let generation = old.generation + 1;
+        let next = Runtime::build(new, generation, Some(&old));
+        self.runtime.store(Arc::new(next));
+        tracing::info!(generation, changes = %summary, "configuration reloaded");
+        self.generation_tx.send_replace(generation);
+        Ok(Applied::Swapped { generation })
+    }
+
+    /// Rebuilds the snapshot from the running configuration, to drop backends that
+    /// finished draining after they left the config.
+    pub fn compact(&self) {
+        let _guard = self.lock();
+        let old = self.runtime.load_full();
+        if old.has_drained_removals() {
+            let next = Runtime::build((*old.config).clone(), old.generation, Some(&old));
+            self.runtime.store(Arc::new(next));
+            tracing::debug!("dropped backends that finished draining");
+        }
+    }
+}
+
+/// Keys that cannot change without a restart: the sockets and runtime they shape exist
+/// once per process.
+fn restart_only(old: &Config, new: &Config) -> Result<(), ReloadError> {
+    let (o, n) = (&old.server, &new.server);
+    let key = if o.listen != n.listen {
+        "server.listen"
+    } else if o.workers != n.workers {
+        "server.workers"
+    } else if o.limits != n.limits {
+        "server.limits"
+    } else if old.admin != new.admin {
+        "admin.listen"
+    } else {
+        return Ok(());
+    };
+    Err(ReloadError::NeedsRestart { key })
+}
+
+/// A one-line summary of what changed: pools and backends added, removed, changed.
+pub fn diff(old: &Config, new: &Config) -> String {
+    let mut parts = Vec::new();
+    for p in &new.pools {
+        match old.pools.iter().find(|o| o.name == p.name) {
+            None => parts.push(format!("+pool {}", p.name)),
+            Some(o) => {
+                if o.policy != p.policy {
+                    parts.push(format!(
+                        "pool {} policy {} -> {}",
+                        p.name,
+                        o.policy.as_str(),
+                        p.policy.as_str()
+                    ));
+                }
+                for b in &p.backends {
+                    match o.backends.iter().find(|x| x.id == b.id) {
+                        None => parts.push(format!("+backend {}/{}", p.name, b.id)),
+                        Some(x) if x != b => parts.push(format!("~backend {}/{}", p.name, b.id)),
+                        Some(_) => {}
+                    }
+                }
+                for x in &o.backends {
+                    if !p.backends.iter().any(|b| b.id == x.id) {
+                        parts.push(format!("-backend {}/{}", p.name, x.id));
+                    }
+                }
+                let (mut a, mut b) = (o.clone(), p.clone());
+                a.backends.clear();
+                b.backends.clear();
+                a.policy = b.policy;
+                if a != b {
+                    parts.push(format!("~pool {} settings", p.name));
+                }
+            }
+        }
+    }
+    for o in &old.pools {
+        if !new.pools.iter().any(|p| p.name == o.name) {
+            parts.push(format!("-pool {}", o.name));
+        }
+    }
+    if old.routes != new.routes {
+        parts.push("routes changed".to_owned());
+    }
+    if parts.is_empty() {
+        "no routing change".to_owned()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// Watches the configuration file and reloads after changes settle.
+///
+/// The folder holding the file is watched, not the file: editors replace files by
+/// renaming a temporary one over them, and Kubernetes swaps a `..data` symlink in that
+/// folder, both of which a watch on the file itself would miss. When the path is a
+/// symlink, the folder of its target is watched too, for in-place edits there. Events
+/// are debounced; identical content is a no-op.
+pub fn watch(reloader: Arc<Reloader>, debounce: Duration) -> Option<notify::RecommendedWatcher> {
+    use notify::{RecursiveMode, Watcher};
+    let path = reloader.path()?.clone();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut watcher = match notify::recommended_watcher(
+        move |event: notify::Result<notify::Event>| {
+            if event.is_ok() {
+                let _ = tx.send(());
+            }
+        },
+    ) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the configuration file; reload with SIGHUP or POST /reload");
+            return None;
+        }
+    };
+    let mut dirs = Vec::new();
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        dirs.push(dir.to_path_buf());
+    } else {
+        dirs.push(PathBuf::from("."));
+    }
+    if let Ok(target) = std::fs::canonicalize(&path) {
+        if let Some(dir) = target.parent() {
+            if !dirs
+                .iter()
+                .any(|d| std::fs::canonicalize(d).ok().as_deref() == Some(dir))
+            {
+                dirs.push(dir.to_path_buf());
+            }
+        }
+    }
+    for d in &dirs {
+        if let Err(e) = watcher.watch(d, RecursiveMode::NonRecursive) {
+            tracing::warn!(dir = %d.display(), error = %e, "cannot watch folder");
+        }
+    }
+    tokio::spawn(async move {
+        while rx.recv().await.is_some() {
+            // Debounce: wait until events stop for `debounce`.
+            loop {
+                match tokio::time::timeout(debounce, rx.recv()).await {
+                    Ok(Some(())) => continue,
+                    Ok(None) => return,
+                    Err(_) => break,
+                }
+            }
+            let _ = reloader.reload_async().await;
+        }
+    });
+    Some(watcher)
+}
