@@ -63,6 +63,8 @@ pub struct Server {
     runtime: Arc<ArcSwap<Runtime>>,
     config: Arc<Config>,
     reloader: Arc<reload::Reloader>,
+    /// Watches the configuration file from bind on; dropping it stops the watching.
+    watcher: Option<notify::RecommendedWatcher>,
 }
 
 impl Server {
@@ -95,12 +97,14 @@ impl Server {
             config.source.clone(),
             runtime.clone(),
         ));
+        let watcher = reload::watch(reloader.clone(), reload::DEBOUNCE);
         Ok(Server {
             listeners,
             admin,
             runtime,
             config,
             reloader,
+            watcher,
         })
     }
 
@@ -137,7 +141,7 @@ impl Server {
             ready: AtomicBool::new(false),
         });
         // Kept alive until shutdown: dropping it stops the watching.
-        let _watcher = reload::watch(self.reloader.clone(), reload::DEBOUNCE);
+        let _watcher = self.watcher;
         let background = [
             tokio::spawn(reload_on_sighup(self.reloader.clone())),
             tokio::spawn(compact_periodically(self.reloader.clone())),

@@ -20,6 +20,16 @@ pub struct PoolState {
     learned: OnceLock<Learned>,
     /// The secret used when none is configured: random, made once per process.
     generated_secret: OnceLock<Vec<u8>>,
+    /// The learned-session sweeper, stopped when the pool goes away.
+    sweeper: OnceLock<tokio::task::AbortHandle>,
+}
+
+impl Drop for PoolState {
+    fn drop(&mut self) {
+        if let Some(s) = self.sweeper.get() {
+            s.abort();
+        }
+    }
 }
 
 impl PoolState {
@@ -219,7 +229,8 @@ impl Pool {
                     None => {
                         let _ = state.learned.set(Learned::new(ttl, cfg.max_entries));
                         if tokio::runtime::Handle::try_current().is_ok() {
-                            tokio::spawn(sweep_learned(Arc::downgrade(&state)));
+                            let task = tokio::spawn(sweep_learned(Arc::downgrade(&state)));
+                            let _ = state.sweeper.set(task.abort_handle());
                         }
                     }
                 }

@@ -23,6 +23,16 @@ pub struct Backend {
     pub pool: ConnPool,
     /// When draining began, in milliseconds of [`clock_ms`], or `NOT_DRAINING`.
     drain_started_ms: AtomicU64,
+    /// The idle-connection reaper, stopped when the backend goes away.
+    reaper: OnceLock<tokio::task::AbortHandle>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if let Some(r) = self.reaper.get() {
+            r.abort();
+        }
+    }
 }
 
 const NOT_DRAINING: u64 = u64::MAX;
@@ -45,9 +55,11 @@ impl Backend {
             requests: AtomicU64::new(0),
             pool: ConnPool::new(cfg.address.clone(), pool),
             drain_started_ms: AtomicU64::new(NOT_DRAINING),
+            reaper: OnceLock::new(),
         });
         if tokio::runtime::Handle::try_current().is_ok() {
-            tokio::spawn(reap_idle(Arc::downgrade(&backend)));
+            let task = tokio::spawn(reap_idle(Arc::downgrade(&backend)));
+            let _ = backend.reaper.set(task.abort_handle());
         }
         backend
     }

@@ -50,6 +50,30 @@ impl TestProxy {
         }
     }
 
+    /// Starts the proxy from a configuration file, which is then watched for changes.
+    pub async fn start_file(
+        path: &std::path::Path,
+    ) -> (TestProxy, Arc<switchyard::reload::Reloader>) {
+        let config = switchyard::config::load(path).expect("valid test config file");
+        let server = switchyard::Server::bind(config).await.expect("bind");
+        let reloader = server.reloader();
+        let addr = server.local_addrs()[0];
+        let admin = server.admin_addr();
+        let runtime = server.runtime();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async move {
+            let _ = rx.await;
+        }));
+        let proxy = TestProxy {
+            addr,
+            admin,
+            runtime,
+            stop: Some(tx),
+            task: Some(task),
+        };
+        (proxy, reloader)
+    }
+
     /// Asks for a graceful shutdown; the returned handle ends when the proxy stopped.
     pub fn shutdown(&mut self) -> JoinHandle<()> {
         if let Some(tx) = self.stop.take() {

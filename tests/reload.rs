@@ -1,0 +1,568 @@
+//! Hot reload end to end: the file on disk, SIGHUP-free triggers (the watcher and
+//! `POST /reload`), and traffic that must not notice.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use tokio::net::TcpStream;
+
+/// Upper bound for waits that should end much sooner; a failure, never a sync point.
+const LIMIT: Duration = Duration::from_secs(10);
+
+fn base(admin: bool) -> String {
+    let admin = if admin {
+        "[admin]\nlisten = \"127.0.0.1:0\"\n"
+    } else {
+        ""
+    };
+    format!("[server]\nlisten = [\"127.0.0.1:0\"]\nshutdown_grace = \"5s\"\n{admin}")
+}
+
+fn one_pool(backends: &[(&str, std::net::SocketAddr)], extra: &str) -> String {
+    let list: Vec<String> = backends
+        .iter()
+        .map(|(id, a)| format!("{{ address = \"{a}\", id = \"{id}\" }}"))
+        .collect();
+    format!(
+        "{}[pools.p]\n{extra}\nbackends = [{}]\n",
+        base(true),
+        list.join(", ")
+    )
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+}
+
+async fn post_reload(proxy: &TestProxy) -> Got {
+    let req = Request::post("/reload")
+        .header("host", "admin")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    fetch(proxy.admin.unwrap(), req).await
+}
+
+/// Waits until the serving generation reaches `generation`.
+async fn generation(rx: &mut tokio::sync::watch::Receiver<u64>, generation: u64) {
+    tokio::time::timeout(LIMIT, rx.wait_for(|g| *g >= generation))
+        .await
+        .expect("reload applied in time")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn post_reload_applies_a_valid_file_and_refuses_an_invalid_one() {
+    let (a, b) = (named_backend("a").await, named_backend("b").await);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchyard.toml");
+    write(&path, &one_pool(&[("a", a)], ""));
+    let (proxy, _reloader) = TestProxy::start_file(&path).await;
+    assert_eq!(fetch(proxy.addr, get("/")).await.backend(), "a");
+
+    // The same bytes again: nothing to do.
+    let got = post_reload(&proxy).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.json()["changed"], false);
+    assert_eq!(got.json()["generation"], 1);
+
+    write(&path, &one_pool(&[("b", b)], ""));
+    let got = post_reload(&proxy).await;
+    assert_eq!(got.status, 200, "{:?}", got.body);
+    assert_eq!(got.json()["generation"], 2);
+    assert_eq!(fetch(proxy.addr, get("/")).await.backend(), "b");
+
+    let file = path.display().to_string();
+    let invalid = [
+        ("[pools.p\nbackends = []\n".to_owned(), "(file)"),
+        (one_pool(&[("a", a)], "colour = \"blue\""), "pools.p.colour"),
+        (
+            format!("{}[[routes]]\npool = \"nope\"\n", one_pool(&[("a", a)], "")),
+            "routes[0].pool",
+        ),
+        (
+            one_pool(&[("a", a)], "policy = \"fastest\""),
+            "pools.p.policy",
+        ),
+        (one_pool(&[("a", a)], "retries = -1"), "pools.p.retries"),
+        (
+            one_pool(&[("a", a)], "").replace(
+                "listen = [\"127.0.0.1:0\"]",
+                "listen = [\"127.0.0.1:0\", \"127.0.0.2:0\"]",
+            ),
+            "server.listen",
+        ),
+        (
+            one_pool(&[("a", a)], "").replace("shutdown_grace = \"5s\"", "workers = 3"),
+            "server.workers",
+        ),
+    ];
+    for (i, (text, key)) in invalid.iter().enumerate() {
+        write(&path, text);
+        let got = post_reload(&proxy).await;
+        assert_eq!(got.status, 400, "{text}");
+        let msg = String::from_utf8_lossy(&got.body).to_string();
+        assert!(msg.contains(key), "{msg} does not name {key}");
+        if !key.starts_with("server.") {
+            assert!(msg.contains(&file), "{msg} does not name the file");
+        }
+        // Routing is unchanged.
+        assert_eq!(fetch(proxy.addr, get("/")).await.backend(), "b");
+        let s = status(&proxy).await;
+        assert_eq!(s["generation"], 2);
+        assert_eq!(s["last_reload"]["result"], "failure");
+        assert!(s["last_reload"]["error"].as_str().unwrap().contains(key));
+        assert_eq!(s["reloads"]["failure"], i as u64 + 1);
+    }
+    // The next valid write applies normally.
+    write(&path, &one_pool(&[("a", a), ("b", b)], ""));
+    assert_eq!(post_reload(&proxy).await.json()["generation"], 3);
+    let s = status(&proxy).await;
+    assert_eq!(s["last_reload"]["result"], "success");
+    assert_eq!(s["reloads"]["success"], 2);
+}
+
+#[tokio::test]
+async fn watcher_sees_in_place_writes_renames_and_symlink_swaps() {
+    let (a, b) = (named_backend("a").await, named_backend("b").await);
+    let dir = tempfile::tempdir().unwrap();
+
+    // In place, then an editor's write-to-temp-and-rename.
+    let path = dir.path().join("switchyard.toml");
+    write(&path, &one_pool(&[("a", a)], ""));
+    let (proxy, reloader) = TestProxy::start_file(&path).await;
+    let mut rx = reloader.subscribe();
+    write(&path, &one_pool(&[("b", b)], ""));
+    generation(&mut rx, 2).await;
+    assert_eq!(fetch(proxy.addr, get("/")).await.backend(), "b");
+    let tmp = dir.path().join(".switchyard.toml.swp");
+    write(&tmp, &one_pool(&[("a", a)], ""));
+    std::fs::rename(&tmp, &path).unwrap();
+    generation(&mut rx, 3).await;
+    assert_eq!(fetch(proxy.addr, get("/")).await.backend(), "a");
+    drop(proxy);
+
+    // Kubernetes ConfigMap layout: file -> ..data/file, ..data -> ..v1; an update
+    // writes ..v2 and renames a new ..data symlink over the old one.
+    let k8s = dir.path().join("k8s");
+    std::fs::create_dir(&k8s).unwrap();
+    let version = |n: u32, text: &str| -> PathBuf {
+        let v = k8s.join(format!("..v{n}"));
+        std::fs::create_dir(&v).unwrap();
+        write(&v.join("switchyard.toml"), text);
+        v
+    };
+    version(1, &one_pool(&[("a", a)], ""));
+    std::os::unix::fs::symlink("..v1", k8s.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/switchyard.toml", k8s.join("switchyard.toml")).unwrap();
+    let (proxy, reloader) = TestProxy::start_file(&k8s.join("switchyard.toml")).await;
+    let mut rx = reloader.subscribe();
+    assert_eq!(fetch(proxy.addr, get("/")).await.backend(), "a");
+    version(2, &one_pool(&[("b", b)], ""));
+    std::os::unix::fs::symlink("..v2", k8s.join("..data_tmp")).unwrap();
+    std::fs::rename(k8s.join("..data_tmp"), k8s.join("..data")).unwrap();
+    std::fs::remove_dir_all(k8s.join("..v1")).unwrap();
+    generation(&mut rx, 2).await;
+    assert_eq!(fetch(proxy.addr, get("/")).await.backend(), "b");
+}
+
+#[tokio::test]
+async fn affinity_of_surviving_backends_holds_across_reloads() {
+    let names = ["a", "b", "c", "d"];
+    let mut addrs = Vec::new();
+    for n in names {
+        addrs.push((n, named_backend(n).await));
+    }
+    let env = "SWITCHYARD_TEST_RELOAD_SECRET";
+    std::env::set_var(env, "a secret for the reload tests");
+    let cfg = |ids: &[usize]| {
+        let list: Vec<(&str, std::net::SocketAddr)> = ids.iter().map(|&i| addrs[i]).collect();
+        let sticky: Vec<String> = list
+            .iter()
+            .map(|(id, a)| format!("{{ address = \"{a}\", id = \"{id}\" }}"))
+            .collect();
+        format!(
+            "{}[[routes]]\npath_prefix = \"/s\"\npool = \"s\"\n[[routes]]\npool = \"h\"\n\
+             [pools.s]\npolicy = \"sticky_cookie\"\nbackends = [{l}]\n[pools.s.sticky]\nsecret_env = \"{env}\"\n\
+             [pools.h]\npolicy = \"consistent_hash\"\nhash_key = [\"header:X-User\"]\nbackends = [{l}]\n",
+            base(true),
+            l = sticky.join(", ")
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchyard.toml");
+    write(&path, &cfg(&[0, 1, 2]));
+    let (proxy, _reloader) = TestProxy::start_file(&path).await;
+
+    // Cookies for a, b and c; owners of 200 hash keys.
+    let mut cookies = Vec::new();
+    for _ in 0..3 {
+        let got = fetch(proxy.addr, get("/s")).await;
+        let sc: Vec<_> = got
+            .headers
+            .get_all("set-cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect();
+        let ours = sc
+            .iter()
+            .find(|v| v.starts_with("SWITCHYARD="))
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .to_owned();
+        cookies.push((ours, got.backend()));
+    }
+    let user = |u: usize| {
+        Request::get("/")
+            .header("host", "t")
+            .header("x-user", format!("u{u}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let mut owners = Vec::new();
+    for u in 0..200 {
+        owners.push(fetch(proxy.addr, user(u)).await.backend());
+    }
+
+    // Remove b, add d, reweight nothing else.
+    write(&path, &cfg(&[0, 2, 3]));
+    assert_eq!(post_reload(&proxy).await.status, 200);
+    for (cookie, backend) in &cookies {
+        let got = fetch(proxy.addr, get_with_cookie("/s", cookie)).await;
+        // b drains (default 5m): its clients stay too.
+        assert_eq!(&got.backend(), backend);
+    }
+    let mut moved_to = HashSet::new();
+    let mut still_b = 0;
+    for (u, owner) in owners.iter().enumerate() {
+        let now = fetch(proxy.addr, user(u)).await.backend();
+        if owner == "b" && now == "b" {
+            still_b += 1;
+        }
+        // b still drains and keeps its keys, except those the new backend d takes,
+        // as d takes some keys of every backend.
+        if &now != owner {
+            moved_to.insert(now);
+        }
+    }
+    assert!(
+        moved_to.iter().all(|m| m == "d"),
+        "keys moved elsewhere than to the new backend: {moved_to:?}"
+    );
+    assert!(still_b > 0, "the draining backend lost all its keys");
+    let s = status(&proxy).await;
+    let s_pool = s["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "s")
+        .unwrap();
+    let b = s_pool["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["id"] == "b")
+        .unwrap();
+    assert_eq!(b["draining"], true);
+    assert_eq!(b["removed"], true);
+}
+
+#[tokio::test]
+async fn websocket_survives_a_reload_that_removes_its_backend() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws_addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut ws = tokio_tungstenite::accept_async(s).await.unwrap();
+                while let Some(Ok(m)) = ws.next().await {
+                    if m.is_text() {
+                        ws.send(m).await.unwrap();
+                    }
+                }
+            });
+        }
+    });
+    let other = named_backend("other").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchyard.toml");
+    write(&path, &one_pool(&[("ws", ws_addr)], ""));
+    let (proxy, _r) = TestProxy::start_file(&path).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/", proxy.addr))
+        .await
+        .unwrap();
+    ws.send(Message::text("before")).await.unwrap();
+    assert_eq!(
+        ws.next()
+            .await
+            .unwrap()
+            .unwrap()
+            .into_text()
+            .unwrap()
+            .as_str(),
+        "before"
+    );
+    write(&path, &one_pool(&[("other", other)], ""));
+    assert_eq!(post_reload(&proxy).await.status, 200);
+    assert_eq!(fetch(proxy.addr, get("/")).await.backend(), "other");
+    for i in 0..5 {
+        ws.send(Message::text(format!("after {i}"))).await.unwrap();
+        let m = tokio::time::timeout(LIMIT, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.into_text().unwrap().as_str(), format!("after {i}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_reloads_under_load_fail_no_request() {
+    let names = ["a", "b", "c", "d"];
+    let mut addrs = Vec::new();
+    for n in names {
+        addrs.push((n, named_backend(n).await));
+    }
+    let policies = [
+        "round_robin",
+        "least_request",
+        "consistent_hash",
+        "sticky_cookie",
+        "sticky_learn",
+    ];
+    let cfg = |round: usize| {
+        // A non-empty subset of backends with varying weights, and a policy.
+        let mut list = Vec::new();
+        for (i, (id, a)) in addrs.iter().enumerate() {
+            if (round + i) % 4 != 3 {
+                list.push(format!(
+                    "{{ address = \"{a}\", id = \"{id}\", weight = {} }}",
+                    1 + (round * 7 + i) % 5
+                ));
+            }
+        }
+        let policy = policies[round % policies.len()];
+        let extra = match policy {
+            "consistent_hash" => {
+                "hash_key = [\"header:X-User\", \"client_ip\"]\nbounded_load = 1.5\n"
+            }
+            "sticky_learn" => "[pools.p.learn]\ncookie = \"sid\"\n",
+            _ => "",
+        };
+        // Sub-tables must come after the pool's own keys.
+        let (keys, table) = if extra.starts_with('[') {
+            ("", extra)
+        } else {
+            (extra, "")
+        };
+        format!(
+            "{}[pools.p]\npolicy = \"{policy}\"\n{keys}backends = [{}]\n{table}",
+            base(true),
+            list.join(", ")
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchyard.toml");
+    write(&path, &cfg(0));
+    let (proxy, _r) = TestProxy::start_file(&path).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    // Keep-alive HTTP/1.1 clients.
+    for _ in 0..3 {
+        let (stop, ok, addr) = (stop.clone(), ok.clone(), proxy.addr);
+        clients.push(tokio::spawn(async move {
+            let mut c = Client::connect(addr).await;
+            while !stop.load(Ordering::Relaxed) {
+                let got = c.get("/").await;
+                assert_eq!(got.status, 200, "{:?}", got.body);
+                ok.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    // A new connection per request.
+    for _ in 0..2 {
+        let (stop, ok, addr) = (stop.clone(), ok.clone(), proxy.addr);
+        clients.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let got = fetch(addr, get("/")).await;
+                assert_eq!(got.status, 200, "{:?}", got.body);
+                ok.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    // h2c, several streams on one connection.
+    {
+        let (stop, ok, addr) = (stop.clone(), ok.clone(), proxy.addr);
+        clients.push(tokio::spawn(async move {
+            let stream = TcpStream::connect(addr).await.unwrap();
+            let (tx, conn) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                hyper_util::rt::TokioIo::new(stream),
+            )
+            .await
+            .unwrap();
+            tokio::spawn(conn);
+            while !stop.load(Ordering::Relaxed) {
+                let mut batch = Vec::new();
+                for _ in 0..4 {
+                    let mut tx = tx.clone();
+                    batch.push(tokio::spawn(async move {
+                        let req = Request::get(format!("http://{addr}/h2"))
+                            .body(Full::new(Bytes::new()))
+                            .unwrap();
+                        let resp = tx.send_request(req).await.unwrap();
+                        assert_eq!(resp.status(), 200);
+                        resp.into_body().collect().await.unwrap();
+                    }));
+                }
+                for b in batch {
+                    b.await.unwrap();
+                    ok.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+
+    for round in 1..=50 {
+        write(&path, &cfg(round));
+        let got = post_reload(&proxy).await;
+        assert_eq!(
+            got.status,
+            200,
+            "round {round}: {}",
+            String::from_utf8_lossy(&got.body)
+        );
+        // Let traffic flow on each configuration before the next change.
+        let before = ok.load(Ordering::Relaxed);
+        while ok.load(Ordering::Relaxed) < before + 20 {
+            tokio::task::yield_now().await;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        tokio::time::timeout(LIMIT, c)
+            .await
+            .expect("client finished")
+            .expect("no failed request");
+    }
+    assert!(ok.load(Ordering::Relaxed) >= 1000);
+    assert_eq!(status(&proxy).await["generation"], 51);
+}
+
+#[tokio::test]
+async fn a_thousand_reloads_leave_nothing_behind() {
+    let (a, b) = (named_backend("a").await, named_backend("b").await);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchyard.toml");
+    let cfg = |w: usize| {
+        one_pool(&[("a", a), ("b", b)], "").replace(
+            "id = \"b\" }",
+            &format!("id = \"b\", weight = {} }}", 1 + w % 7),
+        )
+    };
+    write(&path, &cfg(0));
+    let (proxy, reloader) = TestProxy::start_file(&path).await;
+    let mut client = Client::connect(proxy.addr).await;
+    assert_eq!(client.get("/").await.status, 200);
+    let tasks_before = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
+    let mut old = Vec::new();
+    for i in 1..=1000 {
+        old.push(Arc::downgrade(&proxy.runtime.load_full()));
+        write(&path, &cfg(i));
+        let r = reloader.clone();
+        tokio::task::spawn_blocking(move || r.reload())
+            .await
+            .unwrap()
+            .unwrap();
+        if i % 100 == 0 {
+            assert_eq!(client.get("/").await.status, 200);
+        }
+    }
+    assert_eq!(client.get("/").await.status, 200);
+    let alive = old.iter().filter(|w| w.strong_count() > 0).count();
+    assert_eq!(alive, 0, "{alive} old snapshots are still alive");
+    let tasks_after = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
+    assert!(
+        tasks_after <= tasks_before + 2,
+        "tasks grew from {tasks_before} to {tasks_after}"
+    );
+    let rt = proxy.runtime.load();
+    let opened: u64 = rt.pools[0]
+        .members
+        .iter()
+        .map(|m| m.backend.pool.connections_opened())
+        .sum();
+    assert!(
+        opened <= 2,
+        "{opened} upstream connections opened: pools were not carried over"
+    );
+}
+
+#[tokio::test]
+async fn removed_backend_drains_then_disappears() {
+    let (a, b) = (named_backend("a").await, named_backend("b").await);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchyard.toml");
+    write(
+        &path,
+        &one_pool(&[("a", a), ("b", b)], "drain_timeout = \"100ms\""),
+    );
+    let (proxy, reloader) = TestProxy::start_file(&path).await;
+    let mut client = Client::connect(proxy.addr).await;
+    for _ in 0..4 {
+        client.get("/").await;
+    }
+    write(&path, &one_pool(&[("a", a)], "drain_timeout = \"100ms\""));
+    assert_eq!(post_reload(&proxy).await.status, 200);
+    let b_status = |s: &serde_json::Value| {
+        s["pools"][0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["id"] == "b")
+            .cloned()
+    };
+    let s = status(&proxy).await;
+    let b_entry = b_status(&s).expect("b listed while it drains");
+    assert_eq!(b_entry["draining"], true);
+    assert_eq!(b_entry["removed"], true);
+    for _ in 0..10 {
+        assert_eq!(
+            client.get("/").await.backend(),
+            "a",
+            "a removed backend took a new request"
+        );
+    }
+    let weak_b = Arc::downgrade(&proxy.runtime.load().pools[0].members[1].backend);
+    // What is under test is the drain timeout running out.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let r = reloader.clone();
+    tokio::task::spawn_blocking(move || r.compact())
+        .await
+        .unwrap();
+    assert!(
+        b_status(&status(&proxy).await).is_none(),
+        "b still listed after draining"
+    );
+    // Nothing holds b any more: its idle upstream connections are closed with it.
+    assert_eq!(weak_b.strong_count(), 0);
+}
