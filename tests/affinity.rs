@@ -595,3 +595,39 @@ async fn owner_endpoint_errors() {
         "a"
     );
 }
+
+#[tokio::test]
+async fn sliding_cookies_are_renewed_after_half_their_ttl() {
+    let env = secret_env("SLIDING");
+    let a = named_backend("a").await;
+    let cfg = sticky_pool(
+        "p",
+        &[a],
+        &format!("secret_env = \"{env}\"\nttl = \"1h\"\nsliding = true"),
+    );
+    let proxy = TestProxy::start(&config(&cfg)).await;
+    let codec = Codec::new("p", &[SECRET.as_bytes().to_vec()]);
+    // Most of its life ahead: kept as is.
+    let young = codec.encode("p-1", (unix_now() + 3500) as u32);
+    let got = fetch(
+        proxy.addr,
+        get_with_cookie("/", &format!("SWITCHYARD={young}")),
+    )
+    .await;
+    assert!(our_cookies(&got, "SWITCHYARD").is_empty());
+    // Less than half left: renewed, still pointing at the same backend.
+    let old = codec.encode("p-1", (unix_now() + 600) as u32);
+    let got = fetch(
+        proxy.addr,
+        get_with_cookie("/", &format!("SWITCHYARD={old}")),
+    )
+    .await;
+    let renewed = our_cookies(&got, "SWITCHYARD");
+    assert_eq!(renewed.len(), 1);
+    assert!(renewed[0].contains("Max-Age=3600"));
+    let v = value(&renewed[0]);
+    assert_ne!(v, old);
+    let got = fetch(proxy.addr, get_with_cookie("/", &format!("SWITCHYARD={v}"))).await;
+    assert!(our_cookies(&got, "SWITCHYARD").is_empty());
+    assert_eq!(status(&proxy).await["pools"][0]["affinity"]["hit"], 3);
+}
