@@ -1,0 +1,186 @@
+//! Memory per learned-session entry (`balance::learned::Learned`).
+//!
+//! `cargo bench --bench learned_memory`
+//!
+//! Inserts 1,000,000 entries with 32-character session values (the length of a typical
+//! JSESSIONID) spread over 10 backends, and reports bytes per entry measured two ways:
+//!
+//! - live heap bytes, counted by a global allocator wrapping `std::alloc::System`
+//!   (requested sizes, so independent of the allocator's own overhead);
+//! - the VmRSS delta from /proc/self/status (what the process really costs, with glibc
+//!   malloc's overhead; the proxy binary itself runs on mimalloc).
+//!
+//! A second phase inserts 100,000 more values into the full table (max_entries =
+//! 1,000,000), so the eviction pass runs, and reports the peak heap during it.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Instant;
+
+use switchyard::balance::learned::{Learned, Lookup};
+
+/// Counts live heap bytes and allocations; every call is forwarded to `System` as is.
+struct Counting;
+
+static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
+static PEAK_BYTES: AtomicUsize = AtomicUsize::new(0);
+static LIVE_ALLOCS: AtomicUsize = AtomicUsize::new(0);
+
+fn grew(bytes: usize) {
+    let now = LIVE_BYTES.fetch_add(bytes, Relaxed) + bytes;
+    PEAK_BYTES.fetch_max(now, Relaxed);
+}
+
+// SAFETY: each method only forwards to `System` with the caller's arguments unchanged
+// and returns its result; the counters are plain atomics and never touch the memory.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = System.alloc(layout);
+        if !p.is_null() {
+            grew(layout.size());
+            LIVE_ALLOCS.fetch_add(1, Relaxed);
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = System.alloc_zeroed(layout);
+        if !p.is_null() {
+            grew(layout.size());
+            LIVE_ALLOCS.fetch_add(1, Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout);
+        LIVE_BYTES.fetch_sub(layout.size(), Relaxed);
+        LIVE_ALLOCS.fetch_sub(1, Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = System.realloc(ptr, layout, new_size);
+        if !p.is_null() {
+            LIVE_BYTES.fetch_sub(layout.size(), Relaxed);
+            grew(new_size);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+const ENTRIES: usize = 1_000_000;
+const EXTRA: usize = 100_000;
+const VALUE_LEN: usize = 32;
+
+/// VmRSS of this process, in bytes.
+fn rss() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let kb: usize = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("VmRSS line");
+    kb * 1024
+}
+
+/// Writes the `i`-th session value (32 uppercase hex characters, random but
+/// reproducible) into `buf` without allocating.
+fn session_value(rng: &mut fastrand::Rng, buf: &mut String) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    buf.clear();
+    for _ in 0..VALUE_LEN {
+        buf.push(char::from(HEX[rng.usize(..16)]));
+    }
+}
+
+fn mib(b: usize) -> f64 {
+    b as f64 / (1024.0 * 1024.0)
+}
+
+fn main() {
+    let backends: Vec<Arc<str>> = (0..10)
+        .map(|i| Arc::from(format!("10.0.0.{i}:8080")))
+        .collect();
+    let mut rng = fastrand::Rng::with_seed(0x4a53_4553);
+    let mut value = String::with_capacity(VALUE_LEN);
+    let now = 1_700_000_000u64;
+
+    let (heap0, allocs0, rss0) = (LIVE_BYTES.load(Relaxed), LIVE_ALLOCS.load(Relaxed), rss());
+    PEAK_BYTES.store(heap0, Relaxed);
+    let table = Learned::new(1800, ENTRIES);
+    let start = Instant::now();
+    for i in 0..ENTRIES {
+        session_value(&mut rng, &mut value);
+        table.learn(&value, &backends[i % backends.len()], now);
+    }
+    let elapsed = start.elapsed();
+    let (heap1, allocs1, rss1) = (LIVE_BYTES.load(Relaxed), LIVE_ALLOCS.load(Relaxed), rss());
+    let peak1 = PEAK_BYTES.load(Relaxed);
+    assert_eq!(
+        table.len(),
+        ENTRIES,
+        "every value is distinct and none evicted"
+    );
+    assert_eq!(
+        table.lookup(&value, now + 1),
+        Lookup::Hit(backends[(ENTRIES - 1) % backends.len()].clone())
+    );
+
+    let n = ENTRIES as f64;
+    println!("learned sessions: {ENTRIES} entries, {VALUE_LEN}-character values, 10 backends");
+    println!(
+        "  insert time:            {:.0} ns/entry",
+        elapsed.as_nanos() as f64 / n
+    );
+    println!(
+        "  live heap (allocator):  {:.1} B/entry  ({:.1} MiB; {:.2} allocations/entry)",
+        (heap1 - heap0) as f64 / n,
+        mib(heap1 - heap0),
+        (allocs1 - allocs0) as f64 / n
+    );
+    println!("    of which value copies: {VALUE_LEN} B/entry requested (one Box<str> each)");
+    println!(
+        "  peak heap while growing: {:.1} B/entry  ({:.1} MiB)",
+        (peak1 - heap0) as f64 / n,
+        mib(peak1 - heap0)
+    );
+    println!(
+        "  RSS delta (VmRSS):      {:.1} B/entry  ({:.1} MiB, glibc malloc)",
+        rss1.saturating_sub(rss0) as f64 / n,
+        mib(rss1.saturating_sub(rss0))
+    );
+
+    // Full table: each further insert may trigger the eviction pass.
+    PEAK_BYTES.store(LIVE_BYTES.load(Relaxed), Relaxed);
+    let start = Instant::now();
+    for i in 0..EXTRA {
+        session_value(&mut rng, &mut value);
+        table.learn(&value, &backends[i % backends.len()], now + 1 + i as u64);
+    }
+    let elapsed = start.elapsed();
+    let (heap2, peak2, rss2) = (LIVE_BYTES.load(Relaxed), PEAK_BYTES.load(Relaxed), rss());
+    assert!(table.len() <= ENTRIES);
+    println!(
+        "full table, {EXTRA} more inserts: {} entries, {:.0} ns/insert with evictions",
+        table.len(),
+        elapsed.as_nanos() as f64 / EXTRA as f64
+    );
+    println!(
+        "  live heap: {:.1} B/entry; peak heap {:.1} MiB above the live heap before ({:.1} MiB total); RSS {:.1} MiB above the start",
+        (heap2 - heap0) as f64 / table.len() as f64,
+        mib(peak2.saturating_sub(heap1)),
+        mib(peak2 - heap0),
+        mib(rss2.saturating_sub(rss0))
+    );
+
+    drop(table);
+    println!(
+        "after drop: {} B still live above the start (stdout's buffer, allocated after the first figures)",
+        LIVE_BYTES.load(Relaxed) as isize - heap0 as isize
+    );
+}
