@@ -5,9 +5,11 @@
 //! appended; `X-Forwarded-Proto` and `X-Forwarded-Host` are set; `Host` is kept; an
 //! `X-Request-Id` is propagated or generated.
 
+use std::io::Write;
 use std::net::IpAddr;
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use bytes::Bytes;
+use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Uri, Version};
 
 /// Fields that are meaningful for a single connection only (RFC 9110 §7.6.1, plus the
@@ -40,10 +42,7 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
     headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
+        .flat_map(value_tokens)
 }
 
 fn connection_has(headers: &HeaderMap, token: &str) -> bool {
@@ -53,24 +52,68 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// Removes hop-by-hop fields. With `upgrade`, keeps `Upgrade` and sets
 /// `Connection: upgrade` so the handshake reaches the other side.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    if headers.contains_key(header::CONNECTION) {
+    // One pass over the names finds which hop-by-hop fields are present, so messages
+    // without them (most) cost no lookups.
+    let mut present = 0u8;
+    for name in headers.keys() {
+        if let Some(i) = hop_by_hop_index(name.as_str()) {
+            present |= 1 << i;
+        }
+    }
+    if present & (1 << CONNECTION_INDEX) != 0
+        && connection_tokens(headers).any(|t| !is_hop_by_hop(t))
+    {
+        // `Connection` names other fields too (hop-by-hop ones go below anyway).
         let named: Vec<HeaderName> = connection_tokens(headers)
+            .filter(|t| !is_hop_by_hop(t))
             .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .collect();
         for name in named {
-            if !(upgrade && name == header::UPGRADE) {
-                headers.remove(&name);
-            }
+            headers.remove(&name);
         }
     }
-    for name in &HOP_BY_HOP {
-        if !(upgrade && name == header::UPGRADE) {
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 && !(upgrade && name == header::UPGRADE) {
             headers.remove(name);
         }
     }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
+}
+
+const CONNECTION_INDEX: usize = 0;
+
+/// The position of a (lowercase) field name in `HOP_BY_HOP`.
+fn hop_by_hop_index(name: &str) -> Option<usize> {
+    let i = match name {
+        "connection" => CONNECTION_INDEX,
+        "proxy-connection" => 1,
+        "keep-alive" => 2,
+        "te" => 3,
+        "transfer-encoding" => 4,
+        "upgrade" => 5,
+        _ => return None,
+    };
+    debug_assert_eq!(HOP_BY_HOP[i], name);
+    Some(i)
+}
+
+fn value_tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
+    value
+        .to_str()
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+fn is_hop_by_hop(token: &str) -> bool {
+    // Tokens are mostly lowercase already: try the exact match first.
+    hop_by_hop_index(token).is_some()
+        || HOP_BY_HOP
+            .iter()
+            .any(|h| token.eq_ignore_ascii_case(h.as_str()))
 }
 
 /// The request's host: the `Host` header, else the URI authority (HTTP/2).
@@ -88,7 +131,10 @@ pub fn prepare_request<B>(
     proto: &'static str,
     upgrade: bool,
 ) -> HeaderValue {
-    let authority = req.uri().authority().map(|a| a.as_str().to_owned());
+    let authority = req
+        .uri()
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
     let had_te = req.headers().contains_key(header::TRANSFER_ENCODING);
     let headers = req.headers_mut();
     strip_hop_by_hop(headers, upgrade);
@@ -97,26 +143,25 @@ pub fn prepare_request<B>(
         // Content-Length that arrived beside Transfer-Encoding must not survive.
         headers.remove(header::CONTENT_LENGTH);
     }
-    if !headers.contains_key(header::HOST) {
-        if let Some(a) = authority
-            .as_deref()
-            .and_then(|a| HeaderValue::from_str(a).ok())
-        {
-            headers.insert(header::HOST, a);
-        }
-    }
-    if let Some(host) = headers.get(header::HOST).cloned() {
+    let host = match headers.get(header::HOST) {
+        Some(host) => Some(host.clone()),
+        None => authority.inspect(|a| {
+            headers.insert(header::HOST, a.clone());
+        }),
+    };
+    if let Some(host) = host {
         headers.insert(X_FORWARDED_HOST.clone(), host);
     }
     append_forwarded_for(headers, client);
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
-    let id = match headers.get(&X_REQUEST_ID) {
-        Some(v) if valid_request_id(v) => v.clone(),
-        _ => {
+    let id = match headers.entry(&X_REQUEST_ID) {
+        Entry::Occupied(e) if valid_request_id(e.get()) => e.get().clone(),
+        Entry::Occupied(mut e) => {
             let id = new_request_id();
-            headers.insert(X_REQUEST_ID.clone(), id.clone());
+            e.insert(id.clone());
             id
         }
+        Entry::Vacant(e) => e.insert(new_request_id()).clone(),
     };
     // Backends get origin-form over HTTP/1.1, whatever the client spoke.
     if req.uri().scheme().is_some() || req.uri().authority().is_some() {
@@ -136,22 +181,67 @@ pub fn prepare_response(headers: &mut HeaderMap, request_id: HeaderValue, upgrad
 }
 
 fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
-    let ip = client.to_canonical().to_string();
-    let joined = {
-        let prior: Vec<&str> = headers
-            .get_all(&X_FORWARDED_FOR)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        if prior.is_empty() {
-            ip
-        } else {
-            format!("{}, {ip}", prior.join(", "))
+    let mut buf = [0u8; MAX_IP_TEXT];
+    let ip = write_ip(client, &mut buf);
+    match headers.entry(&X_FORWARDED_FOR) {
+        Entry::Vacant(e) => {
+            e.insert(HeaderValue::from_bytes(ip).expect("an IP address is a valid header value"));
+        }
+        Entry::Occupied(mut e) => {
+            let mut joined = Vec::new();
+            for prior in e.iter().filter_map(|v| v.to_str().ok()) {
+                joined.extend_from_slice(prior.as_bytes());
+                joined.extend_from_slice(b", ");
+            }
+            joined.extend_from_slice(ip);
+            if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(joined)) {
+                e.insert(v);
+            }
+        }
+    }
+}
+
+/// Longest text form of an IP address (an IPv6 address with an embedded IPv4 one).
+const MAX_IP_TEXT: usize = 45;
+
+/// Writes `ip` as text into `buf` without allocating, IPv4-mapped IPv6 addresses in
+/// their IPv4 form; returns the written part.
+fn write_ip(ip: IpAddr, buf: &mut [u8; MAX_IP_TEXT]) -> &[u8] {
+    let len = match ip.to_canonical() {
+        IpAddr::V4(v4) => {
+            let mut n = 0;
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    buf[n] = b'.';
+                    n += 1;
+                }
+                n += write_decimal(octet, &mut buf[n..]);
+            }
+            n
+        }
+        IpAddr::V6(v6) => {
+            let mut rest = &mut buf[..];
+            write!(rest, "{v6}").expect("an IPv6 address fits in 45 bytes");
+            MAX_IP_TEXT - rest.len()
         }
     };
-    if let Ok(v) = HeaderValue::from_str(&joined) {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
+    &buf[..len]
+}
+
+/// Writes `v` in decimal at the start of `out`; returns the number of digits.
+fn write_decimal(v: u8, out: &mut [u8]) -> usize {
+    let digits = [v / 100, v / 10 % 10, v % 10];
+    let skip = if v >= 100 {
+        0
+    } else if v >= 10 {
+        1
+    } else {
+        2
+    };
+    for (o, d) in out.iter_mut().zip(&digits[skip..]) {
+        *o = b'0' + d;
     }
+    3 - skip
 }
 
 fn valid_request_id(v: &HeaderValue) -> bool {
@@ -168,7 +258,9 @@ pub fn new_request_id() -> HeaderValue {
         *b = HEX[(n & 0xf) as usize];
         n >>= 4;
     }
-    HeaderValue::from_bytes(&buf).expect("hex digits are a valid header value")
+    // Owned by the `Bytes`: one allocation, and clones only count references.
+    HeaderValue::from_maybe_shared(Bytes::from_owner(buf))
+        .expect("hex digits are a valid header value")
 }
 
 #[cfg(test)]
@@ -201,6 +293,58 @@ mod tests {
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h[header::UPGRADE], "websocket");
         assert_eq!(h[header::CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn client_addresses_are_written_like_display() {
+        let mut buf = [0u8; MAX_IP_TEXT];
+        for ip in [
+            "0.0.0.0",
+            "1.2.3.4",
+            "9.10.99.100",
+            "127.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "::ffff:10.0.0.1",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let text = write_ip(ip, &mut buf);
+            assert_eq!(text, ip.to_canonical().to_string().as_bytes(), "{ip}");
+        }
+    }
+
+    #[test]
+    fn forwarded_for_appends_to_every_prior_value() {
+        let client: IpAddr = "10.0.0.7".parse().unwrap();
+        let mut h = HeaderMap::new();
+        append_forwarded_for(&mut h, client);
+        assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.7");
+        let mut h = HeaderMap::new();
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("1.1.1.1"));
+        h.append(
+            &X_FORWARDED_FOR,
+            HeaderValue::from_static("2.2.2.2, 3.3.3.3"),
+        );
+        append_forwarded_for(&mut h, client);
+        let all: Vec<_> = h.get_all(&X_FORWARDED_FOR).iter().collect();
+        assert_eq!(all, ["1.1.1.1, 2.2.2.2, 3.3.3.3, 10.0.0.7"]);
+    }
+
+    #[test]
+    fn connection_named_fields_are_removed_from_every_value() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("close, x-a"));
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("Connection, X-B"),
+        );
+        for name in ["x-a", "x-b", "close", "x-kept"] {
+            h.insert(name, HeaderValue::from_static("1"));
+        }
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["x-kept"]);
     }
 
     #[test]

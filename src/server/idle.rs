@@ -1,7 +1,7 @@
 //! Client connection timers: `server.limits.idle_timeout` and `header_read_timeout`.
 //!
-//! The socket is wrapped so every read and write stamps the time, and each request
-//! holds an [`ActiveRequest`] until its response is over. With no request in progress:
+//! The socket is wrapped so reads and writes stamp the time, and each request holds an
+//! [`ActiveRequest`] until its response is over. With no request in progress:
 //!
 //! - bytes arriving start a request head: the connection must deliver the whole head
 //!   (hyper calls the service) within `header_read_timeout`, or it is closed. This is
@@ -13,6 +13,14 @@
 //! connection waits for its next request, which would cap keep-alive idling at the
 //! header timeout. HTTP/2 connections exchange control frames between requests, so for
 //! them only the idle rule applies once the first request arrived.
+//!
+//! Nothing wakes the watchdog: it sleeps until the nearest deadline, but never longer
+//! than the shorter of the two timeouts. Any deadline that an event could set from now
+//! on (a request head starting, a response ending, bytes moving) lies at least that far
+//! ahead, so waking up that often never misses one, and the request path pays no task
+//! wake-ups for it. While a request is in progress the stamps are not needed (nothing
+//! can expire, and the end of the response stamps the time), so the socket wrapper only
+//! reads the clock on a connection with no request in progress.
 
 use std::io;
 use std::pin::Pin;
@@ -22,7 +30,6 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Notify;
 
 const NONE: u64 = u64::MAX;
 
@@ -39,8 +46,6 @@ pub struct Activity {
     active: AtomicUsize,
     /// The connection speaks HTTP/2.
     multiplexed: AtomicBool,
-    /// Wakes the watchdog when a response ends, so the next timer starts on time.
-    changed: Notify,
 }
 
 /// Which limit closed a connection.
@@ -58,7 +63,6 @@ impl Activity {
             head_started_ms: AtomicU64::new(NONE),
             active: AtomicUsize::new(0),
             multiplexed: AtomicBool::new(false),
-            changed: Notify::new(),
         })
     }
 
@@ -66,20 +70,25 @@ impl Activity {
         self.opened.elapsed().as_millis() as u64
     }
 
+    fn idle(&self) -> bool {
+        self.active.load(Ordering::Relaxed) == 0
+    }
+
     fn on_read(&self) {
+        if !self.idle() {
+            return;
+        }
         let now = self.now_ms();
         self.last_io_ms.store(now, Ordering::Relaxed);
-        if self.active.load(Ordering::Relaxed) == 0
-            && self.head_started_ms.load(Ordering::Relaxed) == NONE
-        {
+        if self.head_started_ms.load(Ordering::Relaxed) == NONE {
             self.head_started_ms.store(now, Ordering::Relaxed);
-            // Once per request head: the watchdog switches to the header deadline.
-            self.changed.notify_one();
         }
     }
 
     fn on_write(&self) {
-        self.last_io_ms.store(self.now_ms(), Ordering::Relaxed);
+        if self.idle() {
+            self.last_io_ms.store(self.now_ms(), Ordering::Relaxed);
+        }
     }
 
     /// Marks a request as started (its head is complete); it ends when the guard drops.
@@ -96,34 +105,43 @@ impl Activity {
     /// arriving for longer than `header`.
     pub async fn expired(&self, idle: Duration, header: Duration) -> Expiry {
         let (idle_ms, header_ms) = (idle.as_millis() as u64, header.as_millis() as u64);
+        // Deadlines set from now on lie at least this far ahead (see the module docs).
+        let recheck_ms = idle_ms.min(header_ms).max(1);
+        let opened = tokio::time::Instant::from_std(self.opened);
+        let sleep = tokio::time::sleep_until(opened);
+        tokio::pin!(sleep);
         loop {
-            let notified = self.changed.notified();
-            let wait = if self.active.load(Ordering::Relaxed) > 0 {
-                None
-            } else {
-                let head = self.head_started_ms.load(Ordering::Relaxed);
-                let (deadline, kind) = if head != NONE && !self.multiplexed.load(Ordering::Relaxed)
-                {
-                    (head.saturating_add(header_ms), Expiry::HeaderRead)
-                } else {
-                    (
-                        self.last_io_ms
-                            .load(Ordering::Relaxed)
-                            .saturating_add(idle_ms),
-                        Expiry::Idle,
-                    )
-                };
-                let now = self.now_ms();
+            let now = self.now_ms();
+            let mut wake = now.saturating_add(recheck_ms);
+            if let Some((deadline, kind)) = self.deadline(idle_ms, header_ms) {
                 if now >= deadline {
                     return kind;
                 }
-                Some(Duration::from_millis(deadline - now))
-            };
-            tokio::select! {
-                _ = tokio::time::sleep(wait.unwrap_or(idle.max(header))) => {}
-                _ = notified => {}
+                wake = wake.min(deadline);
             }
+            sleep.as_mut().reset(opened + Duration::from_millis(wake));
+            sleep.as_mut().await;
         }
+    }
+
+    /// The current deadline in milliseconds after `opened`, if any, and what it enforces.
+    fn deadline(&self, idle_ms: u64, header_ms: u64) -> Option<(u64, Expiry)> {
+        if !self.idle() {
+            return None;
+        }
+        let head = self.head_started_ms.load(Ordering::Relaxed);
+        Some(
+            if head != NONE && !self.multiplexed.load(Ordering::Relaxed) {
+                (head.saturating_add(header_ms), Expiry::HeaderRead)
+            } else {
+                (
+                    self.last_io_ms
+                        .load(Ordering::Relaxed)
+                        .saturating_add(idle_ms),
+                    Expiry::Idle,
+                )
+            },
+        )
     }
 }
 
@@ -137,7 +155,6 @@ impl Drop for ActiveRequest {
         a.last_io_ms.store(a.now_ms(), Ordering::Relaxed);
         a.head_started_ms.store(NONE, Ordering::Relaxed);
         a.active.fetch_sub(1, Ordering::Relaxed);
-        a.changed.notify_one();
     }
 }
 

@@ -115,19 +115,22 @@ pub async fn serve(
         let conn = graceful.watch(conn);
         let idle_timeout = limits.idle_timeout;
         let header_timeout = limits.header_read_timeout;
-        tokio::spawn(async move {
-            let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(client = %peer, error = %e, "client connection error");
-                    }
-                }
-                why = activity.expired(idle_timeout, header_timeout) => {
-                    tracing::debug!(client = %peer, ?why, "closing client connection");
-                }
+        let mut served = tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(client = %peer, error = %e, "client connection error");
             }
             drop(permit);
+        });
+        // The timers watch from a task of their own: polled with the connection, they
+        // would be polled on every wake-up of it.
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = &mut served => {}
+                why = activity.expired(idle_timeout, header_timeout) => {
+                    tracing::debug!(client = %peer, ?why, "closing client connection");
+                    served.abort();
+                }
+            }
         });
     }
     drop(listener);
