@@ -12,12 +12,12 @@ use cookie::{Cookie, SameSite as CookieSameSite};
 use http::header::{HeaderMap, HeaderValue, COOKIE, SET_COOKIE};
 use http::request::Parts;
 
-use crate::balance::consistent_hash::{self, load_cap};
+use crate::balance::consistent_hash::{self, weighted_load_cap};
 use crate::balance::key;
 use crate::balance::learned::Lookup;
 use crate::balance::sticky_cookie::Verdict;
 use crate::config::{OnUnavailable, SameSite, SecureMode};
-use crate::pool::{Affinity, Outcome, Pool};
+use crate::pool::{Affinity, Member, Outcome, Pool};
 
 /// Unix time in seconds.
 pub fn unix_now() -> u64 {
@@ -46,13 +46,31 @@ enum Rest {
     /// Balanced over eligible members: the selector's order.
     Balanced(Option<crate::balance::Candidates>),
     /// The rendezvous ranking of a hash key, computed on first use; members at or over
-    /// `cap` in-flight requests are passed over.
+    /// their bounded-load cap are passed over.
     Ranked {
         key_hash: u64,
         order: Option<Vec<usize>>,
         pos: usize,
-        cap: usize,
+        bound: Option<Bound>,
     },
+}
+
+/// Bounded load (`c`) with the usable members' in-flight total and weight, taken when
+/// the plan was made.
+#[derive(Debug, Clone, Copy)]
+struct Bound {
+    c: f64,
+    total: usize,
+    total_weight: u64,
+}
+
+impl Bound {
+    /// Whether `m` is below its cap (always, without a bound).
+    fn admits(bound: Option<Bound>, m: &Member) -> bool {
+        bound.is_none_or(|b| {
+            m.backend.in_flight() < weighted_load_cap(b.c, b.total, m.weight, b.total_weight)
+        })
+    }
 }
 
 /// Why a plan ended without a backend.
@@ -81,7 +99,7 @@ impl Plan {
                     key_hash,
                     order,
                     pos,
-                    cap,
+                    bound,
                 } => {
                     let Affinity::Hash { table, .. } = &pool.affinity else {
                         return None;
@@ -89,7 +107,7 @@ impl Plan {
                     let order = order.get_or_insert_with(|| table.ranking(*key_hash));
                     let i = *order.get(*pos)?;
                     *pos += 1;
-                    if !pool.usable(i) || pool.members[i].backend.in_flight() >= *cap {
+                    if !pool.usable(i) || !Bound::admits(*bound, &pool.members[i]) {
                         continue;
                     }
                     i
@@ -184,19 +202,21 @@ impl Pool {
                 None => plan.outcome = Some(Outcome::New),
                 Some(k) => {
                     let key_hash = consistent_hash::hash_key(&k);
-                    let cap = match cfg.bounded_load {
-                        None => usize::MAX,
-                        Some(c) => {
-                            let usable = (0..self.members.len()).filter(|&i| self.usable(i));
-                            let (n, total) = usable.fold((0, 0), |(n, t), i| {
-                                (n + 1, t + self.members[i].backend.in_flight())
-                            });
-                            load_cap(c, total, n)
+                    let bound = cfg.bounded_load.map(|c| {
+                        let usable = (0..self.members.len()).filter(|&i| self.usable(i));
+                        let (total, total_weight) = usable.fold((0, 0), |(t, w), i| {
+                            let m = &self.members[i];
+                            (t + m.backend.in_flight(), w + u64::from(m.weight))
+                        });
+                        Bound {
+                            c,
+                            total,
+                            total_weight,
                         }
-                    };
+                    });
                     let owner = table
                         .owner(key_hash)
-                        .filter(|&i| self.usable(i) && self.members[i].backend.in_flight() < cap);
+                        .filter(|&i| self.usable(i) && Bound::admits(bound, &self.members[i]));
                     plan.outcome = Some(if owner.is_some() {
                         Outcome::Hit
                     } else {
@@ -207,7 +227,7 @@ impl Pool {
                         key_hash,
                         order: None,
                         pos: 0,
-                        cap,
+                        bound,
                     };
                 }
             },

@@ -69,12 +69,25 @@ impl HashTable {
         if ids.is_empty() {
             return t;
         }
+        // One score per backend and slot: the leader's is kept, not recomputed.
         let slots: Vec<u16> = (0..1u64 << SLOT_BITS)
             .map(|slot| {
                 let mut best = 0;
-                for i in 1..ids.len() {
-                    if t.beats(slot, i, best) {
-                        best = i;
+                if t.equal_weights {
+                    let mut best_raw = t.raw(slot, 0);
+                    for i in 1..ids.len() {
+                        let r = t.raw(slot, i);
+                        if r > best_raw || (r == best_raw && t.ids[i] < t.ids[best]) {
+                            (best, best_raw) = (i, r);
+                        }
+                    }
+                } else {
+                    let mut best_score = t.score(slot, 0);
+                    for i in 1..ids.len() {
+                        let s = t.score(slot, i);
+                        if s > best_score || (s == best_score && t.ids[i] < t.ids[best]) {
+                            (best, best_score) = (i, s);
+                        }
                     }
                 }
                 best as u16
@@ -114,30 +127,27 @@ impl HashTable {
         self.weights[i] / -u.ln()
     }
 
-    /// Whether backend `a` outranks backend `b` for `slot`.
-    fn beats(&self, slot: u64, a: usize, b: usize) -> bool {
-        if self.equal_weights {
-            let (ra, rb) = (self.raw(slot, a), self.raw(slot, b));
-            return ra > rb || (ra == rb && self.ids[a] < self.ids[b]);
-        }
-        let (sa, sb) = (self.score(slot, a), self.score(slot, b));
-        sa > sb || (sa == sb && self.ids[a] < self.ids[b])
-    }
-
     /// Every backend, best first, for `key_hash`: the owner, then the backends that
     /// would own the key if those before them were gone.
     pub fn ranking(&self, key_hash: u64) -> Vec<usize> {
         let slot = Self::slot(key_hash);
         let mut order: Vec<usize> = (0..self.len()).collect();
-        order.sort_by(|&a, &b| {
-            if self.beats(slot, a, b) {
-                std::cmp::Ordering::Less
-            } else if self.beats(slot, b, a) {
-                std::cmp::Ordering::Greater
-            } else {
-                std::cmp::Ordering::Equal
-            }
-        });
+        // Each backend scored once; ties go to the smaller id, as in `beats`.
+        if self.equal_weights {
+            let raw: Vec<u64> = order.iter().map(|&i| self.raw(slot, i)).collect();
+            order.sort_unstable_by(|&a, &b| {
+                raw[b]
+                    .cmp(&raw[a])
+                    .then_with(|| self.ids[a].cmp(&self.ids[b]))
+            });
+        } else {
+            let score: Vec<f64> = order.iter().map(|&i| self.score(slot, i)).collect();
+            order.sort_unstable_by(|&a, &b| {
+                score[b]
+                    .total_cmp(&score[a])
+                    .then_with(|| self.ids[a].cmp(&self.ids[b]))
+            });
+        }
         order
     }
 }
@@ -150,6 +160,19 @@ pub fn load_cap(c: f64, total_in_flight: usize, n: usize) -> usize {
         return usize::MAX;
     }
     ((c * (total_in_flight as f64 + 1.0)) / n as f64)
+        .ceil()
+        .max(1.0) as usize
+}
+
+/// Bounded load over weighted backends: `load_cap` scaled by the backend's share of the
+/// total weight, `ceil(c × (total in flight + 1) × weight / total_weight)`. With equal
+/// weights it equals `load_cap`; the caps still sum to more than the total in flight, so
+/// some backend is always below its cap.
+pub fn weighted_load_cap(c: f64, total_in_flight: usize, weight: u32, total_weight: u64) -> usize {
+    if total_weight == 0 {
+        return usize::MAX;
+    }
+    ((c * (total_in_flight as f64 + 1.0) * f64::from(weight)) / total_weight as f64)
         .ceil()
         .max(1.0) as usize
 }
@@ -196,5 +219,15 @@ mod tests {
         assert_eq!(load_cap(1.25, 99, 4), 32);
         assert_eq!(load_cap(2.0, 9, 10), 2);
         assert_eq!(load_cap(1.5, 5, 0), usize::MAX);
+    }
+
+    #[test]
+    fn weighted_load_cap_scales_with_weight() {
+        // Equal weights: the same as load_cap.
+        assert_eq!(weighted_load_cap(1.25, 99, 3, 12), load_cap(1.25, 99, 4));
+        // Weights 1..=10 (55): weight 10 may hold c × 10/55 of the total.
+        assert_eq!(weighted_load_cap(1.25, 999, 10, 55), 228);
+        assert_eq!(weighted_load_cap(1.25, 999, 1, 55), 23);
+        assert_eq!(weighted_load_cap(1.25, 0, 1, 55), 1);
     }
 }
