@@ -22,6 +22,8 @@ pub struct PoolState {
     generated_secret: OnceLock<Vec<u8>>,
     /// The learned-session sweeper, stopped when the pool goes away.
     sweeper: OnceLock<tokio::task::AbortHandle>,
+    /// Error responses of requests that reached no backend, by status class.
+    unattributed: [AtomicU64; 6],
 }
 
 impl Drop for PoolState {
@@ -35,6 +37,16 @@ impl Drop for PoolState {
 impl PoolState {
     pub fn learned(&self) -> Option<&Learned> {
         self.learned.get()
+    }
+
+    pub fn count_unattributed(&self, status: u16) {
+        let class = usize::from(status / 100).clamp(1, 5);
+        self.unattributed[class].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Responses of class `class` (1 to 5) that no backend is accountable for.
+    pub fn unattributed(&self, class: usize) -> u64 {
+        self.unattributed[class].load(Ordering::Relaxed)
     }
 }
 

@@ -52,7 +52,9 @@ impl Runtime {
                     .map(
                         |bc| match carried.get(&(pc.name.as_str(), bc.id.as_str())) {
                             Some(b) if b.address == bc.address => Arc::clone(b),
-                            _ => Backend::new(bc, pc),
+                            // Same id, new address: a fresh connection pool, same counters.
+                            Some(b) => Backend::new(bc, pc, Some(b.stats.clone())),
+                            None => Backend::new(bc, pc, None),
                         },
                     )
                     .collect();

@@ -16,7 +16,7 @@ use crate::pool::{Affinity, Outcome, Pool};
 use crate::runtime::Runtime;
 use crate::server::idle::ActiveRequest;
 use crate::upstream::client::Sender;
-use crate::upstream::{InFlight, PooledConn};
+use crate::upstream::{Backend, InFlight, PooledConn};
 
 use super::body::ProxyBody;
 use super::error::ProxyError;
@@ -156,12 +156,14 @@ async fn forward(
             Ok(c) => break Some(Ok((i, c, in_flight))),
             Err(e) => {
                 tracing::warn!(pool = %pool.name, backend = %backend.id, error = %e, "backend unreachable");
-                last_err = Some(e);
+                backend.stats.count_connect_error();
+                last_err = Some((e, backend));
                 if plan.failed(i).is_err() {
                     pool.state.stats.count(Outcome::Rejected);
-                    return Err(ProxyError::Rejected {
+                    let e = ProxyError::Rejected {
                         pool: pool.name.to_string(),
-                    });
+                    };
+                    return Err(failed(pool, Some(backend), e));
                 }
             }
         }
@@ -173,27 +175,37 @@ async fn forward(
         (Some(Ok(c)), _) => c,
         // Every candidate of the pool failed: the pool is unavailable (503). Only some,
         // as the retry budget allowed: the chosen backend failed (502).
-        (None, Some(last)) => {
-            return Err(ProxyError::AllUnreachable {
+        (None, Some((last, backend))) => {
+            let e = ProxyError::AllUnreachable {
                 pool: pool.name.to_string(),
                 last,
-            })
+            };
+            return Err(failed(pool, Some(backend), e));
         }
-        (Some(Err(())), Some(e)) => return Err(ProxyError::Connect(e)),
+        (Some(Err(())), Some((e, backend))) => {
+            return Err(failed(pool, Some(backend), ProxyError::Connect(e)))
+        }
         (_, None) => {
-            return Err(ProxyError::NoBackend {
+            let e = ProxyError::NoBackend {
                 pool: pool.name.to_string(),
-            })
+            };
+            return Err(failed(pool, None, e));
         }
     };
     if let Some(l) = log {
         l.backend = Some(in_flight.backend().id.to_string());
     }
-    let (mut resp, tx) = send(pool, conn, req, &in_flight).await?;
+    let backend = in_flight.backend();
+    let (mut resp, tx) = match send(pool, conn, req, &in_flight).await {
+        Ok(r) => r,
+        Err(e) => return Err(failed(pool, Some(backend), e)),
+    };
+    let elapsed = start.elapsed();
     if let Some(l) = log {
-        l.set_upstream(start.elapsed());
+        l.set_upstream(elapsed);
     }
-    in_flight.backend().count_response();
+    backend.stats.count_response(resp.status().as_u16());
+    backend.stats.duration.observe(elapsed.as_secs_f64());
     if plan.outcome.is_some() {
         if plan.issue_cookie() {
             if let Some(v) = pool.sticky_cookie(i, client.tls) {
@@ -203,6 +215,16 @@ async fn forward(
         pool.learn_from(i, resp.headers());
     }
     Ok((resp, tx, in_flight))
+}
+
+/// Counts the error response a failure turns into, on the backend it concerns or, when no
+/// backend was involved, on the pool.
+fn failed(pool: &Pool, backend: Option<&Arc<Backend>>, e: ProxyError) -> ProxyError {
+    match backend {
+        Some(b) => b.stats.count_response(e.status().as_u16()),
+        None => pool.state.count_unattributed(e.status().as_u16()),
+    }
+    e
 }
 
 /// Sends on `conn`; if a reused keep-alive connection turns out closed before the

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use crate::config::{BackendAddr, BackendConfig, PoolConfig};
 
 use super::client::ConnPool;
+use super::stats::BackendStats;
 
 /// One replica of a pool. Shared by every snapshot that lists it, keyed by its id.
 #[derive(Debug)]
@@ -17,8 +18,8 @@ pub struct Backend {
     /// Requests sent and not yet finished (the response body included); read by
     /// least-request selection.
     in_flight: AtomicUsize,
-    /// Requests that got a response from this backend, for `/status`.
-    requests: AtomicU64,
+    /// Counters that survive reloads, even an address change.
+    pub stats: Arc<BackendStats>,
     /// Idle keep-alive connections to this backend.
     pub pool: ConnPool,
     /// When draining began, in milliseconds of [`clock_ms`], or `NOT_DRAINING`.
@@ -47,13 +48,19 @@ pub fn clock_ms() -> u64 {
 impl Backend {
     /// Creates a backend; inside a Tokio runtime it also starts the task that closes its
     /// expired idle connections, which ends when the backend is dropped.
-    pub fn new(cfg: &BackendConfig, pool: &PoolConfig) -> Arc<Self> {
+    /// `stats` carries the counters of a previous incarnation (same id, other address).
+    pub fn new(
+        cfg: &BackendConfig,
+        pool: &PoolConfig,
+        stats: Option<Arc<BackendStats>>,
+    ) -> Arc<Self> {
+        let stats = stats.unwrap_or_else(|| Arc::new(BackendStats::new(&pool.name, &cfg.id)));
         let backend = Arc::new(Backend {
             id: Arc::from(cfg.id.as_str()),
             address: cfg.address.clone(),
             in_flight: AtomicUsize::new(0),
-            requests: AtomicU64::new(0),
-            pool: ConnPool::new(cfg.address.clone(), pool),
+            pool: ConnPool::new(cfg.address.clone(), pool, stats.clone()),
+            stats,
             drain_started_ms: AtomicU64::new(NOT_DRAINING),
             reaper: OnceLock::new(),
         });
@@ -68,12 +75,9 @@ impl Backend {
         self.in_flight.load(Ordering::Relaxed)
     }
 
+    /// Responses counted for this backend (its own and the proxy's error responses).
     pub fn requests(&self) -> u64 {
-        self.requests.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn count_response(&self) {
-        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.stats.total_responses()
     }
 
     /// Starts draining now unless it already is; or stops draining.

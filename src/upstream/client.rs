@@ -7,8 +7,7 @@
 //! The lock is per backend and held only to push or pop a vector entry.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
@@ -17,6 +16,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::config::{BackendAddr, PoolConfig};
+
+use super::stats::BackendStats;
 
 /// The sending half of an upstream HTTP/1.1 connection.
 pub type Sender = http1::SendRequest<Incoming>;
@@ -46,8 +47,8 @@ pub struct ConnPool {
     max_idle: usize,
     idle_timeout: Duration,
     connect_timeout: Duration,
-    /// Connections opened so far: against the request count it shows reuse.
-    opened: AtomicU64,
+    /// Counts connections opened: against the request count it shows reuse.
+    stats: Arc<BackendStats>,
 }
 
 /// A connection checked out of the pool (or freshly opened).
@@ -60,19 +61,19 @@ pub struct PooledConn {
 }
 
 impl ConnPool {
-    pub fn new(addr: BackendAddr, pool: &PoolConfig) -> Self {
+    pub fn new(addr: BackendAddr, pool: &PoolConfig, stats: Arc<BackendStats>) -> Self {
         ConnPool {
             addr,
             idle: Mutex::new(Vec::new()),
             max_idle: pool.max_idle_per_backend,
             idle_timeout: pool.upstream_idle_timeout,
             connect_timeout: pool.connect_timeout,
-            opened: AtomicU64::new(0),
+            stats,
         }
     }
 
     pub fn connections_opened(&self) -> u64 {
-        self.opened.load(Ordering::Relaxed)
+        self.stats.connections_opened()
     }
 
     pub fn idle_count(&self) -> usize {
@@ -142,7 +143,7 @@ impl ConnPool {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }
         });
-        self.opened.fetch_add(1, Ordering::Relaxed);
+        self.stats.count_connection_opened();
         Ok(tx)
     }
 

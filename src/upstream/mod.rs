@@ -2,6 +2,8 @@
 
 pub mod backend;
 pub mod client;
+pub mod stats;
 
 pub use backend::{Backend, InFlight};
 pub use client::{ConnPool, PooledConn, UpstreamError};
+pub use stats::BackendStats;
