@@ -380,7 +380,7 @@ fn simulate(
     c: Option<f64>,
     mut next_key: impl FnMut(&mut fastrand::Rng) -> u64,
 ) -> SimResult {
-    let mut rng = fastrand::Rng::with_seed(0x5349_4d);
+    let mut rng = fastrand::Rng::with_seed(0x0053_494d);
     let mut in_flight = vec![0usize; n];
     let mut total = 0usize;
     // Timing wheel: wheel[t % len] holds the backends of requests ending at step t.
