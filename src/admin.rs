@@ -29,6 +29,8 @@ pub struct AdminState {
     pub reloader: Arc<Reloader>,
     /// True once every listener is bound and serving; false again during shutdown.
     pub ready: AtomicBool,
+    /// Open client connections per listener, for `/metrics`.
+    pub listeners: Vec<crate::metrics::ListenerGauge>,
 }
 
 pub async fn serve(
@@ -81,6 +83,22 @@ async fn handle(state: &Arc<AdminState>, req: Request<Incoming>) -> Response<Ful
         },
         (_, "/reload") => text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/metrics") => {
+            match crate::metrics::render(&state.runtime.load(), &state.reloader, &state.listeners) {
+                Ok(body) => {
+                    let mut r = Response::new(Full::new(Bytes::from(body)));
+                    r.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                    );
+                    r
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "rendering metrics failed");
+                    text(StatusCode::INTERNAL_SERVER_ERROR, "metrics unavailable\n")
+                }
+            }
+        }
         (&Method::GET, "/readyz") => {
             if state.ready.load(Ordering::Relaxed) {
                 text(StatusCode::OK, "ready\n")
@@ -94,7 +112,7 @@ async fn handle(state: &Arc<AdminState>, req: Request<Incoming>) -> Response<Ful
             owner_pool(path).unwrap_or_default(),
             req.uri().query(),
         ),
-        (_, "/healthz" | "/readyz" | "/status") => {
+        (_, "/healthz" | "/readyz" | "/status" | "/metrics") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),

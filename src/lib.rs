@@ -13,6 +13,7 @@
 //! - [`server`]: client listeners, limits, graceful shutdown.
 //! - [`reload`]: file watching, `SIGHUP` and `POST /reload` → validated → one swap.
 //! - [`admin`]: the admin listener.
+//! - [`metrics`]: the Prometheus exposition, read from the snapshot at scrape time.
 //! - [`demo`]: the built-in backend and the self-contained demo.
 //!
 //! [`Server::bind`] then [`Server::run`] (or [`run`]) drive everything; tests use them
@@ -26,6 +27,7 @@ pub mod affinity;
 pub mod balance;
 pub mod config;
 pub mod demo;
+pub mod metrics;
 pub mod pool;
 pub mod proxy;
 pub mod reload;
@@ -139,6 +141,14 @@ impl Server {
             runtime: self.runtime.clone(),
             reloader: self.reloader.clone(),
             ready: AtomicBool::new(false),
+            listeners: self
+                .listeners
+                .iter()
+                .map(|l| metrics::ListenerGauge {
+                    name: l.local_addr.to_string(),
+                    active: l.active.clone(),
+                })
+                .collect(),
         });
         // Kept alive until shutdown: dropping it stops the watching.
         let _watcher = self.watcher;

@@ -9,6 +9,7 @@ pub mod idle;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,6 +38,24 @@ pub struct Listener {
     pub listener: TcpListener,
     pub local_addr: SocketAddr,
     pub kind: ListenerKind,
+    /// Client connections open on this listener, for metrics.
+    pub active: Arc<AtomicUsize>,
+}
+
+/// Counts one open connection until dropped.
+struct Open(Arc<AtomicUsize>);
+
+impl Open {
+    fn new(counter: &Arc<AtomicUsize>) -> Open {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Open(counter.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Listener {
@@ -47,6 +66,7 @@ impl Listener {
             listener,
             local_addr,
             kind: ListenerKind::Plain,
+            active: Arc::default(),
         })
     }
 }
@@ -101,6 +121,7 @@ pub async fn serve(
             _ = stopped(&mut shutdown) => break,
         };
         let _ = stream.set_nodelay(true);
+        let open = Open::new(&listener.active);
         let activity = Activity::new();
         let io = TokioIo::new(TrackedIo::new(stream, activity.clone()));
         let info = ClientInfo { addr: peer, tls };
@@ -120,6 +141,7 @@ pub async fn serve(
                 tracing::debug!(client = %peer, error = %e, "client connection error");
             }
             drop(permit);
+            drop(open);
         });
         // The timers watch from a task of their own: polled with the connection, they
         // would be polled on every wake-up of it.

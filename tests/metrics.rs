@@ -1,0 +1,212 @@
+//! `/metrics` after known traffic: values, label sets, and what reloads do to series.
+
+mod common;
+
+use common::*;
+
+async fn scrape(proxy: &TestProxy) -> String {
+    let got = fetch(proxy.admin.unwrap(), get("/metrics")).await;
+    assert_eq!(got.status, 200);
+    assert!(got.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain; version=0.0.4"));
+    String::from_utf8(got.body.to_vec()).unwrap()
+}
+
+/// The value of the sample whose name and labels are exactly `series`.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .map(|v| v.trim().parse().unwrap())
+}
+
+#[tokio::test]
+async fn metrics_count_known_traffic() {
+    let (a, b) = (named_backend("a").await, named_backend("b").await);
+    let dead = dead_addr().await;
+    let cfg = format!(
+        "[[routes]]\npath_prefix = \"/dead\"\npool = \"gone\"\n[[routes]]\npool = \"web\"\n\
+         [pools.web]\nbackends = [{{ address = \"{a}\", id = \"a\" }}, {{ address = \"{b}\", id = \"b\" }}]\n\
+         [pools.gone]\nretries = 0\nbackends = [{{ address = \"{dead}\", id = \"d\" }}]\n"
+    );
+    let proxy = TestProxy::start(&config(&cfg)).await;
+    let mut client = Client::connect(proxy.addr).await;
+    for _ in 0..10 {
+        assert_eq!(client.get("/").await.status, 200);
+    }
+    for _ in 0..3 {
+        assert_eq!(client.get("/dead").await.status, 503);
+    }
+    let text = scrape(&proxy).await;
+    for family in [
+        "switchyard_requests_total",
+        "switchyard_request_duration_seconds",
+        "switchyard_upstream_connect_errors_total",
+        "switchyard_upstream_connections_opened_total",
+        "switchyard_backend_up",
+        "switchyard_backend_in_flight",
+        "switchyard_downstream_connections_active",
+        "switchyard_config_reloads_total",
+        "switchyard_config_generation",
+        "switchyard_config_last_reload_success_timestamp_seconds",
+        "switchyard_build_info",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {family} ")),
+            "{family} missing:\n{text}"
+        );
+        assert!(
+            text.contains(&format!("# HELP {family} ")),
+            "{family} has no HELP"
+        );
+    }
+    let ok = |id: &str| {
+        sample(
+            &text,
+            &format!("switchyard_requests_total{{backend=\"{id}\",code=\"2xx\",pool=\"web\"}}"),
+        )
+    };
+    assert_eq!(ok("a"), Some(5.0));
+    assert_eq!(ok("b"), Some(5.0));
+    assert_eq!(
+        sample(
+            &text,
+            "switchyard_requests_total{backend=\"d\",code=\"5xx\",pool=\"gone\"}"
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "switchyard_upstream_connect_errors_total{backend=\"d\",pool=\"gone\"}"
+        ),
+        Some(3.0)
+    );
+    // One keep-alive client: one upstream connection per backend, reused.
+    assert_eq!(
+        sample(
+            &text,
+            "switchyard_upstream_connections_opened_total{backend=\"a\",pool=\"web\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "switchyard_request_duration_seconds_count{backend=\"a\",pool=\"web\"}"
+        ),
+        Some(5.0)
+    );
+    assert!(text.contains(
+        "switchyard_request_duration_seconds_bucket{backend=\"a\",pool=\"web\",le=\"0.0001\"}"
+    ));
+    assert!(text.contains(
+        "switchyard_request_duration_seconds_bucket{backend=\"a\",pool=\"web\",le=\"30\"}"
+    ));
+    assert_eq!(
+        sample(&text, "switchyard_backend_up{backend=\"a\",pool=\"web\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            &format!(
+                "switchyard_downstream_connections_active{{listener=\"{}\"}}",
+                proxy.addr
+            )
+        ),
+        Some(1.0)
+    );
+    assert_eq!(sample(&text, "switchyard_config_generation"), Some(1.0));
+    assert_eq!(
+        sample(
+            &text,
+            &format!(
+                "switchyard_build_info{{version=\"{}\"}}",
+                env!("CARGO_PKG_VERSION")
+            )
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn counters_survive_reloads_and_removed_series_disappear_after_draining() {
+    let (a, b) = (named_backend("a").await, named_backend("b").await);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchyard.toml");
+    let cfg = |backends: &str| {
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [pools.web]\npolicy = \"sticky_cookie\"\ndrain_timeout = \"50ms\"\nbackends = [{backends}]\n"
+        )
+    };
+    let both = format!("{{ address = \"{a}\", id = \"a\" }}, {{ address = \"{b}\", id = \"b\" }}");
+    std::fs::write(&path, cfg(&both)).unwrap();
+    let (proxy, reloader) = TestProxy::start_file(&path).await;
+    for _ in 0..4 {
+        fetch(proxy.addr, get("/")).await;
+    }
+    // Same id a, new address (b's): the counters stay.
+    std::fs::write(&path, cfg(&format!("{{ address = \"{b}\", id = \"a\" }}"))).unwrap();
+    let r = reloader.clone();
+    tokio::task::spawn_blocking(move || r.reload())
+        .await
+        .unwrap()
+        .unwrap();
+    let text = scrape(&proxy).await;
+    assert_eq!(
+        sample(
+            &text,
+            "switchyard_requests_total{backend=\"a\",code=\"2xx\",pool=\"web\"}"
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "switchyard_affinity_total{outcome=\"new\",pool=\"web\"}"
+        ),
+        Some(4.0)
+    );
+    assert_eq!(
+        sample(&text, "switchyard_config_reloads_total{result=\"success\"}"),
+        Some(1.0)
+    );
+    assert_eq!(sample(&text, "switchyard_config_generation"), Some(2.0));
+    // b left the config and drains: listed until it has drained.
+    assert!(text.contains("backend=\"b\""));
+    fetch(proxy.addr, get("/")).await;
+    // What is under test is the drain timeout running out.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let r = reloader.clone();
+    tokio::task::spawn_blocking(move || r.compact())
+        .await
+        .unwrap();
+    let text = scrape(&proxy).await;
+    assert!(
+        !text.contains("backend=\"b\""),
+        "b's series outlived its drain:\n{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "switchyard_requests_total{backend=\"a\",code=\"2xx\",pool=\"web\"}"
+        ),
+        Some(3.0)
+    );
+    // A bad file counts as a failure.
+    std::fs::write(&path, "[pools.web\n").unwrap();
+    let r = reloader.clone();
+    assert!(tokio::task::spawn_blocking(move || r.reload())
+        .await
+        .unwrap()
+        .is_err());
+    let text = scrape(&proxy).await;
+    assert!(sample(&text, "switchyard_config_reloads_total{result=\"failure\"}").unwrap() >= 1.0);
+}
