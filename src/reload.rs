@@ -69,6 +69,8 @@ pub struct Reloader {
     last: Mutex<Option<LastReload>>,
     pub successes: AtomicU64,
     pub failures: AtomicU64,
+    /// Every reload attempt, no-ops included.
+    pub attempts: AtomicU64,
     /// Unix time of the last successful reload (or of the start).
     pub last_success_unix: AtomicU64,
     /// Announces each new generation (tests and the watcher's callers wait on it).
@@ -84,6 +86,7 @@ impl Reloader {
             last: Mutex::new(None),
             successes: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            attempts: AtomicU64::new(0),
             last_success_unix: AtomicU64::new(unix_now()),
             generation_tx: watch::channel(generation).0,
         }
@@ -110,6 +113,7 @@ impl Reloader {
     /// blocking context, e.g. [`reload_async`](Self::reload_async).
     pub fn reload(&self) -> Result<Applied, ReloadError> {
         let mut last = self.lock();
+        self.attempts.fetch_add(1, Ordering::Relaxed);
         let result = self.try_reload();
         match &result {
             Ok(Applied::Unchanged { .. }) => return result,
@@ -259,8 +263,13 @@ pub fn watch(reloader: Arc<Reloader>, debounce: Duration) -> Option<notify::Reco
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let mut watcher = match notify::recommended_watcher(
         move |event: notify::Result<notify::Event>| {
-            if event.is_ok() {
-                let _ = tx.send(());
+            // Only changes count. Reading the file is an event too (an open, a close),
+            // and every reload reads it: counting those would make each reload cause the
+            // next.
+            if let Ok(e) = event {
+                if !matches!(e.kind, notify::EventKind::Access(_)) {
+                    let _ = tx.send(());
+                }
             }
         },
     ) {

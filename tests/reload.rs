@@ -151,6 +151,15 @@ async fn watcher_sees_in_place_writes_renames_and_symlink_swaps() {
     write(&path, &one_pool(&[("b", b)], ""));
     generation(&mut rx, 2).await;
     assert_eq!(fetch(proxy.addr, get("/")).await.backend(), "b");
+    // Reading the file to reload it is not a change: no reload may follow by itself.
+    let attempts = reloader.attempts.load(Ordering::Relaxed);
+    // What is under test is that nothing happens over several debounce periods.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        reloader.attempts.load(Ordering::Relaxed),
+        attempts,
+        "a reload triggered another"
+    );
     let tmp = dir.path().join(".switchyard.toml.swp");
     write(&tmp, &one_pool(&[("a", a)], ""));
     std::fs::rename(&tmp, &path).unwrap();
