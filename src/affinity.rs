@@ -6,6 +6,7 @@
 //! or the key's rendezvous ranking), never one twice.
 
 use std::net::IpAddr;
+use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use cookie::{Cookie, SameSite as CookieSameSite};
@@ -16,7 +17,7 @@ use crate::balance::consistent_hash::{self, weighted_load_cap};
 use crate::balance::key;
 use crate::balance::learned::Lookup;
 use crate::balance::sticky_cookie::Verdict;
-use crate::config::{OnUnavailable, SameSite, SecureMode};
+use crate::config::{AllDown, OnUnavailable, SameSite, SecureMode};
 use crate::pool::{Affinity, Member, Outcome, Pool};
 
 /// Unix time in seconds.
@@ -39,6 +40,12 @@ pub struct Plan {
     reject_if_pinned_fails: bool,
     /// Re-issue the sticky cookie even on a hit (sliding expiry).
     renew: bool,
+    /// The pinned backend is down and the pool rejects: answer 503 at once.
+    pub reject_now: bool,
+    /// Candidates offered so far (after the pinned one).
+    offered: usize,
+    /// No backend was healthy and the pool fails open: health is ignored.
+    ignore_health: bool,
 }
 
 #[derive(Debug)]
@@ -90,10 +97,13 @@ impl Plan {
             }
         }
         loop {
-            let i = match &mut self.rest {
+            let ok = |i: usize| pool.usable(i) && (self.ignore_health || pool.healthy(i));
+            let next = match &mut self.rest {
                 Rest::Balanced(c) => {
                     let c = c.get_or_insert_with(|| pool.selector_candidates());
-                    pool.eligible.get(c.next()?).copied()?
+                    c.next()
+                        .and_then(|k| pool.eligible.get(k).copied())
+                        .map(|i| (i, ok(i)))
                 }
                 Rest::Ranked {
                     key_hash,
@@ -105,16 +115,33 @@ impl Plan {
                         return None;
                     };
                     let order = order.get_or_insert_with(|| table.ranking(*key_hash));
-                    let i = *order.get(*pos)?;
+                    let i = order.get(*pos).copied();
                     *pos += 1;
-                    if !pool.usable(i) || !Bound::admits(*bound, &pool.members[i]) {
-                        continue;
-                    }
-                    i
+                    i.map(|i| (i, ok(i) && Bound::admits(*bound, &pool.members[i])))
                 }
             };
-            if Some(i) != self.pinned {
-                return Some(i);
+            match next {
+                Some((i, true)) if Some(i) != self.pinned => {
+                    self.offered += 1;
+                    return Some(i);
+                }
+                Some(_) => continue,
+                None => {
+                    // Nothing healthy at all: fail open once, if the pool says so.
+                    if self.offered > 0
+                        || self.ignore_health
+                        || self.pinned.is_some()
+                        || pool.all_down != AllDown::FailOpen
+                    {
+                        return None;
+                    }
+                    self.ignore_health = true;
+                    pool.state.fail_open.fetch_add(1, Ordering::Relaxed);
+                    match &mut self.rest {
+                        Rest::Balanced(c) => *c = None,
+                        Rest::Ranked { pos, .. } => *pos = 0,
+                    }
+                }
             }
         }
     }
@@ -149,6 +176,9 @@ impl Pool {
             outcome: None,
             reject_if_pinned_fails: false,
             renew: false,
+            reject_now: false,
+            offered: 0,
+            ignore_health: false,
         };
         match &self.affinity {
             Affinity::None => {}
@@ -161,6 +191,14 @@ impl Pool {
                         Verdict::Expired => outcome = Outcome::Expired,
                         Verdict::Valid { key, tag, expires } => {
                             match tags[key].get(&tag).copied().filter(|&i| self.usable(i)) {
+                                Some(i) if !self.healthy(i) => {
+                                    if cfg.on_unavailable == OnUnavailable::Reject {
+                                        plan.reject_now = true;
+                                        outcome = Outcome::Rejected;
+                                    } else {
+                                        outcome = Outcome::Redispatched;
+                                    }
+                                }
                                 Some(i) => {
                                     plan.pinned = Some(i);
                                     outcome = Outcome::Hit;
@@ -184,7 +222,7 @@ impl Pool {
                 {
                     match table.lookup(value, unix_now()) {
                         Lookup::Hit(id) => {
-                            match self.by_id.get(&id).copied().filter(|&i| self.usable(i)) {
+                            match self.by_id.get(&id).copied().filter(|&i| self.healthy(i)) {
                                 Some(i) => {
                                     plan.pinned = Some(i);
                                     outcome = Outcome::Hit;
@@ -216,7 +254,7 @@ impl Pool {
                     });
                     let owner = table
                         .owner(key_hash)
-                        .filter(|&i| self.usable(i) && Bound::admits(bound, &self.members[i]));
+                        .filter(|&i| self.healthy(i) && Bound::admits(bound, &self.members[i]));
                     plan.outcome = Some(if owner.is_some() {
                         Outcome::Hit
                     } else {

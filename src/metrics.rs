@@ -120,6 +120,12 @@ pub fn render(
         "Unix time of the last successful configuration load.",
     )?;
     r.register(Box::new(last_success.clone()))?;
+    let fail_open = counter_vec(
+        &r,
+        "switchyard_pool_fail_open_total",
+        "Requests routed as if every backend were healthy because none was.",
+        &["pool"],
+    )?;
     let build = gauge_vec(
         &r,
         "switchyard_build_info",
@@ -145,7 +151,8 @@ pub fn render(
             opened
                 .with_label_values(&labels)
                 .inc_by(b.stats.connections_opened());
-            up.with_label_values(&labels).set(1);
+            up.with_label_values(&labels)
+                .set(i64::from(b.health.is_up()));
             in_flight
                 .with_label_values(&labels)
                 .set(b.in_flight() as i64);
@@ -157,6 +164,9 @@ pub fn render(
                 requests.with_label_values(&[&*p.name, "", code]).inc_by(n);
             }
         }
+        fail_open
+            .with_label_values(&[&*p.name])
+            .inc_by(p.state.fail_open.load(Ordering::Relaxed));
         if !matches!(p.affinity, Affinity::None) {
             for o in Outcome::ALL {
                 affinity

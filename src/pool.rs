@@ -9,7 +9,10 @@ use crate::balance::consistent_hash::HashTable;
 use crate::balance::learned::Learned;
 use crate::balance::sticky_cookie::{self, Codec, Tag};
 use crate::balance::Selector;
-use crate::config::{AffinityConfig, HashConfig, LearnConfig, Policy, PoolConfig, StickyConfig};
+use crate::config::{
+    AffinityConfig, AllDown, HashConfig, LearnConfig, OutlierConfig, Policy, PoolConfig,
+    StickyConfig,
+};
 use crate::upstream::Backend;
 
 /// What a pool keeps across configuration snapshots, found again by pool name.
@@ -24,6 +27,8 @@ pub struct PoolState {
     sweeper: OnceLock<tokio::task::AbortHandle>,
     /// Error responses of requests that reached no backend, by status class.
     unattributed: [AtomicU64; 6],
+    /// Requests routed as if all backends were healthy because none was.
+    pub fail_open: AtomicU64,
 }
 
 impl Drop for PoolState {
@@ -166,6 +171,8 @@ pub struct Pool {
     pub response_timeout: Duration,
     pub retries: u32,
     pub drain_timeout: Duration,
+    pub outlier: OutlierConfig,
+    pub all_down: AllDown,
 }
 
 impl Pool {
@@ -193,6 +200,9 @@ impl Pool {
                 }
             })
             .collect();
+        for m in &members {
+            m.backend.set_health_config(pc.health.as_ref());
+        }
         for m in removed {
             m.backend.set_draining(true);
             members.push(Member {
@@ -270,6 +280,8 @@ impl Pool {
             response_timeout: pc.response_timeout,
             retries: pc.retries,
             drain_timeout: pc.drain_timeout,
+            outlier: pc.outlier.clone(),
+            all_down: pc.all_down,
         }
     }
 
@@ -284,5 +296,19 @@ impl Pool {
     /// Whether member `i` may serve a client whose affinity points at it.
     pub fn usable(&self, i: usize) -> bool {
         !self.members[i].backend.drain_expired(self.drain_timeout)
+    }
+
+    /// Usable, passing its active checks, and not ejected.
+    pub fn healthy(&self, i: usize) -> bool {
+        self.usable(i) && self.members[i].backend.health.is_up()
+    }
+
+    /// Whether one more backend may be ejected without exceeding the pool's cap.
+    pub fn may_eject(&self) -> bool {
+        let configured = self.members.iter().filter(|m| !m.removed);
+        let (n, ejected) = configured.fold((0, 0), |(n, e), m| {
+            (n + 1, e + usize::from(m.backend.health.is_ejected()))
+        });
+        (ejected + 1) * 100 <= n * self.outlier.max_ejected_percent as usize
     }
 }

@@ -542,7 +542,11 @@ async fn hash_keys_fail_over_and_come_back() {
         .enumerate()
         .map(|(i, k)| (format!("k{}", i + 1), k.addr))
         .collect();
-    let proxy = TestProxy::start(&config(&hash_pool(&backends, ""))).await;
+    let proxy = TestProxy::start(&config(&hash_pool(
+        &backends,
+        "[pools.h.outlier]\nconsecutive_failures = 0",
+    )))
+    .await;
     let body = |g: &Got| String::from_utf8(g.body.to_vec()).unwrap();
     let mut owner_of = HashMap::new();
     for u in 0..60 {

@@ -500,15 +500,79 @@ fn server_tls_not_available() {
 }
 
 #[test]
-fn health_checks_not_available() {
-    let text = format!("{WEB}[pools.web.health]\npath = \"/healthz\"\n");
-    assert_err(
-        &text,
-        "pools.web.health",
-        3,
-        Some(1),
-        "not available in this version",
-    );
+fn health_and_outlier_defaults() {
+    let c = ok(&format!("{WEB}[pools.web.health]\n"));
+    let h = c.pools[0].health.clone().unwrap();
+    assert_eq!(h.path, "/healthz");
+    assert_eq!(h.interval, Duration::from_secs(2));
+    assert_eq!(h.timeout, Duration::from_secs(1));
+    assert_eq!((h.healthy_threshold, h.unhealthy_threshold), (2, 3));
+    assert_eq!(h.expect_status, 200..=399);
+    let o = &c.pools[0].outlier;
+    assert_eq!(o.consecutive_failures, 5);
+    assert_eq!(o.base_ejection, Duration::from_secs(30));
+    assert_eq!(o.max_ejection, Duration::from_secs(300));
+    assert_eq!(o.max_ejected_percent, 50);
+    assert_eq!(c.pools[0].all_down, switchyard::config::AllDown::FailOpen);
+    let c = ok(&format!(
+        "{WEB}all_down = \"reject\"\n[pools.web.health]\nexpect_status = \"204\"\n"
+    ));
+    assert_eq!(c.pools[0].health.clone().unwrap().expect_status, 204..=204);
+    assert_eq!(c.pools[0].all_down, switchyard::config::AllDown::Reject);
+    assert!(ok(WEB).pools[0].health.is_none());
+}
+
+#[test]
+fn health_rejections() {
+    let cases = [
+        (
+            "[pools.web.health]\npath = \"healthz\"\n",
+            "pools.web.health.path",
+            "must start with '/'",
+        ),
+        (
+            "[pools.web.health]\nexpect_status = \"600\"\n",
+            "pools.web.health.expect_status",
+            "invalid status range",
+        ),
+        (
+            "[pools.web.health]\nexpect_status = \"399-200\"\n",
+            "pools.web.health.expect_status",
+            "invalid status range",
+        ),
+        (
+            "[pools.web.health]\ninterval = \"1s\"\ntimeout = \"2s\"\n",
+            "pools.web.health.timeout",
+            "must not exceed interval",
+        ),
+        (
+            "[pools.web.health]\nhealthy_threshold = 0\n",
+            "pools.web.health.healthy_threshold",
+            "out of range",
+        ),
+        (
+            "[pools.web.health]\nport = 80\n",
+            "pools.web.health.port",
+            "unknown field",
+        ),
+        (
+            "[pools.web.outlier]\nmax_ejected_percent = 101\n",
+            "pools.web.outlier.max_ejected_percent",
+            "out of range",
+        ),
+        (
+            "[pools.web.outlier]\nbase_ejection = \"1m\"\nmax_ejection = \"10s\"\n",
+            "pools.web.outlier.max_ejection",
+            "at least base_ejection",
+        ),
+        ("all_down = \"panic\"\n", "pools.web.all_down", "fail_open"),
+    ];
+    for (tail, key, fragment) in cases {
+        let e = err(&format!("{WEB}{tail}"));
+        assert_eq!(e.key, key, "{e}");
+        assert!(e.message.contains(fragment), "{e}");
+        assert!(e.line >= 3, "{e}");
+    }
 }
 
 #[test]

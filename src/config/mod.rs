@@ -193,6 +193,43 @@ pub struct PoolConfig {
     /// How long a draining backend keeps serving its existing affinity.
     pub drain_timeout: Duration,
     pub affinity: AffinityConfig,
+    /// Active checks, if configured.
+    pub health: Option<HealthConfig>,
+    /// Passive ejection; on for every pool.
+    pub outlier: OutlierConfig,
+    /// What to do when no backend of the pool is healthy.
+    pub all_down: AllDown,
+}
+
+/// `[pools.NAME.health]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfig {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+    pub expect_status: std::ops::RangeInclusive<u16>,
+}
+
+/// `[pools.NAME.outlier]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutlierConfig {
+    /// Connect failures or 5xx answers in a row that eject a backend; 0 disables.
+    pub consecutive_failures: u32,
+    /// The first ejection's length; the n-th lasts n times as long.
+    pub base_ejection: Duration,
+    pub max_ejection: Duration,
+    /// At most this share of a pool is ejected at once.
+    pub max_ejected_percent: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllDown {
+    /// Route as if every backend were healthy (and count it).
+    FailOpen,
+    /// Answer 503.
+    Reject,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

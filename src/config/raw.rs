@@ -82,8 +82,32 @@ pub struct RawPool {
     pub hash_key: Option<Spanned<Vec<Spanned<String>>>>,
     /// A number; integers are accepted too, so it is read as a TOML value.
     pub bounded_load: Option<Spanned<toml::Value>>,
-    /// Reserved for active checks; validation explains.
-    pub health: Option<Spanned<toml::Value>>,
+    pub health: Option<Spanned<RawHealth>>,
+    pub outlier: Option<Spanned<RawOutlier>>,
+    pub all_down: Option<Spanned<String>>,
+}
+
+/// `[pools.NAME.health]`: active checks.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    pub path: Option<Spanned<String>>,
+    pub interval: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
+    pub healthy_threshold: Option<Spanned<i64>>,
+    pub unhealthy_threshold: Option<Spanned<i64>>,
+    /// `"200-399"` or `"200"`.
+    pub expect_status: Option<Spanned<String>>,
+}
+
+/// `[pools.NAME.outlier]`: passive ejection.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOutlier {
+    pub consecutive_failures: Option<Spanned<i64>>,
+    pub base_ejection: Option<Spanned<String>>,
+    pub max_ejection: Option<Spanned<String>>,
+    pub max_ejected_percent: Option<Spanned<i64>>,
 }
 
 /// `[pools.NAME.sticky]`.

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::raw::{RawConfig, RawLearn, RawPool, RawSticky};
+use super::raw::{RawConfig, RawHealth, RawLearn, RawOutlier, RawPool, RawSticky};
+use super::{AllDown, HealthConfig, OutlierConfig};
 use crate::balance::key::KeySource;
 
 use super::{
@@ -239,13 +240,6 @@ fn pool(cx: &Ctx, n: &str, raw: &Spanned<RawPool>) -> Result<PoolConfig, ConfigE
         ));
     }
     let p = raw.get_ref();
-    if let Some(v) = &p.health {
-        return Err(cx.err(
-            Some(v.span()),
-            key("health"),
-            "active health checks are not available in this version; remove this table",
-        ));
-    }
     let policy = match &p.policy {
         None => Policy::RoundRobin,
         Some(v) => match v.get_ref().as_str() {
@@ -411,6 +405,124 @@ fn pool(cx: &Ctx, n: &str, raw: &Spanned<RawPool>) -> Result<PoolConfig, ConfigE
         )? as usize,
         drain_timeout,
         affinity,
+        health: match &p.health {
+            None => None,
+            Some(h) => Some(health(cx, n, h.get_ref())?),
+        },
+        outlier: outlier(cx, n, p.outlier.as_ref().map(|o| o.get_ref()))?,
+        all_down: match &p.all_down {
+            None => AllDown::FailOpen,
+            Some(v) => match v.get_ref().as_str() {
+                "fail_open" => AllDown::FailOpen,
+                "reject" => AllDown::Reject,
+                other => {
+                    return Err(cx.err(
+                        Some(v.span()),
+                        key("all_down"),
+                        format!("unknown value {other:?}; expected \"fail_open\" or \"reject\""),
+                    ))
+                }
+            },
+        },
+    })
+}
+
+fn health(cx: &Ctx, pool: &str, h: &RawHealth) -> Result<HealthConfig, ConfigError> {
+    let key = |k: &str| format!("pools.{pool}.health.{k}");
+    let path = match &h.path {
+        None => "/healthz".to_owned(),
+        Some(p) if p.get_ref().starts_with('/') && p.get_ref().parse::<http::Uri>().is_ok() => {
+            p.get_ref().clone()
+        }
+        Some(p) => {
+            return Err(cx.err(
+                Some(p.span()),
+                key("path"),
+                format!("invalid path {:?}; it must start with '/'", p.get_ref()),
+            ))
+        }
+    };
+    let expect_status = match &h.expect_status {
+        None => 200..=399,
+        Some(v) => {
+            let text = v.get_ref().trim();
+            let (lo, hi) = text.split_once('-').unwrap_or((text, text));
+            match (lo.trim().parse::<u16>(), hi.trim().parse::<u16>()) {
+                (Ok(lo), Ok(hi)) if (100..=599).contains(&lo) && (lo..=599).contains(&hi) => {
+                    lo..=hi
+                }
+                _ => {
+                    return Err(cx.err(
+                        Some(v.span()),
+                        key("expect_status"),
+                        format!("invalid status range {text:?}; write e.g. \"200-399\" or \"204\""),
+                    ))
+                }
+            }
+        }
+    };
+    let interval = cx.duration(&h.interval, &key("interval"), Duration::from_secs(2))?;
+    let timeout = cx.duration(&h.timeout, &key("timeout"), Duration::from_secs(1))?;
+    if timeout > interval {
+        return Err(cx.err(
+            h.timeout.as_ref().map(|t| t.span()),
+            key("timeout"),
+            "must not exceed interval",
+        ));
+    }
+    Ok(HealthConfig {
+        path,
+        interval,
+        timeout,
+        healthy_threshold: cx.int(&h.healthy_threshold, &key("healthy_threshold"), 1..101, 2)?
+            as u32,
+        unhealthy_threshold: cx.int(
+            &h.unhealthy_threshold,
+            &key("unhealthy_threshold"),
+            1..101,
+            3,
+        )? as u32,
+        expect_status,
+    })
+}
+
+fn outlier(cx: &Ctx, pool: &str, o: Option<&RawOutlier>) -> Result<OutlierConfig, ConfigError> {
+    let key = |k: &str| format!("pools.{pool}.outlier.{k}");
+    let default = RawOutlier::default();
+    let o = o.unwrap_or(&default);
+    let base_ejection = cx.duration(
+        &o.base_ejection,
+        &key("base_ejection"),
+        Duration::from_secs(30),
+    )?;
+    // Unset, the maximum is five minutes, or the base if that is longer.
+    let max_ejection = cx.duration(
+        &o.max_ejection,
+        &key("max_ejection"),
+        base_ejection.max(Duration::from_secs(300)),
+    )?;
+    if max_ejection < base_ejection {
+        return Err(cx.err(
+            o.max_ejection.as_ref().map(|t| t.span()),
+            key("max_ejection"),
+            "must be at least base_ejection",
+        ));
+    }
+    Ok(OutlierConfig {
+        consecutive_failures: cx.int(
+            &o.consecutive_failures,
+            &key("consecutive_failures"),
+            0..10_001,
+            5,
+        )? as u32,
+        base_ejection,
+        max_ejection,
+        max_ejected_percent: cx.int(
+            &o.max_ejected_percent,
+            &key("max_ejected_percent"),
+            0..101,
+            50,
+        )? as u32,
     })
 }
 

@@ -140,6 +140,13 @@ async fn forward(
     }
     let req = Request::from_parts(parts, body);
 
+    if plan.reject_now {
+        pool.state.stats.count(Outcome::Rejected);
+        let e = ProxyError::Rejected {
+            pool: pool.name.to_string(),
+        };
+        return Err(failed(pool, None, e));
+    }
     let budget = pool.retries as usize + 1;
     let mut attempts = 0;
     let mut last_err = None;
@@ -157,6 +164,7 @@ async fn forward(
             Err(e) => {
                 tracing::warn!(pool = %pool.name, backend = %backend.id, error = %e, "backend unreachable");
                 backend.stats.count_connect_error();
+                passive(pool, backend, false);
                 last_err = Some((e, backend));
                 if plan.failed(i).is_err() {
                     pool.state.stats.count(Outcome::Rejected);
@@ -205,6 +213,7 @@ async fn forward(
         l.set_upstream(elapsed);
     }
     backend.stats.count_response(resp.status().as_u16());
+    passive(pool, backend, !resp.status().is_server_error());
     backend.stats.duration.observe(elapsed.as_secs_f64());
     if plan.outcome.is_some() {
         if plan.issue_cookie() {
@@ -215,6 +224,21 @@ async fn forward(
         pool.learn_from(i, resp.headers());
     }
     Ok((resp, tx, in_flight))
+}
+
+/// Feeds a request's result to the backend's outlier detection.
+fn passive(pool: &Pool, backend: &Arc<Backend>, ok: bool) {
+    if pool.outlier.consecutive_failures == 0 {
+        return;
+    }
+    if ok {
+        backend.health.record_success();
+    } else if backend
+        .health
+        .record_failure(&pool.outlier, || pool.may_eject())
+    {
+        tracing::warn!(pool = %pool.name, backend = %backend.id, "backend ejected after consecutive failures");
+    }
 }
 
 /// Counts the error response a failure turns into, on the backend it concerns or, when no

@@ -4,9 +4,12 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use crate::config::{BackendAddr, BackendConfig, PoolConfig};
+use arc_swap::ArcSwapOption;
+
+use crate::config::{BackendAddr, BackendConfig, HealthConfig, PoolConfig};
 
 use super::client::ConnPool;
+use super::health::{self, Health};
 use super::stats::BackendStats;
 
 /// One replica of a pool. Shared by every snapshot that lists it, keyed by its id.
@@ -26,12 +29,21 @@ pub struct Backend {
     drain_started_ms: AtomicU64,
     /// The idle-connection reaper, stopped when the backend goes away.
     reaper: OnceLock<tokio::task::AbortHandle>,
+    /// Active and passive health; survives reloads with the backend.
+    pub health: Health,
+    /// The pool's active check settings, as of the latest snapshot.
+    health_cfg: ArcSwapOption<HealthConfig>,
+    /// The active checker, started with the first health settings.
+    checker: OnceLock<tokio::task::AbortHandle>,
 }
 
 impl Drop for Backend {
     fn drop(&mut self) {
-        if let Some(r) = self.reaper.get() {
-            r.abort();
+        for task in [self.reaper.get(), self.checker.get()]
+            .into_iter()
+            .flatten()
+        {
+            task.abort();
         }
     }
 }
@@ -63,6 +75,9 @@ impl Backend {
             stats,
             drain_started_ms: AtomicU64::new(NOT_DRAINING),
             reaper: OnceLock::new(),
+            health: Health::default(),
+            health_cfg: ArcSwapOption::empty(),
+            checker: OnceLock::new(),
         });
         if tokio::runtime::Handle::try_current().is_ok() {
             let task = tokio::spawn(reap_idle(Arc::downgrade(&backend)));
@@ -78,6 +93,23 @@ impl Backend {
     /// Responses counted for this backend (its own and the proxy's error responses).
     pub fn requests(&self) -> u64 {
         self.stats.total_responses()
+    }
+
+    /// The active check settings in force, if any.
+    pub fn health_config(&self) -> Option<Arc<HealthConfig>> {
+        self.health_cfg.load_full()
+    }
+
+    /// Applies a snapshot's active check settings; starts the checker on first use.
+    pub fn set_health_config(self: &Arc<Self>, cfg: Option<&HealthConfig>) {
+        self.health_cfg.store(cfg.map(|c| Arc::new(c.clone())));
+        if cfg.is_some()
+            && self.checker.get().is_none()
+            && tokio::runtime::Handle::try_current().is_ok()
+        {
+            let task = tokio::spawn(health::check_loop(Arc::downgrade(self)));
+            let _ = self.checker.set(task.abort_handle());
+        }
     }
 
     /// Starts draining now unless it already is; or stops draining.

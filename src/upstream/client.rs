@@ -188,7 +188,7 @@ impl ConnPool {
     }
 }
 
-async fn connect_tcp(addr: &BackendAddr) -> io::Result<TcpStream> {
+pub(crate) async fn connect_tcp(addr: &BackendAddr) -> io::Result<TcpStream> {
     match addr {
         BackendAddr::Ip(a) => TcpStream::connect(a).await,
         BackendAddr::Name { host, port } => TcpStream::connect((host.as_str(), *port)).await,

@@ -2,6 +2,7 @@
 
 pub mod backend;
 pub mod client;
+pub mod health;
 pub mod stats;
 
 pub use backend::{Backend, InFlight};

@@ -1,0 +1,233 @@
+//! Backend health: active checks (an HTTP GET every `interval`, flipping only after
+//! `healthy_threshold` successes or `unhealthy_threshold` failures in a row) and passive
+//! outlier ejection (consecutive connect failures or 5xx answers eject a backend for a
+//! time that grows with each ejection).
+//!
+//! The state lives in the backend, so it survives reloads. Checks use a connection of
+//! their own each time: they neither reuse the request path's connections nor count as
+//! requests in flight.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Weak;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+
+use crate::config::{BackendAddr, HealthConfig, OutlierConfig};
+
+use super::backend::{clock_ms, Backend};
+use super::client::connect_tcp;
+
+/// Health of one backend.
+#[derive(Debug)]
+pub struct Health {
+    /// Result of active checks; true until checks say otherwise.
+    active_up: AtomicBool,
+    successes: AtomicU32,
+    failures: AtomicU32,
+    /// Consecutive request failures seen by the proxy.
+    passive_failures: AtomicU32,
+    /// `clock_ms` until which the backend is ejected (0: not ejected).
+    ejected_until_ms: AtomicU64,
+    /// How many times it was ejected: each ejection lasts longer.
+    ejections: AtomicU32,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            active_up: AtomicBool::new(true),
+            successes: AtomicU32::new(0),
+            failures: AtomicU32::new(0),
+            passive_failures: AtomicU32::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
+        }
+    }
+}
+
+impl Health {
+    /// Healthy by active checks and not ejected.
+    pub fn is_up(&self) -> bool {
+        self.active_up.load(Ordering::Relaxed) && !self.is_ejected()
+    }
+
+    pub fn is_ejected(&self) -> bool {
+        self.ejected_until_ms.load(Ordering::Relaxed) > clock_ms()
+    }
+
+    pub fn active_up(&self) -> bool {
+        self.active_up.load(Ordering::Relaxed)
+    }
+
+    /// Records one active check; returns true when the state flipped.
+    pub fn record_check(&self, ok: bool, cfg: &HealthConfig) -> bool {
+        if ok {
+            self.failures.store(0, Ordering::Relaxed);
+            let n = self.successes.fetch_add(1, Ordering::Relaxed) + 1;
+            if !self.active_up() && n >= cfg.healthy_threshold {
+                self.active_up.store(true, Ordering::Relaxed);
+                return true;
+            }
+        } else {
+            self.successes.store(0, Ordering::Relaxed);
+            let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+            if self.active_up() && n >= cfg.unhealthy_threshold {
+                self.active_up.store(false, Ordering::Relaxed);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// A request succeeded (any answer below 500).
+    pub fn record_success(&self) {
+        if self.passive_failures.load(Ordering::Relaxed) != 0 {
+            self.passive_failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// A request failed (connect failure or 5xx). Ejects the backend when the failures in
+    /// a row reach the limit and `may_eject` (the pool's ejection cap) allows; returns
+    /// true when it ejected.
+    pub fn record_failure(&self, cfg: &OutlierConfig, may_eject: impl FnOnce() -> bool) -> bool {
+        let n = self.passive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n < cfg.consecutive_failures || self.is_ejected() || !may_eject() {
+            return false;
+        }
+        self.passive_failures.store(0, Ordering::Relaxed);
+        let k = self.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        let time = cfg
+            .base_ejection
+            .saturating_mul(k)
+            .min(cfg.max_ejection.max(cfg.base_ejection));
+        self.ejected_until_ms
+            .store(clock_ms() + time.as_millis() as u64, Ordering::Relaxed);
+        true
+    }
+}
+
+/// Runs active checks for `backend` while it exists, with the pool's current settings.
+pub async fn check_loop(backend: Weak<Backend>) {
+    loop {
+        let (cfg, addr) = match backend.upgrade() {
+            None => return,
+            Some(b) => (b.health_config(), b.address.clone()),
+        };
+        let Some(cfg) = cfg else {
+            // Checks switched off by a reload: look again later.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        };
+        // Up to 10% jitter so the checks of many backends do not align.
+        let jitter = cfg.interval.mul_f64(fastrand::f64() * 0.1);
+        tokio::time::sleep(cfg.interval + jitter).await;
+        let ok = probe(&addr, &cfg).await;
+        let Some(b) = backend.upgrade() else { return };
+        if b.health.record_check(ok, &cfg) {
+            if ok {
+                tracing::info!(backend = %b.id, "backend is healthy again");
+            } else {
+                tracing::warn!(backend = %b.id, "backend failed its health checks; taken out of rotation");
+            }
+        }
+    }
+}
+
+/// One check: a GET of `cfg.path` on a new connection, within `cfg.timeout`.
+pub async fn probe(addr: &BackendAddr, cfg: &HealthConfig) -> bool {
+    let attempt = async {
+        let stream = connect_tcp(addr).await.ok()?;
+        let (mut tx, conn) =
+            hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+                .await
+                .ok()?;
+        tokio::spawn(conn);
+        let req = http::Request::get(cfg.path.as_str())
+            .header(http::header::HOST, addr.to_string())
+            .header(http::header::USER_AGENT, "switchyard-health-check")
+            .body(Empty::new())
+            .ok()?;
+        let resp = tx.send_request(req).await.ok()?;
+        Some(cfg.expect_status.contains(&resp.status().as_u16()))
+    };
+    matches!(
+        tokio::time::timeout(cfg.timeout, attempt).await,
+        Ok(Some(true))
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> HealthConfig {
+        HealthConfig {
+            path: "/healthz".into(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            healthy_threshold: 2,
+            unhealthy_threshold: 3,
+            expect_status: 200..=399,
+        }
+    }
+
+    #[test]
+    fn flips_only_after_thresholds() {
+        let h = Health::default();
+        let c = cfg();
+        assert!(!h.record_check(false, &c));
+        assert!(!h.record_check(false, &c));
+        assert!(h.is_up());
+        assert!(h.record_check(false, &c));
+        assert!(!h.is_up());
+        assert!(!h.record_check(true, &c));
+        assert!(
+            !h.record_check(false, &c),
+            "a failure resets the run of successes"
+        );
+        assert!(!h.record_check(true, &c));
+        assert!(h.record_check(true, &c));
+        assert!(h.is_up());
+    }
+
+    #[test]
+    fn ejection_needs_consecutive_failures_and_grows() {
+        let h = Health::default();
+        let o = OutlierConfig {
+            consecutive_failures: 3,
+            base_ejection: Duration::from_secs(10),
+            max_ejection: Duration::from_secs(25),
+            max_ejected_percent: 50,
+        };
+        assert!(!h.record_failure(&o, || true));
+        h.record_success();
+        assert!(!h.record_failure(&o, || true));
+        assert!(!h.record_failure(&o, || true));
+        assert!(h.record_failure(&o, || true));
+        assert!(h.is_ejected() && !h.is_up());
+        let until = h.ejected_until_ms.load(Ordering::Relaxed);
+        assert!(until >= clock_ms() + 9_000 && until <= clock_ms() + 10_000);
+        // The cap refuses: not ejected.
+        let h2 = Health::default();
+        for _ in 0..5 {
+            assert!(!h2.record_failure(&o, || false));
+        }
+        assert!(h2.is_up());
+        // Second and third ejections last longer, up to the maximum.
+        h.ejected_until_ms.store(0, Ordering::Relaxed);
+        for _ in 0..3 {
+            h.record_failure(&o, || true);
+        }
+        let second = h.ejected_until_ms.load(Ordering::Relaxed) - clock_ms();
+        assert!(second > 19_000 && second <= 20_000, "{second}");
+        h.ejected_until_ms.store(0, Ordering::Relaxed);
+        for _ in 0..3 {
+            h.record_failure(&o, || true);
+        }
+        let third = h.ejected_until_ms.load(Ordering::Relaxed) - clock_ms();
+        assert!(third > 24_000 && third <= 25_000, "{third}");
+    }
+}

@@ -1,0 +1,175 @@
+//! Active health checks, passive ejection and what happens when nothing is healthy.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+
+/// A backend named `name` whose `/healthz` answers 200 while `healthy` holds, else 500,
+/// and whose other paths answer 500 while `failing` holds, else 200.
+async fn switchable(
+    name: &'static str,
+    healthy: Arc<AtomicBool>,
+    failing: Arc<AtomicBool>,
+) -> std::net::SocketAddr {
+    backend(move |req| {
+        let (healthy, failing) = (healthy.clone(), failing.clone());
+        async move {
+            let bad = if req.uri().path() == "/healthz" {
+                !healthy.load(Ordering::SeqCst)
+            } else {
+                failing.load(Ordering::SeqCst)
+            };
+            let mut r = text(name);
+            if bad {
+                *r.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+            }
+            r
+        }
+    })
+    .await
+}
+
+fn flag(v: bool) -> Arc<AtomicBool> {
+    Arc::new(AtomicBool::new(v))
+}
+
+/// Waits (bounded) until backend `id` of the first pool reports `healthy == want`.
+/// Health checks run on their own clock, so this polls `/status`.
+async fn wait_health(proxy: &TestProxy, id: &str, want: bool) {
+    for _ in 0..400 {
+        let s = status(proxy).await;
+        let b = s["pools"][0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["id"] == id)
+            .cloned()
+            .unwrap();
+        if b["healthy"] == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{id} never became healthy={want}");
+}
+
+fn pool(backends: &[(&str, std::net::SocketAddr)], extra: &str) -> String {
+    let list: Vec<String> = backends
+        .iter()
+        .map(|(id, a)| format!("{{ address = \"{a}\", id = \"{id}\" }}"))
+        .collect();
+    config(&format!(
+        "[pools.p]\nbackends = [{}]\n{extra}\n",
+        list.join(", ")
+    ))
+}
+
+const CHECKS: &str = "[pools.p.health]\ninterval = \"50ms\"\ntimeout = \"50ms\"\nhealthy_threshold = 2\nunhealthy_threshold = 2\n";
+
+#[tokio::test]
+async fn active_checks_take_a_backend_out_and_bring_it_back() {
+    let (ha, hb) = (flag(true), flag(true));
+    let a = switchable("a", ha.clone(), flag(false)).await;
+    let b = switchable("b", hb.clone(), flag(false)).await;
+    let proxy = TestProxy::start(&pool(&[("a", a), ("b", b)], CHECKS)).await;
+    hb.store(false, Ordering::SeqCst);
+    wait_health(&proxy, "b", false).await;
+    for _ in 0..20 {
+        assert_eq!(fetch(proxy.addr, get("/")).await.body, "a");
+    }
+    let text = String::from_utf8(
+        fetch(proxy.admin.unwrap(), get("/metrics"))
+            .await
+            .body
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        text.contains("switchyard_backend_up{backend=\"b\",pool=\"p\"} 0"),
+        "{text}"
+    );
+    hb.store(true, Ordering::SeqCst);
+    wait_health(&proxy, "b", true).await;
+    let mut seen = HashMap::new();
+    for _ in 0..20 {
+        *seen
+            .entry(fetch(proxy.addr, get("/")).await.body)
+            .or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 2, "b did not come back: {seen:?}");
+}
+
+#[tokio::test]
+async fn failing_backend_is_ejected_within_the_cap() {
+    let bad = switchable("bad", flag(true), flag(true)).await;
+    let (g1, g2) = (named_backend("g1").await, named_backend("g2").await);
+    let outlier = "[pools.p.outlier]\nconsecutive_failures = 3\nbase_ejection = \"1h\"\n";
+    let proxy = TestProxy::start(&pool(&[("bad", bad), ("g1", g1), ("g2", g2)], outlier)).await;
+    let mut errors = 0;
+    for _ in 0..60 {
+        if fetch(proxy.addr, get("/")).await.status == 500 {
+            errors += 1;
+        }
+    }
+    assert_eq!(
+        errors, 3,
+        "the failing backend kept receiving requests after 3 failures"
+    );
+    let s = status(&proxy).await;
+    assert_eq!(s["pools"][0]["backends"][0]["ejected"], true);
+
+    // Two of two failing with a 50% cap: only one may be ejected.
+    let (x, y) = (
+        switchable("x", flag(true), flag(true)).await,
+        switchable("y", flag(true), flag(true)).await,
+    );
+    let proxy = TestProxy::start(&pool(&[("x", x), ("y", y)], outlier)).await;
+    for _ in 0..40 {
+        fetch(proxy.addr, get("/")).await;
+    }
+    let s = status(&proxy).await;
+    let ejected = s["pools"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["ejected"] == true)
+        .count();
+    assert_eq!(ejected, 1, "{s}");
+}
+
+#[tokio::test]
+async fn no_healthy_backend_fails_open_or_rejects() {
+    let (ha, hb) = (flag(false), flag(false));
+    let a = switchable("a", ha, flag(false)).await;
+    let b = switchable("b", hb, flag(false)).await;
+    let open = TestProxy::start(&pool(&[("a", a), ("b", b)], CHECKS)).await;
+    let closed = TestProxy::start(&pool(
+        &[("a", a), ("b", b)],
+        &format!("all_down = \"reject\"\n{CHECKS}"),
+    ))
+    .await;
+    for p in [&open, &closed] {
+        wait_health(p, "a", false).await;
+        wait_health(p, "b", false).await;
+    }
+    for _ in 0..5 {
+        assert_eq!(fetch(open.addr, get("/")).await.status, 200);
+        assert_eq!(fetch(closed.addr, get("/")).await.status, 503);
+    }
+    let text = String::from_utf8(
+        fetch(open.admin.unwrap(), get("/metrics"))
+            .await
+            .body
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        text.contains("switchyard_pool_fail_open_total{pool=\"p\"} 5"),
+        "{text}"
+    );
+}
