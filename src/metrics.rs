@@ -126,6 +126,12 @@ pub fn render(
         "Requests routed as if every backend were healthy because none was.",
         &["pool"],
     )?;
+    let refused = counter_vec(
+        &r,
+        "switchyard_retries_refused_total",
+        "Retries not made because the pool's retry budget was spent.",
+        &["pool"],
+    )?;
     let build = gauge_vec(
         &r,
         "switchyard_build_info",
@@ -167,6 +173,9 @@ pub fn render(
         fail_open
             .with_label_values(&[&*p.name])
             .inc_by(p.state.fail_open.load(Ordering::Relaxed));
+        refused
+            .with_label_values(&[&*p.name])
+            .inc_by(p.state.retries_refused.load(Ordering::Relaxed));
         if !matches!(p.affinity, Affinity::None) {
             for o in Outcome::ALL {
                 affinity

@@ -16,7 +16,7 @@ use crate::config::{
 use crate::upstream::Backend;
 
 /// What a pool keeps across configuration snapshots, found again by pool name.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PoolState {
     pub stats: AffinityStats,
     /// The learned session table (sticky_learn pools).
@@ -29,7 +29,14 @@ pub struct PoolState {
     unattributed: [AtomicU64; 6],
     /// Requests routed as if all backends were healthy because none was.
     pub fail_open: AtomicU64,
+    /// Retry tokens in thousandths; see [`PoolState::take_retry`].
+    retry_tokens: AtomicU64,
+    /// Retries refused because the budget was spent.
+    pub retries_refused: AtomicU64,
 }
+
+/// Retry tokens a pool can save up, in thousandths.
+const RETRY_RESERVE: u64 = 10_000;
 
 impl Drop for PoolState {
     fn drop(&mut self) {
@@ -39,9 +46,48 @@ impl Drop for PoolState {
     }
 }
 
+impl Default for PoolState {
+    fn default() -> Self {
+        PoolState {
+            stats: AffinityStats::default(),
+            learned: OnceLock::new(),
+            generated_secret: OnceLock::new(),
+            sweeper: OnceLock::new(),
+            unattributed: Default::default(),
+            fail_open: AtomicU64::new(0),
+            retry_tokens: AtomicU64::new(RETRY_RESERVE),
+            retries_refused: AtomicU64::new(0),
+        }
+    }
+}
+
 impl PoolState {
     pub fn learned(&self) -> Option<&Learned> {
         self.learned.get()
+    }
+
+    /// Earns `budget` of a retry for one request. The bucket starts full.
+    pub fn earn_retry(&self, budget: f64) {
+        let add = (budget * 1000.0) as u64;
+        let _ = self
+            .retry_tokens
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                (t < RETRY_RESERVE).then(|| (t + add).min(RETRY_RESERVE))
+            });
+    }
+
+    /// Spends one retry if the budget allows: retries cannot multiply an outage.
+    pub fn take_retry(&self) -> bool {
+        let ok = self
+            .retry_tokens
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                t.checked_sub(1000)
+            })
+            .is_ok();
+        if !ok {
+            self.retries_refused.fetch_add(1, Ordering::Relaxed);
+        }
+        ok
     }
 
     pub fn count_unattributed(&self, status: u16) {
@@ -173,6 +219,7 @@ pub struct Pool {
     pub drain_timeout: Duration,
     pub outlier: OutlierConfig,
     pub all_down: AllDown,
+    pub retry_budget: f64,
 }
 
 impl Pool {
@@ -282,6 +329,7 @@ impl Pool {
             drain_timeout: pc.drain_timeout,
             outlier: pc.outlier.clone(),
             all_down: pc.all_down,
+            retry_budget: pc.retry_budget,
         }
     }
 

@@ -514,6 +514,7 @@ fn health_and_outlier_defaults() {
     assert_eq!(o.max_ejection, Duration::from_secs(300));
     assert_eq!(o.max_ejected_percent, 50);
     assert_eq!(c.pools[0].all_down, switchyard::config::AllDown::FailOpen);
+    assert_eq!(c.pools[0].retry_budget, 0.2);
     let c = ok(&format!(
         "{WEB}all_down = \"reject\"\n[pools.web.health]\nexpect_status = \"204\"\n"
     ));
@@ -566,6 +567,16 @@ fn health_rejections() {
             "at least base_ejection",
         ),
         ("all_down = \"panic\"\n", "pools.web.all_down", "fail_open"),
+        (
+            "retry_budget = 1.5\n",
+            "pools.web.retry_budget",
+            "0.0 to 1.0",
+        ),
+        (
+            "retry_budget = \"lots\"\n",
+            "pools.web.retry_budget",
+            "0.0 to 1.0",
+        ),
     ];
     for (tail, key, fragment) in cases {
         let e = err(&format!("{WEB}{tail}"));

@@ -173,3 +173,41 @@ async fn no_healthy_backend_fails_open_or_rejects() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn retry_budget_caps_retries() {
+    let dead = dead_addr().await;
+    let live = named_backend("live").await;
+    let cfg = |budget: &str| {
+        pool(
+            &[("dead", dead), ("live", live)],
+            &format!("retries = 1\nretry_budget = {budget}\n[pools.p.outlier]\nconsecutive_failures = 0\n"),
+        )
+    };
+    // No budget beyond the reserve of ten: half the requests start at the dead backend,
+    // and only ten of those twenty may retry.
+    let stingy = TestProxy::start(&cfg("0.0")).await;
+    let mut ok = 0;
+    for _ in 0..40 {
+        if fetch(stingy.addr, get("/")).await.status == 200 {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 30);
+    let text = String::from_utf8(
+        fetch(stingy.admin.unwrap(), get("/metrics"))
+            .await
+            .body
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        text.contains("switchyard_retries_refused_total{pool=\"p\"} 10"),
+        "{text}"
+    );
+    // A budget of one retry per request never runs out.
+    let generous = TestProxy::start(&cfg("1.0")).await;
+    for _ in 0..40 {
+        assert_eq!(fetch(generous.addr, get("/")).await.status, 200);
+    }
+}

@@ -199,6 +199,9 @@ pub struct PoolConfig {
     pub outlier: OutlierConfig,
     /// What to do when no backend of the pool is healthy.
     pub all_down: AllDown,
+    /// Retries allowed per request, on average (a token bucket): 0.2 = one retry per
+    /// five requests, plus a reserve of ten.
+    pub retry_budget: f64,
 }
 
 /// `[pools.NAME.health]`.

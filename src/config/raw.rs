@@ -85,6 +85,8 @@ pub struct RawPool {
     pub health: Option<Spanned<RawHealth>>,
     pub outlier: Option<Spanned<RawOutlier>>,
     pub all_down: Option<Spanned<String>>,
+    /// A number: integers are accepted too.
+    pub retry_budget: Option<Spanned<toml::Value>>,
 }
 
 /// `[pools.NAME.health]`: active checks.

@@ -410,6 +410,20 @@ fn pool(cx: &Ctx, n: &str, raw: &Spanned<RawPool>) -> Result<PoolConfig, ConfigE
             Some(h) => Some(health(cx, n, h.get_ref())?),
         },
         outlier: outlier(cx, n, p.outlier.as_ref().map(|o| o.get_ref()))?,
+        retry_budget: match &p.retry_budget {
+            None => 0.2,
+            Some(v) => match v.get_ref() {
+                toml::Value::Float(f) if (0.0..=1.0).contains(f) => *f,
+                toml::Value::Integer(i @ 0..=1) => *i as f64,
+                _ => {
+                    return Err(cx.err(
+                        Some(v.span()),
+                        key("retry_budget"),
+                        "expected a share of requests from 0.0 to 1.0, e.g. 0.2",
+                    ))
+                }
+            },
+        },
         all_down: match &p.all_down {
             None => AllDown::FailOpen,
             Some(v) => match v.get_ref().as_str() {

@@ -147,13 +147,15 @@ async fn forward(
         };
         return Err(failed(pool, None, e));
     }
+    pool.state.earn_retry(pool.retry_budget);
     let budget = pool.retries as usize + 1;
     let mut attempts = 0;
     let mut last_err = None;
     let chosen = loop {
         let Some(i) = plan.next(pool) else { break None };
-        if attempts == budget {
-            // Retries ran out while the pool still had candidates.
+        // Retries ran out, or the pool's retry budget is spent, while the pool still had
+        // candidates.
+        if attempts == budget || (attempts > 0 && !pool.state.take_retry()) {
             break Some(Err(()));
         }
         attempts += 1;
