@@ -46,6 +46,8 @@ pub struct Plan {
     offered: usize,
     /// No backend was healthy and the pool fails open: health is ignored.
     ignore_health: bool,
+    /// The first balanced candidate passed over by slow start: used if nothing else is.
+    ramp_fallback: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -101,9 +103,17 @@ impl Plan {
             let next = match &mut self.rest {
                 Rest::Balanced(c) => {
                     let c = c.get_or_insert_with(|| pool.selector_candidates());
-                    c.next()
-                        .and_then(|k| pool.eligible.get(k).copied())
-                        .map(|i| (i, ok(i)))
+                    let next = c.next().and_then(|k| pool.eligible.get(k).copied());
+                    match next {
+                        // Slow start: pass a ramping backend over, by chance, once.
+                        Some(i)
+                            if ok(i) && self.ramp_fallback.is_none() && pool.ramping_skip(i) =>
+                        {
+                            self.ramp_fallback = Some(i);
+                            continue;
+                        }
+                        _ => next.map(|i| (i, ok(i))),
+                    }
                 }
                 Rest::Ranked {
                     key_hash,
@@ -126,6 +136,10 @@ impl Plan {
                     return Some(i);
                 }
                 Some(_) => continue,
+                None if self.ramp_fallback.is_some() && self.ramp_fallback != self.pinned => {
+                    self.offered += 1;
+                    return self.ramp_fallback.take();
+                }
                 None => {
                     // Nothing healthy at all: fail open once, if the pool says so.
                     if self.offered > 0
@@ -179,6 +193,7 @@ impl Pool {
             reject_now: false,
             offered: 0,
             ignore_health: false,
+            ramp_fallback: None,
         };
         match &self.affinity {
             Affinity::None => {}

@@ -220,6 +220,7 @@ pub struct Pool {
     pub outlier: OutlierConfig,
     pub all_down: AllDown,
     pub retry_budget: f64,
+    pub slow_start: Option<Duration>,
 }
 
 impl Pool {
@@ -330,6 +331,7 @@ impl Pool {
             outlier: pc.outlier.clone(),
             all_down: pc.all_down,
             retry_budget: pc.retry_budget,
+            slow_start: pc.slow_start,
         }
     }
 
@@ -349,6 +351,15 @@ impl Pool {
     /// Usable, passing its active checks, and not ejected.
     pub fn healthy(&self, i: usize) -> bool {
         self.usable(i) && self.members[i].backend.health.is_up()
+    }
+
+    /// Whether member `i`, in slow start, is passed over this time (a coin weighted by
+    /// how far its ramp has come).
+    pub fn ramping_skip(&self, i: usize) -> bool {
+        match self.slow_start {
+            None => false,
+            Some(d) => fastrand::f64() >= self.members[i].backend.health.ramp(d),
+        }
     }
 
     /// Whether one more backend may be ejected without exceeding the pool's cap.

@@ -54,7 +54,14 @@ impl Runtime {
                             Some(b) if b.address == bc.address => Arc::clone(b),
                             // Same id, new address: a fresh connection pool, same counters.
                             Some(b) => Backend::new(bc, pc, Some(b.stats.clone())),
-                            None => Backend::new(bc, pc, None),
+                            None => {
+                                let b = Backend::new(bc, pc, None);
+                                // Added by a reload: it joins a pool already serving.
+                                if previous.is_some() {
+                                    b.health.mark_returned();
+                                }
+                                b
+                            }
                         },
                     )
                     .collect();

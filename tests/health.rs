@@ -211,3 +211,41 @@ async fn retry_budget_caps_retries() {
         assert_eq!(fetch(generous.addr, get("/")).await.status, 200);
     }
 }
+
+#[tokio::test]
+async fn a_backend_added_by_reload_starts_slowly() {
+    let (a, b, c) = (
+        named_backend("a").await,
+        named_backend("b").await,
+        named_backend("c").await,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchyard.toml");
+    let cfg = |list: &[(&str, std::net::SocketAddr)]| pool(list, "slow_start = \"1h\"");
+    std::fs::write(&path, cfg(&[("a", a), ("b", b)])).unwrap();
+    let (proxy, reloader) = TestProxy::start_file(&path).await;
+    // Backends present from the start take their full share at once.
+    let mut seen = HashMap::new();
+    for _ in 0..100 {
+        *seen
+            .entry(fetch(proxy.addr, get("/")).await.backend())
+            .or_insert(0) += 1;
+    }
+    assert_eq!((seen["a"], seen["b"]), (50, 50));
+    std::fs::write(&path, cfg(&[("a", a), ("b", b), ("c", c)])).unwrap();
+    let r = reloader.clone();
+    tokio::task::spawn_blocking(move || r.reload())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut seen = HashMap::<String, usize>::new();
+    for _ in 0..300 {
+        *seen
+            .entry(fetch(proxy.addr, get("/")).await.backend())
+            .or_insert(0) += 1;
+    }
+    // At the very start of an hour-long ramp, c takes almost nothing of its third.
+    let c_share = seen.get("c").copied().unwrap_or(0);
+    assert!(c_share <= 5, "{seen:?}");
+    assert_eq!(seen.values().sum::<usize>(), 300);
+}

@@ -202,6 +202,8 @@ pub struct PoolConfig {
     /// Retries allowed per request, on average (a token bucket): 0.2 = one retry per
     /// five requests, plus a reserve of ten.
     pub retry_budget: f64,
+    /// A recovered or added backend's share ramps up linearly over this time.
+    pub slow_start: Option<Duration>,
 }
 
 /// `[pools.NAME.health]`.

@@ -87,6 +87,7 @@ pub struct RawPool {
     pub all_down: Option<Spanned<String>>,
     /// A number: integers are accepted too.
     pub retry_budget: Option<Spanned<toml::Value>>,
+    pub slow_start: Option<Spanned<String>>,
 }
 
 /// `[pools.NAME.health]`: active checks.

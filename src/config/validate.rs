@@ -410,6 +410,10 @@ fn pool(cx: &Ctx, n: &str, raw: &Spanned<RawPool>) -> Result<PoolConfig, ConfigE
             Some(h) => Some(health(cx, n, h.get_ref())?),
         },
         outlier: outlier(cx, n, p.outlier.as_ref().map(|o| o.get_ref()))?,
+        slow_start: match &p.slow_start {
+            None => None,
+            Some(_) => Some(cx.duration(&p.slow_start, &key("slow_start"), Duration::ZERO)?),
+        },
         retry_budget: match &p.retry_budget {
             None => 0.2,
             Some(v) => match v.get_ref() {

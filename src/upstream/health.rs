@@ -33,6 +33,9 @@ pub struct Health {
     ejected_until_ms: AtomicU64,
     /// How many times it was ejected: each ejection lasts longer.
     ejections: AtomicU32,
+    /// `clock_ms` when it last came (back) into rotation: recovered from failed checks,
+    /// or added by a reload. Slow start ramps from here (or from the end of an ejection).
+    returned_ms: AtomicU64,
 }
 
 impl Default for Health {
@@ -44,6 +47,7 @@ impl Default for Health {
             passive_failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
+            returned_ms: AtomicU64::new(0),
         }
     }
 }
@@ -69,6 +73,7 @@ impl Health {
             let n = self.successes.fetch_add(1, Ordering::Relaxed) + 1;
             if !self.active_up() && n >= cfg.healthy_threshold {
                 self.active_up.store(true, Ordering::Relaxed);
+                self.mark_returned();
                 return true;
             }
         } else {
@@ -80,6 +85,30 @@ impl Health {
             }
         }
         false
+    }
+
+    /// Marks the backend as just (re)joined: slow start ramps from now.
+    pub fn mark_returned(&self) {
+        // 0 means "never"; the clock may read 0 in the process's first millisecond.
+        self.returned_ms.store(clock_ms().max(1), Ordering::Relaxed);
+    }
+
+    /// Share of its normal traffic the backend should take now, with `slow_start`:
+    /// rises linearly from 0 to 1 over `slow_start` after it (re)joined.
+    pub fn ramp(&self, slow_start: Duration) -> f64 {
+        self.ramp_at(slow_start, clock_ms())
+    }
+
+    fn ramp_at(&self, slow_start: Duration, now_ms: u64) -> f64 {
+        let since = self
+            .returned_ms
+            .load(Ordering::Relaxed)
+            .max(self.ejected_until_ms.load(Ordering::Relaxed));
+        if since == 0 {
+            return 1.0;
+        }
+        let elapsed = now_ms.saturating_sub(since) as f64;
+        (elapsed / slow_start.as_millis().max(1) as f64).min(1.0)
     }
 
     /// A request succeeded (any answer below 500).
@@ -172,6 +201,26 @@ mod tests {
             unhealthy_threshold: 3,
             expect_status: 200..=399,
         }
+    }
+
+    #[test]
+    fn slow_start_ramps_linearly() {
+        let h = Health::default();
+        let d = Duration::from_secs(100);
+        assert_eq!(
+            h.ramp(d),
+            1.0,
+            "a backend present from the start is not ramping"
+        );
+        h.mark_returned();
+        assert!(h.ramp(d) < 0.01);
+        h.returned_ms.store(1_000, Ordering::Relaxed);
+        assert_eq!(h.ramp_at(d, 51_000), 0.5);
+        assert_eq!(h.ramp_at(d, 26_000), 0.25);
+        assert_eq!(h.ramp_at(d, 250_000), 1.0);
+        // The end of an ejection restarts the ramp.
+        h.ejected_until_ms.store(200_000, Ordering::Relaxed);
+        assert_eq!(h.ramp_at(d, 210_000), 0.1);
     }
 
     #[test]
