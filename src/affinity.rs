@@ -127,7 +127,15 @@ impl Plan {
                     let order = order.get_or_insert_with(|| table.ranking(*key_hash));
                     let i = order.get(*pos).copied();
                     *pos += 1;
-                    i.map(|i| (i, ok(i) && Bound::admits(*bound, &pool.members[i])))
+                    // A key whose owner is out goes to a backend that takes new clients.
+                    i.map(|i| {
+                        let m = &pool.members[i];
+                        let fallback = Some(i) != table.owner(*key_hash);
+                        (
+                            i,
+                            ok(i) && !(fallback && m.draining) && Bound::admits(*bound, m),
+                        )
+                    })
                 }
             };
             match next {

@@ -249,3 +249,22 @@ async fn a_backend_added_by_reload_starts_slowly() {
     assert!(c_share <= 5, "{seen:?}");
     assert_eq!(seen.values().sum::<usize>(), 300);
 }
+
+#[tokio::test]
+async fn switching_checks_off_forgets_their_verdict() {
+    let a = switchable("a", flag(true), flag(false)).await;
+    let b = switchable("b", flag(false), flag(false)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchyard.toml");
+    std::fs::write(&path, pool(&[("a", a), ("b", b)], CHECKS)).unwrap();
+    let (proxy, reloader) = TestProxy::start_file(&path).await;
+    wait_health(&proxy, "b", false).await;
+    std::fs::write(&path, pool(&[("a", a), ("b", b)], "")).unwrap();
+    let r = reloader.clone();
+    tokio::task::spawn_blocking(move || r.reload())
+        .await
+        .unwrap()
+        .unwrap();
+    let s = status(&proxy).await;
+    assert_eq!(s["pools"][0]["backends"][1]["healthy"], true, "{s}");
+}

@@ -606,3 +606,31 @@ async fn slow_second_request_on_a_keep_alive_connection_is_cut_off() {
         .ok();
     assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
 }
+
+#[tokio::test]
+async fn two_host_headers_get_400_and_never_reach_a_backend() {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    let a = backend(move |_| {
+        h.fetch_add(1, Ordering::SeqCst);
+        async { text("ok") }
+    })
+    .await;
+    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(
+        b"GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(LIMIT, s.read_to_end(&mut buf))
+        .await
+        .expect("answered");
+    assert!(
+        String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&buf)
+    );
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+}

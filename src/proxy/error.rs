@@ -27,12 +27,15 @@ pub enum ProxyError {
     Timeout(Duration),
     #[error("upgrade refused: {0}")]
     BadUpgrade(&'static str),
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
 }
 
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::NoBackend { .. }
             | ProxyError::AllUnreachable { .. }
             | ProxyError::Rejected { .. } => StatusCode::SERVICE_UNAVAILABLE,

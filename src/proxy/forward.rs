@@ -68,7 +68,10 @@ impl Proxy {
             Some(&request_id),
         );
 
+        // Two Host headers could be read differently by the backend than by routing.
+        let hosts = req.headers().get_all(http::header::HOST).iter().count();
         let result = match pool {
+            _ if hosts > 1 => Err(ProxyError::BadRequest("more than one Host header")),
             None => Err(ProxyError::NoRoute),
             Some(pool) => {
                 if let Some(l) = &mut log {
@@ -208,7 +211,12 @@ async fn forward(
     let backend = in_flight.backend();
     let (mut resp, tx) = match send(pool, conn, req, &in_flight).await {
         Ok(r) => r,
-        Err(e) => return Err(failed(pool, Some(backend), e)),
+        Err(e) => {
+            // Reset or silent after accepting the request: a failure for outlier
+            // detection too.
+            passive(pool, backend, false);
+            return Err(failed(pool, Some(backend), e));
+        }
     };
     let elapsed = start.elapsed();
     if let Some(l) = log {

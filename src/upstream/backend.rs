@@ -103,6 +103,10 @@ impl Backend {
     /// Applies a snapshot's active check settings; starts the checker on first use.
     pub fn set_health_config(self: &Arc<Self>, cfg: Option<&HealthConfig>) {
         self.health_cfg.store(cfg.map(|c| Arc::new(c.clone())));
+        if cfg.is_none() {
+            // Checks switched off: their last verdict no longer applies.
+            self.health.reset_active();
+        }
         if cfg.is_some()
             && self.checker.get().is_none()
             && tokio::runtime::Handle::try_current().is_ok()

@@ -102,7 +102,12 @@ impl ConnPool {
             if tx.is_closed() || since.elapsed() >= self.idle_timeout {
                 continue;
             }
-            if tx.ready().await.is_ok() {
+            // Bounded: a connection whose previous request is still uploading is not
+            // worth waiting for.
+            if matches!(
+                tokio::time::timeout(self.connect_timeout, tx.ready()).await,
+                Ok(Ok(()))
+            ) {
                 return Ok(PooledConn { tx, reused: true });
             }
         }

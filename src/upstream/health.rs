@@ -87,6 +87,13 @@ impl Health {
         false
     }
 
+    /// Forgets the active checks' verdict (checks were switched off).
+    pub fn reset_active(&self) {
+        self.successes.store(0, Ordering::Relaxed);
+        self.failures.store(0, Ordering::Relaxed);
+        self.active_up.store(true, Ordering::Relaxed);
+    }
+
     /// Marks the backend as just (re)joined: slow start ramps from now.
     pub fn mark_returned(&self) {
         // 0 means "never"; the clock may read 0 in the process's first millisecond.
