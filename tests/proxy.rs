@@ -3,7 +3,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -454,13 +454,7 @@ async fn h2c_prior_knowledge() {
 
 #[tokio::test]
 async fn slow_header_sender_is_cut_off() {
-    let hits = Arc::new(AtomicUsize::new(0));
-    let h = hits.clone();
-    let a = backend(move |_| {
-        h.fetch_add(1, Ordering::SeqCst);
-        async { text("ok") }
-    })
-    .await;
+    let (a, hits) = counting_backend().await;
     let cfg = format!(
         "[server.limits]\nheader_read_timeout = \"300ms\"\n[pools.p]\nbackends = [\"{a}\"]\n"
     );
@@ -521,13 +515,7 @@ async fn oversized_headers_get_431() {
 
 #[tokio::test]
 async fn malformed_request_gets_400_and_never_reaches_a_backend() {
-    let hits = Arc::new(AtomicUsize::new(0));
-    let h = hits.clone();
-    let a = backend(move |_| {
-        h.fetch_add(1, Ordering::SeqCst);
-        async { text("ok") }
-    })
-    .await;
+    let (a, hits) = counting_backend().await;
     let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
     for bad in [
         &b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"[..],
@@ -609,13 +597,7 @@ async fn slow_second_request_on_a_keep_alive_connection_is_cut_off() {
 
 #[tokio::test]
 async fn two_host_headers_get_400_and_never_reach_a_backend() {
-    let hits = Arc::new(AtomicUsize::new(0));
-    let h = hits.clone();
-    let a = backend(move |_| {
-        h.fetch_add(1, Ordering::SeqCst);
-        async { text("ok") }
-    })
-    .await;
+    let (a, hits) = counting_backend().await;
     let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
     s.write_all(

@@ -33,21 +33,7 @@ impl TestProxy {
     /// Starts the proxy from TOML text; `listen` and `admin.listen` should be port 0.
     pub async fn start(toml: &str) -> TestProxy {
         let config = switchyard::config::parse(toml, "test.toml").expect("valid test config");
-        let server = switchyard::Server::bind(config).await.expect("bind");
-        let addr = server.local_addrs()[0];
-        let admin = server.admin_addr();
-        let runtime = server.runtime();
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.run(async move {
-            let _ = rx.await;
-        }));
-        TestProxy {
-            addr,
-            admin,
-            runtime,
-            stop: Some(tx),
-            task: Some(task),
-        }
+        Self::serve(config).await.0
     }
 
     /// Starts the proxy from a configuration file, which is then watched for changes.
@@ -55,6 +41,12 @@ impl TestProxy {
         path: &std::path::Path,
     ) -> (TestProxy, Arc<switchyard::reload::Reloader>) {
         let config = switchyard::config::load(path).expect("valid test config file");
+        Self::serve(config).await
+    }
+
+    async fn serve(
+        config: switchyard::config::Config,
+    ) -> (TestProxy, Arc<switchyard::reload::Reloader>) {
         let server = switchyard::Server::bind(config).await.expect("bind");
         let reloader = server.reloader();
         let addr = server.local_addrs()[0];
@@ -122,6 +114,18 @@ where
         }
     });
     addr
+}
+
+/// A backend answering "ok" that counts the requests reaching it.
+pub async fn counting_backend() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = hits.clone();
+    let addr = backend(move |_| {
+        h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async { text("ok") }
+    })
+    .await;
+    (addr, hits)
 }
 
 /// The built-in demo backend, named `name`.
