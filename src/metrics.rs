@@ -145,7 +145,8 @@ pub fn render(
             let labels = [&*p.name, &*b.id];
             for (class, code) in CLASSES.iter().enumerate().skip(1) {
                 let n = b.stats.responses(class);
-                if n > 0 {
+                // 2xx and 5xx always exist, so rate() sees the first errors.
+                if n > 0 || matches!(*code, "2xx" | "5xx") {
                     requests
                         .with_label_values(&[&*p.name, &*b.id, code])
                         .inc_by(n);
