@@ -46,8 +46,9 @@ pub struct Plan {
     offered: usize,
     /// No backend was healthy and the pool fails open: health is ignored.
     ignore_health: bool,
-    /// The first balanced candidate passed over by slow start: used if nothing else is.
-    ramp_fallback: Option<usize>,
+    /// The first healthy candidate passed over for a preference (slow start, bounded
+    /// load, a draining fallback): used if nothing else is.
+    passed_over: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -106,10 +107,8 @@ impl Plan {
                     let next = c.next().and_then(|k| pool.eligible.get(k).copied());
                     match next {
                         // Slow start: pass a ramping backend over, by chance, once.
-                        Some(i)
-                            if ok(i) && self.ramp_fallback.is_none() && pool.ramping_skip(i) =>
-                        {
-                            self.ramp_fallback = Some(i);
+                        Some(i) if ok(i) && self.passed_over.is_none() && pool.ramping_skip(i) => {
+                            self.passed_over = Some(i);
                             continue;
                         }
                         _ => next.map(|i| (i, ok(i))),
@@ -125,17 +124,26 @@ impl Plan {
                         return None;
                     };
                     let order = order.get_or_insert_with(|| table.ranking(*key_hash));
-                    let i = order.get(*pos).copied();
-                    *pos += 1;
-                    // A key whose owner is out goes to a backend that takes new clients.
-                    i.map(|i| {
-                        let m = &pool.members[i];
-                        let fallback = Some(i) != table.owner(*key_hash);
-                        (
-                            i,
-                            ok(i) && !(fallback && m.draining) && Bound::admits(*bound, m),
-                        )
-                    })
+                    match order.get(*pos).copied() {
+                        None => None,
+                        Some(i) => {
+                            *pos += 1;
+                            // Preferred: under its bounded-load cap, and, for a key whose
+                            // owner is out, a backend that takes new clients. Both are
+                            // preferences: if no candidate meets them, the first healthy
+                            // one passed over serves rather than a 503.
+                            let m = &pool.members[i];
+                            let fallback = Some(i) != table.owner(*key_hash);
+                            let preferred = !(fallback && m.draining) && Bound::admits(*bound, m);
+                            if ok(i) && !preferred {
+                                if self.passed_over.is_none() && Some(i) != self.pinned {
+                                    self.passed_over = Some(i);
+                                }
+                                continue;
+                            }
+                            Some((i, ok(i)))
+                        }
+                    }
                 }
             };
             match next {
@@ -144,9 +152,9 @@ impl Plan {
                     return Some(i);
                 }
                 Some(_) => continue,
-                None if self.ramp_fallback.is_some() && self.ramp_fallback != self.pinned => {
+                None if self.passed_over.is_some() && self.passed_over != self.pinned => {
                     self.offered += 1;
-                    return self.ramp_fallback.take();
+                    return self.passed_over.take();
                 }
                 None => {
                     // Nothing healthy at all: fail open once, if the pool says so.
@@ -201,7 +209,7 @@ impl Pool {
             reject_now: false,
             offered: 0,
             ignore_health: false,
-            ramp_fallback: None,
+            passed_over: None,
         };
         match &self.affinity {
             Affinity::None => {}
