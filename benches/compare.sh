@@ -69,6 +69,9 @@ die() {
     exit 1
 }
 
+# shellcheck source=benches/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
 # --- prerequisites -----------------------------------------------------------
 
 need() { command -v "$1" >/dev/null 2>&1 || die "$1 not found (apt-get install -y $2)"; }
@@ -114,43 +117,7 @@ done
 
 # --- process bookkeeping -----------------------------------------------------
 
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/switchyard-compare.XXXXXX")
-PIDS=()
-
-cleanup() {
-    local pid
-    trap - EXIT INT TERM
-    for pid in "${PIDS[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || true
-    done
-    # Give them a moment to exit (valgrind writes its output on exit), then force.
-    for _ in $(seq 1 50); do
-        local alive=0
-        for pid in "${PIDS[@]}"; do
-            kill -0 "$pid" 2>/dev/null && alive=1
-        done
-        ((alive)) || break
-        sleep 0.1
-    done
-    for pid in "${PIDS[@]}"; do
-        kill -KILL "$pid" 2>/dev/null || true
-    done
-    wait 2>/dev/null || true
-    if [ "$KEEP_TMP" = 1 ]; then
-        log "kept $TMP"
-    else
-        rm -rf "$TMP"
-    fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-forget_pid() {
-    local keep=() p
-    for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
-    PIDS=("${keep[@]}")
-}
+bench_bookkeeping switchyard-compare
 
 # Sends SIGTERM and waits up to $2 seconds for the process to exit, then SIGKILL.
 # Returns 1 if the process had to be killed.
@@ -288,16 +255,9 @@ EOF
 
 # --- starting processes --------------------------------------------------------
 
-# Starts a command in the background; its pid is left in STARTED_PID.
+# start_bg (lib.sh) leaves the pid in STARTED_PID.
 # `taskset -c N cmd` and `valgrind cmd` exec (or stay as the tracked parent), so the
 # pid is the process to signal.
-start_bg() {
-    local logfile=$1
-    shift
-    "$@" >"$logfile" 2>&1 </dev/null &
-    STARTED_PID=$!
-    PIDS+=("$STARTED_PID")
-}
 
 start_backends() {
     local pin=()
@@ -367,36 +327,6 @@ versions() {
     rev=$(git -C "$REPO" describe --always --dirty 2>/dev/null || echo "?")
     echo "versions: $(nginx -v 2>&1 | sed 's/.*: //'), haproxy $(haproxy -v | awk 'NR==1{print $3}'), $("$SWITCHYARD_BIN" --version 2>/dev/null || echo switchyard)$*"
     echo "switchyard binary: $SWITCHYARD_BIN sha256 $sum, built $(date -u -r "$SWITCHYARD_BIN" '+%F %T UTC'), tree $rev"
-}
-
-# --- number helpers (awk) ------------------------------------------------------
-
-# Median of the arguments ("-" entries ignored); prints "-" if none.
-median() {
-    printf '%s\n' "$@" | awk '$1 != "-"' | sort -g | awk '
-        { v[NR] = $1 }
-        END {
-            if (NR == 0) { print "-"; exit }
-            if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2
-        }'
-}
-minmax() {
-    printf '%s\n' "$@" | awk '$1 != "-"' | sort -g | awk '
-        NR == 1 { lo = $1 } { hi = $1 }
-        END { if (NR == 0) print "-"; else printf "%.3f..%.3f", lo, hi }'
-}
-fmt() { awk -v v="$1" -v f="$2" 'BEGIN { if (v == "-" || v == "") print "-"; else printf f, v }'; }
-div() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.4f", a / b }'; }
-
-# wrk latency value ("812.00us", "1.23ms", "2.01s") -> milliseconds.
-to_ms() {
-    awk -v v="$1" 'BEGIN {
-        if (v ~ /us$/) { sub(/us$/, "", v); printf "%.4f", v / 1000 }
-        else if (v ~ /ms$/) { sub(/ms$/, "", v); printf "%.4f", v }
-        else if (v ~ /m$/) { sub(/m$/, "", v); printf "%.4f", v * 60000 }
-        else if (v ~ /s$/) { sub(/s$/, "", v); printf "%.4f", v * 1000 }
-        else print "-"
-    }'
 }
 
 # --- throughput mode ------------------------------------------------------------

@@ -70,6 +70,9 @@ die() {
     exit 1
 }
 
+# shellcheck source=benches/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
 need() { command -v "$1" >/dev/null 2>&1 || die "$1 not found (apt-get install -y $2)"; }
 need wrk wrk
 need curl curl
@@ -129,43 +132,8 @@ ADMIN_PORT=$((BASE + 3))
 
 # --- process bookkeeping -------------------------------------------------------
 
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/switchyard-reload-load.XXXXXX")
-PIDS=()
+bench_bookkeeping switchyard-reload-load
 RELOADER_PID=
-
-cleanup() {
-    local pid alive
-    trap - EXIT INT TERM
-    for pid in "${PIDS[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || true
-    done
-    for _ in $(seq 1 50); do
-        alive=0
-        for pid in "${PIDS[@]}"; do
-            kill -0 "$pid" 2>/dev/null && alive=1
-        done
-        ((alive)) || break
-        sleep 0.1
-    done
-    for pid in "${PIDS[@]}"; do
-        kill -KILL "$pid" 2>/dev/null || true
-    done
-    wait 2>/dev/null || true
-    if [ "$KEEP_TMP" = 1 ]; then
-        log "kept $TMP"
-    else
-        rm -rf "$TMP"
-    fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-forget_pid() {
-    local keep=() p
-    for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
-    PIDS=("${keep[@]}")
-}
 
 # Bounded runtime: a watchdog ends the script (and, through the trap, everything else).
 MAIN_PID=$$
@@ -179,14 +147,6 @@ MAIN_PID=$$
     kill -TERM "$MAIN_PID" 2>/dev/null
 ) &
 PIDS+=("$!")
-
-start_bg() {
-    local logfile=$1
-    shift
-    "$@" >"$logfile" 2>&1 </dev/null &
-    STARTED_PID=$!
-    PIDS+=("$STARTED_PID")
-}
 
 # Waits until $1 answers 200 (at most $2 seconds); $3 = pid to watch.
 wait_ready() {
@@ -288,33 +248,6 @@ stop_reloader() {
     if [ -s "$TMP/writes" ]; then
         VARIANT=$(tail -n 1 "$TMP/writes" | cut -d' ' -f1)
     fi
-}
-
-# --- number helpers ---------------------------------------------------------------------
-
-median() {
-    printf '%s\n' "$@" | awk '$1 != "-"' | sort -g | awk '
-        { v[NR] = $1 }
-        END {
-            if (NR == 0) { print "-"; exit }
-            if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2
-        }'
-}
-minmax() {
-    printf '%s\n' "$@" | awk '$1 != "-"' | sort -g | awk '
-        NR == 1 { lo = $1 } { hi = $1 }
-        END { if (NR == 0) print "-"; else printf "%.3f..%.3f", lo, hi }'
-}
-fmt() { awk -v v="$1" -v f="$2" 'BEGIN { if (v == "-" || v == "") print "-"; else printf f, v }'; }
-div() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.4f", a / b }'; }
-to_ms() {
-    awk -v v="$1" 'BEGIN {
-        if (v ~ /us$/) { sub(/us$/, "", v); printf "%.4f", v / 1000 }
-        else if (v ~ /ms$/) { sub(/ms$/, "", v); printf "%.4f", v }
-        else if (v ~ /m$/) { sub(/m$/, "", v); printf "%.4f", v * 60000 }
-        else if (v ~ /s$/) { sub(/s$/, "", v); printf "%.4f", v * 1000 }
-        else print "-"
-    }'
 }
 
 # --- runs ------------------------------------------------------------------------------

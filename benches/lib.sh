@@ -1,0 +1,87 @@
+# Shared by benches/compare.sh and benches/reload_load.sh; sourced, not run.
+# The sourcing script defines log() (used by cleanup) and KEEP_TMP before calling
+# bench_bookkeeping.
+
+# --- process bookkeeping -------------------------------------------------------
+
+# Creates the temporary directory TMP (named after $1), empties PIDS and installs the
+# traps: on exit every pid in PIDS is sent TERM, then KILL, and TMP is removed unless
+# KEEP_TMP=1.
+bench_bookkeeping() {
+    TMP=$(mktemp -d "${TMPDIR:-/tmp}/$1.XXXXXX")
+    PIDS=()
+    trap cleanup EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+}
+
+cleanup() {
+    local pid alive
+    trap - EXIT INT TERM
+    for pid in "${PIDS[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    # Give them a moment to exit (valgrind writes its output on exit), then force.
+    for _ in $(seq 1 50); do
+        alive=0
+        for pid in "${PIDS[@]}"; do
+            kill -0 "$pid" 2>/dev/null && alive=1
+        done
+        ((alive)) || break
+        sleep 0.1
+    done
+    for pid in "${PIDS[@]}"; do
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+    wait 2>/dev/null || true
+    if [ "$KEEP_TMP" = 1 ]; then
+        log "kept $TMP"
+    else
+        rm -rf "$TMP"
+    fi
+}
+
+forget_pid() {
+    local keep=() p
+    for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
+    PIDS=("${keep[@]}")
+}
+
+# Starts a command in the background; its pid is left in STARTED_PID and added to PIDS.
+start_bg() {
+    local logfile=$1
+    shift
+    "$@" >"$logfile" 2>&1 </dev/null &
+    STARTED_PID=$!
+    PIDS+=("$STARTED_PID")
+}
+
+# --- number helpers (awk) ------------------------------------------------------
+
+# Median of the arguments ("-" entries ignored); prints "-" if none.
+median() {
+    printf '%s\n' "$@" | awk '$1 != "-"' | sort -g | awk '
+        { v[NR] = $1 }
+        END {
+            if (NR == 0) { print "-"; exit }
+            if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2
+        }'
+}
+minmax() {
+    printf '%s\n' "$@" | awk '$1 != "-"' | sort -g | awk '
+        NR == 1 { lo = $1 } { hi = $1 }
+        END { if (NR == 0) print "-"; else printf "%.3f..%.3f", lo, hi }'
+}
+fmt() { awk -v v="$1" -v f="$2" 'BEGIN { if (v == "-" || v == "") print "-"; else printf f, v }'; }
+div() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.4f", a / b }'; }
+
+# wrk latency value ("812.00us", "1.23ms", "2.01s") -> milliseconds.
+to_ms() {
+    awk -v v="$1" 'BEGIN {
+        if (v ~ /us$/) { sub(/us$/, "", v); printf "%.4f", v / 1000 }
+        else if (v ~ /ms$/) { sub(/ms$/, "", v); printf "%.4f", v }
+        else if (v ~ /m$/) { sub(/m$/, "", v); printf "%.4f", v * 60000 }
+        else if (v ~ /s$/) { sub(/s$/, "", v); printf "%.4f", v * 1000 }
+        else print "-"
+    }'
+}
