@@ -18,6 +18,20 @@ use tokio::sync::{mpsc, Notify};
 /// Upper bound for waits that should end much sooner; a failure, never a sync point.
 const LIMIT: Duration = Duration::from_secs(10);
 
+/// Sends `bytes` on a new connection and reads until the proxy closes it. The proxy must
+/// close it on its own; LIMIT only bounds a broken build.
+async fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    // The proxy may answer and close before reading everything (431): a failed write
+    // is part of the exchange.
+    let _ = s.write_all(bytes).await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(LIMIT, s.read_to_end(&mut buf))
+        .await
+        .expect("the proxy kept the connection open");
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
 #[tokio::test]
 async fn round_robin_is_even_over_three_backends() {
     let b = [
@@ -459,16 +473,8 @@ async fn slow_header_sender_is_cut_off() {
         "[server.limits]\nheader_read_timeout = \"300ms\"\n[pools.p]\nbackends = [\"{a}\"]\n"
     );
     let proxy = TestProxy::start(&config(&cfg)).await;
-    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Half: ")
-        .await
-        .unwrap();
-    let mut buf = Vec::new();
-    // The proxy must close the connection on its own; LIMIT only bounds a broken build.
-    let _ = tokio::time::timeout(LIMIT, s.read_to_end(&mut buf))
-        .await
-        .expect("connection was not cut off");
-    assert!(!String::from_utf8_lossy(&buf).contains("200 OK"));
+    let got = raw_exchange(proxy.addr, b"GET / HTTP/1.1\r\nHost: x\r\nX-Half: ").await;
+    assert!(!got.contains("200 OK"), "{got}");
     assert_eq!(hits.load(Ordering::SeqCst), 0);
 }
 
@@ -497,20 +503,10 @@ async fn oversized_headers_get_431() {
     let cfg =
         format!("[server.limits]\nmax_header_bytes = 8192\n[pools.p]\nbackends = [\"{a}\"]\n");
     let proxy = TestProxy::start(&config(&cfg)).await;
-    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
     let big = "a".repeat(16 * 1024);
-    let _ = s
-        .write_all(format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n").as_bytes())
-        .await;
-    let mut buf = Vec::new();
-    let _ = tokio::time::timeout(LIMIT, s.read_to_end(&mut buf))
-        .await
-        .expect("answered");
-    assert!(
-        String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 431"),
-        "{}",
-        String::from_utf8_lossy(&buf)
-    );
+    let request = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n");
+    let got = raw_exchange(proxy.addr, request.as_bytes()).await;
+    assert!(got.starts_with("HTTP/1.1 431"), "{got}");
 }
 
 #[tokio::test]
@@ -522,17 +518,8 @@ async fn malformed_request_gets_400_and_never_reaches_a_backend() {
         b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n",
         b"NOT A REQUEST\r\n\r\n",
     ] {
-        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-        s.write_all(bad).await.unwrap();
-        let mut buf = Vec::new();
-        let _ = tokio::time::timeout(LIMIT, s.read_to_end(&mut buf))
-            .await
-            .expect("answered");
-        assert!(
-            String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 400"),
-            "{}",
-            String::from_utf8_lossy(&buf)
-        );
+        let got = raw_exchange(proxy.addr, bad).await;
+        assert!(got.starts_with("HTTP/1.1 400"), "{got}");
     }
     assert_eq!(hits.load(Ordering::SeqCst), 0);
 }
@@ -599,20 +586,11 @@ async fn slow_second_request_on_a_keep_alive_connection_is_cut_off() {
 async fn two_host_headers_get_400_and_never_reach_a_backend() {
     let (a, hits) = counting_backend().await;
     let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
-    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(
+    let got = raw_exchange(
+        proxy.addr,
         b"GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\nConnection: close\r\n\r\n",
     )
-    .await
-    .unwrap();
-    let mut buf = Vec::new();
-    let _ = tokio::time::timeout(LIMIT, s.read_to_end(&mut buf))
-        .await
-        .expect("answered");
-    assert!(
-        String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 400"),
-        "{}",
-        String::from_utf8_lossy(&buf)
-    );
+    .await;
+    assert!(got.starts_with("HTTP/1.1 400"), "{got}");
     assert_eq!(hits.load(Ordering::SeqCst), 0);
 }
