@@ -28,7 +28,7 @@ impl KeySource {
                 .map(KeySource::Header)
                 .map_err(|_| format!("invalid header name {name:?}")),
             Some(("cookie", name)) if !name.is_empty() => {
-                if name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)) {
+                if is_cookie_name(name) {
                     Ok(KeySource::Cookie(name.to_owned()))
                 } else {
                     Err(format!("invalid cookie name {name:?}"))
@@ -63,6 +63,13 @@ impl KeySource {
             })),
         }
     }
+}
+
+/// An RFC 6265 cookie-name (an RFC 9110 token).
+pub fn is_cookie_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// Every value of cookie `name` in the request's `Cookie` headers, in order.

@@ -11,7 +11,7 @@ use toml::Spanned;
 
 use super::raw::{RawConfig, RawHealth, RawLearn, RawOutlier, RawPool, RawSticky};
 use super::{AllDown, HealthConfig, OutlierConfig};
-use crate::balance::key::KeySource;
+use crate::balance::key::{is_cookie_name, KeySource};
 
 use super::{
     line_col, AccessLog, AdminConfig, AffinityConfig, BackendAddr, BackendConfig, Config,
@@ -795,13 +795,6 @@ fn relative_to(config_file: &str, path: &str) -> PathBuf {
     Path::new(config_file)
         .parent()
         .map_or_else(|| p.to_path_buf(), |dir| dir.join(p))
-}
-
-/// An RFC 6265 cookie-name (an RFC 9110 token).
-fn is_cookie_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 fn learn(
