@@ -101,15 +101,7 @@ async fn answer(state: &BackendState, req: Request<Incoming>) -> Response<AnyBod
     while let Some(Ok(frame)) = body.frame().await {
         body_bytes += frame.data_ref().map_or(0, |d| d.len() as u64);
     }
-    let sid = parts
-        .headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|c| c.trim().strip_prefix("sid="))
-        .next()
-        .map(str::to_owned);
+    let sid = crate::balance::key::cookie_value(&parts, "sid").map(str::to_owned);
     let (sid, visits, issued) = {
         let mut visits = state.visits.lock().unwrap_or_else(|e| e.into_inner());
         if visits.len() >= MAX_SESSIONS {

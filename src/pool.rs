@@ -91,8 +91,8 @@ impl PoolState {
     }
 
     pub fn count_unattributed(&self, status: u16) {
-        let class = usize::from(status / 100).clamp(1, 5);
-        self.unattributed[class].fetch_add(1, Ordering::Relaxed);
+        self.unattributed[crate::upstream::stats::status_class(status)]
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Responses of class `class` (1 to 5) that no backend is accountable for.

@@ -11,6 +11,11 @@ pub const DURATION_BUCKETS: &[f64] = &[
     5.0, 10.0, 30.0,
 ];
 
+/// 1 for 1xx … 5 for 5xx (anything outside folds into the nearest class).
+pub fn status_class(status: u16) -> usize {
+    usize::from(status / 100).clamp(1, 5)
+}
+
 #[derive(Debug)]
 pub struct BackendStats {
     /// Responses by status class: index 1 = 1xx … 5 = 5xx (index 0 unused).
@@ -40,8 +45,7 @@ impl BackendStats {
 
     /// Counts a response with `status` (an error response made by the proxy included).
     pub fn count_response(&self, status: u16) {
-        let class = usize::from(status / 100).clamp(1, 5);
-        self.responses[class].fetch_add(1, Ordering::Relaxed);
+        self.responses[status_class(status)].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Responses of class `class` (1 to 5).
