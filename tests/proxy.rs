@@ -594,3 +594,104 @@ async fn two_host_headers_get_400_and_never_reach_a_backend() {
     assert!(got.starts_with("HTTP/1.1 400"), "{got}");
     assert_eq!(hits.load(Ordering::SeqCst), 0);
 }
+
+/// A backend that reads each request head, counts it, and closes the connection without
+/// answering.
+async fn resetting_backend() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let h = h.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                h.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (a, hits)
+}
+
+fn request(method: &str, body: &'static str) -> Request<Full<Bytes>> {
+    Request::builder()
+        .method(method)
+        .uri("/")
+        .header("host", "test.local")
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn idempotent_bodyless_request_moves_on_after_a_reset() {
+    let (reset, resets) = resetting_backend().await;
+    let (good, served) = counting_backend().await;
+    let proxy = TestProxy::start(&config(&format!(
+        "[pools.p]\nbackends = [\"{reset}\", \"{good}\"]\n[pools.p.outlier]\nconsecutive_failures = 0\n"
+    )))
+    .await;
+    let mut client = Client::connect(proxy.addr).await;
+    for method in ["GET", "HEAD", "OPTIONS", "PUT", "DELETE"] {
+        for _ in 0..4 {
+            let got = client.send(request(method, "")).await;
+            assert_eq!(got.status, 200, "{method}");
+        }
+    }
+    assert_eq!(served.load(Ordering::SeqCst), 20);
+    // Round robin offered the resetting backend first for every other request.
+    assert!(resets.load(Ordering::SeqCst) >= 10, "{resets:?}");
+}
+
+#[tokio::test]
+async fn reset_is_not_retried_for_bodies_unsafe_methods_or_without_retries() {
+    let (reset, resets) = resetting_backend().await;
+    let (good, served) = counting_backend().await;
+    let proxy = TestProxy::start(&config(&format!(
+        "[pools.p]\nbackends = [\"{reset}\", \"{good}\"]\n[pools.p.outlier]\nconsecutive_failures = 0\n"
+    )))
+    .await;
+    let mut failed = 0;
+    for (method, body) in [
+        ("POST", ""),
+        ("POST", "data"),
+        ("PUT", "data"),
+        ("PATCH", ""),
+    ] {
+        for _ in 0..4 {
+            let got = fetch(proxy.addr, request(method, body)).await;
+            match got.status {
+                200 => {}
+                502 => failed += 1,
+                s => panic!("{method} {body:?}: {s}"),
+            }
+        }
+    }
+    // Each request reached exactly one backend, and those reaching the resetting one
+    // failed.
+    assert_eq!(failed, resets.load(Ordering::SeqCst));
+    assert_eq!(failed + served.load(Ordering::SeqCst), 16);
+    assert!(failed >= 8, "{failed}");
+
+    let proxy = TestProxy::start(&config(&format!(
+        "[pools.p]\nretries = 0\nbackends = [\"{reset}\", \"{good}\"]\n[pools.p.outlier]\nconsecutive_failures = 0\n"
+    )))
+    .await;
+    let before = resets.load(Ordering::SeqCst);
+    let mut codes = Vec::new();
+    for _ in 0..6 {
+        codes.push(fetch(proxy.addr, get("/")).await.status);
+    }
+    assert_eq!(
+        codes.iter().filter(|&&c| c == 502).count(),
+        resets.load(Ordering::SeqCst) - before
+    );
+    assert!(codes.contains(&502), "{codes:?}");
+}

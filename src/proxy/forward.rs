@@ -7,7 +7,9 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use http::header::SET_COOKIE;
-use http::{Request, Response, StatusCode};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body;
+use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 
 use crate::access_log::AccessRecord;
@@ -15,8 +17,8 @@ use crate::affinity::strip_cookie;
 use crate::pool::{Affinity, Outcome, Pool};
 use crate::runtime::Runtime;
 use crate::server::idle::ActiveRequest;
-use crate::upstream::client::Sender;
-use crate::upstream::{Backend, InFlight, PooledConn};
+use crate::upstream::client::{Sender, UpstreamBody};
+use crate::upstream::{Backend, InFlight, PooledConn, UpstreamError};
 
 use super::body::ProxyBody;
 use super::error::ProxyError;
@@ -126,9 +128,49 @@ impl Proxy {
 
 type Forwarded = (Response<Incoming>, Sender, InFlight);
 
+/// Why the last candidate tried did not answer.
+enum Failure {
+    /// No connection could be had.
+    Connect(UpstreamError),
+    /// Connected and sent, then the connection closed or was reset before a response
+    /// head arrived.
+    Reset(hyper::Error),
+}
+
+/// The head of a bodyless request with an idempotent method, kept so that the request
+/// can be sent to another backend if one resets the connection before answering.
+struct Replay {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+impl Replay {
+    fn of(req: &Request<Incoming>) -> Option<Self> {
+        (req.method().is_idempotent() && req.body().is_end_stream()).then(|| Replay {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+        })
+    }
+
+    fn request(&self) -> Request<UpstreamBody> {
+        let mut req = Request::new(Either::Right(Empty::new()));
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+}
+
 /// Sends `req` along the pool's plan: the client's affinity target first, then others,
-/// trying at most `retries` further backends, each once, and only while no request byte
-/// was sent. Sets or learns affinity cookies on the response.
+/// trying at most `retries` further backends, each once. A request moves on to the next
+/// backend when connecting fails (no request byte was sent), or, for a bodyless request
+/// with an idempotent method, when the connection is reset before any response byte.
+/// Sets or learns affinity cookies on the response.
 async fn forward(
     pool: &Pool,
     req: Request<Incoming>,
@@ -152,9 +194,11 @@ async fn forward(
     }
     pool.state.earn_retry(pool.retry_budget);
     let budget = pool.retries as usize + 1;
+    let replay = if budget > 1 { Replay::of(&req) } else { None };
+    let mut req = Some(req.map(Either::Left));
     let mut attempts = 0;
-    let mut last_err = None;
-    let chosen = loop {
+    let mut last_err: Option<(Failure, &Arc<Backend>)> = None;
+    let result = loop {
         let Some(i) = plan.next(pool) else { break None };
         // Retries ran out, or the pool's retry budget is spent, while the pool still had
         // candidates.
@@ -164,39 +208,68 @@ async fn forward(
         attempts += 1;
         let backend = &pool.members[i].backend;
         let in_flight = backend.start_request();
-        match backend.pool.checkout().await {
-            Ok(c) => break Some(Ok((i, c, in_flight))),
+        let failure = match backend.pool.checkout().await {
+            Ok(conn) => {
+                // Only a replayable request goes on after a send, so one is always here.
+                let Some(req) = req.take().or_else(|| replay.as_ref().map(Replay::request)) else {
+                    break Some(Err(()));
+                };
+                if let Some(l) = log {
+                    l.backend = Some(backend.id.to_string());
+                }
+                match send(pool, conn, req, &in_flight).await {
+                    Ok((resp, tx)) => break Some(Ok((i, resp, tx, in_flight))),
+                    Err(SendError::Reset(e)) if replay.is_some() => {
+                        tracing::warn!(pool = %pool.name, backend = %backend.id, error = %e, "backend reset the connection before answering");
+                        Failure::Reset(e)
+                    }
+                    Err(e) => {
+                        // Reset or silent after accepting the request: a failure for
+                        // outlier detection too.
+                        passive(pool, backend, false);
+                        if let Some(o) = plan.outcome {
+                            pool.state.stats.count(o);
+                        }
+                        return Err(failed(pool, Some(backend), e.into()));
+                    }
+                }
+            }
             Err(e) => {
                 tracing::warn!(pool = %pool.name, backend = %backend.id, error = %e, "backend unreachable");
                 backend.stats.count_connect_error();
-                passive(pool, backend, false);
-                last_err = Some((e, backend));
-                if plan.failed(i).is_err() {
-                    pool.state.stats.count(Outcome::Rejected);
-                    let e = ProxyError::Rejected {
-                        pool: pool.name.to_string(),
-                    };
-                    return Err(failed(pool, Some(backend), e));
-                }
+                Failure::Connect(e)
             }
+        };
+        passive(pool, backend, false);
+        last_err = Some((failure, backend));
+        if plan.failed(i).is_err() {
+            pool.state.stats.count(Outcome::Rejected);
+            let e = ProxyError::Rejected {
+                pool: pool.name.to_string(),
+            };
+            return Err(failed(pool, Some(backend), e));
         }
     };
     if let Some(o) = plan.outcome {
         pool.state.stats.count(o);
     }
-    let (i, conn, in_flight) = match (chosen, last_err) {
-        (Some(Ok(c)), _) => c,
-        // Every candidate of the pool failed: the pool is unavailable (503). Only some,
-        // as the retry budget allowed: the chosen backend failed (502).
-        (None, Some((last, backend))) => {
+    let (i, mut resp, tx, in_flight) = match (result, last_err) {
+        (Some(Ok(r)), _) => r,
+        // Every candidate of the pool was unreachable: the pool is unavailable (503).
+        (None, Some((Failure::Connect(last), backend))) => {
             let e = ProxyError::AllUnreachable {
                 pool: pool.name.to_string(),
                 last,
             };
             return Err(failed(pool, Some(backend), e));
         }
-        (Some(Err(())), Some((e, backend))) => {
+        // Only some were tried, as the retry budget allowed, or the last one reached
+        // failed to answer: the backend failed (502).
+        (_, Some((Failure::Connect(e), backend))) => {
             return Err(failed(pool, Some(backend), ProxyError::Connect(e)))
+        }
+        (_, Some((Failure::Reset(e), backend))) => {
+            return Err(failed(pool, Some(backend), ProxyError::Upstream(e)))
         }
         (_, None) => {
             let e = ProxyError::NoBackend {
@@ -205,19 +278,7 @@ async fn forward(
             return Err(failed(pool, None, e));
         }
     };
-    if let Some(l) = log {
-        l.backend = Some(in_flight.backend().id.to_string());
-    }
     let backend = in_flight.backend();
-    let (mut resp, tx) = match send(pool, conn, req, &in_flight).await {
-        Ok(r) => r,
-        Err(e) => {
-            // Reset or silent after accepting the request: a failure for outlier
-            // detection too.
-            passive(pool, backend, false);
-            return Err(failed(pool, Some(backend), e));
-        }
-    };
     let elapsed = start.elapsed();
     if let Some(l) = log {
         l.set_upstream(elapsed);
@@ -261,29 +322,79 @@ fn failed(pool: &Pool, backend: Option<&Arc<Backend>>, e: ProxyError) -> ProxyEr
     e
 }
 
+/// Why sending on a connection failed.
+enum SendError {
+    /// The connection closed or was reset before a response head arrived.
+    Reset(hyper::Error),
+    Other(ProxyError),
+}
+
+impl From<SendError> for ProxyError {
+    fn from(e: SendError) -> Self {
+        match e {
+            SendError::Reset(e) => ProxyError::Upstream(e),
+            SendError::Other(e) => e,
+        }
+    }
+}
+
+/// Whether `e` means the backend closed or reset the connection before its response
+/// head was complete, rather than answering with something that is not HTTP.
+fn is_reset(e: &hyper::Error) -> bool {
+    if e.is_incomplete_message() || e.is_canceled() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            );
+        }
+        source = s.source();
+    }
+    false
+}
+
 /// Sends on `conn`; if a reused keep-alive connection turns out closed before the
 /// request was written, sends once more on a fresh connection to the same backend.
 async fn send(
     pool: &Pool,
     conn: PooledConn,
-    req: Request<Incoming>,
+    req: Request<UpstreamBody>,
     in_flight: &InFlight,
-) -> Result<(Response<Incoming>, Sender), ProxyError> {
+) -> Result<(Response<Incoming>, Sender), SendError> {
     let PooledConn { mut tx, mut reused } = conn;
     let mut req = req;
     loop {
         let sent = tokio::time::timeout(pool.response_timeout, tx.try_send_request(req)).await;
         match sent {
-            Err(_) => return Err(ProxyError::Timeout(pool.response_timeout)),
+            Err(_) => return Err(SendError::Other(ProxyError::Timeout(pool.response_timeout))),
             Ok(Ok(resp)) => return Ok((resp, tx)),
             Ok(Err(mut e)) => match e.take_message() {
                 Some(unsent) if reused => {
                     tracing::debug!(backend = %in_flight.backend().id, error = %e.error(), "stale keep-alive connection, reconnecting");
                     req = unsent;
-                    tx = in_flight.backend().pool.connect().await?;
+                    tx = in_flight
+                        .backend()
+                        .pool
+                        .connect()
+                        .await
+                        .map_err(|e| SendError::Other(e.into()))?;
                     reused = false;
                 }
-                _ => return Err(ProxyError::Upstream(e.into_error())),
+                _ => {
+                    let e = e.into_error();
+                    return Err(if is_reset(&e) {
+                        SendError::Reset(e)
+                    } else {
+                        SendError::Other(ProxyError::Upstream(e))
+                    });
+                }
             },
         }
     }

@@ -10,6 +10,8 @@ use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -19,8 +21,12 @@ use crate::config::{BackendAddr, PoolConfig};
 
 use super::stats::BackendStats;
 
+/// A request body sent upstream: the client's, or nothing when a bodyless request is
+/// sent again.
+pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+
 /// The sending half of an upstream HTTP/1.1 connection.
-pub type Sender = http1::SendRequest<Incoming>;
+pub type Sender = http1::SendRequest<UpstreamBody>;
 
 /// Why no connection to a backend could be had.
 #[derive(Debug, thiserror::Error)]
