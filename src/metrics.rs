@@ -143,14 +143,18 @@ pub fn render(
         for m in &p.members {
             let b = &m.backend;
             let labels = [&*p.name, &*b.id];
-            for (class, code) in CLASSES.iter().enumerate().skip(1) {
-                let n = b.stats.responses(class);
-                // 2xx and 5xx always exist, so rate() sees the first errors.
-                if n > 0 || matches!(*code, "2xx" | "5xx") {
-                    requests
-                        .with_label_values(&[&*p.name, &*b.id, code])
-                        .inc_by(n);
+            // Per-request series exist only while they are recorded (`server.metrics`).
+            if p.metrics {
+                for (class, code) in CLASSES.iter().enumerate().skip(1) {
+                    let n = b.stats.responses(class);
+                    // 2xx and 5xx always exist, so rate() sees the first errors.
+                    if n > 0 || matches!(*code, "2xx" | "5xx") {
+                        requests
+                            .with_label_values(&[&*p.name, &*b.id, code])
+                            .inc_by(n);
+                    }
                 }
+                r.register(Box::new(b.stats.duration.clone()))?;
             }
             connect_errors
                 .with_label_values(&labels)
@@ -163,11 +167,10 @@ pub fn render(
             in_flight
                 .with_label_values(&labels)
                 .set(b.in_flight() as i64);
-            r.register(Box::new(b.stats.duration.clone()))?;
         }
         for (class, code) in CLASSES.iter().enumerate().skip(1) {
             let n = p.state.unattributed(class);
-            if n > 0 {
+            if n > 0 && p.metrics {
                 requests.with_label_values(&[&*p.name, "", code]).inc_by(n);
             }
         }
@@ -177,7 +180,7 @@ pub fn render(
         refused
             .with_label_values(&[&*p.name])
             .inc_by(p.state.retries_refused.load(Ordering::Relaxed));
-        if !matches!(p.affinity, Affinity::None) {
+        if p.metrics && !matches!(p.affinity, Affinity::None) {
             for o in Outcome::ALL {
                 affinity
                     .with_label_values(&[&*p.name, o.as_str()])

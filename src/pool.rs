@@ -221,6 +221,8 @@ pub struct Pool {
     pub all_down: AllDown,
     pub retry_budget: f64,
     pub slow_start: Option<Duration>,
+    /// Whether requests are counted and timed (`server.metrics`).
+    pub metrics: bool,
 }
 
 impl Pool {
@@ -233,6 +235,7 @@ impl Pool {
         backends: Vec<Arc<Backend>>,
         removed: Vec<Member>,
         state: Arc<PoolState>,
+        metrics: bool,
     ) -> Pool {
         let mut members: Vec<Member> = pc
             .backends
@@ -332,6 +335,14 @@ impl Pool {
             all_down: pc.all_down,
             retry_budget: pc.retry_budget,
             slow_start: pc.slow_start,
+            metrics,
+        }
+    }
+
+    /// Counts an affinity outcome, when metrics are recorded.
+    pub fn count_outcome(&self, o: Outcome) {
+        if self.metrics {
+            self.state.stats.count(o);
         }
     }
 

@@ -76,7 +76,7 @@ impl Runtime {
                         .cloned()
                         .collect()
                 });
-                Pool::build(pc, backends, removed, state)
+                Pool::build(pc, backends, removed, state, config.server.metrics)
             })
             .collect();
         let mut routes: Vec<(usize, Route)> = config

@@ -622,6 +622,27 @@ fn unknown_access_log() {
     );
 }
 
+#[test]
+fn metrics_must_be_a_boolean() {
+    let text = format!("[server]\nworkers = 1\nmetrics = \"off\"\n{WEB}");
+    assert_err(
+        &text,
+        "server.metrics",
+        3,
+        Some(11),
+        "invalid type: string \"off\", expected a boolean",
+    );
+}
+
+#[test]
+fn metrics_can_be_switched_off() {
+    assert!(
+        !ok(&format!("[server]\nmetrics = false\n{WEB}"))
+            .server
+            .metrics
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Session affinity: sticky cookies, learned sessions, consistent hashing
 
@@ -1256,6 +1277,7 @@ fn defaults() {
     assert_eq!(s.workers, 0);
     assert_eq!(s.shutdown_grace, Duration::from_secs(30));
     assert_eq!(s.access_log, AccessLog::Off);
+    assert!(s.metrics);
     assert_eq!(s.limits.max_connections, 10_000);
     assert_eq!(s.limits.header_read_timeout, Duration::from_secs(10));
     assert_eq!(s.limits.idle_timeout, Duration::from_secs(60));

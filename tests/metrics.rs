@@ -210,3 +210,76 @@ async fn counters_survive_reloads_and_removed_series_disappear_after_draining() 
     let text = scrape(&proxy).await;
     assert!(sample(&text, "switchyard_config_reloads_total{result=\"failure\"}").unwrap() >= 1.0);
 }
+
+#[tokio::test]
+async fn metrics_off_records_no_requests_and_a_reload_turns_them_on() {
+    let a = named_backend("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchyard.toml");
+    let cfg = |metrics: bool| {
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nmetrics = {metrics}\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [pools.web]\npolicy = \"sticky_cookie\"\nbackends = [{{ address = \"{a}\", id = \"a\" }}]\n"
+        )
+    };
+    std::fs::write(&path, cfg(false)).unwrap();
+    let (proxy, reloader) = TestProxy::start_file(&path).await;
+    for _ in 0..3 {
+        assert_eq!(fetch(proxy.addr, get("/")).await.status, 200);
+    }
+    let text = scrape(&proxy).await;
+    for family in [
+        "switchyard_requests_total",
+        "switchyard_request_duration_seconds",
+        "switchyard_affinity_total",
+    ] {
+        assert!(
+            !text.contains(family),
+            "{family} is recorded with metrics off:\n{text}"
+        );
+    }
+    // What is not per-request stays.
+    assert_eq!(
+        sample(&text, "switchyard_backend_up{backend=\"a\",pool=\"web\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "switchyard_upstream_connections_opened_total{backend=\"a\",pool=\"web\"}"
+        ),
+        Some(1.0)
+    );
+
+    std::fs::write(&path, cfg(true)).unwrap();
+    let r = reloader.clone();
+    tokio::task::spawn_blocking(move || r.reload())
+        .await
+        .unwrap()
+        .unwrap();
+    for _ in 0..2 {
+        assert_eq!(fetch(proxy.addr, get("/")).await.status, 200);
+    }
+    let text = scrape(&proxy).await;
+    assert_eq!(
+        sample(
+            &text,
+            "switchyard_requests_total{backend=\"a\",code=\"2xx\",pool=\"web\"}"
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "switchyard_request_duration_seconds_count{backend=\"a\",pool=\"web\"}"
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "switchyard_affinity_total{outcome=\"new\",pool=\"web\"}"
+        ),
+        Some(2.0)
+    );
+}

@@ -39,6 +39,9 @@ pub struct ServerConfig {
     pub workers: usize,
     pub shutdown_grace: Duration,
     pub access_log: AccessLog,
+    /// Record per-request metrics (request counters, duration histograms, affinity
+    /// outcomes).
+    pub metrics: bool,
     pub limits: Limits,
 }
 

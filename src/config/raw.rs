@@ -32,6 +32,7 @@ pub struct RawServer {
     pub workers: Option<Spanned<i64>>,
     pub shutdown_grace: Option<Spanned<String>>,
     pub access_log: Option<Spanned<String>>,
+    pub metrics: Option<bool>,
     #[serde(default)]
     pub limits: RawLimits,
     /// Accepted by the schema so the error can say TLS is not available yet, rather

@@ -222,6 +222,7 @@ fn server(cx: &Ctx, raw: &RawConfig) -> Result<ServerConfig, ConfigError> {
             Duration::from_secs(30),
         )?,
         access_log,
+        metrics: s.metrics.unwrap_or(true),
         limits,
     })
 }

@@ -186,7 +186,7 @@ async fn forward(
     let req = Request::from_parts(parts, body);
 
     if plan.reject_now {
-        pool.state.stats.count(Outcome::Rejected);
+        pool.count_outcome(Outcome::Rejected);
         let e = ProxyError::Rejected {
             pool: pool.name.to_string(),
         };
@@ -228,7 +228,7 @@ async fn forward(
                         // outlier detection too.
                         passive(pool, backend, false);
                         if let Some(o) = plan.outcome {
-                            pool.state.stats.count(o);
+                            pool.count_outcome(o);
                         }
                         return Err(failed(pool, Some(backend), e.into()));
                     }
@@ -243,7 +243,7 @@ async fn forward(
         passive(pool, backend, false);
         last_err = Some((failure, backend));
         if plan.failed(i).is_err() {
-            pool.state.stats.count(Outcome::Rejected);
+            pool.count_outcome(Outcome::Rejected);
             let e = ProxyError::Rejected {
                 pool: pool.name.to_string(),
             };
@@ -251,7 +251,7 @@ async fn forward(
         }
     };
     if let Some(o) = plan.outcome {
-        pool.state.stats.count(o);
+        pool.count_outcome(o);
     }
     let (i, mut resp, tx, in_flight) = match (result, last_err) {
         (Some(Ok(r)), _) => r,
@@ -279,13 +279,17 @@ async fn forward(
         }
     };
     let backend = in_flight.backend();
-    let elapsed = start.elapsed();
-    if let Some(l) = log {
-        l.set_upstream(elapsed);
+    if log.is_some() || pool.metrics {
+        let elapsed = start.elapsed();
+        if let Some(l) = log {
+            l.set_upstream(elapsed);
+        }
+        if pool.metrics {
+            backend.stats.count_response(resp.status().as_u16());
+            backend.stats.duration.observe(elapsed.as_secs_f64());
+        }
     }
-    backend.stats.count_response(resp.status().as_u16());
     passive(pool, backend, !resp.status().is_server_error());
-    backend.stats.duration.observe(elapsed.as_secs_f64());
     if plan.outcome.is_some() {
         if plan.issue_cookie() {
             if let Some(v) = pool.sticky_cookie(i, client.tls) {
@@ -315,6 +319,9 @@ fn passive(pool: &Pool, backend: &Arc<Backend>, ok: bool) {
 /// Counts the error response a failure turns into, on the backend it concerns or, when no
 /// backend was involved, on the pool.
 fn failed(pool: &Pool, backend: Option<&Arc<Backend>>, e: ProxyError) -> ProxyError {
+    if !pool.metrics {
+        return e;
+    }
     match backend {
         Some(b) => b.stats.count_response(e.status().as_u16()),
         None => pool.state.count_unattributed(e.status().as_u16()),
