@@ -4,11 +4,13 @@
 #
 #   benches/compare.sh             wrk throughput / p99 / requests per CPU-second
 #   benches/compare.sh callgrind   user-space instructions per request (valgrind)
+#   PROXIES="switchyard switchyard-nometrics" benches/compare.sh [callgrind]
+#                                  the cost of recording metrics (server.metrics)
 #
 # Throughput mode: each proxy runs with one worker, pinned alone on PROXY_CPU; wrk and
 # the backends share LOAD_CPU. Runs are interleaved (nginx, haproxy, switchyard, then
 # again) for ROUNDS rounds; the summary gives medians per proxy and medians of the
-# per-round (paired) ratios switchyard/nginx and switchyard/haproxy.
+# per-round (paired) ratios of switchyard to each other proxy measured.
 #
 # Callgrind mode: each proxy runs under `valgrind --tool=callgrind` twice, once serving
 # CG_BASE requests and once CG_N requests (keep-alive HTTP/1.1, CG_CONNS connections);
@@ -21,6 +23,8 @@
 #   CG_BASE [2000]  CG_N [12000]  CG_CONNS [8]
 #   SWITCHYARD_BIN [target/release/switchyard, built if missing]
 #   KEEP_TMP [0]  (1 = keep configs, logs and callgrind files)
+#   PROXIES ["nginx haproxy switchyard"]  any of those and switchyard-nometrics
+#   (switchyard with server.metrics = false); ratios need switchyard in the list
 #
 # Needs: nginx, haproxy, wrk, curl, taskset, python3 (callgrind client), valgrind.
 # Start/stop is self-contained: temp prefixes and configs, no system services touched.
@@ -31,7 +35,7 @@ MODE=${1:-throughput}
 case "$MODE" in
 throughput | callgrind) ;;
 -h | --help | help)
-    sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
     ;;
 *)
@@ -61,7 +65,8 @@ BACKEND2_PORT=$((BASE_PORT + 1))
 NGINX_PORT=$((BASE_PORT + 2))
 HAPROXY_PORT=$((BASE_PORT + 3))
 SWITCHYARD_PORT=$((BASE_PORT + 4))
-PROXIES=(nginx haproxy switchyard)
+NOMETRICS_PORT=$((BASE_PORT + 5))
+read -ra PROXIES <<<"${PROXIES:-nginx haproxy switchyard}"
 
 log() { echo "[compare] $*" >&2; }
 die() {
@@ -87,6 +92,13 @@ else
 fi
 
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer"
+((${#PROXIES[@]} > 0)) || die "PROXIES is empty"
+for p in "${PROXIES[@]}"; do
+    case $p in
+    nginx | haproxy | switchyard | switchyard-nometrics) ;;
+    *) die "unknown proxy in PROXIES: $p" ;;
+    esac
+done
 [[ $CG_BASE =~ ^[0-9]+$ && $CG_N =~ ^[0-9]+$ ]] || die "CG_BASE and CG_N must be integers"
 ((CG_N > CG_BASE)) || die "CG_N must be larger than CG_BASE"
 
@@ -111,7 +123,7 @@ port_in_use() {
         (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
     fi
 }
-for p in "$BACKEND1_PORT" "$BACKEND2_PORT" "$NGINX_PORT" "$HAPROXY_PORT" "$SWITCHYARD_PORT"; do
+for p in "$BACKEND1_PORT" "$BACKEND2_PORT" "$NGINX_PORT" "$HAPROXY_PORT" "$SWITCHYARD_PORT" "$NOMETRICS_PORT"; do
     ! port_in_use "$p" || die "port $p is already in use (set BASE_PORT to use other ports)"
 done
 
@@ -151,10 +163,16 @@ wait_ready() {
     return 1
 }
 
+has_proxy() {
+    local p
+    for p in "${PROXIES[@]}"; do [ "$p" = "$1" ] && return 0; done
+    return 1
+}
+
 # --- configs -----------------------------------------------------------------
 
 write_configs() {
-    mkdir -p "$TMP/backend/logs" "$TMP/nginx/logs" "$TMP/haproxy" "$TMP/switchyard"
+    mkdir -p "$TMP/backend/logs" "$TMP/nginx/logs" "$TMP/haproxy" "$TMP/switchyard" "$TMP/switchyard-nometrics"
 
     # nginx needs writable temp paths inside its prefix; these keep it off /var/lib/nginx.
     local temps='client_body_temp_path temp/body; proxy_temp_path temp/proxy;
@@ -251,6 +269,9 @@ max_connections = 10000
 policy = "round_robin"
 backends = ["127.0.0.1:$BACKEND1_PORT", "127.0.0.1:$BACKEND2_PORT"]
 EOF
+    # The same proxy with per-request metric recording off.
+    sed -e "s/:$SWITCHYARD_PORT\"/:$NOMETRICS_PORT\"/" -e 's/^workers = 1$/workers = 1\nmetrics = false/' \
+        "$TMP/switchyard/switchyard.toml" >"$TMP/switchyard-nometrics/switchyard.toml"
 }
 
 # --- starting processes --------------------------------------------------------
@@ -273,6 +294,7 @@ proxy_port() {
     nginx) echo "$NGINX_PORT" ;;
     haproxy) echo "$HAPROXY_PORT" ;;
     switchyard) echo "$SWITCHYARD_PORT" ;;
+    switchyard-nometrics) echo "$NOMETRICS_PORT" ;;
     esac
 }
 
@@ -281,7 +303,7 @@ proxy_cmd() {
     case $1 in
     nginx) PROXY_CMD=(nginx -p "$TMP/nginx/" -e "$TMP/nginx/logs/error.log" -c "$TMP/nginx/nginx.conf") ;;
     haproxy) PROXY_CMD=(haproxy -db -f "$TMP/haproxy/haproxy.cfg") ;;
-    switchyard) PROXY_CMD=("$SWITCHYARD_BIN" --config "$TMP/switchyard/switchyard.toml") ;;
+    switchyard | switchyard-nometrics) PROXY_CMD=("$SWITCHYARD_BIN" --config "$TMP/$1/switchyard.toml") ;;
     esac
 }
 
@@ -398,13 +420,13 @@ throughput() {
     echo "host: $(uname -r), $NCPU CPUs, loadavg now $(cut -d' ' -f1-3 /proc/loadavg)"
     versions
     echo
-    printf '%-12s %12s %12s %14s\n' proxy "req/s" "p99 ms" "req/cpu-s"
+    printf '%-22s %12s %12s %14s\n' proxy "req/s" "p99 ms" "req/cpu-s"
     for name in "${PROXIES[@]}"; do
         rps=() p99=() cpu=()
         for ((r = 1; r <= ROUNDS; r++)); do
             rps+=("${RPS[$name,$r]}") p99+=("${P99[$name,$r]}") cpu+=("${RPCPU[$name,$r]}")
         done
-        printf '%-12s %12s %12s %14s\n' "$name" "$(fmt "$(median "${rps[@]}")" %.0f)" \
+        printf '%-22s %12s %12s %14s\n' "$name" "$(fmt "$(median "${rps[@]}")" %.0f)" \
             "$(fmt "$(median "${p99[@]}")" %.3f)" "$(fmt "$(median "${cpu[@]}")" %.0f)"
     done
 
@@ -412,7 +434,8 @@ throughput() {
     echo "paired ratios (per round, then median; range in brackets)"
     printf '%-22s %24s %24s %24s\n' ratio "req/s" "p99 (lower=better)" "req/cpu-s"
     local other a b c
-    for other in nginx haproxy; do
+    for other in "${PROXIES[@]}"; do
+        has_proxy switchyard && [ "$other" != switchyard ] || continue
         a=() b=() c=()
         for ((r = 1; r <= ROUNDS; r++)); do
             a+=("$(div "${RPS[switchyard,$r]}" "${RPS[$other,$r]}")")
@@ -426,10 +449,10 @@ throughput() {
     done
     echo
     echo "per run:"
-    printf '%-6s %-12s %12s %10s %12s\n' round proxy "req/s" "p99 ms" "req/cpu-s"
+    printf '%-6s %-22s %12s %10s %12s\n' round proxy "req/s" "p99 ms" "req/cpu-s"
     for ((r = 1; r <= ROUNDS; r++)); do
         for name in "${PROXIES[@]}"; do
-            printf '%-6s %-12s %12s %10s %12s\n' "$r" "$name" "$(fmt "${RPS[$name,$r]}" %.0f)" \
+            printf '%-6s %-22s %12s %10s %12s\n' "$r" "$name" "$(fmt "${RPS[$name,$r]}" %.0f)" \
                 "$(fmt "${P99[$name,$r]}" %.3f)" "$(fmt "${RPCPU[$name,$r]}" %.0f)"
         done
     done
@@ -552,13 +575,15 @@ callgrind() {
     echo "(Ir[$CG_N requests] - Ir[$CG_BASE requests]) / $((CG_N - CG_BASE)), HTTP/1.1 keep-alive, $CG_CONNS connections, one worker"
     versions ", $(valgrind --version)"
     echo
-    printf '%-12s %16s %16s %12s\n' proxy "Ir[$CG_BASE]" "Ir[$CG_N]" "Ir/request"
+    printf '%-22s %16s %16s %12s\n' proxy "Ir[$CG_BASE]" "Ir[$CG_N]" "Ir/request"
     for name in "${PROXIES[@]}"; do
-        printf '%-12s %16s %16s %12s\n' "$name" "${BASE[$name]}" "${NN[$name]}" "${PER[$name]}"
+        printf '%-22s %16s %16s %12s\n' "$name" "${BASE[$name]}" "${NN[$name]}" "${PER[$name]}"
     done
     echo
-    echo "switchyard/nginx    $(fmt "$(div "${PER[switchyard]}" "${PER[nginx]}")" %.3f)"
-    echo "switchyard/haproxy  $(fmt "$(div "${PER[switchyard]}" "${PER[haproxy]}")" %.3f)"
+    for name in "${PROXIES[@]}"; do
+        has_proxy switchyard && [ "$name" != switchyard ] || continue
+        printf '%-33s %s\n' "switchyard/$name" "$(fmt "$(div "${PER[switchyard]}" "${PER[$name]}")" %.3f)"
+    done
 }
 
 # --- main --------------------------------------------------------------------------
