@@ -695,3 +695,24 @@ async fn reset_is_not_retried_for_bodies_unsafe_methods_or_without_retries() {
     );
     assert!(codes.contains(&502), "{codes:?}");
 }
+
+#[tokio::test]
+async fn unrequested_101_is_502_and_counted_as_a_failure() {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: other\r\nConnection: upgrade\r\n\r\n")
+                .await;
+        }
+    });
+    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    let got = fetch(proxy.addr, get("/")).await;
+    assert_eq!(got.status, 502);
+    let rt = proxy.runtime.load();
+    let stats = &rt.pools[0].members[0].backend.stats;
+    assert_eq!((stats.responses(1), stats.responses(5)), (0, 1));
+}

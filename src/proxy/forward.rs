@@ -79,30 +79,21 @@ impl Proxy {
                 if let Some(l) = &mut log {
                     l.pool = Some(pool.name.to_string());
                 }
-                forward(pool, req, client, &mut log, start).await
+                forward(pool, req, client, upgrade, &mut log, start).await
             }
         };
         let mut resp = match result {
             Ok((mut resp, conn, in_flight)) => {
+                // `forward` let a 101 through only for an upgrade request.
                 let is_101 = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-                headers::prepare_response(
-                    resp.headers_mut(),
-                    request_id.clone(),
-                    upgrade && is_101,
-                );
-                match (is_101, client_upgrade) {
-                    (true, Some(client_upgrade)) => {
+                headers::prepare_response(resp.headers_mut(), request_id.clone(), is_101);
+                match client_upgrade.filter(|_| is_101) {
+                    Some(client_upgrade) => {
                         let backend_upgrade = hyper::upgrade::on(&mut resp);
                         upgrade::splice(client_upgrade, backend_upgrade, in_flight);
                         resp.map(|_| ProxyBody::empty())
                     }
-                    (true, None) => {
-                        tracing::warn!(backend = %in_flight.backend().id, "backend switched protocols without an upgrade request");
-                        let mut r = ProxyError::BadUpgrade("unrequested 101").to_response();
-                        r.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
-                        r
-                    }
-                    (false, _) => resp.map(|b| ProxyBody::upstream(b, conn, in_flight)),
+                    None => resp.map(|b| ProxyBody::upstream(b, conn, in_flight)),
                 }
             }
             Err(e) => {
@@ -170,11 +161,13 @@ impl Replay {
 /// trying at most `retries` further backends, each once. A request moves on to the next
 /// backend when connecting fails (no request byte was sent), or, for a bodyless request
 /// with an idempotent method, when the connection is reset before any response byte.
-/// Sets or learns affinity cookies on the response.
+/// Sets or learns affinity cookies on the response. A 101 answer to a request that did
+/// not ask for an upgrade is a bad response (502).
 async fn forward(
     pool: &Pool,
     req: Request<Incoming>,
     client: ClientInfo,
+    upgrade: bool,
     log: &mut Option<Box<AccessRecord>>,
     start: Instant,
 ) -> Result<Forwarded, ProxyError> {
@@ -279,6 +272,15 @@ async fn forward(
         }
     };
     let backend = in_flight.backend();
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS && !upgrade {
+        tracing::warn!(pool = %pool.name, backend = %backend.id, "backend switched protocols without an upgrade request");
+        passive(pool, backend, false);
+        return Err(failed(
+            pool,
+            Some(backend),
+            ProxyError::BadUpgrade("unrequested 101"),
+        ));
+    }
     if log.is_some() || pool.metrics {
         let elapsed = start.elapsed();
         if let Some(l) = log {
