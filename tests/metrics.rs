@@ -24,6 +24,12 @@ fn sample(text: &str, series: &str) -> Option<f64> {
         .map(|v| v.trim().parse().unwrap())
 }
 
+/// Asserts that the sample `series` is present with value `want`.
+#[track_caller]
+fn assert_sample(text: &str, series: &str, want: f64) {
+    assert_eq!(sample(text, series), Some(want), "{series}");
+}
+
 #[tokio::test]
 async fn metrics_count_known_traffic() {
     let (a, b) = (named_backend("a").await, named_backend("b").await);
@@ -73,34 +79,26 @@ async fn metrics_count_known_traffic() {
     };
     assert_eq!(ok("a"), Some(5.0));
     assert_eq!(ok("b"), Some(5.0));
-    assert_eq!(
-        sample(
-            &text,
-            "switchyard_requests_total{backend=\"d\",code=\"5xx\",pool=\"gone\"}"
-        ),
-        Some(3.0)
+    assert_sample(
+        &text,
+        "switchyard_requests_total{backend=\"d\",code=\"5xx\",pool=\"gone\"}",
+        3.0,
     );
-    assert_eq!(
-        sample(
-            &text,
-            "switchyard_upstream_connect_errors_total{backend=\"d\",pool=\"gone\"}"
-        ),
-        Some(3.0)
+    assert_sample(
+        &text,
+        "switchyard_upstream_connect_errors_total{backend=\"d\",pool=\"gone\"}",
+        3.0,
     );
     // One keep-alive client: one upstream connection per backend, reused.
-    assert_eq!(
-        sample(
-            &text,
-            "switchyard_upstream_connections_opened_total{backend=\"a\",pool=\"web\"}"
-        ),
-        Some(1.0)
+    assert_sample(
+        &text,
+        "switchyard_upstream_connections_opened_total{backend=\"a\",pool=\"web\"}",
+        1.0,
     );
-    assert_eq!(
-        sample(
-            &text,
-            "switchyard_request_duration_seconds_count{backend=\"a\",pool=\"web\"}"
-        ),
-        Some(5.0)
+    assert_sample(
+        &text,
+        "switchyard_request_duration_seconds_count{backend=\"a\",pool=\"web\"}",
+        5.0,
     );
     assert!(text.contains(
         "switchyard_request_duration_seconds_bucket{backend=\"a\",pool=\"web\",le=\"0.0001\"}"
@@ -108,30 +106,27 @@ async fn metrics_count_known_traffic() {
     assert!(text.contains(
         "switchyard_request_duration_seconds_bucket{backend=\"a\",pool=\"web\",le=\"30\"}"
     ));
-    assert_eq!(
-        sample(&text, "switchyard_backend_up{backend=\"a\",pool=\"web\"}"),
-        Some(1.0)
+    assert_sample(
+        &text,
+        "switchyard_backend_up{backend=\"a\",pool=\"web\"}",
+        1.0,
     );
-    assert_eq!(
-        sample(
-            &text,
-            &format!(
-                "switchyard_downstream_connections_active{{listener=\"{}\"}}",
-                proxy.addr
-            )
+    assert_sample(
+        &text,
+        &format!(
+            "switchyard_downstream_connections_active{{listener=\"{}\"}}",
+            proxy.addr
         ),
-        Some(1.0)
+        1.0,
     );
-    assert_eq!(sample(&text, "switchyard_config_generation"), Some(1.0));
-    assert_eq!(
-        sample(
-            &text,
-            &format!(
-                "switchyard_build_info{{version=\"{}\"}}",
-                env!("CARGO_PKG_VERSION")
-            )
+    assert_sample(&text, "switchyard_config_generation", 1.0);
+    assert_sample(
+        &text,
+        &format!(
+            "switchyard_build_info{{version=\"{}\"}}",
+            env!("CARGO_PKG_VERSION")
         ),
-        Some(1.0)
+        1.0,
     );
 }
 
@@ -160,25 +155,22 @@ async fn counters_survive_reloads_and_removed_series_disappear_after_draining() 
         .unwrap()
         .unwrap();
     let text = scrape(&proxy).await;
-    assert_eq!(
-        sample(
-            &text,
-            "switchyard_requests_total{backend=\"a\",code=\"2xx\",pool=\"web\"}"
-        ),
-        Some(2.0)
+    assert_sample(
+        &text,
+        "switchyard_requests_total{backend=\"a\",code=\"2xx\",pool=\"web\"}",
+        2.0,
     );
-    assert_eq!(
-        sample(
-            &text,
-            "switchyard_affinity_total{outcome=\"new\",pool=\"web\"}"
-        ),
-        Some(4.0)
+    assert_sample(
+        &text,
+        "switchyard_affinity_total{outcome=\"new\",pool=\"web\"}",
+        4.0,
     );
-    assert_eq!(
-        sample(&text, "switchyard_config_reloads_total{result=\"success\"}"),
-        Some(1.0)
+    assert_sample(
+        &text,
+        "switchyard_config_reloads_total{result=\"success\"}",
+        1.0,
     );
-    assert_eq!(sample(&text, "switchyard_config_generation"), Some(2.0));
+    assert_sample(&text, "switchyard_config_generation", 2.0);
     // b left the config and drains: listed until it has drained.
     assert!(text.contains("backend=\"b\""));
     fetch(proxy.addr, get("/")).await;
@@ -193,12 +185,10 @@ async fn counters_survive_reloads_and_removed_series_disappear_after_draining() 
         !text.contains("backend=\"b\""),
         "b's series outlived its drain:\n{text}"
     );
-    assert_eq!(
-        sample(
-            &text,
-            "switchyard_requests_total{backend=\"a\",code=\"2xx\",pool=\"web\"}"
-        ),
-        Some(3.0)
+    assert_sample(
+        &text,
+        "switchyard_requests_total{backend=\"a\",code=\"2xx\",pool=\"web\"}",
+        3.0,
     );
     // A bad file counts as a failure.
     std::fs::write(&path, "[pools.web\n").unwrap();
@@ -239,16 +229,15 @@ async fn metrics_off_records_no_requests_and_a_reload_turns_them_on() {
         );
     }
     // What is not per-request stays.
-    assert_eq!(
-        sample(&text, "switchyard_backend_up{backend=\"a\",pool=\"web\"}"),
-        Some(1.0)
+    assert_sample(
+        &text,
+        "switchyard_backend_up{backend=\"a\",pool=\"web\"}",
+        1.0,
     );
-    assert_eq!(
-        sample(
-            &text,
-            "switchyard_upstream_connections_opened_total{backend=\"a\",pool=\"web\"}"
-        ),
-        Some(1.0)
+    assert_sample(
+        &text,
+        "switchyard_upstream_connections_opened_total{backend=\"a\",pool=\"web\"}",
+        1.0,
     );
 
     std::fs::write(&path, cfg(true)).unwrap();
@@ -261,25 +250,19 @@ async fn metrics_off_records_no_requests_and_a_reload_turns_them_on() {
         assert_eq!(fetch(proxy.addr, get("/")).await.status, 200);
     }
     let text = scrape(&proxy).await;
-    assert_eq!(
-        sample(
-            &text,
-            "switchyard_requests_total{backend=\"a\",code=\"2xx\",pool=\"web\"}"
-        ),
-        Some(2.0)
+    assert_sample(
+        &text,
+        "switchyard_requests_total{backend=\"a\",code=\"2xx\",pool=\"web\"}",
+        2.0,
     );
-    assert_eq!(
-        sample(
-            &text,
-            "switchyard_request_duration_seconds_count{backend=\"a\",pool=\"web\"}"
-        ),
-        Some(2.0)
+    assert_sample(
+        &text,
+        "switchyard_request_duration_seconds_count{backend=\"a\",pool=\"web\"}",
+        2.0,
     );
-    assert_eq!(
-        sample(
-            &text,
-            "switchyard_affinity_total{outcome=\"new\",pool=\"web\"}"
-        ),
-        Some(2.0)
+    assert_sample(
+        &text,
+        "switchyard_affinity_total{outcome=\"new\",pool=\"web\"}",
+        2.0,
     );
 }

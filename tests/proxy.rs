@@ -283,17 +283,23 @@ async fn unreachable_backend_is_502_and_dead_pool_is_503() {
     assert_eq!(fetch(proxy.addr, get("/")).await.status, 503);
 }
 
-#[tokio::test]
-async fn garbage_from_backend_is_502() {
+/// A backend that reads a request and answers `answer`, whatever was asked.
+async fn canned_backend(answer: &'static [u8]) -> std::net::SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let a = l.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
             let mut buf = [0u8; 1024];
             let _ = s.read(&mut buf).await;
-            let _ = s.write_all(b"this is not http\r\n\r\n").await;
+            let _ = s.write_all(answer).await;
         }
     });
+    a
+}
+
+#[tokio::test]
+async fn garbage_from_backend_is_502() {
+    let a = canned_backend(b"this is not http\r\n\r\n").await;
     let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
     assert_eq!(fetch(proxy.addr, get("/")).await.status, 502);
 }
@@ -621,6 +627,14 @@ async fn resetting_backend() -> (std::net::SocketAddr, Arc<std::sync::atomic::At
     (a, hits)
 }
 
+/// A round-robin pool of the resetting backend and a good one, with no outlier ejection,
+/// so that round robin alternates between them; `extra` adds pool keys.
+fn reset_pool(reset: std::net::SocketAddr, good: std::net::SocketAddr, extra: &str) -> String {
+    config(&format!(
+        "[pools.p]\n{extra}backends = [\"{reset}\", \"{good}\"]\n[pools.p.outlier]\nconsecutive_failures = 0\n"
+    ))
+}
+
 fn request(method: &str, body: &'static str) -> Request<Full<Bytes>> {
     Request::builder()
         .method(method)
@@ -634,10 +648,7 @@ fn request(method: &str, body: &'static str) -> Request<Full<Bytes>> {
 async fn idempotent_bodyless_request_moves_on_after_a_reset() {
     let (reset, resets) = resetting_backend().await;
     let (good, served) = counting_backend().await;
-    let proxy = TestProxy::start(&config(&format!(
-        "[pools.p]\nbackends = [\"{reset}\", \"{good}\"]\n[pools.p.outlier]\nconsecutive_failures = 0\n"
-    )))
-    .await;
+    let proxy = TestProxy::start(&reset_pool(reset, good, "")).await;
     let mut client = Client::connect(proxy.addr).await;
     for method in ["GET", "HEAD", "OPTIONS", "PUT", "DELETE"] {
         for _ in 0..4 {
@@ -654,10 +665,7 @@ async fn idempotent_bodyless_request_moves_on_after_a_reset() {
 async fn reset_is_not_retried_for_bodies_unsafe_methods_or_without_retries() {
     let (reset, resets) = resetting_backend().await;
     let (good, served) = counting_backend().await;
-    let proxy = TestProxy::start(&config(&format!(
-        "[pools.p]\nbackends = [\"{reset}\", \"{good}\"]\n[pools.p.outlier]\nconsecutive_failures = 0\n"
-    )))
-    .await;
+    let proxy = TestProxy::start(&reset_pool(reset, good, "")).await;
     let mut failed = 0;
     for (method, body) in [
         ("POST", ""),
@@ -680,10 +688,7 @@ async fn reset_is_not_retried_for_bodies_unsafe_methods_or_without_retries() {
     assert_eq!(failed + served.load(Ordering::SeqCst), 16);
     assert!(failed >= 8, "{failed}");
 
-    let proxy = TestProxy::start(&config(&format!(
-        "[pools.p]\nretries = 0\nbackends = [\"{reset}\", \"{good}\"]\n[pools.p.outlier]\nconsecutive_failures = 0\n"
-    )))
-    .await;
+    let proxy = TestProxy::start(&reset_pool(reset, good, "retries = 0\n")).await;
     let before = resets.load(Ordering::SeqCst);
     let mut codes = Vec::new();
     for _ in 0..6 {
@@ -698,17 +703,10 @@ async fn reset_is_not_retried_for_bodies_unsafe_methods_or_without_retries() {
 
 #[tokio::test]
 async fn unrequested_101_is_502_and_counted_as_a_failure() {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let a = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let mut buf = [0u8; 1024];
-            let _ = s.read(&mut buf).await;
-            let _ = s
-                .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: other\r\nConnection: upgrade\r\n\r\n")
-                .await;
-        }
-    });
+    let a = canned_backend(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: other\r\nConnection: upgrade\r\n\r\n",
+    )
+    .await;
     let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
     let got = fetch(proxy.addr, get("/")).await;
     assert_eq!(got.status, 502);
