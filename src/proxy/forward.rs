@@ -79,7 +79,9 @@ impl Proxy {
                 if let Some(l) = &mut log {
                     l.pool = Some(pool.name.to_string());
                 }
-                forward(pool, req, client, upgrade, &mut log, start).await
+                // Boxed: the forwarding future is large, and hyper moves the handler's
+                // future around; a box keeps those moves small.
+                Box::pin(forward(pool, req, client, upgrade, &mut log, start)).await
             }
         };
         let mut resp = match result {
@@ -210,8 +212,42 @@ async fn forward(
                 if let Some(l) = log {
                     l.backend = Some(backend.id.to_string());
                 }
-                match send(pool, conn, req, &in_flight).await {
-                    Ok((resp, tx)) => break Some(Ok((i, resp, tx, in_flight))),
+                let PooledConn { mut tx, mut reused } = conn;
+                let mut req = req;
+                let sent = loop {
+                    let sent =
+                        tokio::time::timeout(pool.response_timeout, tx.try_send_request(req)).await;
+                    match sent {
+                        Err(_) => {
+                            break Err(SendError::Other(ProxyError::Timeout(pool.response_timeout)))
+                        }
+                        Ok(Ok(resp)) => break Ok(resp),
+                        Ok(Err(mut e)) => match e.take_message() {
+                            // A reused keep-alive connection that turned out closed before
+                            // the request was written: once more on a fresh connection.
+                            Some(unsent) if reused => {
+                                tracing::debug!(backend = %backend.id, error = %e.error(), "stale keep-alive connection, reconnecting");
+                                req = unsent;
+                                reused = false;
+                                // Boxed for the same reason as in `ConnPool::checkout`.
+                                match Box::pin(backend.pool.connect()).await {
+                                    Ok(t) => tx = t,
+                                    Err(e) => break Err(SendError::Other(e.into())),
+                                }
+                            }
+                            _ => {
+                                let e = e.into_error();
+                                break Err(if is_reset(&e) {
+                                    SendError::Reset(e)
+                                } else {
+                                    SendError::Other(ProxyError::Upstream(e))
+                                });
+                            }
+                        },
+                    }
+                };
+                match sent {
+                    Ok(resp) => break Some(Ok((i, resp, tx, in_flight))),
                     Err(SendError::Reset(e)) if replay.is_some() => {
                         tracing::warn!(pool = %pool.name, backend = %backend.id, error = %e, "backend reset the connection before answering");
                         Failure::Reset(e)
@@ -367,44 +403,4 @@ fn is_reset(e: &hyper::Error) -> bool {
         source = s.source();
     }
     false
-}
-
-/// Sends on `conn`; if a reused keep-alive connection turns out closed before the
-/// request was written, sends once more on a fresh connection to the same backend.
-async fn send(
-    pool: &Pool,
-    conn: PooledConn,
-    req: Request<UpstreamBody>,
-    in_flight: &InFlight,
-) -> Result<(Response<Incoming>, Sender), SendError> {
-    let PooledConn { mut tx, mut reused } = conn;
-    let mut req = req;
-    loop {
-        let sent = tokio::time::timeout(pool.response_timeout, tx.try_send_request(req)).await;
-        match sent {
-            Err(_) => return Err(SendError::Other(ProxyError::Timeout(pool.response_timeout))),
-            Ok(Ok(resp)) => return Ok((resp, tx)),
-            Ok(Err(mut e)) => match e.take_message() {
-                Some(unsent) if reused => {
-                    tracing::debug!(backend = %in_flight.backend().id, error = %e.error(), "stale keep-alive connection, reconnecting");
-                    req = unsent;
-                    tx = in_flight
-                        .backend()
-                        .pool
-                        .connect()
-                        .await
-                        .map_err(|e| SendError::Other(e.into()))?;
-                    reused = false;
-                }
-                _ => {
-                    let e = e.into_error();
-                    return Err(if is_reset(&e) {
-                        SendError::Reset(e)
-                    } else {
-                        SendError::Other(ProxyError::Upstream(e))
-                    });
-                }
-            },
-        }
-    }
 }

@@ -117,7 +117,9 @@ impl ConnPool {
                 return Ok(PooledConn { tx, reused: true });
             }
         }
-        self.connect()
+        // Boxed: connecting is the cold path, and its future is large; inline, it would
+        // grow every request's future (and each move of it).
+        Box::pin(self.connect())
             .await
             .map(|tx| PooledConn { tx, reused: false })
     }
