@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use http::header::SET_COOKIE;
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
@@ -136,7 +136,9 @@ struct Replay {
     method: Method,
     uri: Uri,
     version: Version,
-    headers: HeaderMap,
+    /// Name and value pairs in order: cheaper to copy than a whole `HeaderMap`, and
+    /// turned back into one only in the rare event of a retry.
+    headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl Replay {
@@ -145,7 +147,11 @@ impl Replay {
             method: req.method().clone(),
             uri: req.uri().clone(),
             version: req.version(),
-            headers: req.headers().clone(),
+            headers: req
+                .headers()
+                .iter()
+                .map(|(n, v)| (n.clone(), v.clone()))
+                .collect(),
         })
     }
 
@@ -154,7 +160,11 @@ impl Replay {
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = self.uri.clone();
         *req.version_mut() = self.version;
-        *req.headers_mut() = self.headers.clone();
+        let headers = req.headers_mut();
+        headers.reserve(self.headers.len());
+        for (n, v) in &self.headers {
+            headers.append(n.clone(), v.clone());
+        }
         req
     }
 }
