@@ -59,7 +59,9 @@ impl Health {
     }
 
     pub fn is_ejected(&self) -> bool {
-        self.ejected_until_ms.load(Ordering::Relaxed) > clock_ms()
+        // Never ejected (the usual case): no need to read the clock.
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        until != 0 && until > clock_ms()
     }
 
     pub fn active_up(&self) -> bool {
