@@ -61,7 +61,8 @@ impl Proxy {
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let pool = rt.route(headers::request_host(&req), req.uri().path());
         let proto = if client.tls { "https" } else { "http" };
-        let request_id = headers::prepare_request(&mut req, client.addr.ip(), proto, upgrade);
+        let prepared = headers::prepare_request(&mut req, client.addr.ip(), proto, upgrade);
+        let request_id = prepared.request_id;
         let mut log = AccessRecord::new(
             rt.config.server.access_log,
             start,
@@ -70,10 +71,9 @@ impl Proxy {
             Some(&request_id),
         );
 
-        // Two Host headers could be read differently by the backend than by routing.
-        let hosts = req.headers().get_all(http::header::HOST).iter().count();
         let result = match pool {
-            _ if hosts > 1 => Err(ProxyError::BadRequest("more than one Host header")),
+            // Two Host headers could be read differently by the backend than by routing.
+            _ if prepared.several_hosts => Err(ProxyError::BadRequest("more than one Host header")),
             None => Err(ProxyError::NoRoute),
             Some(pool) => {
                 if let Some(l) = &mut log {

@@ -38,7 +38,7 @@ pub fn is_upgrade(headers: &HeaderMap, version: Version) -> bool {
         && connection_has(headers, "upgrade")
 }
 
-fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
     headers
         .get_all(header::CONNECTION)
         .iter()
@@ -46,7 +46,7 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 }
 
 fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    connection_tokens(headers).any(|t| t.eq_ignore_ascii_case(token))
+    connection_tokens(headers).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// Removes hop-by-hop fields. With `upgrade`, keeps `Upgrade` and sets
@@ -56,7 +56,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     // without them (most) cost no lookups.
     let mut present = 0u8;
     for name in headers.keys() {
-        if let Some(i) = hop_by_hop_index(name.as_str()) {
+        if let Some(i) = hop_by_hop_index(name.as_str().as_bytes()) {
             present |= 1 << i;
         }
     }
@@ -66,7 +66,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         // `Connection` names other fields too (hop-by-hop ones go below anyway).
         let named: Vec<HeaderName> = connection_tokens(headers)
             .filter(|t| !is_hop_by_hop(t))
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .filter_map(|t| HeaderName::from_bytes(t).ok())
             .collect();
         for name in named {
             headers.remove(&name);
@@ -85,35 +85,42 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 const CONNECTION_INDEX: usize = 0;
 
 /// The position of a (lowercase) field name in `HOP_BY_HOP`.
-fn hop_by_hop_index(name: &str) -> Option<usize> {
+fn hop_by_hop_index(name: &[u8]) -> Option<usize> {
     let i = match name {
-        "connection" => CONNECTION_INDEX,
-        "proxy-connection" => 1,
-        "keep-alive" => 2,
-        "te" => 3,
-        "transfer-encoding" => 4,
-        "upgrade" => 5,
+        b"connection" => CONNECTION_INDEX,
+        b"proxy-connection" => 1,
+        b"keep-alive" => 2,
+        b"te" => 3,
+        b"transfer-encoding" => 4,
+        b"upgrade" => 5,
         _ => return None,
     };
-    debug_assert_eq!(HOP_BY_HOP[i], name);
+    debug_assert_eq!(HOP_BY_HOP[i].as_str().as_bytes(), name);
     Some(i)
 }
 
-fn value_tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
-    value
-        .to_str()
-        .unwrap_or("")
-        .split(',')
-        .map(str::trim)
+/// The comma-separated tokens of a list-valued field, trimmed; none if the value is not
+/// visible ASCII.
+fn value_tokens(value: &HeaderValue) -> impl Iterator<Item = &[u8]> {
+    // Bytes, not `str::split`: several times cheaper, and this runs on most responses
+    // (`Connection: keep-alive`).
+    let bytes = if value.to_str().is_ok() {
+        value.as_bytes()
+    } else {
+        b""
+    };
+    bytes
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
         .filter(|t| !t.is_empty())
 }
 
-fn is_hop_by_hop(token: &str) -> bool {
+fn is_hop_by_hop(token: &[u8]) -> bool {
     // Tokens are mostly lowercase already: try the exact match first.
     hop_by_hop_index(token).is_some()
         || HOP_BY_HOP
             .iter()
-            .any(|h| token.eq_ignore_ascii_case(h.as_str()))
+            .any(|h| token.eq_ignore_ascii_case(h.as_str().as_bytes()))
 }
 
 /// The request's host: the `Host` header, else the URI authority (HTTP/2).
@@ -124,13 +131,22 @@ pub fn request_host<B>(req: &Request<B>) -> Option<&str> {
         .or_else(|| req.uri().authority().map(|a| a.as_str()))
 }
 
-/// Rewrites a downstream request for an HTTP/1.1 backend. Returns the request id.
+/// What [`prepare_request`] found out about a request.
+#[derive(Debug)]
+pub struct Prepared {
+    /// The request id, propagated or generated.
+    pub request_id: HeaderValue,
+    /// More than one `Host` header: the backend might read another one than routing did.
+    pub several_hosts: bool,
+}
+
+/// Rewrites a downstream request for an HTTP/1.1 backend.
 pub fn prepare_request<B>(
     req: &mut Request<B>,
     client: IpAddr,
     proto: &'static str,
     upgrade: bool,
-) -> HeaderValue {
+) -> Prepared {
     let authority = req
         .uri()
         .authority()
@@ -143,8 +159,11 @@ pub fn prepare_request<B>(
         // Content-Length that arrived beside Transfer-Encoding must not survive.
         headers.remove(header::CONTENT_LENGTH);
     }
-    let host = match headers.get(header::HOST) {
-        Some(host) => Some(host.clone()),
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let first_host = hosts.next().cloned();
+    let several_hosts = hosts.next().is_some();
+    let host = match first_host {
+        Some(host) => Some(host),
         None => authority.inspect(|a| {
             headers.insert(header::HOST, a.clone());
         }),
@@ -154,7 +173,7 @@ pub fn prepare_request<B>(
     }
     append_forwarded_for(headers, client);
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
-    let id = match headers.entry(&X_REQUEST_ID) {
+    let request_id = match headers.entry(&X_REQUEST_ID) {
         Entry::Occupied(e) if valid_request_id(e.get()) => e.get().clone(),
         Entry::Occupied(mut e) => {
             let id = new_request_id();
@@ -171,7 +190,10 @@ pub fn prepare_request<B>(
         }
     }
     *req.version_mut() = Version::HTTP_11;
-    id
+    Prepared {
+        request_id,
+        several_hosts,
+    }
 }
 
 /// Rewrites a backend response for the client.
@@ -252,11 +274,13 @@ fn valid_request_id(v: &HeaderValue) -> bool {
 /// 128 random bits as 32 lowercase hex digits.
 pub fn new_request_id() -> HeaderValue {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut n = fastrand::u128(..);
     let mut buf = [0u8; 32];
-    for b in buf.iter_mut().rev() {
-        *b = HEX[(n & 0xf) as usize];
-        n >>= 4;
+    for (pair, byte) in buf
+        .chunks_exact_mut(2)
+        .zip(fastrand::u128(..).to_be_bytes())
+    {
+        pair[0] = HEX[usize::from(byte >> 4)];
+        pair[1] = HEX[usize::from(byte & 0xf)];
     }
     // Owned by the `Bytes`: one allocation, and clones only count references.
     HeaderValue::from_maybe_shared(Bytes::from_owner(buf))
@@ -351,6 +375,10 @@ mod tests {
     fn request_ids_are_hex_and_distinct() {
         let a = new_request_id();
         assert_eq!(a.len(), 32);
+        assert!(a
+            .as_bytes()
+            .iter()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c)));
         assert_ne!(a, new_request_id());
         assert!(!valid_request_id(&HeaderValue::from_static("")));
         assert!(!valid_request_id(&HeaderValue::from_static("has space")));
