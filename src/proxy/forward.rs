@@ -1,6 +1,7 @@
 //! Forwarding one request: load the snapshot, route, walk the pool's candidates until a
 //! connection is had, send, and stream the response back.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -49,12 +50,15 @@ impl Proxy {
         &self.runtime
     }
 
+    /// Answers one request. Never fails: errors become error responses. The `Result`
+    /// and the owned `self` let this future serve as hyper's service future as it is,
+    /// without an async wrapper around it (every layer copies the whole future).
     pub async fn handle(
-        &self,
+        self,
         client: ClientInfo,
         active: Option<ActiveRequest>,
         mut req: Request<Incoming>,
-    ) -> Response<ProxyBody> {
+    ) -> Result<Response<ProxyBody>, Infallible> {
         let start = Instant::now();
         let rt = self.runtime.load_full();
         let upgrade = headers::is_upgrade(req.headers(), req.version());
@@ -115,7 +119,7 @@ impl Proxy {
         }
         let body = std::mem::replace(resp.body_mut(), ProxyBody::empty());
         *resp.body_mut() = body.with_log(log).with_active(active);
-        resp
+        Ok(resp)
     }
 }
 

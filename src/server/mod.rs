@@ -7,7 +7,6 @@
 
 pub mod idle;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -128,9 +127,8 @@ pub async fn serve(
         let proxy = proxy.clone();
         let svc_activity = activity.clone();
         let svc = service_fn(move |req| {
-            let proxy = proxy.clone();
             let active = svc_activity.begin(req.version());
-            async move { Ok::<_, Infallible>(proxy.handle(info, Some(active), req).await) }
+            proxy.clone().handle(info, Some(active), req)
         });
         let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
         let conn = graceful.watch(conn);
