@@ -108,12 +108,14 @@ impl ConnPool {
             if tx.is_closed() || since.elapsed() >= self.idle_timeout {
                 continue;
             }
-            // Bounded: a connection whose previous request is still uploading is not
-            // worth waiting for.
-            if matches!(
-                tokio::time::timeout(self.connect_timeout, tx.ready()).await,
-                Ok(Ok(()))
-            ) {
+            // Usually ready at once: then no timer is armed. Otherwise bounded: a
+            // connection whose previous request is still uploading is not worth waiting for.
+            if tx.is_ready()
+                || matches!(
+                    tokio::time::timeout(self.connect_timeout, tx.ready()).await,
+                    Ok(Ok(()))
+                )
+            {
                 return Ok(PooledConn { tx, reused: true });
             }
         }
