@@ -85,7 +85,7 @@ impl Proxy {
                 }
                 // Boxed: the forwarding future is large, and hyper moves the handler's
                 // future around; a box keeps those moves small.
-                Box::pin(forward(pool, req, client, upgrade, &mut log, start)).await
+                forward(pool, req, client, upgrade, &mut log, start).await
             }
         };
         let mut resp = match result {
