@@ -204,7 +204,7 @@ async fn forward(
     pool.state.earn_retry(pool.retry_budget);
     let budget = pool.retries as usize + 1;
     let replay = if budget > 1 { Replay::of(&req) } else { None };
-    let mut req = Some(req.map(Either::Left));
+    let mut pending = Some(req.map(Either::Left));
     let mut attempts = 0;
     let mut last_err: Option<(Failure, &Arc<Backend>)> = None;
     let result = loop {
@@ -220,50 +220,52 @@ async fn forward(
         let failure = match backend.pool.checkout().await {
             Ok(conn) => {
                 // Only a replayable request goes on after a send, so one is always here.
-                let Some(req) = req.take().or_else(|| replay.as_ref().map(Replay::request)) else {
+                let Some(req) = pending
+                    .take()
+                    .or_else(|| replay.as_ref().map(Replay::request))
+                else {
                     break Some(Err(()));
                 };
                 if let Some(l) = log {
                     l.backend = Some(backend.id.to_string());
                 }
+                // Inline rather than a function of its own: a nested future would grow
+                // this one, and every move of it.
                 let PooledConn { mut tx, mut reused } = conn;
                 let mut req = req;
                 let sent = loop {
                     let sent =
-                        tokio::time::timeout(pool.response_timeout, tx.try_send_request(req)).await;
-                    match sent {
-                        Err(_) => {
-                            break Err(SendError::Other(ProxyError::Timeout(pool.response_timeout)))
-                        }
+                        tokio::time::timeout(pool.response_timeout, tx.try_send_request(req));
+                    match sent.await {
+                        Err(_) => break Err(SendError::Timeout(pool.response_timeout)),
                         Ok(Ok(resp)) => break Ok(resp),
                         Ok(Err(mut e)) => match e.take_message() {
-                            // A reused keep-alive connection that turned out closed before
-                            // the request was written: once more on a fresh connection.
+                            // A reused keep-alive connection found closed before the
+                            // request was written: once more on a fresh connection.
                             Some(unsent) if reused => {
-                                tracing::debug!(backend = %backend.id, error = %e.error(), "stale keep-alive connection, reconnecting");
+                                stale(backend, e.error());
                                 req = unsent;
                                 reused = false;
                                 // Boxed for the same reason as in `ConnPool::checkout`.
                                 match Box::pin(backend.pool.connect()).await {
                                     Ok(t) => tx = t,
-                                    Err(e) => break Err(SendError::Other(e.into())),
+                                    Err(e) => break Err(SendError::Connect(e, Box::new(req))),
                                 }
                             }
-                            _ => {
-                                let e = e.into_error();
-                                break Err(if is_reset(&e) {
-                                    SendError::Reset(e)
-                                } else {
-                                    SendError::Other(ProxyError::Upstream(e))
-                                });
-                            }
+                            _ => break Err(SendError::of(e.into_error())),
                         },
                     }
                 };
                 match sent {
                     Ok(resp) => break Some(Ok((i, resp, tx, in_flight))),
+                    // Nothing was sent: the request can go elsewhere.
+                    Err(SendError::Connect(e, unsent)) => {
+                        pending = Some(*unsent);
+                        unreachable(pool, backend, e)
+                    }
                     Err(SendError::Reset(e)) if replay.is_some() => {
-                        tracing::warn!(pool = %pool.name, backend = %backend.id, error = %e, "backend reset the connection before answering");
+                        tracing::warn!(pool = %pool.name, backend = %backend.id, error = %e,
+                            "backend reset the connection before answering");
                         Failure::Reset(e)
                     }
                     Err(e) => {
@@ -277,11 +279,7 @@ async fn forward(
                     }
                 }
             }
-            Err(e) => {
-                tracing::warn!(pool = %pool.name, backend = %backend.id, error = %e, "backend unreachable");
-                backend.stats.count_connect_error();
-                Failure::Connect(e)
-            }
+            Err(e) => unreachable(pool, backend, e),
         };
         passive(pool, backend, false);
         last_err = Some((failure, backend));
@@ -383,18 +381,45 @@ fn failed(pool: &Pool, backend: Option<&Arc<Backend>>, e: ProxyError) -> ProxyEr
 
 /// Why sending on a connection failed.
 enum SendError {
+    /// A stale connection's replacement could not be opened; the request, unsent, is
+    /// given back.
+    Connect(UpstreamError, Box<Request<UpstreamBody>>),
     /// The connection closed or was reset before a response head arrived.
     Reset(hyper::Error),
-    Other(ProxyError),
+    /// Anything else the backend did wrong, such as an invalid response.
+    Upstream(hyper::Error),
+    Timeout(std::time::Duration),
+}
+
+impl SendError {
+    fn of(e: hyper::Error) -> Self {
+        if is_reset(&e) {
+            SendError::Reset(e)
+        } else {
+            SendError::Upstream(e)
+        }
+    }
 }
 
 impl From<SendError> for ProxyError {
     fn from(e: SendError) -> Self {
         match e {
-            SendError::Reset(e) => ProxyError::Upstream(e),
-            SendError::Other(e) => e,
+            SendError::Connect(e, _) => ProxyError::Connect(e),
+            SendError::Reset(e) | SendError::Upstream(e) => ProxyError::Upstream(e),
+            SendError::Timeout(after) => ProxyError::Timeout(after),
         }
     }
+}
+
+/// Logs and counts a backend that could not be connected to.
+fn unreachable(pool: &Pool, backend: &Backend, e: UpstreamError) -> Failure {
+    tracing::warn!(pool = %pool.name, backend = %backend.id, error = %e, "backend unreachable");
+    backend.stats.count_connect_error();
+    Failure::Connect(e)
+}
+
+fn stale(backend: &Backend, e: &hyper::Error) {
+    tracing::debug!(backend = %backend.id, error = %e, "stale keep-alive connection, reconnecting");
 }
 
 /// Whether `e` means the backend closed or reset the connection before its response
