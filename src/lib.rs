@@ -43,6 +43,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 use config::Config;
 use runtime::Runtime;
@@ -136,7 +137,9 @@ impl Server {
         let (stop_tx, stop_rx) = watch::channel(false);
         let limits = self.config.server.limits.clone();
         let conn_limit = Arc::new(Semaphore::new(limits.max_connections));
-        let proxy = proxy::Proxy::new(self.runtime.clone());
+        // Cancelled when the grace period is over: closes what is still open.
+        let close = CancellationToken::new();
+        let proxy = proxy::Proxy::new(self.runtime.clone(), close.clone());
         let admin_state = Arc::new(admin::AdminState {
             runtime: self.runtime.clone(),
             reloader: self.reloader.clone(),
@@ -165,6 +168,7 @@ impl Server {
                 limits.clone(),
                 conn_limit.clone(),
                 stop_rx.clone(),
+                close.clone(),
             )));
         }
         if let Some(l) = self.admin {
@@ -185,8 +189,21 @@ impl Server {
         for t in background {
             t.abort();
         }
-        for t in tasks {
-            let _ = t.await;
+        // Read now: the grace period may have been changed by a reload.
+        let grace = self.runtime.load().config.server.shutdown_grace;
+        let drained = async {
+            futures_util::future::join_all(tasks).await;
+            proxy.tunnels().closed().await;
+        };
+        tokio::pin!(drained);
+        if tokio::time::timeout(grace, &mut drained).await.is_err() {
+            tracing::warn!(
+                ?grace,
+                tunnels = proxy.tunnels().len(),
+                "shutdown grace period over; closing remaining connections"
+            );
+            close.cancel();
+            drained.await;
         }
         tracing::info!("stopped");
     }

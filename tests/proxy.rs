@@ -407,40 +407,149 @@ async fn large_bodies_stream_both_ways() {
     assert_eq!(got.body.len() as u64, BIG);
 }
 
-#[tokio::test]
-async fn websocket_echo_through_the_proxy() {
+/// A WebSocket echo backend.
+async fn ws_echo_backend() -> std::net::SocketAddr {
     use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::Message;
 
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let a = l.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((s, _)) = l.accept().await {
             tokio::spawn(async move {
-                let mut ws = tokio_tungstenite::accept_async(s).await.unwrap();
+                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else {
+                    return;
+                };
                 while let Some(Ok(m)) = ws.next().await {
-                    if m.is_text() || m.is_binary() {
-                        ws.send(m).await.unwrap();
+                    if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
+                        return;
                     }
                 }
             });
         }
     });
-    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
-    let (mut ws, resp) = tokio_tungstenite::connect_async(format!("ws://{}/chat", proxy.addr))
+    a
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+async fn ws_connect(addr: std::net::SocketAddr) -> Ws {
+    let (ws, resp) = tokio_tungstenite::connect_async(format!("ws://{addr}/chat"))
         .await
         .unwrap();
     assert_eq!(resp.status(), 101);
+    ws
+}
+
+/// Sends `text` and expects it back.
+async fn ws_echo(ws: &mut Ws, text: &str) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    ws.send(Message::text(text)).await.unwrap();
+    let m = tokio::time::timeout(LIMIT, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.into_text().unwrap().as_str(), text);
+}
+
+#[tokio::test]
+async fn websocket_echo_through_the_proxy() {
+    let a = ws_echo_backend().await;
+    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    let mut ws = ws_connect(proxy.addr).await;
     for i in 0..10 {
-        ws.send(Message::text(format!("hello {i}"))).await.unwrap();
-        let m = tokio::time::timeout(LIMIT, ws.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        assert_eq!(m.into_text().unwrap().as_str(), format!("hello {i}"));
+        ws_echo(&mut ws, &format!("hello {i}")).await;
     }
     ws.close(None).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_websocket_tunnel_keeps_its_connection_slot() {
+    let (a, web) = (ws_echo_backend().await, named_backend("web").await);
+    let proxy = TestProxy::start(&format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\n[server.limits]\nmax_connections = 1\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[routes]]\npath_prefix = \"/chat\"\npool = \"ws\"\n[[routes]]\npool = \"web\"\n\
+         [pools.ws]\nbackends = [\"{a}\"]\n[pools.web]\nbackends = [\"{web}\"]\n"
+    ))
+    .await;
+    let mut ws = ws_connect(proxy.addr).await;
+    ws_echo(&mut ws, "one").await;
+    // The tunnel is the one connection allowed: another client waits for its slot.
+    let addr = proxy.addr;
+    let mut waiting = tokio::spawn(async move { fetch(addr, get("/")).await });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut waiting)
+            .await
+            .is_err(),
+        "a second connection was served while the tunnel held the only slot"
+    );
+    ws_echo(&mut ws, "two").await;
+    ws.close(None).await.unwrap();
+    drop(ws);
+    let got = tokio::time::timeout(LIMIT, waiting)
+        .await
+        .expect("served once the tunnel closed")
+        .unwrap();
+    assert_eq!(got.status, 200);
+}
+
+#[tokio::test]
+async fn shutdown_closes_tunnels_when_the_grace_period_is_over() {
+    use futures_util::StreamExt;
+
+    let a = ws_echo_backend().await;
+    let mut proxy = TestProxy::start(&format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nshutdown_grace = \"1s\"\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n[pools.p]\nbackends = [\"{a}\"]\n"
+    ))
+    .await;
+    let mut ws = ws_connect(proxy.addr).await;
+    let stopped = proxy.shutdown();
+    // Within the grace period the tunnel goes on.
+    ws_echo(&mut ws, "still here").await;
+    tokio::time::timeout(LIMIT, stopped)
+        .await
+        .expect("the proxy stopped once the grace period was over")
+        .unwrap();
+    let end = tokio::time::timeout(LIMIT, ws.next())
+        .await
+        .expect("the tunnel was closed");
+    assert!(!matches!(&end, Some(Ok(m)) if m.is_text()), "{end:?}");
+}
+
+#[tokio::test]
+async fn shutdown_closes_connections_still_busy_when_the_grace_period_is_over() {
+    let (held_tx, mut held_rx) = mpsc::unbounded_channel();
+    let a = holding_backend("a", held_tx, Arc::new(Notify::new())).await;
+    let mut proxy = TestProxy::start(&format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nshutdown_grace = \"200ms\"\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n[pools.p]\nbackends = [\"{a}\"]\n"
+    ))
+    .await;
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    client
+        .write_all(b"GET /hold HTTP/1.1\r\nHost: test.local\r\n\r\n")
+        .await
+        .unwrap();
+    held_rx.recv().await.unwrap();
+    let stopped = proxy.shutdown();
+    tokio::time::timeout(LIMIT, stopped)
+        .await
+        .expect("the proxy stopped once the grace period was over")
+        .unwrap();
+    // The held request's connection was closed without an answer.
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(LIMIT, client.read_to_end(&mut buf))
+        .await
+        .expect("the connection was closed");
+    assert!(
+        n.is_err() || buf.is_empty(),
+        "{:?}",
+        String::from_utf8_lossy(&buf)
+    );
 }
 
 #[tokio::test]

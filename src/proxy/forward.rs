@@ -12,6 +12,7 @@ use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, 
 use http_body::Body;
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
+use tokio_util::sync::CancellationToken;
 
 use crate::access_log::AccessRecord;
 use crate::affinity::strip_cookie;
@@ -24,7 +25,7 @@ use crate::upstream::{Backend, InFlight, PooledConn, UpstreamError};
 use super::body::ProxyBody;
 use super::error::ProxyError;
 use super::headers::{self, X_REQUEST_ID};
-use super::upgrade;
+use super::upgrade::Tunnels;
 
 /// What the proxy knows of the client connection a request came on.
 #[derive(Debug, Clone, Copy)]
@@ -34,20 +35,37 @@ pub struct ClientInfo {
     pub tls: bool,
 }
 
-/// The request handler shared by every listener.
+/// The request handler shared by every listener; cheap to clone (one `Arc`).
 #[derive(Debug, Clone)]
 pub struct Proxy {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
     runtime: Arc<ArcSwap<Runtime>>,
+    tunnels: Tunnels,
 }
 
 impl Proxy {
-    pub fn new(runtime: Arc<ArcSwap<Runtime>>) -> Self {
-        Proxy { runtime }
+    /// A handler serving `runtime`'s snapshots; its tunnels end when `close` is cancelled.
+    pub fn new(runtime: Arc<ArcSwap<Runtime>>, close: CancellationToken) -> Self {
+        Proxy {
+            shared: Arc::new(Shared {
+                runtime,
+                tunnels: Tunnels::new(close),
+            }),
+        }
     }
 
     /// The live snapshot handle.
     pub fn runtime(&self) -> &Arc<ArcSwap<Runtime>> {
-        &self.runtime
+        &self.shared.runtime
+    }
+
+    /// The open upgraded connections.
+    pub fn tunnels(&self) -> &Tunnels {
+        &self.shared.tunnels
     }
 
     /// Answers one request. Never fails: errors become error responses. The `Result`
@@ -60,7 +78,7 @@ impl Proxy {
         mut req: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let start = Instant::now();
-        let rt = self.runtime.load_full();
+        let rt = self.shared.runtime.load_full();
         let upgrade = headers::is_upgrade(req.headers(), req.version());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let pool = rt.route(headers::request_host(&req), req.uri().path());
@@ -96,7 +114,9 @@ impl Proxy {
                 match client_upgrade.filter(|_| is_101) {
                     Some(client_upgrade) => {
                         let backend_upgrade = hyper::upgrade::on(&mut resp);
-                        upgrade::splice(client_upgrade, backend_upgrade, in_flight);
+                        self.shared
+                            .tunnels
+                            .splice(client_upgrade, backend_upgrade, in_flight);
                         resp.map(|_| ProxyBody::empty())
                     }
                     None => resp.map(|b| ProxyBody::upstream(b, conn, in_flight)),

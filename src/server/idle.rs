@@ -158,20 +158,27 @@ impl Drop for ActiveRequest {
     }
 }
 
-/// A socket that reports its traffic to an [`Activity`].
+/// A socket that reports its traffic to an [`Activity`], and holds `G` (the
+/// connection's slot and gauge) for as long as the socket lives, an upgraded tunnel's
+/// life included.
 #[derive(Debug)]
-pub struct TrackedIo<T> {
+pub struct TrackedIo<T, G> {
     inner: T,
     activity: Arc<Activity>,
+    _guard: G,
 }
 
-impl<T> TrackedIo<T> {
-    pub fn new(inner: T, activity: Arc<Activity>) -> Self {
-        TrackedIo { inner, activity }
+impl<T, G> TrackedIo<T, G> {
+    pub fn new(inner: T, activity: Arc<Activity>, guard: G) -> Self {
+        TrackedIo {
+            inner,
+            activity,
+            _guard: guard,
+        }
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for TrackedIo<T> {
+impl<T: AsyncRead + Unpin, G: Unpin> AsyncRead for TrackedIo<T, G> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -186,7 +193,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for TrackedIo<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
+impl<T: AsyncWrite + Unpin, G: Unpin> AsyncWrite for TrackedIo<T, G> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

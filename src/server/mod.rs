@@ -18,6 +18,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Limits;
 use crate::proxy::{ClientInfo, Proxy};
@@ -42,6 +43,7 @@ pub struct Listener {
 }
 
 /// Counts one open connection until dropped.
+#[derive(Debug)]
 struct Open(Arc<AtomicUsize>);
 
 impl Open {
@@ -88,13 +90,15 @@ pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 }
 
 /// Accepts and serves connections until `shutdown` turns true, then stops accepting and
-/// lets open connections finish their requests for at most `server.shutdown_grace`.
+/// returns once open connections have finished their requests (gracefully), or were
+/// closed by `close` (when the grace period is over).
 pub async fn serve(
     listener: Listener,
     proxy: Proxy,
     limits: Limits,
     conn_limit: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
+    close: CancellationToken,
 ) {
     let builder = Arc::new(http_builder(&limits));
     let graceful = GracefulShutdown::new();
@@ -120,9 +124,11 @@ pub async fn serve(
             _ = stopped(&mut shutdown) => break,
         };
         let _ = stream.set_nodelay(true);
-        let open = Open::new(&listener.active);
+        // The connection's slot and gauge go with the socket: an upgraded connection
+        // (WebSocket) keeps both until the tunnel closes.
+        let guard = (permit, Open::new(&listener.active));
         let activity = Activity::new();
-        let io = TokioIo::new(TrackedIo::new(stream, activity.clone()));
+        let io = TokioIo::new(TrackedIo::new(stream, activity.clone(), guard));
         let info = ClientInfo { addr: peer, tls };
         let proxy = proxy.clone();
         let svc_activity = activity.clone();
@@ -138,11 +144,10 @@ pub async fn serve(
             if let Err(e) = conn.await {
                 tracing::debug!(client = %peer, error = %e, "client connection error");
             }
-            drop(permit);
-            drop(open);
         });
-        // The timers watch from a task of their own: polled with the connection, they
-        // would be polled on every wake-up of it.
+        // The timers and the end of the grace period watch from a task of their own:
+        // polled with the connection, they would be polled on every wake-up of it.
+        let close = close.clone();
         tokio::spawn(async move {
             tokio::select! {
                 _ = &mut served => {}
@@ -150,21 +155,12 @@ pub async fn serve(
                     tracing::debug!(client = %peer, ?why, "closing client connection");
                     served.abort();
                 }
+                _ = close.cancelled() => served.abort(),
             }
         });
     }
     drop(listener);
-    // Read now: the grace period may have been changed by a reload.
-    let grace = proxy.runtime().load().config.server.shutdown_grace;
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            ?grace,
-            "shutdown grace period over; closing remaining connections"
-        );
-    }
+    graceful.shutdown().await;
 }
 
 /// Resolves once `rx` holds `true` (or its sender is gone).
