@@ -823,3 +823,44 @@ async fn unrequested_101_is_502_and_counted_as_a_failure() {
     let stats = &rt.pools[0].members[0].backend.stats;
     assert_eq!((stats.responses(1), stats.responses(5)), (0, 1));
 }
+
+/// An address whose listener never accepts and whose accept queue is full, so that a
+/// further connection attempt hangs (the kernel drops its SYN) instead of failing.
+async fn unanswering_addr() -> (
+    std::net::SocketAddr,
+    tokio::net::TcpListener,
+    Vec<TcpStream>,
+) {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let l = sock.listen(1).unwrap();
+    let a = l.local_addr().unwrap();
+    let mut held = Vec::new();
+    // Fill the queue: connections complete until it is full, then one hangs.
+    loop {
+        match tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(a)).await {
+            Ok(Ok(s)) => held.push(s),
+            Ok(Err(e)) => panic!("connect failed instead of hanging: {e}"),
+            Err(_) => break,
+        }
+        assert!(held.len() < 64, "the accept queue never filled");
+    }
+    (a, l, held)
+}
+
+#[tokio::test]
+async fn connect_timeout_is_enforced() {
+    let (hanging, _listener, _held) = unanswering_addr().await;
+    let proxy = TestProxy::start(&config(&format!(
+        "[pools.p]\nconnect_timeout = \"300ms\"\nretries = 0\nbackends = [\"{hanging}\"]\n"
+    )))
+    .await;
+    let started = std::time::Instant::now();
+    let got = tokio::time::timeout(LIMIT, fetch(proxy.addr, get("/")))
+        .await
+        .expect("answered within the connect timeout, not the kernel's");
+    // The pool's only backend could not be reached.
+    assert_eq!(got.status, 503);
+    // Not refused at once: the proxy waited for the connection as long as configured.
+    assert!(started.elapsed() >= Duration::from_millis(300));
+}
