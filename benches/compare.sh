@@ -67,6 +67,11 @@ HAPROXY_PORT=$((BASE_PORT + 3))
 SWITCHYARD_PORT=$((BASE_PORT + 4))
 NOMETRICS_PORT=$((BASE_PORT + 5))
 read -ra PROXIES <<<"${PROXIES:-nginx haproxy switchyard}"
+has_proxy() {
+    local p
+    for p in "${PROXIES[@]}"; do [ "$p" = "$1" ] && return 0; done
+    return 1
+}
 
 log() { echo "[compare] $*" >&2; }
 die() {
@@ -81,7 +86,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 need() { command -v "$1" >/dev/null 2>&1 || die "$1 not found (apt-get install -y $2)"; }
 need nginx nginx
-need haproxy haproxy
+if has_proxy haproxy; then need haproxy haproxy; fi
 need curl curl
 need taskset util-linux
 if [ "$MODE" = throughput ]; then
@@ -160,12 +165,6 @@ wait_ready() {
         fi
         sleep 0.1
     done
-    return 1
-}
-
-has_proxy() {
-    local p
-    for p in "${PROXIES[@]}"; do [ "$p" = "$1" ] && return 0; done
     return 1
 }
 
@@ -272,6 +271,8 @@ EOF
     # The same proxy with per-request metric recording off.
     sed -e "s/:$SWITCHYARD_PORT\"/:$NOMETRICS_PORT\"/" -e 's/^workers = 1$/workers = 1\nmetrics = false/' \
         "$TMP/switchyard/switchyard.toml" >"$TMP/switchyard-nometrics/switchyard.toml"
+    grep -q '^metrics = false$' "$TMP/switchyard-nometrics/switchyard.toml" ||
+        die "could not write the metrics-off configuration"
 }
 
 # --- starting processes --------------------------------------------------------
@@ -347,7 +348,7 @@ versions() {
     local sum rev
     sum=$(sha256sum "$SWITCHYARD_BIN" | cut -c1-12)
     rev=$(git -C "$REPO" describe --always --dirty 2>/dev/null || echo "?")
-    echo "versions: $(nginx -v 2>&1 | sed 's/.*: //'), haproxy $(haproxy -v | awk 'NR==1{print $3}'), $("$SWITCHYARD_BIN" --version 2>/dev/null || echo switchyard)$*"
+    echo "versions: $(nginx -v 2>&1 | sed 's/.*: //'), haproxy $( (haproxy -v 2>/dev/null || echo "? ? none") | awk 'NR==1{print $3}'), $("$SWITCHYARD_BIN" --version 2>/dev/null || echo switchyard)$*"
     echo "switchyard binary: $SWITCHYARD_BIN sha256 $sum, built $(date -u -r "$SWITCHYARD_BIN" '+%F %T UTC'), tree $rev"
 }
 

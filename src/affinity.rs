@@ -190,6 +190,11 @@ impl Plan {
         Ok(())
     }
 
+    /// Whether member `i` is the one the client's affinity points at.
+    pub fn is_pinned(&self, i: usize) -> bool {
+        self.pinned == Some(i)
+    }
+
     /// Whether the client must get a (new) sticky cookie for the backend that served it.
     pub fn issue_cookie(&self) -> bool {
         self.renew || !matches!(self.outcome, Some(Outcome::Hit))

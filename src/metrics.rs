@@ -68,6 +68,12 @@ pub fn render(
         "Failed attempts to connect to a backend.",
         &["pool", "backend"],
     )?;
+    let resets = counter_vec(
+        &r,
+        "switchyard_upstream_resets_total",
+        "Requests whose backend connection closed or was reset before a complete response head.",
+        &["pool", "backend"],
+    )?;
     let opened = counter_vec(
         &r,
         "switchyard_upstream_connections_opened_total",
@@ -159,6 +165,7 @@ pub fn render(
             connect_errors
                 .with_label_values(&labels)
                 .inc_by(b.stats.connect_errors());
+            resets.with_label_values(&labels).inc_by(b.stats.resets());
             opened
                 .with_label_values(&labels)
                 .inc_by(b.stats.connections_opened());

@@ -74,7 +74,7 @@ impl Proxy {
     pub async fn handle(
         self,
         client: ClientInfo,
-        active: Option<ActiveRequest>,
+        mut active: Option<ActiveRequest>,
         mut req: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let start = Instant::now();
@@ -101,8 +101,6 @@ impl Proxy {
                 if let Some(l) = &mut log {
                     l.pool = Some(pool.name.to_string());
                 }
-                // Boxed: the forwarding future is large, and hyper moves the handler's
-                // future around; a box keeps those moves small.
                 forward(pool, req, client, upgrade, &mut log, start).await
             }
         };
@@ -114,9 +112,13 @@ impl Proxy {
                 match client_upgrade.filter(|_| is_101) {
                     Some(client_upgrade) => {
                         let backend_upgrade = hyper::upgrade::on(&mut resp);
-                        self.shared
-                            .tunnels
-                            .splice(client_upgrade, backend_upgrade, in_flight);
+                        self.shared.tunnels.splice(
+                            client_upgrade,
+                            backend_upgrade,
+                            in_flight,
+                            active.take().map(ActiveRequest::into_tunnel),
+                            rt.config.server.limits.idle_timeout,
+                        );
                         resp.map(|_| ProxyBody::empty())
                     }
                     None => resp.map(|b| ProxyBody::upstream(b, conn, in_flight)),
@@ -144,15 +146,6 @@ impl Proxy {
 }
 
 type Forwarded = (Response<Incoming>, Sender, InFlight);
-
-/// Why the last candidate tried did not answer.
-enum Failure {
-    /// No connection could be had.
-    Connect(UpstreamError),
-    /// Connected and sent, then the connection closed or was reset before a response
-    /// head arrived.
-    Reset(hyper::Error),
-}
 
 /// The head of a bodyless request with an idempotent method, kept so that the request
 /// can be sent to another backend if one resets the connection before answering.
@@ -196,7 +189,8 @@ impl Replay {
 /// Sends `req` along the pool's plan: the client's affinity target first, then others,
 /// trying at most `retries` further backends, each once. A request moves on to the next
 /// backend when connecting fails (no request byte was sent), or, for a bodyless request
-/// with an idempotent method, when the connection is reset before any response byte.
+/// with an idempotent method, when the connection is reset before a complete response
+/// head (unless the backend is the client's pinned one).
 /// Sets or learns affinity cookies on the response. A 101 answer to a request that did
 /// not ask for an upgrade is a bad response (502).
 async fn forward(
@@ -223,10 +217,18 @@ async fn forward(
     }
     pool.state.earn_retry(pool.retry_budget);
     let budget = pool.retries as usize + 1;
-    let replay = if budget > 1 { Replay::of(&req) } else { None };
+    // A copy for a retry after a reset, only where a retry could go somewhere.
+    let replay = if budget > 1 && pool.members.len() > 1 {
+        Replay::of(&req)
+    } else {
+        None
+    };
     let mut pending = Some(req.map(Either::Left));
     let mut attempts = 0;
-    let mut last_err: Option<(Failure, &Arc<Backend>)> = None;
+    // The last backend that could not be reached, and the last that reset the
+    // connection after the request was sent.
+    let mut unreachable: Option<(UpstreamError, &Arc<Backend>)> = None;
+    let mut reset: Option<(hyper::Error, &Arc<Backend>)> = None;
     let result = loop {
         let Some(i) = plan.next(pool) else { break None };
         // Retries ran out, or the pool's retry budget is spent, while the pool still had
@@ -237,7 +239,7 @@ async fn forward(
         attempts += 1;
         let backend = &pool.members[i].backend;
         let in_flight = backend.start_request();
-        let failure = match backend.pool.checkout().await {
+        match backend.pool.checkout().await {
             Ok(conn) => {
                 // Only a replayable request goes on after a send, so one is always here.
                 let Some(req) = pending
@@ -272,21 +274,34 @@ async fn forward(
                                     Err(e) => break Err(SendError::Connect(e, Box::new(req))),
                                 }
                             }
-                            _ => break Err(SendError::of(e.into_error())),
+                            // Never written, on a fresh connection: nothing was sent.
+                            Some(unsent) => {
+                                let e = UpstreamError::Closed {
+                                    addr: backend.address.to_string(),
+                                    source: e.into_error(),
+                                };
+                                break Err(SendError::Connect(e, Box::new(unsent)));
+                            }
+                            None => break Err(SendError::of(e.into_error())),
                         },
                     }
                 };
+                if let Err(SendError::Reset(e)) = &sent {
+                    tracing::warn!(pool = %pool.name, backend = %backend.id, error = %e,
+                        "backend closed the connection before answering");
+                    backend.stats.count_reset();
+                }
                 match sent {
                     Ok(resp) => break Some(Ok((i, resp, tx, in_flight))),
                     // Nothing was sent: the request can go elsewhere.
                     Err(SendError::Connect(e, unsent)) => {
                         pending = Some(*unsent);
-                        unreachable(pool, backend, e)
+                        unreachable = Some((count_unreachable(pool, backend, e), backend));
                     }
-                    Err(SendError::Reset(e)) if replay.is_some() => {
-                        tracing::warn!(pool = %pool.name, backend = %backend.id, error = %e,
-                            "backend reset the connection before answering");
-                        Failure::Reset(e)
+                    // The backend that the client's affinity points at is up: a reset is
+                    // its failure to answer, not a reason to move the client elsewhere.
+                    Err(SendError::Reset(e)) if replay.is_some() && !plan.is_pinned(i) => {
+                        reset = Some((e, backend));
                     }
                     Err(e) => {
                         // Reset or silent after accepting the request: a failure for
@@ -299,10 +314,9 @@ async fn forward(
                     }
                 }
             }
-            Err(e) => unreachable(pool, backend, e),
-        };
+            Err(e) => unreachable = Some((count_unreachable(pool, backend, e), backend)),
+        }
         passive(pool, backend, false);
-        last_err = Some((failure, backend));
         if plan.failed(i).is_err() {
             pool.count_outcome(Outcome::Rejected);
             let e = ProxyError::Rejected {
@@ -314,25 +328,25 @@ async fn forward(
     if let Some(o) = plan.outcome {
         pool.count_outcome(o);
     }
-    let (i, mut resp, tx, in_flight) = match (result, last_err) {
-        (Some(Ok(r)), _) => r,
+    let (i, mut resp, tx, in_flight) = match (result, reset, unreachable) {
+        (Some(Ok(r)), _, _) => r,
+        // A backend was reached and failed to answer (502).
+        (_, Some((e, backend)), _) => {
+            return Err(failed(pool, Some(backend), ProxyError::Upstream(e)))
+        }
         // Every candidate of the pool was unreachable: the pool is unavailable (503).
-        (None, Some((Failure::Connect(last), backend))) => {
+        (None, None, Some((last, backend))) => {
             let e = ProxyError::AllUnreachable {
                 pool: pool.name.to_string(),
                 last,
             };
             return Err(failed(pool, Some(backend), e));
         }
-        // Only some were tried, as the retry budget allowed, or the last one reached
-        // failed to answer: the backend failed (502).
-        (_, Some((Failure::Connect(e), backend))) => {
+        // Only some were tried, as the retry budget allowed: the backend failed (502).
+        (_, None, Some((e, backend))) => {
             return Err(failed(pool, Some(backend), ProxyError::Connect(e)))
         }
-        (_, Some((Failure::Reset(e), backend))) => {
-            return Err(failed(pool, Some(backend), ProxyError::Upstream(e)))
-        }
-        (_, None) => {
+        (_, None, None) => {
             let e = ProxyError::NoBackend {
                 pool: pool.name.to_string(),
             };
@@ -401,8 +415,8 @@ fn failed(pool: &Pool, backend: Option<&Arc<Backend>>, e: ProxyError) -> ProxyEr
 
 /// Why sending on a connection failed.
 enum SendError {
-    /// A stale connection's replacement could not be opened; the request, unsent, is
-    /// given back.
+    /// The request was not sent: a stale connection's replacement could not be opened,
+    /// or a fresh connection closed first. The request is given back.
     Connect(UpstreamError, Box<Request<UpstreamBody>>),
     /// The connection closed or was reset before a response head arrived.
     Reset(hyper::Error),
@@ -432,10 +446,10 @@ impl From<SendError> for ProxyError {
 }
 
 /// Logs and counts a backend that could not be connected to.
-fn unreachable(pool: &Pool, backend: &Backend, e: UpstreamError) -> Failure {
+fn count_unreachable(pool: &Pool, backend: &Backend, e: UpstreamError) -> UpstreamError {
     tracing::warn!(pool = %pool.name, backend = %backend.id, error = %e, "backend unreachable");
     backend.stats.count_connect_error();
-    Failure::Connect(e)
+    e
 }
 
 fn stale(backend: &Backend, e: &hyper::Error) {

@@ -12,7 +12,8 @@
 //! hyper's own header timer is not used because it also runs while a keep-alive
 //! connection waits for its next request, which would cap keep-alive idling at the
 //! header timeout. HTTP/2 connections exchange control frames between requests, so for
-//! them only the idle rule applies once the first request arrived.
+//! them only the idle rule applies once the first request arrived. The same holds for a
+//! connection upgraded to a tunnel (WebSocket), which the tunnel's task watches.
 //!
 //! Nothing wakes the watchdog: it sleeps until the nearest deadline, but never longer
 //! than the shorter of the two timeouts. Any deadline that an event could set from now
@@ -44,8 +45,9 @@ pub struct Activity {
     head_started_ms: AtomicU64,
     /// Requests whose response is not over yet.
     active: AtomicUsize,
-    /// The connection speaks HTTP/2.
-    multiplexed: AtomicBool,
+    /// Only the idle rule applies: the connection speaks HTTP/2, or was upgraded to a
+    /// tunnel.
+    idle_rule_only: AtomicBool,
 }
 
 /// Which limit closed a connection.
@@ -62,7 +64,7 @@ impl Activity {
             last_io_ms: AtomicU64::new(0),
             head_started_ms: AtomicU64::new(NONE),
             active: AtomicUsize::new(0),
-            multiplexed: AtomicBool::new(false),
+            idle_rule_only: AtomicBool::new(false),
         })
     }
 
@@ -96,7 +98,7 @@ impl Activity {
         self.active.fetch_add(1, Ordering::Relaxed);
         self.head_started_ms.store(NONE, Ordering::Relaxed);
         if version == http::Version::HTTP_2 {
-            self.multiplexed.store(true, Ordering::Relaxed);
+            self.idle_rule_only.store(true, Ordering::Relaxed);
         }
         ActiveRequest(self.clone())
     }
@@ -131,7 +133,7 @@ impl Activity {
         }
         let head = self.head_started_ms.load(Ordering::Relaxed);
         Some(
-            if head != NONE && !self.multiplexed.load(Ordering::Relaxed) {
+            if head != NONE && !self.idle_rule_only.load(Ordering::Relaxed) {
                 (head.saturating_add(header_ms), Expiry::HeaderRead)
             } else {
                 (
@@ -148,6 +150,15 @@ impl Activity {
 /// Holds a connection busy while a response is under way.
 #[derive(Debug)]
 pub struct ActiveRequest(Arc<Activity>);
+
+impl ActiveRequest {
+    /// Ends the request whose connection becomes a tunnel: from now on only the idle rule
+    /// applies to it, watched through the returned activity.
+    pub fn into_tunnel(self) -> Arc<Activity> {
+        self.0.idle_rule_only.store(true, Ordering::Relaxed);
+        self.0.clone()
+    }
+}
 
 impl Drop for ActiveRequest {
     fn drop(&mut self) {

@@ -37,6 +37,8 @@ pub enum UpstreamError {
     ConnectTimeout { addr: String, after: Duration },
     #[error("HTTP/1.1 handshake with {addr} failed: {source}")]
     Handshake { addr: String, source: hyper::Error },
+    #[error("connection to {addr} closed before the request was sent: {source}")]
+    Closed { addr: String, source: hyper::Error },
 }
 
 #[derive(Debug)]

@@ -23,6 +23,8 @@ pub struct BackendStats {
     /// Time until the response headers, labelled with pool and backend.
     pub duration: Histogram,
     connect_errors: AtomicU64,
+    /// Connections the backend closed or reset before a complete response head.
+    resets: AtomicU64,
     connections_opened: AtomicU64,
 }
 
@@ -39,6 +41,7 @@ impl BackendStats {
             responses: Default::default(),
             duration: Histogram::with_opts(opts).expect("valid histogram options"),
             connect_errors: AtomicU64::new(0),
+            resets: AtomicU64::new(0),
             connections_opened: AtomicU64::new(0),
         }
     }
@@ -63,6 +66,14 @@ impl BackendStats {
 
     pub fn connect_errors(&self) -> u64 {
         self.connect_errors.load(Ordering::Relaxed)
+    }
+
+    pub fn count_reset(&self) {
+        self.resets.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn resets(&self) -> u64 {
+        self.resets.load(Ordering::Relaxed)
     }
 
     pub fn count_connection_opened(&self) {
