@@ -73,18 +73,12 @@ has_proxy() {
     return 1
 }
 
-log() { echo "[compare] $*" >&2; }
-die() {
-    echo "[compare] error: $*" >&2
-    exit 1
-}
-
+BENCH=compare
 # shellcheck source=benches/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # --- prerequisites -----------------------------------------------------------
 
-need() { command -v "$1" >/dev/null 2>&1 || die "$1 not found (apt-get install -y $2)"; }
 need nginx nginx
 if has_proxy haproxy; then need haproxy haproxy; fi
 need curl curl

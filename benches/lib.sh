@@ -1,6 +1,15 @@
 # Shared by benches/compare.sh and benches/reload_load.sh; sourced, not run.
-# The sourcing script defines log() (used by cleanup) and KEEP_TMP before calling
-# bench_bookkeeping.
+# The sourcing script sets BENCH (its name, for messages) before sourcing, and KEEP_TMP
+# before calling bench_bookkeeping.
+
+log() { echo "[$BENCH] $*" >&2; }
+die() {
+    echo "[$BENCH] error: $*" >&2
+    exit 1
+}
+
+# Dies unless command $1 exists; $2 names the Debian package that has it.
+need() { command -v "$1" >/dev/null 2>&1 || die "$1 not found (apt-get install -y $2)"; }
 
 # --- process bookkeeping -------------------------------------------------------
 

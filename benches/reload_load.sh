@@ -64,16 +64,10 @@ export RUST_LOG=${RUST_LOG:-warn}
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
-log() { echo "[reload_load] $*" >&2; }
-die() {
-    echo "[reload_load] error: $*" >&2
-    exit 1
-}
-
+BENCH=reload_load
 # shellcheck source=benches/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-need() { command -v "$1" >/dev/null 2>&1 || die "$1 not found (apt-get install -y $2)"; }
 need wrk wrk
 need curl curl
 need jq jq

@@ -233,11 +233,7 @@ async fn a_backend_added_by_reload_starts_slowly() {
     }
     assert_eq!((seen["a"], seen["b"]), (50, 50));
     std::fs::write(&path, cfg(&[("a", a), ("b", b), ("c", c)])).unwrap();
-    let r = reloader.clone();
-    tokio::task::spawn_blocking(move || r.reload())
-        .await
-        .unwrap()
-        .unwrap();
+    reloader.reload_async().await.unwrap();
     let mut seen = HashMap::<String, usize>::new();
     for _ in 0..300 {
         *seen
@@ -260,11 +256,7 @@ async fn switching_checks_off_forgets_their_verdict() {
     let (proxy, reloader) = TestProxy::start_file(&path).await;
     wait_health(&proxy, "b", false).await;
     std::fs::write(&path, pool(&[("a", a), ("b", b)], "")).unwrap();
-    let r = reloader.clone();
-    tokio::task::spawn_blocking(move || r.reload())
-        .await
-        .unwrap()
-        .unwrap();
+    reloader.reload_async().await.unwrap();
     let s = status(&proxy).await;
     assert_eq!(s["pools"][0]["backends"][1]["healthy"], true, "{s}");
 }

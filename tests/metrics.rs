@@ -149,11 +149,7 @@ async fn counters_survive_reloads_and_removed_series_disappear_after_draining() 
     }
     // Same id a, new address (b's): the counters stay.
     std::fs::write(&path, cfg(&format!("{{ address = \"{b}\", id = \"a\" }}"))).unwrap();
-    let r = reloader.clone();
-    tokio::task::spawn_blocking(move || r.reload())
-        .await
-        .unwrap()
-        .unwrap();
+    reloader.reload_async().await.unwrap();
     let text = scrape(&proxy).await;
     assert_sample(
         &text,
@@ -192,11 +188,7 @@ async fn counters_survive_reloads_and_removed_series_disappear_after_draining() 
     );
     // A bad file counts as a failure.
     std::fs::write(&path, "[pools.web\n").unwrap();
-    let r = reloader.clone();
-    assert!(tokio::task::spawn_blocking(move || r.reload())
-        .await
-        .unwrap()
-        .is_err());
+    assert!(reloader.reload_async().await.is_err());
     let text = scrape(&proxy).await;
     assert!(sample(&text, "switchyard_config_reloads_total{result=\"failure\"}").unwrap() >= 1.0);
 }
@@ -241,11 +233,7 @@ async fn metrics_off_records_no_requests_and_a_reload_turns_them_on() {
     );
 
     std::fs::write(&path, cfg(true)).unwrap();
-    let r = reloader.clone();
-    tokio::task::spawn_blocking(move || r.reload())
-        .await
-        .unwrap()
-        .unwrap();
+    reloader.reload_async().await.unwrap();
     for _ in 0..2 {
         assert_eq!(fetch(proxy.addr, get("/")).await.status, 200);
     }

@@ -503,11 +503,7 @@ async fn a_thousand_reloads_leave_nothing_behind() {
     for i in 1..=1000 {
         old.push(Arc::downgrade(&proxy.runtime.load_full()));
         write(&path, &cfg(i));
-        let r = reloader.clone();
-        tokio::task::spawn_blocking(move || r.reload())
-            .await
-            .unwrap()
-            .unwrap();
+        reloader.reload_async().await.unwrap();
         if i % 100 == 0 {
             assert_eq!(client.get("/").await.status, 200);
         }
