@@ -202,12 +202,30 @@ pub fn prepare_response(headers: &mut HeaderMap, request_id: HeaderValue, upgrad
     headers.insert(X_REQUEST_ID.clone(), request_id);
 }
 
+/// An IP address as text, owned by a `Bytes` so that copies of the header value only
+/// count references.
+struct IpText {
+    buf: [u8; MAX_IP_TEXT],
+    len: usize,
+}
+
+impl AsRef<[u8]> for IpText {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
 fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
     let mut buf = [0u8; MAX_IP_TEXT];
     let ip = write_ip(client, &mut buf);
     match headers.entry(&X_FORWARDED_FOR) {
         Entry::Vacant(e) => {
-            e.insert(HeaderValue::from_bytes(ip).expect("an IP address is a valid header value"));
+            let len = ip.len();
+            let text = Bytes::from_owner(IpText { buf, len });
+            e.insert(
+                HeaderValue::from_maybe_shared(text)
+                    .expect("an IP address is a valid header value"),
+            );
         }
         Entry::Occupied(mut e) => {
             let mut joined = Vec::new();
