@@ -203,7 +203,8 @@ pub fn prepare_response(headers: &mut HeaderMap, request_id: HeaderValue, upgrad
 }
 
 /// An IP address as text, owned by a `Bytes` so that copies of the header value only
-/// count references.
+/// count references (a `Bytes` made from a copied slice or a `Vec` allocates again on
+/// its first clone).
 struct IpText {
     buf: [u8; MAX_IP_TEXT],
     len: usize,
@@ -234,7 +235,7 @@ fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
                 joined.extend_from_slice(b", ");
             }
             joined.extend_from_slice(ip);
-            if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(joined)) {
+            if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from_owner(joined)) {
                 e.insert(v);
             }
         }
