@@ -36,12 +36,8 @@ impl Tunnels {
     }
 
     /// How many tunnels are open.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.tracker.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.tracker.is_empty()
     }
 
     /// Splices the two upgraded connections in a task of its own. The backend stays
