@@ -6,6 +6,9 @@
 #   benches/compare.sh callgrind   user-space instructions per request (valgrind)
 #   PROXIES="switchyard switchyard-nometrics" benches/compare.sh [callgrind]
 #                                  the cost of recording metrics (server.metrics)
+#   SWITCHYARD_BASE_BIN=/path/to/old/switchyard PROXIES="switchyard switchyard-base" \
+#       benches/compare.sh [callgrind]
+#                                  a change against an earlier build, paired per round
 #
 # Throughput mode: each proxy runs with one worker, pinned alone on PROXY_CPU; wrk and
 # the backends share LOAD_CPU. Runs are interleaved (nginx, haproxy, switchyard, then
@@ -19,12 +22,14 @@
 #
 # Environment (defaults in brackets):
 #   ROUNDS [3]  DURATION [10s]  WARMUP [1s, 0 = none]  CONNS [64]
-#   PROXY_CPU [1]  LOAD_CPU [0]  BASE_PORT [18001]  (uses BASE_PORT .. BASE_PORT+5)
+#   PROXY_CPU [1]  LOAD_CPU [0]  BASE_PORT [18001]  (uses BASE_PORT .. BASE_PORT+6)
 #   CG_BASE [2000]  CG_N [12000]  CG_CONNS [8]
 #   SWITCHYARD_BIN [target/release/switchyard, built if missing]
 #   KEEP_TMP [0]  (1 = keep configs, logs and callgrind files)
-#   PROXIES ["nginx haproxy switchyard"]  any of those and switchyard-nometrics
-#   (switchyard with server.metrics = false); ratios need switchyard in the list
+#   PROXIES ["nginx haproxy switchyard"]  any of those, switchyard-nometrics
+#   (switchyard with server.metrics = false) and switchyard-base (SWITCHYARD_BASE_BIN
+#   with switchyard's configuration); ratios need switchyard in the list
+#   SWITCHYARD_BASE_BIN  the build switchyard-base runs
 #
 # Needs: nginx, haproxy, wrk, curl, taskset, python3 (callgrind client), valgrind.
 # Start/stop is self-contained: temp prefixes and configs, no system services touched.
@@ -35,7 +40,7 @@ MODE=${1:-throughput}
 case "$MODE" in
 throughput | callgrind) ;;
 -h | --help | help)
-    sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
     ;;
 *)
@@ -66,6 +71,7 @@ NGINX_PORT=$((BASE_PORT + 2))
 HAPROXY_PORT=$((BASE_PORT + 3))
 SWITCHYARD_PORT=$((BASE_PORT + 4))
 NOMETRICS_PORT=$((BASE_PORT + 5))
+BASELINE_PORT=$((BASE_PORT + 6))
 read -ra PROXIES <<<"${PROXIES:-nginx haproxy switchyard}"
 has_proxy() {
     local p
@@ -95,6 +101,7 @@ fi
 for p in "${PROXIES[@]}"; do
     case $p in
     nginx | haproxy | switchyard | switchyard-nometrics) ;;
+    switchyard-base) [ -x "${SWITCHYARD_BASE_BIN:-}" ] || die "switchyard-base needs SWITCHYARD_BASE_BIN, an executable" ;;
     *) die "unknown proxy in PROXIES: $p" ;;
     esac
 done
@@ -122,7 +129,7 @@ port_in_use() {
         (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
     fi
 }
-for p in "$BACKEND1_PORT" "$BACKEND2_PORT" "$NGINX_PORT" "$HAPROXY_PORT" "$SWITCHYARD_PORT" "$NOMETRICS_PORT"; do
+for p in "$BACKEND1_PORT" "$BACKEND2_PORT" "$NGINX_PORT" "$HAPROXY_PORT" "$SWITCHYARD_PORT" "$NOMETRICS_PORT" "$BASELINE_PORT"; do
     ! port_in_use "$p" || die "port $p is already in use (set BASE_PORT to use other ports)"
 done
 
@@ -165,7 +172,7 @@ wait_ready() {
 # --- configs -----------------------------------------------------------------
 
 write_configs() {
-    mkdir -p "$TMP/backend/logs" "$TMP/nginx/logs" "$TMP/haproxy" "$TMP/switchyard" "$TMP/switchyard-nometrics"
+    mkdir -p "$TMP/backend/logs" "$TMP/nginx/logs" "$TMP/haproxy" "$TMP/switchyard" "$TMP/switchyard-nometrics" "$TMP/switchyard-base"
 
     # nginx needs writable temp paths inside its prefix; these keep it off /var/lib/nginx.
     local temps='client_body_temp_path temp/body; proxy_temp_path temp/proxy;
@@ -267,6 +274,9 @@ EOF
         "$TMP/switchyard/switchyard.toml" >"$TMP/switchyard-nometrics/switchyard.toml"
     grep -q '^metrics = false$' "$TMP/switchyard-nometrics/switchyard.toml" ||
         die "could not write the metrics-off configuration"
+    # The same configuration for the earlier build.
+    sed -e "s/:$SWITCHYARD_PORT\"/:$BASELINE_PORT\"/" \
+        "$TMP/switchyard/switchyard.toml" >"$TMP/switchyard-base/switchyard.toml"
 }
 
 # --- starting processes --------------------------------------------------------
@@ -290,6 +300,7 @@ proxy_port() {
     haproxy) echo "$HAPROXY_PORT" ;;
     switchyard) echo "$SWITCHYARD_PORT" ;;
     switchyard-nometrics) echo "$NOMETRICS_PORT" ;;
+    switchyard-base) echo "$BASELINE_PORT" ;;
     esac
 }
 
@@ -299,6 +310,7 @@ proxy_cmd() {
     nginx) PROXY_CMD=(nginx -p "$TMP/nginx/" -e "$TMP/nginx/logs/error.log" -c "$TMP/nginx/nginx.conf") ;;
     haproxy) PROXY_CMD=(haproxy -db -f "$TMP/haproxy/haproxy.cfg") ;;
     switchyard | switchyard-nometrics) PROXY_CMD=("$SWITCHYARD_BIN" --config "$TMP/$1/switchyard.toml") ;;
+    switchyard-base) PROXY_CMD=("$SWITCHYARD_BASE_BIN" --config "$TMP/$1/switchyard.toml") ;;
     esac
 }
 
@@ -344,6 +356,9 @@ versions() {
     rev=$(git -C "$REPO" describe --always --dirty 2>/dev/null || echo "?")
     echo "versions: $(nginx -v 2>&1 | sed 's/.*: //'), haproxy $( (haproxy -v 2>/dev/null || echo "? ? none") | awk 'NR==1{print $3}'), $("$SWITCHYARD_BIN" --version 2>/dev/null || echo switchyard)$*"
     echo "switchyard binary: $SWITCHYARD_BIN sha256 $sum, built $(date -u -r "$SWITCHYARD_BIN" '+%F %T UTC'), tree $rev"
+    if has_proxy switchyard-base; then
+        echo "switchyard-base binary: $SWITCHYARD_BASE_BIN sha256 $(sha256sum "$SWITCHYARD_BASE_BIN" | cut -c1-12)"
+    fi
 }
 
 # --- throughput mode ------------------------------------------------------------

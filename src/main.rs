@@ -93,11 +93,17 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs `f` on a multi-threaded runtime with `workers` threads (0 = one per core).
+/// Runs `f` on a runtime with `workers` threads (0 = one per core). One worker means
+/// the single-threaded scheduler: every task runs on the thread that polls the sockets,
+/// with no cross-thread wake-ups or work-stealing queues.
 fn block_on(workers: usize, f: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
+    let mut b = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
     b.enable_all();
-    if workers > 0 {
+    if workers > 1 {
         b.worker_threads(workers);
     }
     let result = match b.build() {
