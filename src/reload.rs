@@ -66,6 +66,9 @@ pub struct Reloader {
     path: Option<PathBuf>,
     runtime: Arc<ArcSwap<Runtime>>,
     /// Held for the whole of a reload, so reloads never interleave.
+    serial: Mutex<()>,
+    /// Held only to read or write it: `/status` reads it, and must not wait for a
+    /// reload that is building hash tables.
     last: Mutex<Option<LastReload>>,
     pub successes: AtomicU64,
     pub failures: AtomicU64,
@@ -83,6 +86,7 @@ impl Reloader {
         Reloader {
             path,
             runtime,
+            serial: Mutex::new(()),
             last: Mutex::new(None),
             successes: AtomicU64::new(0),
             failures: AtomicU64::new(0),
@@ -102,17 +106,21 @@ impl Reloader {
     }
 
     pub fn last(&self) -> Option<LastReload> {
-        self.lock().clone()
+        lock(&self.last).clone()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<LastReload>> {
-        self.last.lock().unwrap_or_else(|e| e.into_inner())
+    fn set_last(&self, ok: bool, error: Option<String>) {
+        *lock(&self.last) = Some(LastReload {
+            at_unix: unix_now(),
+            ok,
+            error,
+        });
     }
 
     /// Reloads the file now. Blocking (file I/O, building hash tables): call it from a
     /// blocking context, e.g. [`reload_async`](Self::reload_async).
     pub fn reload(&self) -> Result<Applied, ReloadError> {
-        let mut last = self.lock();
+        let _serial = lock(&self.serial);
         self.attempts.fetch_add(1, Ordering::Relaxed);
         let result = self.try_reload();
         match &result {
@@ -120,20 +128,12 @@ impl Reloader {
             Ok(Applied::Swapped { .. }) => {
                 self.successes.fetch_add(1, Ordering::Relaxed);
                 self.last_success_unix.store(unix_now(), Ordering::Relaxed);
-                *last = Some(LastReload {
-                    at_unix: unix_now(),
-                    ok: true,
-                    error: None,
-                });
+                self.set_last(true, None);
             }
             Err(e) => {
                 self.failures.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %e, "configuration reload failed; the running configuration stays");
-                *last = Some(LastReload {
-                    at_unix: unix_now(),
-                    ok: false,
-                    error: Some(e.to_string()),
-                });
+                self.set_last(false, Some(e.to_string()));
             }
         }
         result
@@ -170,7 +170,7 @@ impl Reloader {
     /// Rebuilds the snapshot from the running configuration, to drop backends that
     /// finished draining after they left the config.
     pub fn compact(&self) {
-        let _guard = self.lock();
+        let _serial = lock(&self.serial);
         let old = self.runtime.load_full();
         if old.has_drained_removals() {
             let next = Runtime::build((*old.config).clone(), old.generation, Some(&old));
@@ -178,6 +178,11 @@ impl Reloader {
             tracing::debug!("dropped backends that finished draining");
         }
     }
+}
+
+/// A panic while holding either lock cannot leave its value inconsistent.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Keys that cannot change without a restart: the sockets and runtime they shape exist
