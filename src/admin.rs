@@ -86,7 +86,15 @@ async fn handle(state: &Arc<AdminState>, req: Request<Incoming>) -> Response<Ful
         (_, "/reload") => text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/metrics") => {
-            match crate::metrics::render(&state.runtime.load(), &state.reloader, &state.listeners) {
+            // Rendering takes milliseconds with many backends: off the threads that
+            // serve traffic (with one worker there is only one).
+            let s = state.clone();
+            let rendered = tokio::task::spawn_blocking(move || {
+                crate::metrics::render(&s.runtime.load(), &s.reloader, &s.listeners)
+            })
+            .await
+            .unwrap_or_else(|e| Err(prometheus::Error::Msg(format!("rendering stopped: {e}"))));
+            match rendered {
                 Ok(body) => {
                     let mut r = Response::new(Full::new(Bytes::from(body)));
                     r.headers_mut().insert(
