@@ -185,8 +185,9 @@ fn main() -> anyhow::Result<()> {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let accept = async {
             loop {
+                // Out of descriptors or similar: stop rather than spin.
                 let Ok((stream, peer)) = listener.accept().await else {
-                    continue;
+                    return;
                 };
                 let _ = stream.set_nodelay(true);
                 let shared = shared.clone();

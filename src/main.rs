@@ -95,7 +95,8 @@ fn main() -> ExitCode {
 
 /// Runs `f` on a runtime with `workers` threads (0 = one per core). One worker means
 /// the single-threaded scheduler: every task runs on the thread that polls the sockets,
-/// with no cross-thread wake-ups or work-stealing queues.
+/// with no cross-thread wake-ups or work-stealing queues. Blocking work (reloads,
+/// rendering metrics) goes to the blocking pool either way.
 fn block_on(workers: usize, f: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
     let mut b = if workers == 1 {
         tokio::runtime::Builder::new_current_thread()
