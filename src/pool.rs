@@ -162,9 +162,17 @@ async fn sweep_learned(state: Weak<PoolState>) {
     loop {
         tokio::time::sleep(Duration::from_secs(30)).await;
         let Some(state) = state.upgrade() else { return };
-        if let Some(l) = state.learned() {
-            l.sweep(crate::affinity::unix_now());
+        if state.learned().is_none() {
+            continue;
         }
+        // A large table takes tens of milliseconds to sweep: not on a thread that
+        // serves traffic.
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(l) = state.learned() {
+                l.sweep(crate::affinity::unix_now());
+            }
+        })
+        .await;
     }
 }
 
