@@ -2,6 +2,7 @@
 //! connection is had, send, and stream the response back.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -15,7 +16,7 @@ use hyper::body::Incoming;
 use tokio_util::sync::CancellationToken;
 
 use crate::access_log::AccessRecord;
-use crate::affinity::strip_cookie;
+use crate::affinity::{strip_cookie, Plan};
 use crate::pool::{Affinity, Outcome, Pool};
 use crate::runtime::Runtime;
 use crate::server::idle::ActiveRequest;
@@ -193,167 +194,214 @@ impl Replay {
 /// head (unless the backend is the client's pinned one).
 /// Sets or learns affinity cookies on the response. A 101 answer to a request that did
 /// not ask for an upgrade is a bad response (502).
-async fn forward(
-    pool: &Pool,
+///
+/// A plain function returning its future: the setup runs before the future exists, so
+/// the request's parts never take room in it, and the request is held in one place
+/// (`pending`) from then on. The future is moved whole wherever it goes.
+fn forward<'a>(
+    pool: &'a Pool,
     req: Request<Incoming>,
     client: ClientInfo,
     upgrade: bool,
-    log: &mut Option<Box<AccessRecord>>,
+    log: &'a mut Option<Box<AccessRecord>>,
     start: Instant,
-) -> Result<Forwarded, ProxyError> {
+) -> impl Future<Output = Result<Forwarded, ProxyError>> + 'a {
     let (mut parts, body) = req.into_parts();
     let mut plan = pool.plan(&parts, client.addr.ip());
     if let Affinity::Cookie { cfg, .. } = &pool.affinity {
         strip_cookie(&mut parts.headers, &cfg.cookie);
     }
     let req = Request::from_parts(parts, body);
-
-    if plan.reject_now {
-        pool.count_outcome(Outcome::Rejected);
-        let e = ProxyError::Rejected {
-            pool: pool.name.to_string(),
-        };
-        return Err(failed(pool, None, e));
-    }
-    pool.state.earn_retry(pool.retry_budget);
     let budget = pool.retries as usize + 1;
     // A copy for a retry after a reset, only where a retry could go somewhere.
-    let replay = if budget > 1 && pool.members.len() > 1 {
+    let replay = if budget > 1 && pool.members.len() > 1 && !plan.reject_now {
         Replay::of(&req)
     } else {
         None
     };
     let mut pending = Some(req.map(Either::Left));
-    let mut attempts = 0;
-    // The last backend that could not be reached, and the last that reset the
-    // connection after the request was sent.
-    let mut unreachable: Option<(UpstreamError, &Arc<Backend>)> = None;
-    let mut reset: Option<(hyper::Error, &Arc<Backend>)> = None;
-    let result = loop {
-        let Some(i) = plan.next(pool) else { break None };
-        // Retries ran out, or the pool's retry budget is spent, while the pool still had
-        // candidates.
-        if attempts == budget || (attempts > 0 && !pool.state.take_retry()) {
-            break Some(Err(()));
-        }
-        attempts += 1;
-        let backend = &pool.members[i].backend;
-        let in_flight = backend.start_request();
-        match backend.pool.checkout().await {
-            Ok(conn) => {
-                // Only a replayable request goes on after a send, so one is always here.
-                let Some(req) = pending
-                    .take()
-                    .or_else(|| replay.as_ref().map(Replay::request))
-                else {
-                    break Some(Err(()));
-                };
-                if let Some(l) = log {
-                    l.backend = Some(backend.id.to_string());
-                }
-                // Inline rather than a function of its own: a nested future would grow
-                // this one, and every move of it.
-                let PooledConn { mut tx, mut reused } = conn;
-                let mut req = req;
-                let sent = loop {
-                    let sent =
-                        tokio::time::timeout(pool.response_timeout, tx.try_send_request(req));
-                    match sent.await {
-                        Err(_) => break Err(SendError::Timeout(pool.response_timeout)),
-                        Ok(Ok(resp)) => break Ok(resp),
-                        Ok(Err(mut e)) => match e.take_message() {
-                            // A reused keep-alive connection found closed before the
-                            // request was written: once more on a fresh connection.
-                            Some(unsent) if reused => {
-                                stale(backend, e.error());
-                                req = unsent;
-                                reused = false;
-                                // Boxed for the same reason as in `ConnPool::checkout`.
-                                match Box::pin(backend.pool.connect()).await {
-                                    Ok(t) => tx = t,
-                                    Err(e) => break Err(SendError::Connect(e, Box::new(req))),
-                                }
-                            }
-                            // Never written, on a fresh connection: nothing was sent.
-                            Some(unsent) => {
-                                let e = UpstreamError::Closed {
-                                    addr: backend.address.to_string(),
-                                    source: e.into_error(),
-                                };
-                                break Err(SendError::Connect(e, Box::new(unsent)));
-                            }
-                            None => break Err(SendError::of(e.into_error())),
-                        },
-                    }
-                };
-                if let Err(SendError::Reset(e)) = &sent {
-                    tracing::warn!(pool = %pool.name, backend = %backend.id, error = %e,
-                        "backend closed the connection before answering");
-                    backend.stats.count_reset();
-                }
-                match sent {
-                    Ok(resp) => break Some(Ok((i, resp, tx, in_flight))),
-                    // Nothing was sent: the request can go elsewhere.
-                    Err(SendError::Connect(e, unsent)) => {
-                        pending = Some(*unsent);
-                        unreachable = Some((count_unreachable(pool, backend, e), backend));
-                    }
-                    // The backend that the client's affinity points at is up: a reset is
-                    // its failure to answer, not a reason to move the client elsewhere.
-                    Err(SendError::Reset(e)) if replay.is_some() && !plan.is_pinned(i) => {
-                        reset = Some((e, backend));
-                    }
-                    Err(e) => {
-                        // Reset or silent after accepting the request: a failure for
-                        // outlier detection too.
-                        passive(pool, backend, false);
-                        if let Some(o) = plan.outcome {
-                            pool.count_outcome(o);
-                        }
-                        return Err(failed(pool, Some(backend), e.into()));
-                    }
-                }
-            }
-            Err(e) => unreachable = Some((count_unreachable(pool, backend, e), backend)),
-        }
-        passive(pool, backend, false);
-        if plan.failed(i).is_err() {
+
+    async move {
+        if plan.reject_now {
             pool.count_outcome(Outcome::Rejected);
             let e = ProxyError::Rejected {
                 pool: pool.name.to_string(),
             };
-            return Err(failed(pool, Some(backend), e));
-        }
-    };
-    if let Some(o) = plan.outcome {
-        pool.count_outcome(o);
-    }
-    let (i, mut resp, tx, in_flight) = match (result, reset, unreachable) {
-        (Some(Ok(r)), _, _) => r,
-        // A backend was reached and failed to answer (502).
-        (_, Some((e, backend)), _) => {
-            return Err(failed(pool, Some(backend), ProxyError::Upstream(e)))
-        }
-        // Every candidate of the pool was unreachable: the pool is unavailable (503).
-        (None, None, Some((last, backend))) => {
-            let e = ProxyError::AllUnreachable {
-                pool: pool.name.to_string(),
-                last,
-            };
-            return Err(failed(pool, Some(backend), e));
-        }
-        // Only some were tried, as the retry budget allowed: the backend failed (502).
-        (_, None, Some((e, backend))) => {
-            return Err(failed(pool, Some(backend), ProxyError::Connect(e)))
-        }
-        (_, None, None) => {
-            let e = ProxyError::NoBackend {
-                pool: pool.name.to_string(),
-            };
             return Err(failed(pool, None, e));
         }
-    };
-    let backend = in_flight.backend();
+        pool.state.earn_retry(pool.retry_budget);
+        let mut attempts = 0;
+        // The last backend that could not be reached, and the last that reset the
+        // connection after the request was sent.
+        let mut unreachable: Option<(UpstreamError, &Arc<Backend>)> = None;
+        let mut reset: Option<(hyper::Error, &Arc<Backend>)> = None;
+        let result = loop {
+            let Some(i) = plan.next(pool) else { break None };
+            // Retries ran out, or the pool's retry budget is spent, while the pool still
+            // had candidates.
+            if attempts == budget || (attempts > 0 && !pool.state.take_retry()) {
+                break Some(Err(()));
+            }
+            attempts += 1;
+            let backend = &pool.members[i].backend;
+            let in_flight = backend.start_request();
+            match backend.pool.checkout().await {
+                Ok(conn) => {
+                    if pending.is_none() {
+                        pending = replay.as_ref().map(Replay::request);
+                    }
+                    if let Some(l) = log.as_mut() {
+                        l.backend = Some(backend.id.to_string());
+                    }
+                    // Inline rather than a function of its own: a nested future would
+                    // grow this one, and every move of it.
+                    let PooledConn { mut tx, mut reused } = conn;
+                    let sent = loop {
+                        // Only a replayable request goes on after a send, so one is
+                        // always here.
+                        let Some(req) = pending.take() else {
+                            break None;
+                        };
+                        let sent =
+                            tokio::time::timeout(pool.response_timeout, tx.try_send_request(req));
+                        let e = match sent.await {
+                            Err(_) => break Some(Err(SendError::Timeout(pool.response_timeout))),
+                            Ok(Ok(resp)) => break Some(Ok(resp)),
+                            Ok(Err(e)) => e,
+                        };
+                        let mut e = e;
+                        let Some(unsent) = e.take_message() else {
+                            break Some(Err(SendError::of(e.into_error())));
+                        };
+                        // Never written: nothing was sent, and the request is kept for
+                        // whichever connection comes next.
+                        pending = Some(unsent);
+                        if !reused {
+                            // A fresh connection closed first.
+                            let e = UpstreamError::Closed {
+                                addr: backend.address.to_string(),
+                                source: e.into_error(),
+                            };
+                            break Some(Err(SendError::Connect(e)));
+                        }
+                        // A reused keep-alive connection found closed before the request
+                        // was written: once more on a fresh connection.
+                        stale(backend, e.error());
+                        reused = false;
+                        // Boxed for the same reason as in `ConnPool::checkout`.
+                        match Box::pin(backend.pool.connect()).await {
+                            Ok(t) => tx = t,
+                            Err(e) => break Some(Err(SendError::Connect(e))),
+                        }
+                    };
+                    let Some(sent) = sent else {
+                        break Some(Err(()));
+                    };
+                    if let Err(SendError::Reset(e)) = &sent {
+                        tracing::warn!(pool = %pool.name, backend = %backend.id, error = %e,
+                            "backend closed the connection before answering");
+                        backend.stats.count_reset();
+                    }
+                    match sent {
+                        Ok(resp) => break Some(Ok((i, resp, tx, in_flight))),
+                        // Nothing was sent: the request, back in `pending`, can go
+                        // elsewhere.
+                        Err(SendError::Connect(e)) => {
+                            unreachable = Some((count_unreachable(pool, backend, e), backend));
+                        }
+                        // The backend that the client's affinity points at is up: a reset
+                        // is its failure to answer, not a reason to move the client
+                        // elsewhere.
+                        Err(SendError::Reset(e)) if replay.is_some() && !plan.is_pinned(i) => {
+                            reset = Some((e, backend));
+                        }
+                        Err(e) => {
+                            // Reset or silent after accepting the request: a failure for
+                            // outlier detection too.
+                            passive(pool, backend, false);
+                            if let Some(o) = plan.outcome {
+                                pool.count_outcome(o);
+                            }
+                            return Err(failed(pool, Some(backend), e.into()));
+                        }
+                    }
+                }
+                Err(e) => unreachable = Some((count_unreachable(pool, backend, e), backend)),
+            }
+            passive(pool, backend, false);
+            if plan.failed(i).is_err() {
+                pool.count_outcome(Outcome::Rejected);
+                let e = ProxyError::Rejected {
+                    pool: pool.name.to_string(),
+                };
+                return Err(failed(pool, Some(backend), e));
+            }
+        };
+        if let Some(o) = plan.outcome {
+            pool.count_outcome(o);
+        }
+        let (i, resp, tx, in_flight) = match (result, reset, unreachable) {
+            (Some(Ok(r)), _, _) => r,
+            // A backend was reached and failed to answer (502).
+            (_, Some((e, backend)), _) => {
+                return Err(failed(pool, Some(backend), ProxyError::Upstream(e)))
+            }
+            // Every candidate of the pool was unreachable: the pool is unavailable (503).
+            (None, None, Some((last, backend))) => {
+                let e = ProxyError::AllUnreachable {
+                    pool: pool.name.to_string(),
+                    last,
+                };
+                return Err(failed(pool, Some(backend), e));
+            }
+            // Only some were tried, as the retry budget allowed: the backend failed (502).
+            (_, None, Some((e, backend))) => {
+                return Err(failed(pool, Some(backend), ProxyError::Connect(e)))
+            }
+            (_, None, None) => {
+                let e = ProxyError::NoBackend {
+                    pool: pool.name.to_string(),
+                };
+                return Err(failed(pool, None, e));
+            }
+        };
+        let resp = answered(
+            pool,
+            &plan,
+            i,
+            resp,
+            in_flight.backend(),
+            upgrade,
+            client.tls,
+        );
+        let resp = resp?;
+        if log.is_some() || pool.metrics {
+            let elapsed = start.elapsed();
+            if let Some(l) = log.as_mut() {
+                l.set_upstream(elapsed);
+            }
+            if pool.metrics {
+                let backend = in_flight.backend();
+                backend.stats.count_response(resp.status().as_u16());
+                backend.stats.duration.observe(elapsed.as_secs_f64());
+            }
+        }
+        Ok((resp, tx, in_flight))
+    }
+}
+
+/// What follows a backend's response head: a 101 the request did not ask for is refused
+/// (502); otherwise the response feeds outlier detection and affinity (cookies issued or
+/// sessions learned).
+fn answered(
+    pool: &Pool,
+    plan: &Plan,
+    i: usize,
+    mut resp: Response<Incoming>,
+    backend: &Arc<Backend>,
+    upgrade: bool,
+    tls: bool,
+) -> Result<Response<Incoming>, ProxyError> {
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS && !upgrade {
         tracing::warn!(pool = %pool.name, backend = %backend.id, "backend switched protocols without an upgrade request");
         passive(pool, backend, false);
@@ -363,26 +411,16 @@ async fn forward(
             ProxyError::BadUpgrade("unrequested 101"),
         ));
     }
-    if log.is_some() || pool.metrics {
-        let elapsed = start.elapsed();
-        if let Some(l) = log {
-            l.set_upstream(elapsed);
-        }
-        if pool.metrics {
-            backend.stats.count_response(resp.status().as_u16());
-            backend.stats.duration.observe(elapsed.as_secs_f64());
-        }
-    }
     passive(pool, backend, !resp.status().is_server_error());
     if plan.outcome.is_some() {
         if plan.issue_cookie() {
-            if let Some(v) = pool.sticky_cookie(i, client.tls) {
+            if let Some(v) = pool.sticky_cookie(i, tls) {
                 resp.headers_mut().append(SET_COOKIE, v);
             }
         }
         pool.learn_from(i, resp.headers());
     }
-    Ok((resp, tx, in_flight))
+    Ok(resp)
 }
 
 /// Feeds a request's result to the backend's outlier detection.
@@ -416,8 +454,8 @@ fn failed(pool: &Pool, backend: Option<&Arc<Backend>>, e: ProxyError) -> ProxyEr
 /// Why sending on a connection failed.
 enum SendError {
     /// The request was not sent: a stale connection's replacement could not be opened,
-    /// or a fresh connection closed first. The request is given back.
-    Connect(UpstreamError, Box<Request<UpstreamBody>>),
+    /// or a fresh connection closed first.
+    Connect(UpstreamError),
     /// The connection closed or was reset before a response head arrived.
     Reset(hyper::Error),
     /// Anything else the backend did wrong, such as an invalid response.
@@ -438,7 +476,7 @@ impl SendError {
 impl From<SendError> for ProxyError {
     fn from(e: SendError) -> Self {
         match e {
-            SendError::Connect(e, _) => ProxyError::Connect(e),
+            SendError::Connect(e) => ProxyError::Connect(e),
             SendError::Reset(e) | SendError::Upstream(e) => ProxyError::Upstream(e),
             SendError::Timeout(after) => ProxyError::Timeout(after),
         }
