@@ -11,12 +11,16 @@
 //!   malloc's overhead; the proxy binary itself runs on mimalloc).
 //!
 //! A second phase inserts 100,000 more values into the full table (max_entries =
-//! 1,000,000), so the eviction pass runs, and reports the peak heap during it.
+//! 1,000,000), so the eviction pass runs on the inserting thread, and reports the peak
+//! heap during it and the slowest single insert. A third phase inserts 100,000 more with
+//! a second thread making room whenever the table asks for it, as the proxy's tending
+//! task does, and reports the slowest single insert then: what a request that learns a
+//! session can wait at worst.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use switchyard::balance::learned::{Learned, Lookup};
 
@@ -112,7 +116,7 @@ fn main() {
 
     let (heap0, allocs0, rss0) = (LIVE_BYTES.load(Relaxed), LIVE_ALLOCS.load(Relaxed), rss());
     PEAK_BYTES.store(heap0, Relaxed);
-    let table = Learned::new(1800, ENTRIES);
+    let table = Arc::new(Learned::new(1800, ENTRIES));
     let start = Instant::now();
     for i in 0..ENTRIES {
         session_value(&mut rng, &mut value);
@@ -158,17 +162,21 @@ fn main() {
     // Full table: each further insert may trigger the eviction pass.
     PEAK_BYTES.store(LIVE_BYTES.load(Relaxed), Relaxed);
     let start = Instant::now();
+    let mut slowest = Duration::ZERO;
     for i in 0..EXTRA {
         session_value(&mut rng, &mut value);
+        let t = Instant::now();
         table.learn(&value, &backends[i % backends.len()], now + 1 + i as u64);
+        slowest = slowest.max(t.elapsed());
     }
     let elapsed = start.elapsed();
     let (heap2, peak2, rss2) = (LIVE_BYTES.load(Relaxed), PEAK_BYTES.load(Relaxed), rss());
     assert!(table.len() <= ENTRIES);
     println!(
-        "full table, {EXTRA} more inserts: {} entries, {:.0} ns/insert with evictions",
+        "full table, {EXTRA} more inserts: {} entries, {:.0} ns/insert with evictions, slowest insert {:.1} ms",
         table.len(),
-        elapsed.as_nanos() as f64 / EXTRA as f64
+        elapsed.as_nanos() as f64 / EXTRA as f64,
+        slowest.as_secs_f64() * 1000.0
     );
     println!(
         "  live heap: {:.1} B/entry; peak heap {:.1} MiB above the live heap before ({:.1} MiB total); RSS {:.1} MiB above the start",
@@ -176,6 +184,49 @@ fn main() {
         mib(peak2.saturating_sub(heap1)),
         mib(peak2 - heap0),
         mib(rss2.saturating_sub(rss0))
+    );
+
+    // Tended: another thread makes room when asked, the inserting thread only waits for
+    // the shard being scanned.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let tender = {
+        let (table, stop) = (table.clone(), stop.clone());
+        let wanted = table.room_wanted();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let mut made = 0;
+                loop {
+                    wanted.notified().await;
+                    if stop.load(Relaxed) {
+                        return made;
+                    }
+                    table.make_room();
+                    made += 1;
+                }
+            })
+        })
+    };
+    let mut slowest = Duration::ZERO;
+    let start = Instant::now();
+    for i in 0..EXTRA {
+        session_value(&mut rng, &mut value);
+        let t = Instant::now();
+        table.learn(&value, &backends[i % backends.len()], now + 1 + i as u64);
+        slowest = slowest.max(t.elapsed());
+    }
+    let elapsed = start.elapsed();
+    stop.store(true, Relaxed);
+    table.room_wanted().notify_one();
+    let made = tender.join().expect("tending thread");
+    assert!(table.len() <= ENTRIES);
+    println!(
+        "tended, {EXTRA} more inserts: {} entries, {:.0} ns/insert, slowest insert {:.1} ms, room made {made} times off the inserting thread",
+        table.len(),
+        elapsed.as_nanos() as f64 / EXTRA as f64,
+        slowest.as_secs_f64() * 1000.0
     );
 
     drop(table);

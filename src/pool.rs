@@ -5,6 +5,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
+use tokio::sync::Notify;
+
 use crate::balance::consistent_hash::HashTable;
 use crate::balance::learned::Learned;
 use crate::balance::sticky_cookie::{self, Codec, Tag};
@@ -23,7 +25,7 @@ pub struct PoolState {
     learned: OnceLock<Learned>,
     /// The secret used when none is configured: random, made once per process.
     generated_secret: OnceLock<Vec<u8>>,
-    /// The learned-session sweeper, stopped when the pool goes away.
+    /// The task tending the learned-session table, stopped when the pool goes away.
     sweeper: OnceLock<tokio::task::AbortHandle>,
     /// Error responses of requests that reached no backend, by status class.
     unattributed: [AtomicU64; 6],
@@ -156,20 +158,29 @@ impl AffinityStats {
     }
 }
 
-/// Drops expired learned sessions now and then, so sessions that are never asked for
+/// Looks after a pool's learned-session table away from the threads that serve traffic
+/// (a large table takes tens of milliseconds to scan): makes room when the table asks
+/// for it, and drops expired sessions now and then, so sessions that are never asked for
 /// again do not wait for eviction. Ends when the pool's state is dropped.
-async fn sweep_learned(state: Weak<PoolState>) {
+async fn tend_learned(state: Weak<PoolState>, room_wanted: Arc<Notify>) {
+    const SWEEP_EVERY: Duration = Duration::from_secs(30);
+    let mut next_sweep = tokio::time::Instant::now() + SWEEP_EVERY;
     loop {
-        tokio::time::sleep(Duration::from_secs(30)).await;
-        let Some(state) = state.upgrade() else { return };
-        if state.learned().is_none() {
-            continue;
+        let make_room = tokio::select! {
+            _ = room_wanted.notified() => true,
+            _ = tokio::time::sleep_until(next_sweep) => false,
+        };
+        if !make_room {
+            next_sweep = tokio::time::Instant::now() + SWEEP_EVERY;
         }
-        // A large table takes tens of milliseconds to sweep: not on a thread that
-        // serves traffic.
+        let Some(state) = state.upgrade() else { return };
         let _ = tokio::task::spawn_blocking(move || {
             if let Some(l) = state.learned() {
-                l.sweep(crate::affinity::unix_now());
+                if make_room {
+                    l.make_room();
+                } else {
+                    l.sweep(crate::affinity::unix_now());
+                }
             }
         })
         .await;
@@ -308,9 +319,12 @@ impl Pool {
                 match state.learned.get() {
                     Some(l) => l.set_limits(ttl, cfg.max_entries),
                     None => {
-                        let _ = state.learned.set(Learned::new(ttl, cfg.max_entries));
+                        let learned = Learned::new(ttl, cfg.max_entries);
+                        let room_wanted = learned.room_wanted();
+                        let _ = state.learned.set(learned);
                         if tokio::runtime::Handle::try_current().is_ok() {
-                            let task = tokio::spawn(sweep_learned(Arc::downgrade(&state)));
+                            let task =
+                                tokio::spawn(tend_learned(Arc::downgrade(&state), room_wanted));
                             let _ = state.sweeper.set(task.abort_handle());
                         }
                     }
@@ -388,5 +402,36 @@ impl Pool {
             (n + 1, e + usize::from(m.backend.health.is_ejected()))
         });
         (ejected + 1) * 100 <= n * self.outlier.max_ejected_percent as usize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn learned_sessions_are_evicted_off_the_request_path() {
+        let state = Arc::new(PoolState::default());
+        let learned = Learned::new(3600, 128);
+        let room_wanted = learned.room_wanted();
+        let _ = state.learned.set(learned);
+        let task = tokio::spawn(tend_learned(Arc::downgrade(&state), room_wanted.clone()));
+        let table = state.learned().expect("set above");
+        let backend: Arc<str> = Arc::from("a");
+        for i in 0..126 {
+            table.learn(&format!("s{i}"), &backend, 1);
+        }
+        // The table asked for room at 126 entries, without evicting on this thread.
+        assert_eq!(table.len(), 126);
+        let made = tokio::time::timeout(Duration::from_secs(10), async {
+            while table.len() != 124 {
+                tokio::task::yield_now().await;
+            }
+        });
+        made.await.expect("the tending task made room");
+        // Once the pool's state is gone, the task ends when it next wakes.
+        drop(state);
+        room_wanted.notify_one();
+        task.await.expect("the task ended");
     }
 }

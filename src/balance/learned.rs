@@ -3,14 +3,19 @@
 //! value go back to it.
 //!
 //! Entries expire after `ttl` without use. The table never holds more than
-//! `max_entries`: when full, the least recently used sixty-fourth (by a logical clock of uses) is evicted in
-//! one pass,
-//! so the scan is paid once per many inserts rather than on each.
+//! `max_entries`. Room is made in batches, by evicting the least recently used entries
+//! (by a logical clock of uses) down to `max_entries` less a thirty-second, so the scan
+//! is paid once per many inserts rather than on each. A scan of a large table takes tens
+//! of milliseconds, so it is asked for early, when the table is within a sixty-fourth of
+//! its limit, from whoever waits on [`Learned::room_wanted`] (the pool's tending task, on a
+//! thread that serves no traffic). Only a table that fills up anyway, faster than that
+//! eviction runs, or with no one waiting, is evicted on the inserting thread.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
+use tokio::sync::Notify;
 
 /// The session table of one pool; outlives configuration snapshots.
 #[derive(Debug)]
@@ -20,6 +25,10 @@ pub struct Learned {
     max_entries: AtomicUsize,
     /// Logical clock for recency: strictly orders uses, even within one second.
     ticks: AtomicU64,
+    /// Woken when the table is nearly full; see [`Learned::room_wanted`].
+    room_wanted: Arc<Notify>,
+    /// Whether room has been asked for and not yet made.
+    room_asked: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -48,7 +57,15 @@ impl Learned {
             ttl_secs: AtomicU64::new(ttl_secs),
             max_entries: AtomicUsize::new(max_entries.max(1)),
             ticks: AtomicU64::new(0),
+            room_wanted: Arc::new(Notify::new()),
+            room_asked: AtomicBool::new(false),
         }
+    }
+
+    /// Notified when the table is nearly full: the waiter should call
+    /// [`Learned::make_room`], away from threads that serve requests.
+    pub fn room_wanted(&self) -> Arc<Notify> {
+        self.room_wanted.clone()
     }
 
     /// Applies new limits from a reloaded configuration.
@@ -96,10 +113,12 @@ impl Learned {
                 return;
             }
         }
-        if self.map.len() >= self.max_entries.load(Ordering::Relaxed)
-            && !self.map.contains_key(value)
-        {
-            self.evict_oldest();
+        let max = self.max_entries.load(Ordering::Relaxed);
+        let len = self.map.len();
+        if len >= max && !self.map.contains_key(value) {
+            self.make_room();
+        } else if len + 1 >= max - max / 64 && !self.room_asked.swap(true, Ordering::Relaxed) {
+            self.room_wanted.notify_one();
         }
         self.map.insert(
             value.into(),
@@ -127,11 +146,16 @@ impl Learned {
             .retain(|_, e| now.saturating_sub(e.last_used.load(Ordering::Relaxed)) < ttl);
     }
 
-    /// Makes room: removes the least recently used entries, a sixty-fourth of the limit.
-    fn evict_oldest(&self) {
+    /// Makes room: removes the least recently used entries, down to `max_entries` less a
+    /// thirty-second (at least one below it).
+    pub fn make_room(&self) {
+        self.room_asked.store(false, Ordering::Relaxed);
         let max = self.max_entries.load(Ordering::Relaxed);
-        let excess = self.map.len().saturating_sub(max);
-        let batch = excess + (max / 64).max(1);
+        let target = max.saturating_sub((max / 32).max(1));
+        let batch = self.map.len().saturating_sub(target);
+        if batch == 0 {
+            return;
+        }
         let mut ages: Vec<u64> = self
             .map
             .iter()
@@ -199,6 +223,39 @@ mod tests {
         assert_eq!(t.lookup("s1099", 7), Lookup::Hit(id("a")));
         assert_eq!(t.lookup("s0", 7), Lookup::Unknown);
         assert_eq!(t.lookup("s950", 7), Lookup::Unknown);
+    }
+
+    #[test]
+    fn asks_for_room_before_it_is_full() {
+        use futures_util::FutureExt;
+        let t = Learned::new(1_000_000, 128);
+        let wanted = t.room_wanted();
+        // 128 less a sixty-fourth: asked for when the 126th session is learned.
+        for i in 0..125u64 {
+            t.learn(&format!("s{i}"), &id("a"), 7);
+        }
+        assert!(
+            wanted.notified().now_or_never().is_none(),
+            "asked too early"
+        );
+        t.learn("s125", &id("a"), 7);
+        assert!(wanted.notified().now_or_never().is_some(), "not asked");
+        // Asked once until room is made.
+        t.learn("s126", &id("a"), 7);
+        assert!(wanted.notified().now_or_never().is_none(), "asked twice");
+        // 128 less a thirty-second, the least recently used going first.
+        t.make_room();
+        assert_eq!(t.len(), 124);
+        assert_eq!(t.lookup("s0", 7), Lookup::Unknown);
+        assert_eq!(t.lookup("s2", 7), Lookup::Unknown);
+        assert_eq!(t.lookup("s3", 7), Lookup::Hit(id("a")));
+        // Nearly full again: asked again.
+        t.learn("s127", &id("a"), 7);
+        t.learn("s128", &id("a"), 7);
+        assert!(
+            wanted.notified().now_or_never().is_some(),
+            "not asked again"
+        );
     }
 
     #[test]
