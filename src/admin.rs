@@ -27,6 +27,8 @@ use crate::server::stopped;
 pub struct AdminState {
     pub runtime: Arc<ArcSwap<Runtime>>,
     pub reloader: Arc<Reloader>,
+    /// For `/metrics`: access log lines dropped.
+    pub access_log: crate::access_log::AccessLogSink,
     /// True once every listener is bound and serving; false again during shutdown.
     pub ready: AtomicBool,
     /// Open client connections per listener, for `/metrics`.
@@ -90,7 +92,12 @@ async fn handle(state: &Arc<AdminState>, req: Request<Incoming>) -> Response<Ful
             // serve traffic (with one worker there is only one).
             let s = state.clone();
             let rendered = tokio::task::spawn_blocking(move || {
-                crate::metrics::render(&s.runtime.load(), &s.reloader, &s.listeners)
+                crate::metrics::render(
+                    &s.runtime.load(),
+                    &s.reloader,
+                    &s.listeners,
+                    s.access_log.dropped(),
+                )
             })
             .await
             .unwrap_or_else(|e| Err(prometheus::Error::Msg(format!("rendering stopped: {e}"))));

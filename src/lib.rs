@@ -56,6 +56,8 @@ pub enum RunError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot start the access log writer: {0}")]
+    AccessLog(#[source] std::io::Error),
 }
 
 /// A proxy whose listeners are bound but not yet serving.
@@ -68,6 +70,7 @@ pub struct Server {
     reloader: Arc<reload::Reloader>,
     /// Watches the configuration file from bind on; dropping it stops the watching.
     watcher: Option<notify::RecommendedWatcher>,
+    access_log: access_log::AccessLogSink,
 }
 
 impl Server {
@@ -101,6 +104,7 @@ impl Server {
             runtime.clone(),
         ));
         let watcher = reload::watch(reloader.clone(), reload::DEBOUNCE);
+        let access_log = access_log::AccessLogSink::stdout().map_err(RunError::AccessLog)?;
         Ok(Server {
             listeners,
             admin,
@@ -108,7 +112,18 @@ impl Server {
             config,
             reloader,
             watcher,
+            access_log,
         })
+    }
+
+    /// Sends access log lines to `out` instead of standard output.
+    pub fn set_access_log_output(
+        &mut self,
+        out: impl std::io::Write + Send + 'static,
+    ) -> Result<(), RunError> {
+        self.access_log = access_log::AccessLogSink::to_writer(out, access_log::QUEUE_LINES)
+            .map_err(RunError::AccessLog)?;
+        Ok(())
     }
 
     /// Addresses the client listeners are bound to, in config order.
@@ -139,10 +154,11 @@ impl Server {
         let conn_limit = Arc::new(Semaphore::new(limits.max_connections));
         // Cancelled when the grace period is over: closes what is still open.
         let close = CancellationToken::new();
-        let proxy = proxy::Proxy::new(self.runtime.clone(), close.clone());
+        let proxy = proxy::Proxy::new(self.runtime.clone(), close.clone(), self.access_log.clone());
         let admin_state = Arc::new(admin::AdminState {
             runtime: self.runtime.clone(),
             reloader: self.reloader.clone(),
+            access_log: self.access_log.clone(),
             ready: AtomicBool::new(false),
             listeners: self
                 .listeners
@@ -205,6 +221,9 @@ impl Server {
             close.cancel();
             drained.await;
         }
+        // The last requests' lines out before the process exits.
+        let access_log = self.access_log.clone();
+        let _ = tokio::task::spawn_blocking(move || access_log.flush()).await;
         tracing::info!("stopped");
     }
 }

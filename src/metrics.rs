@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use prometheus::{
-    Encoder, Gauge, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::pool::{Affinity, Outcome};
@@ -54,6 +54,7 @@ pub fn render(
     rt: &Runtime,
     reloader: &Reloader,
     listeners: &[ListenerGauge],
+    access_log_dropped: u64,
 ) -> prometheus::Result<String> {
     let r = Registry::new();
     let requests = counter_vec(
@@ -138,6 +139,11 @@ pub fn render(
         "Retries not made because the pool's retry budget was spent.",
         &["pool"],
     )?;
+    let access_log = IntCounter::new(
+        "switchyard_access_log_dropped_total",
+        "Access log lines dropped because their output did not keep up.",
+    )?;
+    r.register(Box::new(access_log.clone()))?;
     let build = gauge_vec(
         &r,
         "switchyard_build_info",
@@ -210,6 +216,7 @@ pub fn render(
         .with_label_values(&["failure"])
         .inc_by(reloader.failures.load(Ordering::Relaxed));
     generation.set(rt.generation as i64);
+    access_log.inc_by(access_log_dropped);
     last_success.set(reloader.last_success_unix.load(Ordering::Relaxed) as f64);
     build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
     #[cfg(target_os = "linux")]

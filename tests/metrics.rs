@@ -60,6 +60,7 @@ async fn metrics_count_known_traffic() {
         "switchyard_config_generation",
         "switchyard_config_last_reload_success_timestamp_seconds",
         "switchyard_build_info",
+        "switchyard_access_log_dropped_total",
         "process_resident_memory_bytes",
     ] {
         assert!(
@@ -120,6 +121,7 @@ async fn metrics_count_known_traffic() {
         1.0,
     );
     assert_sample(&text, "switchyard_config_generation", 1.0);
+    assert_sample(&text, "switchyard_access_log_dropped_total", 0.0);
     assert_sample(
         &text,
         &format!(

@@ -984,3 +984,61 @@ async fn an_idle_tunnel_is_closed_after_idle_timeout() {
         .expect("the idle tunnel was closed");
     assert!(!matches!(&end, Some(Ok(m)) if m.is_text()), "{end:?}");
 }
+
+#[tokio::test]
+async fn access_log_has_one_line_per_request_with_every_field() {
+    let a = named_backend("a").await;
+    for format in ["json", "text"] {
+        let toml = format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\naccess_log = \"{format}\"\n\
+             [pools.web]\nbackends = [{{ address = \"{a}\", id = \"web-1\" }}]\n"
+        );
+        let (proxy, mut lines) = TestProxy::start_logging(&toml).await;
+        let req = Request::get("/cart/7?x=1")
+            .header("host", "x")
+            .header("x-request-id", "rid-42")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let got = fetch(proxy.addr, req).await;
+        assert_eq!(got.status, 200);
+        let line = tokio::time::timeout(LIMIT, lines.recv())
+            .await
+            .expect("an access log line")
+            .expect("the proxy is running");
+        let bytes = got.body.len();
+        if format == "json" {
+            let v: serde_json::Value = serde_json::from_str(&line).expect(&line);
+            assert_eq!(v["method"], "GET", "{line}");
+            assert_eq!(v["path"], "/cart/7", "{line}");
+            assert_eq!(v["status"], 200, "{line}");
+            assert_eq!(v["pool"], "web", "{line}");
+            assert_eq!(v["backend"], "web-1", "{line}");
+            assert_eq!(v["bytes"], bytes, "{line}");
+            assert_eq!(v["request_id"], "rid-42", "{line}");
+            let upstream = v["upstream_seconds"].as_f64().expect(&line);
+            let total = v["total_seconds"].as_f64().expect(&line);
+            assert!(upstream > 0.0 && upstream <= total, "{line}");
+        } else {
+            assert!(
+                line.starts_with("GET /cart/7 200 pool=web backend=web-1 upstream="),
+                "{line}"
+            );
+            assert!(
+                line.ends_with(&format!(" bytes={bytes} id=rid-42")),
+                "{line}"
+            );
+        }
+        // A request that reached no backend has its line too.
+        let req = Request::get("/")
+            .header("host", "x")
+            .header("host", "y")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        assert_eq!(fetch(proxy.addr, req).await.status, 400);
+        let line = tokio::time::timeout(LIMIT, lines.recv())
+            .await
+            .expect("an access log line")
+            .expect("the proxy is running");
+        assert!(line.contains("400"), "{line}");
+    }
+}

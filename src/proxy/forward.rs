@@ -15,7 +15,7 @@ use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use tokio_util::sync::CancellationToken;
 
-use crate::access_log::AccessRecord;
+use crate::access_log::{AccessLogSink, AccessRecord};
 use crate::affinity::{strip_cookie, Plan};
 use crate::pool::{Affinity, Outcome, Pool};
 use crate::runtime::Runtime;
@@ -46,15 +46,23 @@ pub struct Proxy {
 struct Shared {
     runtime: Arc<ArcSwap<Runtime>>,
     tunnels: Tunnels,
+    access_log: AccessLogSink,
 }
 
 impl Proxy {
-    /// A handler serving `runtime`'s snapshots; its tunnels end when `close` is cancelled.
-    pub fn new(runtime: Arc<ArcSwap<Runtime>>, close: CancellationToken) -> Self {
+    /// A handler serving `runtime`'s snapshots, writing access log lines (when the
+    /// configuration asks for them) to `access_log`; its tunnels end when `close` is
+    /// cancelled.
+    pub fn new(
+        runtime: Arc<ArcSwap<Runtime>>,
+        close: CancellationToken,
+        access_log: AccessLogSink,
+    ) -> Self {
         Proxy {
             shared: Arc::new(Shared {
                 runtime,
                 tunnels: Tunnels::new(close),
+                access_log,
             }),
         }
     }
@@ -88,6 +96,7 @@ impl Proxy {
         let request_id = prepared.request_id;
         let mut log = AccessRecord::new(
             rt.config.server.access_log,
+            &self.shared.access_log,
             start,
             req.method(),
             req.uri().path(),

@@ -20,6 +20,28 @@ use tokio::task::JoinHandle;
 
 pub type Resp = Response<Full<Bytes>>;
 
+/// Passes on each complete line written to it.
+pub struct LineSender {
+    partial: Vec<u8>,
+    tx: tokio::sync::mpsc::UnboundedSender<String>,
+}
+
+impl std::io::Write for LineSender {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.partial.extend_from_slice(buf);
+        while let Some(end) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=end).collect();
+            let line = String::from_utf8_lossy(&line[..end]).into_owned();
+            let _ = self.tx.send(line);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// The proxy running in-process.
 pub struct TestProxy {
     pub addr: SocketAddr,
@@ -44,10 +66,36 @@ impl TestProxy {
         Self::serve(config).await
     }
 
+    /// Starts the proxy from TOML text, its access log lines going one by one to the
+    /// returned receiver.
+    pub async fn start_logging(
+        toml: &str,
+    ) -> (TestProxy, tokio::sync::mpsc::UnboundedReceiver<String>) {
+        let config = switchyard::config::parse(toml, "test.toml").expect("valid test config");
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let out = LineSender {
+            partial: Vec::new(),
+            tx,
+        };
+        (Self::serve_with(config, Some(out)).await.0, rx)
+    }
+
     async fn serve(
         config: switchyard::config::Config,
     ) -> (TestProxy, Arc<switchyard::reload::Reloader>) {
-        let server = switchyard::Server::bind(config).await.expect("bind");
+        Self::serve_with(config, None).await
+    }
+
+    async fn serve_with(
+        config: switchyard::config::Config,
+        access_log: Option<LineSender>,
+    ) -> (TestProxy, Arc<switchyard::reload::Reloader>) {
+        let mut server = switchyard::Server::bind(config).await.expect("bind");
+        if let Some(out) = access_log {
+            server
+                .set_access_log_output(out)
+                .expect("access log writer");
+        }
         let reloader = server.reloader();
         let addr = server.local_addrs()[0];
         let admin = server.admin_addr();
