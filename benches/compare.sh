@@ -30,6 +30,8 @@
 #   (switchyard with server.metrics = false) and switchyard-base (SWITCHYARD_BASE_BIN
 #   with switchyard's configuration); ratios need switchyard in the list
 #   SWITCHYARD_BASE_BIN  the build switchyard-base runs
+#   ACCESS_LOG [off]  switchyard's server.access_log (off, json or text); the lines go
+#   to the proxy's run log in the temp folder
 #
 # Needs: nginx, haproxy, wrk, curl, taskset, python3 (callgrind client), valgrind.
 # Start/stop is self-contained: temp prefixes and configs, no system services touched.
@@ -40,7 +42,7 @@ MODE=${1:-throughput}
 case "$MODE" in
 throughput | callgrind) ;;
 -h | --help | help)
-    sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,37p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
     ;;
 *)
@@ -60,6 +62,7 @@ CG_BASE=${CG_BASE:-2000}
 CG_N=${CG_N:-12000}
 CG_CONNS=${CG_CONNS:-8}
 KEEP_TMP=${KEEP_TMP:-0}
+ACCESS_LOG=${ACCESS_LOG:-off}
 export RUST_LOG=${RUST_LOG:-warn}
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -263,6 +266,7 @@ EOF
 listen = ["127.0.0.1:$SWITCHYARD_PORT"]
 workers = 1
 shutdown_grace = "1s"
+access_log = "$ACCESS_LOG"
 [server.limits]
 max_connections = 10000
 [pools.web]

@@ -3,12 +3,13 @@
 //!
 //! Lines are written by a thread of their own ([`AccessLogSink`]), so a slow reader of
 //! the output (a full pipe, a stalled terminal) never holds up a thread that serves
-//! requests, and lines that arrive together are written together.
+//! requests. The thread is not woken for each line: it writes what has queued up every
+//! [`WRITE_EVERY`], in as few system calls as the buffer allows.
 
 use std::io::{BufWriter, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use http::HeaderValue;
@@ -16,11 +17,16 @@ use serde::Serialize;
 
 use crate::config::AccessLog;
 
-/// Lines waiting to be written before further lines are dropped.
-pub const QUEUE_LINES: usize = 16 * 1024;
+/// Lines waiting to be written before further lines are dropped: at one batch per
+/// [`WRITE_EVERY`], room for over a million lines a second.
+pub const QUEUE_LINES: usize = 32 * 1024;
+
+/// How often queued lines are written out (and how late a line may appear).
+pub const WRITE_EVERY: Duration = Duration::from_millis(25);
 
 /// Where access log lines go: a queue of [`QUEUE_LINES`] lines, written out by a thread
-/// of its own. A line that finds the queue full is dropped and counted (see
+/// of its own, started with the first line (a proxy that logs nothing has no such
+/// thread). A line that finds the queue full is dropped and counted (see
 /// [`AccessLogSink::dropped`]) rather than waited for. Cheap to clone; the thread ends
 /// once every clone is gone and the queue is written.
 #[derive(Debug, Clone)]
@@ -28,13 +34,25 @@ pub struct AccessLogSink {
     inner: Arc<SinkInner>,
 }
 
-#[derive(Debug)]
 struct SinkInner {
-    tx: SyncSender<Message>,
+    /// The queue, once the writer is started; `None` if it could not be.
+    tx: OnceLock<Option<SyncSender<Message>>>,
+    /// The output, until the writer takes it.
+    out: Mutex<Option<Box<dyn Write + Send>>>,
+    queue: usize,
     dropped: AtomicU64,
 }
 
-#[derive(Debug)]
+impl std::fmt::Debug for SinkInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SinkInner")
+            .field("started", &self.tx.get().is_some())
+            .field("queue", &self.queue)
+            .field("dropped", &self.dropped)
+            .finish()
+    }
+}
+
 enum Message {
     Line(String),
     /// Write and flush everything before, then answer.
@@ -43,73 +61,107 @@ enum Message {
 
 impl AccessLogSink {
     /// Lines to standard output.
-    pub fn stdout() -> std::io::Result<Self> {
+    pub fn stdout() -> Self {
         Self::to_writer(std::io::stdout(), QUEUE_LINES)
     }
 
     /// Lines to `out`, with room for `queue` lines waiting.
-    pub fn to_writer(out: impl Write + Send + 'static, queue: usize) -> std::io::Result<Self> {
-        let (tx, rx) = mpsc::sync_channel(queue);
-        std::thread::Builder::new()
-            .name("access-log".into())
-            .spawn(move || write_lines(out, rx))?;
-        Ok(AccessLogSink {
+    pub fn to_writer(out: impl Write + Send + 'static, queue: usize) -> Self {
+        AccessLogSink {
             inner: Arc::new(SinkInner {
-                tx,
+                tx: OnceLock::new(),
+                out: Mutex::new(Some(Box::new(out))),
+                queue,
                 dropped: AtomicU64::new(0),
             }),
-        })
+        }
+    }
+
+    /// The queue, starting the writer on first use.
+    fn queue(&self) -> Option<&SyncSender<Message>> {
+        let start = || {
+            let out = self.inner.out.lock().ok()?.take()?;
+            let (tx, rx) = mpsc::sync_channel(self.inner.queue);
+            let started = std::thread::Builder::new()
+                .name("access-log".into())
+                .spawn(move || write_lines(out, rx));
+            match started {
+                Ok(_) => Some(tx),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the access log writer: access log lines are dropped");
+                    None
+                }
+            }
+        };
+        self.inner.tx.get_or_init(start).as_ref()
     }
 
     /// Queues one line (without its newline); never waits.
     pub fn send(&self, line: String) {
-        match self.inner.tx.try_send(Message::Line(line)) {
-            Ok(()) | Err(TrySendError::Disconnected(_)) => {}
-            Err(TrySendError::Full(_)) => {
-                let n = self.inner.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                if n.is_power_of_two() {
-                    tracing::warn!(
-                        dropped = n,
-                        "access log output is not keeping up: lines dropped"
-                    );
-                }
+        let full = match self.queue() {
+            Some(tx) => match tx.try_send(Message::Line(line)) {
+                Ok(()) | Err(TrySendError::Disconnected(_)) => false,
+                Err(TrySendError::Full(_)) => true,
+            },
+            None => true,
+        };
+        if full {
+            let n = self.inner.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(
+                    dropped = n,
+                    "access log output is not keeping up: lines dropped"
+                );
             }
         }
     }
 
-    /// Lines dropped because the queue was full.
+    /// Lines dropped because the queue was full (or the writer could not be started).
     pub fn dropped(&self) -> u64 {
         self.inner.dropped.load(Ordering::Relaxed)
     }
 
     /// Blocks until every line queued so far is written and flushed.
     pub fn flush(&self) {
+        let Some(Some(tx)) = self.inner.tx.get() else {
+            return;
+        };
         let (done, wait) = mpsc::channel();
-        if self.inner.tx.send(Message::Flush(done)).is_ok() {
+        if tx.send(Message::Flush(done)).is_ok() {
             let _ = wait.recv();
         }
     }
 }
 
-/// The writing thread: whatever is queued goes out in one flush.
+/// The writing thread: every [`WRITE_EVERY`], whatever has queued goes out in one flush.
+/// It sleeps rather than waiting on the queue, so that queueing a line never has to wake
+/// it: a wake-up per line would cost the serving threads more than the line itself.
 fn write_lines(out: impl Write, rx: Receiver<Message>) {
     let mut out = BufWriter::with_capacity(64 * 1024, out);
-    while let Ok(first) = rx.recv() {
-        let mut next = Some(first);
-        while let Some(message) = next {
-            match message {
-                Message::Line(line) => {
+    loop {
+        std::thread::sleep(WRITE_EVERY);
+        let mut ended = false;
+        loop {
+            match rx.try_recv() {
+                Ok(Message::Line(line)) => {
                     let _ = out.write_all(line.as_bytes());
                     let _ = out.write_all(b"\n");
                 }
-                Message::Flush(done) => {
+                Ok(Message::Flush(done)) => {
                     let _ = out.flush();
                     let _ = done.send(());
                 }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    ended = true;
+                    break;
+                }
             }
-            next = rx.try_recv().ok();
         }
         let _ = out.flush();
+        if ended {
+            return;
+        }
     }
 }
 
@@ -207,7 +259,7 @@ mod tests {
 
     fn record(format: AccessLog) -> Option<Box<AccessRecord>> {
         let id = HeaderValue::from_static("rid-1");
-        let sink = AccessLogSink::to_writer(std::io::sink(), 1).unwrap();
+        let sink = AccessLogSink::to_writer(std::io::sink(), 1);
         let mut r = AccessRecord::new(
             format,
             &sink,
@@ -277,6 +329,17 @@ mod tests {
     }
 
     #[test]
+    fn the_writer_starts_with_the_first_line() {
+        let sink = AccessLogSink::to_writer(std::io::sink(), 4);
+        sink.flush();
+        assert!(sink.inner.tx.get().is_none(), "started without a line");
+        sink.send("one".into());
+        assert!(matches!(sink.inner.tx.get(), Some(Some(_))));
+        sink.flush();
+        assert_eq!(sink.dropped(), 0);
+    }
+
+    #[test]
     fn a_full_queue_drops_and_counts_instead_of_waiting() {
         let (entered_tx, entered) = mpsc::channel();
         let (release, release_rx) = mpsc::channel();
@@ -286,7 +349,7 @@ mod tests {
             release: release_rx,
             out: out_tx,
         };
-        let sink = AccessLogSink::to_writer(writer, 1).unwrap();
+        let sink = AccessLogSink::to_writer(writer, 1);
         sink.send("one".into());
         // The thread has "one" and is stuck writing it out.
         entered.recv().unwrap();

@@ -56,8 +56,6 @@ pub enum RunError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("cannot start the access log writer: {0}")]
-    AccessLog(#[source] std::io::Error),
 }
 
 /// A proxy whose listeners are bound but not yet serving.
@@ -104,7 +102,7 @@ impl Server {
             runtime.clone(),
         ));
         let watcher = reload::watch(reloader.clone(), reload::DEBOUNCE);
-        let access_log = access_log::AccessLogSink::stdout().map_err(RunError::AccessLog)?;
+        let access_log = access_log::AccessLogSink::stdout();
         Ok(Server {
             listeners,
             admin,
@@ -117,13 +115,8 @@ impl Server {
     }
 
     /// Sends access log lines to `out` instead of standard output.
-    pub fn set_access_log_output(
-        &mut self,
-        out: impl std::io::Write + Send + 'static,
-    ) -> Result<(), RunError> {
-        self.access_log = access_log::AccessLogSink::to_writer(out, access_log::QUEUE_LINES)
-            .map_err(RunError::AccessLog)?;
-        Ok(())
+    pub fn set_access_log_output(&mut self, out: impl std::io::Write + Send + 'static) {
+        self.access_log = access_log::AccessLogSink::to_writer(out, access_log::QUEUE_LINES);
     }
 
     /// Addresses the client listeners are bound to, in config order.
