@@ -6,7 +6,7 @@
 //! requests. The thread is not woken for each line: it writes what has queued up every
 //! [`WRITE_EVERY`], in as few system calls as the buffer allows.
 
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -27,29 +27,54 @@ pub const WRITE_EVERY: Duration = Duration::from_millis(25);
 /// Where access log lines go: a queue of [`QUEUE_LINES`] lines, written out by a thread
 /// of its own, started with the first line (a proxy that logs nothing has no such
 /// thread). A line that finds the queue full is dropped and counted (see
-/// [`AccessLogSink::dropped`]) rather than waited for. Cheap to clone; the thread ends
-/// once every clone is gone and the queue is written.
+/// [`AccessLogSink::dropped`]) rather than waited for. Cheap to clone; when the last
+/// clone goes, what is queued is written before the drop returns (for at most
+/// [`FINAL_WRITE_LIMIT`]).
 #[derive(Debug, Clone)]
 pub struct AccessLogSink {
     inner: Arc<SinkInner>,
 }
 
+/// How long the final write of queued lines, or [`AccessLogSink::flush`], may wait for
+/// an output that does not take them.
+pub const FINAL_WRITE_LIMIT: Duration = Duration::from_secs(2);
+
 struct SinkInner {
-    /// The queue, once the writer is started; `None` if it could not be.
-    tx: OnceLock<Option<SyncSender<Message>>>,
+    /// The queue and the writer's end signal, once the writer is started; `None` if it
+    /// could not be.
+    writer: OnceLock<Option<Writer>>,
     /// The output, until the writer takes it.
     out: Mutex<Option<Box<dyn Write + Send>>>,
     queue: usize,
-    dropped: AtomicU64,
+    /// Lines lost: the queue was full, the writer is not running, or the output failed.
+    dropped: Arc<AtomicU64>,
+}
+
+struct Writer {
+    tx: SyncSender<Message>,
+    /// Disconnected when the writing thread ends.
+    ended: Mutex<Receiver<()>>,
 }
 
 impl std::fmt::Debug for SinkInner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SinkInner")
-            .field("started", &self.tx.get().is_some())
+            .field("running", &matches!(self.writer.get(), Some(Some(_))))
             .field("queue", &self.queue)
             .field("dropped", &self.dropped)
             .finish()
+    }
+}
+
+impl Drop for SinkInner {
+    fn drop(&mut self) {
+        // Closing the queue ends the writer once it has written what is queued.
+        if let Some(Some(Writer { tx, ended })) = self.writer.take() {
+            drop(tx);
+            if let Ok(ended) = ended.lock() {
+                let _ = ended.recv_timeout(FINAL_WRITE_LIMIT);
+            }
+        }
     }
 }
 
@@ -69,10 +94,10 @@ impl AccessLogSink {
     pub fn to_writer(out: impl Write + Send + 'static, queue: usize) -> Self {
         AccessLogSink {
             inner: Arc::new(SinkInner {
-                tx: OnceLock::new(),
+                writer: OnceLock::new(),
                 out: Mutex::new(Some(Box::new(out))),
                 queue,
-                dropped: AtomicU64::new(0),
+                dropped: Arc::new(AtomicU64::new(0)),
             }),
         }
     }
@@ -82,86 +107,137 @@ impl AccessLogSink {
         let start = || {
             let out = self.inner.out.lock().ok()?.take()?;
             let (tx, rx) = mpsc::sync_channel(self.inner.queue);
+            let (alive, ended) = mpsc::channel::<()>();
+            let dropped = self.inner.dropped.clone();
             let started = std::thread::Builder::new()
                 .name("access-log".into())
-                .spawn(move || write_lines(out, rx));
+                .spawn(move || {
+                    write_lines(out, rx, &dropped);
+                    drop(alive);
+                });
             match started {
-                Ok(_) => Some(tx),
+                Ok(_) => Some(Writer {
+                    tx,
+                    ended: Mutex::new(ended),
+                }),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot start the access log writer: access log lines are dropped");
                     None
                 }
             }
         };
-        self.inner.tx.get_or_init(start).as_ref()
+        self.inner.writer.get_or_init(start).as_ref().map(|w| &w.tx)
     }
 
     /// Queues one line (without its newline); never waits.
     pub fn send(&self, line: String) {
-        let full = match self.queue() {
-            Some(tx) => match tx.try_send(Message::Line(line)) {
-                Ok(()) | Err(TrySendError::Disconnected(_)) => false,
-                Err(TrySendError::Full(_)) => true,
-            },
-            None => true,
-        };
-        if full {
-            let n = self.inner.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-            if n.is_power_of_two() {
-                tracing::warn!(
-                    dropped = n,
-                    "access log output is not keeping up: lines dropped"
-                );
-            }
+        let sent = self
+            .queue()
+            .is_some_and(|tx| tx.try_send(Message::Line(line)).is_ok());
+        if !sent {
+            count_dropped(&self.inner.dropped, 1);
         }
     }
 
-    /// Lines dropped because the queue was full (or the writer could not be started).
+    /// Lines lost: the queue was full, the writer is not running, or the output failed.
     pub fn dropped(&self) -> u64 {
         self.inner.dropped.load(Ordering::Relaxed)
     }
 
-    /// Blocks until every line queued so far is written and flushed.
+    /// Waits until every line queued so far is written and flushed, or for at most
+    /// [`FINAL_WRITE_LIMIT`] if the output does not take them.
     pub fn flush(&self) {
-        let Some(Some(tx)) = self.inner.tx.get() else {
+        let Some(Some(writer)) = self.inner.writer.get() else {
             return;
         };
+        let deadline = Instant::now() + FINAL_WRITE_LIMIT;
         let (done, wait) = mpsc::channel();
-        if tx.send(Message::Flush(done)).is_ok() {
-            let _ = wait.recv();
+        let mut message = Message::Flush(done);
+        loop {
+            match writer.tx.try_send(message) {
+                Ok(()) => break,
+                Err(TrySendError::Full(m)) if Instant::now() < deadline => {
+                    message = m;
+                    std::thread::sleep(WRITE_EVERY / 5);
+                }
+                Err(_) => return,
+            }
         }
+        let _ = wait.recv_timeout(deadline.saturating_duration_since(Instant::now()));
     }
 }
 
-/// The writing thread: every [`WRITE_EVERY`], whatever has queued goes out in one flush.
-/// It sleeps rather than waiting on the queue, so that queueing a line never has to wake
-/// it: a wake-up per line would cost the serving threads more than the line itself.
-fn write_lines(out: impl Write, rx: Receiver<Message>) {
-    let mut out = BufWriter::with_capacity(64 * 1024, out);
-    loop {
+fn count_dropped(dropped: &AtomicU64, lines: u64) {
+    let before = dropped.fetch_add(lines, Ordering::Relaxed);
+    // Warn at 1, 2, 4, 8, ... lines lost.
+    if (before + lines).ilog2() != before.checked_ilog2().unwrap_or(u32::MAX) {
+        tracing::warn!(
+            dropped = before + lines,
+            "access log output is not keeping up: lines dropped"
+        );
+    }
+}
+
+/// The writing thread. It waits for a line, lets more gather for [`WRITE_EVERY`], and
+/// writes them all at once; so under load it is woken at most once per interval, and
+/// queueing a line does not cost the serving threads a wake-up each.
+fn write_lines(mut out: impl Write, rx: Receiver<Message>, dropped: &AtomicU64) {
+    let mut batch = Batch::default();
+    while let Ok(first) = rx.recv() {
         std::thread::sleep(WRITE_EVERY);
-        let mut ended = false;
+        let mut next = Ok(first);
         loop {
-            match rx.try_recv() {
+            match next {
                 Ok(Message::Line(line)) => {
-                    let _ = out.write_all(line.as_bytes());
-                    let _ = out.write_all(b"\n");
+                    batch.bytes.extend_from_slice(line.as_bytes());
+                    batch.bytes.push(b'\n');
+                    batch.lines += 1;
+                    if batch.bytes.len() >= BATCH_BYTES {
+                        batch.write(&mut out, dropped);
+                    }
                 }
                 Ok(Message::Flush(done)) => {
-                    let _ = out.flush();
+                    batch.write(&mut out, dropped);
                     let _ = done.send(());
                 }
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
-                    ended = true;
-                    break;
+                    batch.write(&mut out, dropped);
+                    return;
                 }
             }
+            next = rx.try_recv();
         }
-        let _ = out.flush();
-        if ended {
+        batch.write(&mut out, dropped);
+    }
+    batch.write(&mut out, dropped);
+}
+
+/// Bytes of lines written out in one go.
+const BATCH_BYTES: usize = 64 * 1024;
+
+/// Lines waiting in the writing thread.
+#[derive(Default)]
+struct Batch {
+    bytes: Vec<u8>,
+    lines: u64,
+}
+
+impl Batch {
+    /// Writes and flushes the lines; if the output fails, they count as dropped.
+    fn write(&mut self, out: &mut impl Write, dropped: &AtomicU64) {
+        if self.lines == 0 {
             return;
         }
+        if out
+            .write_all(&self.bytes)
+            .and_then(|()| out.flush())
+            .is_err()
+        {
+            count_dropped(dropped, self.lines);
+        }
+        self.bytes.clear();
+        self.lines = 0;
     }
 }
 
@@ -332,15 +408,51 @@ mod tests {
     fn the_writer_starts_with_the_first_line() {
         let sink = AccessLogSink::to_writer(std::io::sink(), 4);
         sink.flush();
-        assert!(sink.inner.tx.get().is_none(), "started without a line");
+        assert!(sink.inner.writer.get().is_none(), "started without a line");
         sink.send("one".into());
-        assert!(matches!(sink.inner.tx.get(), Some(Some(_))));
+        assert!(matches!(sink.inner.writer.get(), Some(Some(_))));
         sink.flush();
         assert_eq!(sink.dropped(), 0);
     }
 
+    struct Failing;
+
+    impl Write for Failing {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn lines_the_output_refuses_count_as_dropped() {
+        let sink = AccessLogSink::to_writer(Failing, 8);
+        for line in ["one", "two", "three"] {
+            sink.send(line.into());
+        }
+        sink.flush();
+        assert_eq!(sink.dropped(), 3);
+    }
+
     #[test]
     fn a_full_queue_drops_and_counts_instead_of_waiting() {
+        // On a thread of its own, so that a send that waits fails the test rather than
+        // hanging it.
+        let (finished, done) = mpsc::channel();
+        let test = std::thread::spawn(move || {
+            full_queue_case();
+            let _ = finished.send(());
+        });
+        if let Err(mpsc::RecvTimeoutError::Timeout) = done.recv_timeout(Duration::from_secs(10)) {
+            panic!("a send waited for the stalled writer");
+        }
+        test.join().expect("the case passed");
+    }
+
+    fn full_queue_case() {
         let (entered_tx, entered) = mpsc::channel();
         let (release, release_rx) = mpsc::channel();
         let (out_tx, out) = mpsc::channel();

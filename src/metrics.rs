@@ -141,7 +141,7 @@ pub fn render(
     )?;
     let access_log = IntCounter::new(
         "switchyard_access_log_dropped_total",
-        "Access log lines dropped because their output did not keep up.",
+        "Access log lines lost because their output did not keep up or failed.",
     )?;
     r.register(Box::new(access_log.clone()))?;
     let build = gauge_vec(

@@ -432,6 +432,9 @@ mod tests {
         // Once the pool's state is gone, the task ends when it next wakes.
         drop(state);
         room_wanted.notify_one();
-        task.await.expect("the task ended");
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the task ended")
+            .expect("the task did not fail");
     }
 }

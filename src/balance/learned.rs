@@ -2,14 +2,16 @@
 //! application's own session cookie (e.g. `JSESSIONID`), so later requests carrying that
 //! value go back to it.
 //!
-//! Entries expire after `ttl` without use. The table never holds more than
-//! `max_entries`. Room is made in batches, by evicting the least recently used entries
-//! (by a logical clock of uses) down to `max_entries` less a thirty-second, so the scan
-//! is paid once per many inserts rather than on each. A scan of a large table takes tens
-//! of milliseconds, so it is asked for early, when the table is within a sixty-fourth of
-//! its limit, from whoever waits on [`Learned::room_wanted`] (the pool's tending task, on a
-//! thread that serves no traffic). Only a table that fills up anyway, faster than that
-//! eviction runs, or with no one waiting, is evicted on the inserting thread.
+//! Entries expire after `ttl` without use. The table holds at most `max_entries`
+//! (inserts racing on several threads may pass it by a few, until the next insert makes
+//! room). Room is made in batches, by evicting the least recently used entries (by a
+//! logical clock of uses) down to `max_entries` less a thirty-second, so the scan is paid
+//! once per many inserts rather than on each. A scan of a large table takes tens of
+//! milliseconds, so, in tables of 64 entries or more, it is asked for early, when the
+//! table is within a sixty-fourth of its limit, from whoever waits on
+//! [`Learned::room_wanted`] (the pool's tending task, on a thread that serves no
+//! traffic). Only a table that fills up anyway (faster than that eviction runs, with no
+//! one waiting, or under 64 entries) is evicted on the inserting thread.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -68,11 +70,21 @@ impl Learned {
         self.room_wanted.clone()
     }
 
-    /// Applies new limits from a reloaded configuration.
+    /// Applies new limits from a reloaded configuration. A table now over its limit
+    /// asks for room at once rather than at the next insert.
     pub fn set_limits(&self, ttl_secs: u64, max_entries: usize) {
+        let max = max_entries.max(1);
         self.ttl_secs.store(ttl_secs, Ordering::Relaxed);
-        self.max_entries
-            .store(max_entries.max(1), Ordering::Relaxed);
+        self.max_entries.store(max, Ordering::Relaxed);
+        if self.map.len() >= max {
+            self.ask_for_room();
+        }
+    }
+
+    fn ask_for_room(&self) {
+        if !self.room_asked.swap(true, Ordering::Relaxed) {
+            self.room_wanted.notify_one();
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -115,10 +127,13 @@ impl Learned {
         }
         let max = self.max_entries.load(Ordering::Relaxed);
         let len = self.map.len();
+        // Asked early only where a sixty-fourth is at least one entry: a smaller table
+        // is cheap to scan here, and keeps every one of its entries until it is full.
+        let early = max / 64;
         if len >= max && !self.map.contains_key(value) {
             self.make_room();
-        } else if len + 1 >= max - max / 64 && !self.room_asked.swap(true, Ordering::Relaxed) {
-            self.room_wanted.notify_one();
+        } else if early > 0 && len + 1 >= max - early {
+            self.ask_for_room();
         }
         self.map.insert(
             value.into(),
@@ -256,6 +271,24 @@ mod tests {
             wanted.notified().now_or_never().is_some(),
             "not asked again"
         );
+    }
+
+    #[test]
+    fn small_tables_keep_every_entry_until_full() {
+        use futures_util::FutureExt;
+        for max in [1usize, 3, 63] {
+            let t = Learned::new(1_000_000, max);
+            let wanted = t.room_wanted();
+            for i in 0..max {
+                t.learn(&format!("s{i}"), &id("a"), 7);
+            }
+            assert_eq!(t.len(), max);
+            assert!(wanted.notified().now_or_never().is_none(), "max {max}");
+            // Full: the insert makes room itself, and the new session is kept.
+            t.learn("new", &id("a"), 7);
+            assert!(t.len() <= max, "max {max}");
+            assert_eq!(t.lookup("new", 7), Lookup::Hit(id("a")), "max {max}");
+        }
     }
 
     #[test]

@@ -374,23 +374,15 @@ fn forward<'a>(
                 return Err(failed(pool, None, e));
             }
         };
-        let resp = answered(
-            pool,
-            &plan,
-            i,
-            resp,
-            in_flight.backend(),
-            upgrade,
-            client.tls,
-        );
-        let resp = resp?;
-        if log.is_some() || pool.metrics {
-            let elapsed = start.elapsed();
+        // Until the response head: the affinity work on the response is not the backend's.
+        let elapsed = (log.is_some() || pool.metrics).then(|| start.elapsed());
+        let backend = in_flight.backend();
+        let resp = answered(pool, &plan, i, resp, backend, upgrade, client.tls)?;
+        if let Some(elapsed) = elapsed {
             if let Some(l) = log.as_mut() {
                 l.set_upstream(elapsed);
             }
             if pool.metrics {
-                let backend = in_flight.backend();
                 backend.stats.count_response(resp.status().as_u16());
                 backend.stats.duration.observe(elapsed.as_secs_f64());
             }
