@@ -349,7 +349,7 @@ fn forward<'a>(
         if let Some(o) = plan.outcome {
             pool.count_outcome(o);
         }
-        let (i, resp, tx, in_flight) = match (result, reset, unreachable) {
+        let (i, mut resp, tx, in_flight) = match (result, reset, unreachable) {
             (Some(Ok(r)), _, _) => r,
             // A backend was reached and failed to answer (502).
             (_, Some((e, backend)), _) => {
@@ -374,11 +374,16 @@ fn forward<'a>(
                 return Err(failed(pool, None, e));
             }
         };
-        // Until the response head: the affinity work on the response is not the backend's.
-        let elapsed = (log.is_some() || pool.metrics).then(|| start.elapsed());
         let backend = in_flight.backend();
-        let resp = answered(pool, &plan, i, resp, backend, upgrade, client.tls)?;
-        if let Some(elapsed) = elapsed {
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS && !upgrade {
+            tracing::warn!(pool = %pool.name, backend = %backend.id, "backend switched protocols without an upgrade request");
+            passive(pool, backend, false);
+            let e = ProxyError::BadUpgrade("unrequested 101");
+            return Err(failed(pool, Some(backend), e));
+        }
+        // Until the response head: the affinity work below is not the backend's.
+        if log.is_some() || pool.metrics {
+            let elapsed = start.elapsed();
             if let Some(l) = log.as_mut() {
                 l.set_upstream(elapsed);
             }
@@ -387,31 +392,21 @@ fn forward<'a>(
                 backend.stats.duration.observe(elapsed.as_secs_f64());
             }
         }
+        answered(pool, &plan, i, &mut resp, backend, client.tls);
         Ok((resp, tx, in_flight))
     }
 }
 
-/// What follows a backend's response head: a 101 the request did not ask for is refused
-/// (502); otherwise the response feeds outlier detection and affinity (cookies issued or
-/// sessions learned).
+/// What follows a backend's answer: it feeds outlier detection and affinity (a cookie
+/// issued, or a session learned).
 fn answered(
     pool: &Pool,
     plan: &Plan,
     i: usize,
-    mut resp: Response<Incoming>,
+    resp: &mut Response<Incoming>,
     backend: &Arc<Backend>,
-    upgrade: bool,
     tls: bool,
-) -> Result<Response<Incoming>, ProxyError> {
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS && !upgrade {
-        tracing::warn!(pool = %pool.name, backend = %backend.id, "backend switched protocols without an upgrade request");
-        passive(pool, backend, false);
-        return Err(failed(
-            pool,
-            Some(backend),
-            ProxyError::BadUpgrade("unrequested 101"),
-        ));
-    }
+) {
     passive(pool, backend, !resp.status().is_server_error());
     if plan.outcome.is_some() {
         if plan.issue_cookie() {
@@ -421,7 +416,6 @@ fn answered(
         }
         pool.learn_from(i, resp.headers());
     }
-    Ok(resp)
 }
 
 /// Feeds a request's result to the backend's outlier detection.
