@@ -274,6 +274,23 @@ mod tests {
     }
 
     #[test]
+    fn a_lowered_limit_asks_for_room_at_once() {
+        use futures_util::FutureExt;
+        let t = Learned::new(1_000_000, 100);
+        let wanted = t.room_wanted();
+        for i in 0..60u64 {
+            t.learn(&format!("s{i}"), &id("a"), 7);
+        }
+        t.set_limits(1_000_000, 80);
+        assert!(wanted.notified().now_or_never().is_none(), "still under");
+        t.set_limits(1_000_000, 50);
+        assert!(wanted.notified().now_or_never().is_some(), "not asked");
+        t.make_room();
+        // 50 less a thirty-second (at least one).
+        assert_eq!(t.len(), 49);
+    }
+
+    #[test]
     fn small_tables_keep_every_entry_until_full() {
         use futures_util::FutureExt;
         for max in [1usize, 3, 63] {

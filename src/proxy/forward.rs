@@ -273,12 +273,11 @@ fn forward<'a>(
                         };
                         let sent =
                             tokio::time::timeout(pool.response_timeout, tx.try_send_request(req));
-                        let e = match sent.await {
+                        let mut e = match sent.await {
                             Err(_) => break Some(Err(SendError::Timeout(pool.response_timeout))),
                             Ok(Ok(resp)) => break Some(Ok(resp)),
                             Ok(Err(e)) => e,
                         };
-                        let mut e = e;
                         let Some(unsent) = e.take_message() else {
                             break Some(Err(SendError::of(e.into_error())));
                         };
