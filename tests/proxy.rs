@@ -556,6 +556,57 @@ async fn shutdown_closes_connections_still_busy_when_the_grace_period_is_over() 
 }
 
 #[tokio::test]
+async fn shutdown_closes_idle_connections_without_waiting_out_the_grace_period() {
+    let a = named_backend("a").await;
+    let mut proxy = TestProxy::start(&format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nshutdown_grace = \"1h\"\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n[pools.p]\nbackends = [\"{a}\"]\n"
+    ))
+    .await;
+    // Connections that sent nothing yet, or part of the HTTP/2 preface. Connections are
+    // accepted in order, so the requests below are answered only after these were taken.
+    let silent = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut partial = TcpStream::connect(proxy.addr).await.unwrap();
+    partial.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    // An HTTP/1.1 keep-alive connection and an HTTP/2 one, each idle after a request.
+    let mut h1 = TcpStream::connect(proxy.addr).await.unwrap();
+    h1.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 65536];
+    let n = h1.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    let (mut h2, h2_conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(TcpStream::connect(proxy.addr).await.unwrap()),
+    )
+    .await
+    .unwrap();
+    let h2_conn = tokio::spawn(h2_conn);
+    let req = Request::get(format!("http://x:{}/", proxy.addr.port()))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(h2.send_request(req).await.unwrap().status(), 200);
+
+    tokio::time::timeout(LIMIT, proxy.shutdown())
+        .await
+        .expect("the proxy stopped without waiting out the grace period")
+        .unwrap();
+    for mut s in [silent, partial, h1] {
+        let mut rest = Vec::new();
+        let end = tokio::time::timeout(LIMIT, s.read_to_end(&mut rest))
+            .await
+            .expect("the connection was closed");
+        assert!(end.is_err() || rest.is_empty(), "{end:?} {rest:?}");
+    }
+    tokio::time::timeout(LIMIT, h2_conn)
+        .await
+        .expect("the HTTP/2 connection was closed")
+        .unwrap()
+        .expect("closed with GOAWAY, not torn down");
+}
+
+#[tokio::test]
 async fn h2c_prior_knowledge() {
     let a = named_backend("a").await;
     let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;

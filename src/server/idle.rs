@@ -22,14 +22,20 @@
 //! wake-ups for it. While a request is in progress the stamps are not needed (nothing
 //! can expire, and the end of the response stamps the time), so the socket wrapper only
 //! reads the clock on a connection with no request in progress.
+//!
+//! The watchdog also carries graceful shutdown to the connection: it sets a flag and
+//! wakes the connection's task, which looks at the flag each time it runs. That costs
+//! the request path a load and a waker comparison, where a channel receiver polled with
+//! the connection would take a lock on every wake-up.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 const NONE: u64 = u64::MAX;
@@ -48,6 +54,10 @@ pub struct Activity {
     /// Only the idle rule applies: the connection speaks HTTP/2, or was upgraded to a
     /// tunnel.
     idle_rule_only: AtomicBool,
+    /// The server is shutting down: finish the request in progress, then close.
+    stop: AtomicBool,
+    /// Woken when `stop` is set: the task serving the connection.
+    stop_waker: Mutex<Option<Waker>>,
 }
 
 /// Which limit closed a connection.
@@ -65,7 +75,63 @@ impl Activity {
             head_started_ms: AtomicU64::new(NONE),
             active: AtomicUsize::new(0),
             idle_rule_only: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            stop_waker: Mutex::new(None),
         })
+    }
+
+    /// Asks the connection to shut down gracefully.
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        let waker = self.lock_waker().take();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Whether the connection should shut down. If not yet, `cx`'s task is woken when it
+    /// should; `registered` is the waker last stored by this caller, so that a task
+    /// polled again with the same waker (the usual case) stores nothing.
+    #[inline]
+    pub fn poll_stop(&self, cx: &Context<'_>, registered: &mut Option<Waker>) -> bool {
+        if self.stop.load(Ordering::Acquire) {
+            return true;
+        }
+        if registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            return false;
+        }
+        self.register_stop_waker(cx, registered)
+    }
+
+    #[cold]
+    fn register_stop_waker(&self, cx: &Context<'_>, registered: &mut Option<Waker>) -> bool {
+        *self.lock_waker() = Some(cx.waker().clone());
+        *registered = Some(cx.waker().clone());
+        // A stop requested before the waker was stored found none to wake.
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the connection should shut down.
+    pub async fn stopped(&self) {
+        let mut registered = None;
+        std::future::poll_fn(|cx| {
+            if self.poll_stop(cx, &mut registered) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    /// Forgets the stored waker (its task no longer serves the connection).
+    pub fn clear_stop_waker(&self) {
+        self.lock_waker().take();
+    }
+
+    fn lock_waker(&self) -> std::sync::MutexGuard<'_, Option<Waker>> {
+        // A waker slot cannot be left inconsistent by a panic.
+        self.stop_waker.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn now_ms(&self) -> u64 {
@@ -171,11 +237,12 @@ impl Drop for ActiveRequest {
 
 /// A socket that reports its traffic to an [`Activity`], and holds `G` (the
 /// connection's slot and gauge) for as long as the socket lives, an upgraded tunnel's
-/// life included.
+/// life included. Bytes handed back with [`TrackedIo::unread`] are read again first.
 #[derive(Debug)]
 pub struct TrackedIo<T, G> {
     inner: T,
     activity: Arc<Activity>,
+    unread: Bytes,
     _guard: G,
 }
 
@@ -184,8 +251,15 @@ impl<T, G> TrackedIo<T, G> {
         TrackedIo {
             inner,
             activity,
+            unread: Bytes::new(),
             _guard: guard,
         }
+    }
+
+    /// Puts `bytes`, already read, back in front of what the socket has yet to deliver.
+    pub fn unread(&mut self, bytes: Bytes) {
+        debug_assert!(self.unread.is_empty());
+        self.unread = bytes;
     }
 }
 
@@ -195,6 +269,13 @@ impl<T: AsyncRead + Unpin, G: Unpin> AsyncRead for TrackedIo<T, G> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if !self.unread.is_empty() {
+            // Counted as activity when they were first read.
+            let n = self.unread.len().min(buf.remaining());
+            buf.put_slice(&self.unread[..n]);
+            self.unread.advance(n);
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {

@@ -1,27 +1,35 @@
 //! Client-facing listeners: accept loop, connection limit, per-connection timeouts and
 //! graceful shutdown.
 //!
-//! Every listener serves HTTP/1.1 and HTTP/2 with prior knowledge (h2c) through
-//! hyper-util's auto builder. A [`ListenerKind`] says how a connection is set up before
-//! HTTP, so TLS listeners can join as another kind.
+//! Every listener serves HTTP/1.1 and HTTP/2 with prior knowledge (h2c): a connection
+//! that opens with the HTTP/2 preface gets hyper's HTTP/2 server, any other its HTTP/1
+//! server. A [`ListenerKind`] says how a connection is set up before HTTP, so TLS
+//! listeners (where ALPN picks the protocol) can join as another kind.
 
 pub mod idle;
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Limits;
-use crate::proxy::{ClientInfo, Proxy};
+use crate::proxy::{ClientInfo, Proxy, ProxyBody};
 
 use idle::{Activity, TrackedIo};
 
@@ -72,21 +80,135 @@ impl Listener {
     }
 }
 
-/// The HTTP connection builder with the configured limits.
-pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        // Enforced per request head by `idle::Activity` instead; see there.
-        .header_read_timeout(None)
-        .max_buf_size(limits.max_header_bytes)
-        .keep_alive(true)
-        // One flattened write per response head and body chunk: fewer syscalls.
-        .writev(false);
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
-    b
+/// hyper's HTTP/1 and HTTP/2 connection builders, with the configured limits.
+#[derive(Debug)]
+pub struct HttpBuilders {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+}
+
+impl HttpBuilders {
+    pub fn new(limits: &Limits) -> Self {
+        let mut http1 = http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            // Enforced per request head by `idle::Activity` instead; see there.
+            .header_read_timeout(None)
+            .max_buf_size(limits.max_header_bytes)
+            .keep_alive(true)
+            // One flattened write per response head and body chunk: fewer syscalls.
+            .writev(false);
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+        HttpBuilders { http1, http2 }
+    }
+}
+
+/// What a client connection opens with: the HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The HTTP version a cleartext connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Http {
+    One,
+    Two,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The socket of a client connection, with its slot and gauge.
+type ClientIo = TrackedIo<TcpStream, (OwnedSemaphorePermit, Open)>;
+
+/// Reads until the bytes either are the HTTP/2 preface or cannot be, then puts them back.
+/// `None` when the client closed first.
+async fn sniff<T: AsyncRead + Unpin, G: Unpin>(
+    io: &mut TrackedIo<T, G>,
+) -> std::io::Result<Option<Http>> {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    let mut n = 0;
+    let version = loop {
+        let read = io.read(&mut buf[n..]).await?;
+        if read == 0 {
+            // Closed before a whole preface: whatever came is left to HTTP/1 to refuse.
+            break (n > 0).then_some(Http::One);
+        }
+        n += read;
+        if buf[..n] != H2_PREFACE[..n] {
+            break Some(Http::One);
+        }
+        if n == H2_PREFACE.len() {
+            break Some(Http::Two);
+        }
+    };
+    io.unread(Bytes::copy_from_slice(&buf[..n]));
+    Ok(version)
+}
+
+/// Serves one client connection until it closes, shutting it down gracefully (the
+/// request in progress finishes, an HTTP/2 client gets GOAWAY) once its activity says
+/// the server is stopping.
+async fn serve_connection<S, F>(
+    builders: Arc<HttpBuilders>,
+    mut io: ClientIo,
+    activity: Arc<Activity>,
+    svc: S,
+    peer: SocketAddr,
+) where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<ProxyBody>, Future = F>,
+    S::Error: Into<BoxError>,
+    F: Future<Output = Result<Response<ProxyBody>, S::Error>> + Send + 'static,
+{
+    let version = tokio::select! {
+        v = sniff(&mut io) => v,
+        _ = activity.stopped() => return,
+    };
+    let result = match version {
+        Ok(None) => return,
+        Err(e) => Err(BoxError::from(e)),
+        Ok(Some(Http::One)) => {
+            let conn = builders
+                .http1
+                .serve_connection(TokioIo::new(io), svc)
+                .with_upgrades();
+            drive(pin!(conn), &activity, |c| c.graceful_shutdown()).await
+        }
+        Ok(Some(Http::Two)) => {
+            let conn = builders.http2.serve_connection(TokioIo::new(io), svc);
+            drive(pin!(conn), &activity, |c| c.graceful_shutdown()).await
+        }
+    };
+    activity.clear_stop_waker();
+    if let Err(e) = result {
+        tracing::debug!(client = %peer, error = %e, "client connection error");
+    }
+}
+
+/// Polls `conn` to its end, asking it once to shut down gracefully when `activity` says
+/// the server is stopping.
+async fn drive<C, E>(
+    mut conn: Pin<&mut C>,
+    activity: &Activity,
+    shutdown: impl Fn(Pin<&mut C>),
+) -> Result<(), BoxError>
+where
+    C: Future<Output = Result<(), E>>,
+    E: Into<BoxError>,
+{
+    let mut registered = None;
+    let mut asked = false;
+    std::future::poll_fn(|cx| {
+        if !asked && activity.poll_stop(cx, &mut registered) {
+            asked = true;
+            shutdown(conn.as_mut());
+        }
+        match conn.as_mut().poll(cx) {
+            Poll::Ready(r) => Poll::Ready(r.map_err(Into::into)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// Accepts and serves connections until `shutdown` turns true, then stops accepting and
@@ -100,8 +222,8 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
     close: CancellationToken,
 ) {
-    let builder = Arc::new(http_builder(&limits));
-    let graceful = GracefulShutdown::new();
+    let builders = Arc::new(HttpBuilders::new(&limits));
+    let connections = TaskTracker::new();
     let tls = listener.kind != ListenerKind::Plain;
     loop {
         let permit = tokio::select! {
@@ -128,7 +250,7 @@ pub async fn serve(
         // (WebSocket) keeps both until the tunnel closes.
         let guard = (permit, Open::new(&listener.active));
         let activity = Activity::new();
-        let io = TokioIo::new(TrackedIo::new(stream, activity.clone(), guard));
+        let io = TrackedIo::new(stream, activity.clone(), guard);
         let info = ClientInfo { addr: peer, tls };
         let proxy = proxy.clone();
         let svc_activity = activity.clone();
@@ -136,34 +258,134 @@ pub async fn serve(
             let active = svc_activity.begin(req.version());
             proxy.clone().handle(info, Some(active), req)
         });
-        let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
-        let conn = graceful.watch(conn);
         let idle_timeout = limits.idle_timeout;
         let header_timeout = limits.header_read_timeout;
-        let mut served = tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(client = %peer, error = %e, "client connection error");
-            }
-        });
-        // The timers and the end of the grace period watch from a task of their own:
-        // polled with the connection, they would be polled on every wake-up of it.
+        let mut served = tokio::spawn(serve_connection(
+            builders.clone(),
+            io,
+            activity.clone(),
+            svc,
+            peer,
+        ));
+        // The timers, shutdown and the end of the grace period watch from a task of
+        // their own: polled with the connection, they would be polled on every wake-up
+        // of it. Serving ends when this task does.
         let close = close.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = &mut served => {}
-                why = activity.expired(idle_timeout, header_timeout) => {
-                    tracing::debug!(client = %peer, ?why, "closing client connection");
-                    served.abort();
+        let mut shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let mut stopping = false;
+            loop {
+                tokio::select! {
+                    _ = &mut served => break,
+                    why = activity.expired(idle_timeout, header_timeout) => {
+                        tracing::debug!(client = %peer, ?why, "closing client connection");
+                        served.abort();
+                        break;
+                    }
+                    _ = close.cancelled() => {
+                        served.abort();
+                        break;
+                    }
+                    _ = stopped(&mut shutdown), if !stopping => {
+                        stopping = true;
+                        activity.request_stop();
+                    }
                 }
-                _ = close.cancelled() => served.abort(),
             }
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    connections.close();
+    connections.wait().await;
 }
 
 /// Resolves once `rx` holds `true` (or its sender is gone).
 pub async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::task::Context;
+
+    use tokio::io::ReadBuf;
+
+    use super::*;
+
+    /// A socket that delivers the given chunks, one per read, then end of stream.
+    struct Chunks(VecDeque<&'static [u8]>);
+
+    impl AsyncRead for Chunks {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            if let Some(chunk) = self.0.pop_front() {
+                let n = chunk.len().min(buf.remaining());
+                buf.put_slice(&chunk[..n]);
+                if n < chunk.len() {
+                    self.0.push_front(&chunk[n..]);
+                }
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// What `sniff` finds in `chunks`, and every byte read after it.
+    async fn sniffed(chunks: &[&'static [u8]]) -> (Option<Http>, Vec<u8>) {
+        let mut io = TrackedIo::new(
+            Chunks(chunks.iter().copied().collect()),
+            Activity::new(),
+            (),
+        );
+        let version = sniff(&mut io).await.unwrap();
+        // Small reads, so that the bytes put back take more than one.
+        let mut all = Vec::new();
+        let mut buf = [0u8; 5];
+        loop {
+            let n = io.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&buf[..n]);
+        }
+        (version, all)
+    }
+
+    #[tokio::test]
+    async fn the_http2_preface_is_recognised_however_it_is_split() {
+        let frames: &[u8] = b"\0\0\0\x04\0\0\0\0\0";
+        for split in [
+            &[H2_PREFACE.as_slice(), frames][..],
+            &[b"PRI * HT", b"TP/2.0\r\n\r\nSM\r", b"\n\r\n", frames],
+        ] {
+            let (version, bytes) = sniffed(split).await;
+            assert_eq!(version, Some(Http::Two));
+            assert_eq!(bytes, [H2_PREFACE.as_slice(), frames].concat());
+        }
+    }
+
+    #[tokio::test]
+    async fn anything_else_is_http1_and_reads_back_whole() {
+        let cases: [&[&'static [u8]]; 4] = [
+            &[b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"],
+            // A first read that could still have been the preface.
+            &[b"P", b"OST /form HTTP/1.1\r\n", b"Host: x\r\n\r\n"],
+            &[b"PRI * HTTP/1.1\r\n\r\n"],
+            // Closed after part of the preface: HTTP/1 refuses what came.
+            &[b"PRI * HT"],
+        ];
+        for chunks in cases {
+            let (version, bytes) = sniffed(chunks).await;
+            assert_eq!(version, Some(Http::One), "{chunks:?}");
+            assert_eq!(bytes, chunks.concat(), "{chunks:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_at_once_is_neither() {
+        assert_eq!(sniffed(&[]).await, (None, Vec::new()));
+    }
 }
