@@ -555,11 +555,30 @@ async fn shutdown_closes_connections_still_busy_when_the_grace_period_is_over() 
     );
 }
 
+/// An HTTP/2 (prior knowledge) client connection to `addr`, and the task driving it.
+async fn h2_connect(
+    addr: std::net::SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    tokio::task::JoinHandle<Result<(), hyper::Error>>,
+) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (tx, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    (tx, tokio::spawn(conn))
+}
+
 #[tokio::test]
 async fn shutdown_closes_idle_connections_without_waiting_out_the_grace_period() {
     let a = named_backend("a").await;
+    // No timer of the proxy's own could close these connections within the test.
     let mut proxy = TestProxy::start(&format!(
         "[server]\nlisten = [\"127.0.0.1:0\"]\nshutdown_grace = \"1h\"\n\
+         [server.limits]\nidle_timeout = \"1h\"\nheader_read_timeout = \"1h\"\n\
          [admin]\nlisten = \"127.0.0.1:0\"\n[pools.p]\nbackends = [\"{a}\"]\n"
     ))
     .await;
@@ -569,55 +588,51 @@ async fn shutdown_closes_idle_connections_without_waiting_out_the_grace_period()
     let mut partial = TcpStream::connect(proxy.addr).await.unwrap();
     partial.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
     // An HTTP/1.1 keep-alive connection and an HTTP/2 one, each idle after a request.
-    let mut h1 = TcpStream::connect(proxy.addr).await.unwrap();
-    h1.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = vec![0u8; 65536];
-    let n = h1.read(&mut buf).await.unwrap();
-    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
-    let (mut h2, h2_conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(TcpStream::connect(proxy.addr).await.unwrap()),
-    )
+    let (mut h1, h1_conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(
+        TcpStream::connect(proxy.addr).await.unwrap(),
+    ))
     .await
     .unwrap();
-    let h2_conn = tokio::spawn(h2_conn);
-    let req = Request::get(format!("http://x:{}/", proxy.addr.port()))
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    assert_eq!(h2.send_request(req).await.unwrap().status(), 200);
+    let h1_conn = tokio::spawn(h1_conn);
+    let (mut h2, h2_conn) = h2_connect(proxy.addr).await;
+    for version in [http::Version::HTTP_11, http::Version::HTTP_2] {
+        let req = Request::get(format!("http://x:{}/", proxy.addr.port()))
+            .header("host", "x")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = match version {
+            http::Version::HTTP_11 => h1.send_request(req).await.unwrap(),
+            _ => h2.send_request(req).await.unwrap(),
+        };
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.unwrap();
+    }
 
     tokio::time::timeout(LIMIT, proxy.shutdown())
         .await
         .expect("the proxy stopped without waiting out the grace period")
         .unwrap();
-    for mut s in [silent, partial, h1] {
+    for mut s in [silent, partial] {
         let mut rest = Vec::new();
         let end = tokio::time::timeout(LIMIT, s.read_to_end(&mut rest))
             .await
             .expect("the connection was closed");
         assert!(end.is_err() || rest.is_empty(), "{end:?} {rest:?}");
     }
-    tokio::time::timeout(LIMIT, h2_conn)
-        .await
-        .expect("the HTTP/2 connection was closed")
-        .unwrap()
-        .expect("closed with GOAWAY, not torn down");
+    for (conn, what) in [(h1_conn, "HTTP/1.1"), (h2_conn, "HTTP/2")] {
+        tokio::time::timeout(LIMIT, conn)
+            .await
+            .unwrap_or_else(|_| panic!("the {what} connection was closed"))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("the {what} connection closed cleanly: {e}"));
+    }
 }
 
 #[tokio::test]
 async fn h2c_prior_knowledge() {
     let a = named_backend("a").await;
     let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
-    let stream = TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut tx, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let (mut tx, _conn) = h2_connect(proxy.addr).await;
     for _ in 0..3 {
         let req = Request::get(format!("http://h2.example.com:{}/two", proxy.addr.port()))
             .body(Full::new(Bytes::new()))

@@ -81,7 +81,7 @@ impl Activity {
     }
 
     /// Asks the connection to shut down gracefully.
-    pub fn request_stop(&self) {
+    pub(crate) fn request_stop(&self) {
         self.stop.store(true, Ordering::Release);
         let waker = self.lock_waker().take();
         if let Some(w) = waker {
@@ -91,9 +91,10 @@ impl Activity {
 
     /// Whether the connection should shut down. If not yet, `cx`'s task is woken when it
     /// should; `registered` is the waker last stored by this caller, so that a task
-    /// polled again with the same waker (the usual case) stores nothing.
+    /// polled again with the same waker (the usual case) stores nothing. There is one
+    /// waker slot: only the task serving the connection may wait.
     #[inline]
-    pub fn poll_stop(&self, cx: &Context<'_>, registered: &mut Option<Waker>) -> bool {
+    pub(crate) fn poll_stop(&self, cx: &Context<'_>, registered: &mut Option<Waker>) -> bool {
         if self.stop.load(Ordering::Acquire) {
             return true;
         }
@@ -111,8 +112,8 @@ impl Activity {
         self.stop.load(Ordering::Acquire)
     }
 
-    /// Resolves once the connection should shut down.
-    pub async fn stopped(&self) {
+    /// Resolves once the connection should shut down (for the task serving it only).
+    pub(crate) async fn stopped(&self) {
         let mut registered = None;
         std::future::poll_fn(|cx| {
             if self.poll_stop(cx, &mut registered) {
@@ -125,7 +126,7 @@ impl Activity {
     }
 
     /// Forgets the stored waker (its task no longer serves the connection).
-    pub fn clear_stop_waker(&self) {
+    pub(crate) fn clear_stop_waker(&self) {
         self.lock_waker().take();
     }
 
@@ -320,5 +321,69 @@ impl<T: AsyncWrite + Unpin, G: Unpin> AsyncWrite for TrackedIo<T, G> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::task::Wake;
+
+    use super::*;
+
+    /// Counts its wake-ups.
+    #[derive(Default)]
+    struct Counter(AtomicUsize);
+
+    impl Wake for Counter {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_stop_wakes_the_stored_waker_once_and_is_seen_from_then_on() {
+        let activity = Activity::new();
+        let counter = Arc::new(Counter::default());
+        let waker = Waker::from(counter.clone());
+        let cx = Context::from_waker(&waker);
+        let mut registered = None;
+        assert!(!activity.poll_stop(&cx, &mut registered));
+        // Polled again with the same waker: nothing new is stored, nothing is woken.
+        assert!(!activity.poll_stop(&cx, &mut registered));
+        assert_eq!(counter.0.load(Ordering::SeqCst), 0);
+        activity.request_stop();
+        assert_eq!(counter.0.load(Ordering::SeqCst), 1);
+        assert!(activity.poll_stop(&cx, &mut registered));
+        activity.request_stop();
+        assert_eq!(
+            counter.0.load(Ordering::SeqCst),
+            1,
+            "no waker is left to wake"
+        );
+    }
+
+    #[test]
+    fn a_stop_before_any_waker_is_stored_is_seen_at_once() {
+        let activity = Activity::new();
+        activity.request_stop();
+        let counter = Arc::new(Counter::default());
+        let waker = Waker::from(counter.clone());
+        assert!(activity.poll_stop(&Context::from_waker(&waker), &mut None));
+        assert_eq!(counter.0.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn a_new_waker_replaces_the_stored_one() {
+        let activity = Activity::new();
+        let (first, second) = (Arc::new(Counter::default()), Arc::new(Counter::default()));
+        let mut registered = None;
+        let w1 = Waker::from(first.clone());
+        assert!(!activity.poll_stop(&Context::from_waker(&w1), &mut registered));
+        let w2 = Waker::from(second.clone());
+        assert!(!activity.poll_stop(&Context::from_waker(&w2), &mut registered));
+        activity.request_stop();
+        assert_eq!(first.0.load(Ordering::SeqCst), 0);
+        assert_eq!(second.0.load(Ordering::SeqCst), 1);
     }
 }

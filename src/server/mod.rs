@@ -279,18 +279,21 @@ pub async fn serve(
                     _ = &mut served => break,
                     why = activity.expired(idle_timeout, header_timeout) => {
                         tracing::debug!(client = %peer, ?why, "closing client connection");
-                        served.abort();
                         break;
                     }
-                    _ = close.cancelled() => {
-                        served.abort();
-                        break;
-                    }
+                    _ = close.cancelled() => break,
                     _ = stopped(&mut shutdown), if !stopping => {
                         stopping = true;
                         activity.request_stop();
                     }
                 }
+            }
+            // Closed by a timer or at the end of the grace period: the tracker counts this
+            // task until the connection (its socket, slot and unfinished response, whose
+            // access log line is written when it drops) is really gone.
+            if !served.is_finished() {
+                served.abort();
+                let _ = served.await;
             }
         });
     }
