@@ -13,7 +13,6 @@ use std::net::SocketAddr;
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -82,13 +81,13 @@ impl Listener {
 
 /// hyper's HTTP/1 and HTTP/2 connection builders, with the configured limits.
 #[derive(Debug)]
-pub struct HttpBuilders {
+struct HttpBuilders {
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
 }
 
 impl HttpBuilders {
-    pub fn new(limits: &Limits) -> Self {
+    fn new(limits: &Limits) -> Self {
         let mut http1 = http1::Builder::new();
         http1
             .timer(TokioTimer::new())
@@ -203,10 +202,7 @@ where
             asked = true;
             shutdown(conn.as_mut());
         }
-        match conn.as_mut().poll(cx) {
-            Poll::Ready(r) => Poll::Ready(r.map_err(Into::into)),
-            Poll::Pending => Poll::Pending,
-        }
+        conn.as_mut().poll(cx).map_err(Into::into)
     })
     .await
 }
@@ -310,7 +306,7 @@ pub async fn stopped(rx: &mut watch::Receiver<bool>) {
 #[cfg(test)]
 mod tests {
     use std::collections::VecDeque;
-    use std::task::Context;
+    use std::task::{Context, Poll};
 
     use tokio::io::ReadBuf;
 
