@@ -5,91 +5,70 @@
 //! Inserts 1,000,000 entries with 32-character session values (the length of a typical
 //! JSESSIONID) spread over 10 backends, and reports bytes per entry measured two ways:
 //!
-//! - live heap bytes, counted by a global allocator wrapping `std::alloc::System`
-//!   (requested sizes, so independent of the allocator's own overhead);
+//! - live heap bytes, counted by `stats_alloc` around `std::alloc::System` (requested
+//!   sizes, so independent of the allocator's own overhead);
 //! - the VmRSS delta from /proc/self/status (what the process really costs, with glibc
 //!   malloc's overhead; the proxy binary itself runs on mimalloc).
 //!
 //! A second phase inserts 100,000 more values into the full table (max_entries =
 //! 1,000,000), so the eviction pass runs on the inserting thread, and reports the peak
-//! heap during it and the slowest single insert. A third phase inserts 100,000 more with
+//! RSS during it (VmHWM, reset through /proc/self/clear_refs) and the slowest single
+//! insert. A third phase inserts 100,000 more with
 //! a second thread making room whenever the table asks for it, as the proxy's tending
 //! task does, and reports the slowest single insert then: what a request that learns a
 //! session can wait at worst.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use stats_alloc::{StatsAlloc, INSTRUMENTED_SYSTEM};
 use switchyard::balance::learned::{Learned, Lookup};
 
-/// Counts live heap bytes and allocations; every call is forwarded to `System` as is.
-struct Counting;
-
-static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
-static PEAK_BYTES: AtomicUsize = AtomicUsize::new(0);
-static LIVE_ALLOCS: AtomicUsize = AtomicUsize::new(0);
-
-fn grew(bytes: usize) {
-    let now = LIVE_BYTES.fetch_add(bytes, Relaxed) + bytes;
-    PEAK_BYTES.fetch_max(now, Relaxed);
-}
-
-// SAFETY: each method only forwards to `System` with the caller's arguments unchanged
-// and returns its result; the counters are plain atomics and never touch the memory.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = System.alloc(layout);
-        if !p.is_null() {
-            grew(layout.size());
-            LIVE_ALLOCS.fetch_add(1, Relaxed);
-        }
-        p
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let p = System.alloc_zeroed(layout);
-        if !p.is_null() {
-            grew(layout.size());
-            LIVE_ALLOCS.fetch_add(1, Relaxed);
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout);
-        LIVE_BYTES.fetch_sub(layout.size(), Relaxed);
-        LIVE_ALLOCS.fetch_sub(1, Relaxed);
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let p = System.realloc(ptr, layout, new_size);
-        if !p.is_null() {
-            LIVE_BYTES.fetch_sub(layout.size(), Relaxed);
-            grew(new_size);
-        }
-        p
-    }
-}
-
+/// `std::alloc::System`, counting what is requested of it.
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: &StatsAlloc<std::alloc::System> = &INSTRUMENTED_SYSTEM;
+
+/// Live heap: requested bytes and blocks not yet freed.
+fn live() -> (usize, usize) {
+    // Reallocations count their growth in `bytes_allocated`, their shrinking in
+    // `bytes_deallocated`.
+    let s = GLOBAL.stats();
+    (
+        s.bytes_allocated.saturating_sub(s.bytes_deallocated),
+        s.allocations.saturating_sub(s.deallocations),
+    )
+}
 
 const ENTRIES: usize = 1_000_000;
 const EXTRA: usize = 100_000;
 const VALUE_LEN: usize = 32;
 
-/// VmRSS of this process, in bytes.
-fn rss() -> usize {
+/// A size line of /proc/self/status (`VmRSS`, `VmHWM`), in bytes.
+fn status_bytes(field: &str) -> usize {
     let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
     let kb: usize = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().strip_suffix("kB"))
         .and_then(|v| v.trim().parse().ok())
-        .expect("VmRSS line");
+        .unwrap_or_else(|| panic!("no {field} line in /proc/self/status"));
     kb * 1024
+}
+
+fn rss() -> usize {
+    status_bytes("VmRSS")
+}
+
+/// Peak RSS since the last [`reset_peak_rss`].
+fn peak_rss() -> usize {
+    status_bytes("VmHWM")
+}
+
+/// Starts a new peak RSS period (Linux 4.0 and later); where that is refused, the peak
+/// stays the process's whole-life peak, which the output says.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
 /// Writes the `i`-th session value (32 uppercase hex characters, random but
@@ -133,8 +112,8 @@ fn main() {
     let mut value = String::with_capacity(VALUE_LEN);
     let now = 1_700_000_000u64;
 
-    let (heap0, allocs0, rss0) = (LIVE_BYTES.load(Relaxed), LIVE_ALLOCS.load(Relaxed), rss());
-    PEAK_BYTES.store(heap0, Relaxed);
+    let ((heap0, allocs0), rss0) = (live(), rss());
+    let reset = reset_peak_rss();
     let table = Arc::new(Learned::new(1800, ENTRIES));
     let start = Instant::now();
     for i in 0..ENTRIES {
@@ -142,8 +121,7 @@ fn main() {
         table.learn(&value, &backends[i % backends.len()], now);
     }
     let elapsed = start.elapsed();
-    let (heap1, allocs1, rss1) = (LIVE_BYTES.load(Relaxed), LIVE_ALLOCS.load(Relaxed), rss());
-    let peak1 = PEAK_BYTES.load(Relaxed);
+    let ((heap1, allocs1), rss1, peak1) = (live(), rss(), peak_rss());
     assert_eq!(
         table.len(),
         ENTRIES,
@@ -168,20 +146,21 @@ fn main() {
     );
     println!("    of which value copies: {VALUE_LEN} B/entry requested (one Box<str> each)");
     println!(
-        "  peak heap while growing: {:.1} B/entry  ({:.1} MiB)",
-        (peak1 - heap0) as f64 / n,
-        mib(peak1 - heap0)
-    );
-    println!(
         "  RSS delta (VmRSS):      {:.1} B/entry  ({:.1} MiB, glibc malloc)",
         rss1.saturating_sub(rss0) as f64 / n,
         mib(rss1.saturating_sub(rss0))
     );
+    println!(
+        "  peak RSS while growing: {:.1} B/entry  ({:.1} MiB above the start{})",
+        peak1.saturating_sub(rss0) as f64 / n,
+        mib(peak1.saturating_sub(rss0)),
+        if reset { "" } else { "; peak of the whole run" }
+    );
 
     // Full table: each further insert may trigger the eviction pass.
-    PEAK_BYTES.store(LIVE_BYTES.load(Relaxed), Relaxed);
+    let reset = reset_peak_rss();
     let (elapsed, slowest) = insert_more(&table, &mut rng, &backends, now);
-    let (heap2, peak2, rss2) = (LIVE_BYTES.load(Relaxed), PEAK_BYTES.load(Relaxed), rss());
+    let ((heap2, _), rss2, peak2) = (live(), rss(), peak_rss());
     assert!(table.len() <= ENTRIES);
     println!(
         "full table, {EXTRA} more inserts: {} entries, {:.0} ns/insert with evictions, slowest insert {:.1} ms",
@@ -190,16 +169,16 @@ fn main() {
         slowest.as_secs_f64() * 1000.0
     );
     println!(
-        "  live heap: {:.1} B/entry; peak heap {:.1} MiB above the live heap before ({:.1} MiB total); RSS {:.1} MiB above the start",
+        "  live heap: {:.1} B/entry; RSS {:.1} MiB above the start, at peak {:.1} MiB above the RSS before{}",
         (heap2 - heap0) as f64 / table.len() as f64,
-        mib(peak2.saturating_sub(heap1)),
-        mib(peak2 - heap0),
-        mib(rss2.saturating_sub(rss0))
+        mib(rss2.saturating_sub(rss0)),
+        mib(peak2.saturating_sub(rss1)),
+        if reset { "" } else { " (peak of the whole run)" }
     );
 
     // Tended: another thread makes room when asked, as the proxy's tending task does; the
     // inserting thread does not scan.
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
     let tender = {
         let (table, stop) = (table.clone(), stop.clone());
         let wanted = table.room_wanted();
@@ -235,6 +214,6 @@ fn main() {
     drop(table);
     println!(
         "after drop: {} B still live above the start (stdout's buffer, allocated after the first figures)",
-        LIVE_BYTES.load(Relaxed) as isize - heap0 as isize
+        live().0 as isize - heap0 as isize
     );
 }

@@ -4,7 +4,8 @@
 //!
 //! Entries expire after `ttl` without use. The table holds at most `max_entries`
 //! (inserts racing on several threads may pass it by a few, until the next insert makes
-//! room). Room is made in batches, by evicting the least recently used entries (by a
+//! room; while an eviction pass is under way, inserts may pass it by up to a sixty-fourth
+//! rather than scan the table a second time). Room is made in batches, by evicting the least recently used entries (by a
 //! logical clock of uses) down to `max_entries` less a thirty-second, so the scan is paid
 //! once per many inserts rather than on each. A scan of a large table takes tens of
 //! milliseconds, so, in tables of 64 entries or more, it is asked for early, when the
@@ -12,8 +13,13 @@
 //! [`Learned::room_wanted`] (the pool's tending task, on a thread that serves no
 //! traffic). Only a table that fills up anyway (faster than that eviction runs, with no
 //! one waiting, or under 64 entries) is evicted on the inserting thread.
+//!
+//! An insert waits at most for one shard's part of an eviction pass: large tables get
+//! more shards (one per 16,384 entries, up to 64), and the table keeps its own count of
+//! entries rather than asking the map, since counting the map takes each shard's lock in
+//! turn and, behind a pass doing the same, would wait out the whole pass.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -23,6 +29,9 @@ use tokio::sync::Notify;
 #[derive(Debug)]
 pub struct Learned {
     map: DashMap<Box<str>, Entry>,
+    /// Entries in `map`, kept by whoever inserts or removes one. Signed: a removal can
+    /// be counted just before the insert it removes.
+    len: AtomicIsize,
     ttl_secs: AtomicU64,
     max_entries: AtomicUsize,
     /// Logical clock for recency: strictly orders uses, even within one second.
@@ -31,6 +40,8 @@ pub struct Learned {
     room_wanted: Arc<Notify>,
     /// Whether room has been asked for and not yet made.
     room_asked: AtomicBool,
+    /// Whether an eviction pass is under way.
+    making_room: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -55,12 +66,14 @@ pub enum Lookup {
 impl Learned {
     pub fn new(ttl_secs: u64, max_entries: usize) -> Self {
         Learned {
-            map: DashMap::new(),
+            map: DashMap::with_shard_amount(shard_amount(max_entries)),
+            len: AtomicIsize::new(0),
             ttl_secs: AtomicU64::new(ttl_secs),
             max_entries: AtomicUsize::new(max_entries.max(1)),
             ticks: AtomicU64::new(0),
             room_wanted: Arc::new(Notify::new()),
             room_asked: AtomicBool::new(false),
+            making_room: AtomicBool::new(false),
         }
     }
 
@@ -76,7 +89,7 @@ impl Learned {
         let max = max_entries.max(1);
         self.ttl_secs.store(ttl_secs, Ordering::Relaxed);
         self.max_entries.store(max, Ordering::Relaxed);
-        if self.map.len() >= max {
+        if self.len() >= max {
             self.ask_for_room();
         }
     }
@@ -88,11 +101,17 @@ impl Learned {
     }
 
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.len.load(Ordering::Relaxed).max(0) as usize
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.len() == 0
+    }
+
+    fn removed(&self, n: usize) {
+        if n > 0 {
+            self.len.fetch_sub(n as isize, Ordering::Relaxed);
+        }
     }
 
     pub fn lookup(&self, value: &str, now: u64) -> Lookup {
@@ -109,9 +128,10 @@ impl Learned {
             }
         };
         if expired {
-            self.map.remove_if(value, |_, e| {
+            let gone = self.map.remove_if(value, |_, e| {
                 now.saturating_sub(e.last_used.load(Ordering::Relaxed)) >= ttl
             });
+            self.removed(gone.is_some().into());
         }
         Lookup::Expired
     }
@@ -126,23 +146,27 @@ impl Learned {
             }
         }
         let max = self.max_entries.load(Ordering::Relaxed);
-        let len = self.map.len();
+        let len = self.len();
         // Asked early only where a sixty-fourth is at least one entry: a smaller table
         // is cheap to scan here, and keeps every one of its entries until it is full.
         let early = max / 64;
         if len >= max && !self.map.contains_key(value) {
-            self.make_room();
+            // A pass under way is making room already: a second one here would scan the
+            // whole table again.
+            if !(self.making_room.load(Ordering::Relaxed) && len < max + early) {
+                self.make_room();
+            }
         } else if early > 0 && len + 1 >= max - early {
             self.ask_for_room();
         }
-        self.map.insert(
-            value.into(),
-            Entry {
-                backend: backend.clone(),
-                last_used: AtomicU64::new(now),
-                stamp: AtomicU64::new(self.tick()),
-            },
-        );
+        let entry = Entry {
+            backend: backend.clone(),
+            last_used: AtomicU64::new(now),
+            stamp: AtomicU64::new(self.tick()),
+        };
+        if self.map.insert(value.into(), entry).is_none() {
+            self.len.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn tick(&self) -> u64 {
@@ -151,23 +175,35 @@ impl Learned {
 
     /// Drops a session the application ended (it cleared the cookie).
     pub fn forget(&self, value: &str) {
-        self.map.remove(value);
+        let gone = self.map.remove(value);
+        self.removed(gone.is_some().into());
     }
 
     /// Removes entries unused for longer than the ttl.
     pub fn sweep(&self, now: u64) {
         let ttl = self.ttl_secs.load(Ordering::Relaxed);
-        self.map
-            .retain(|_, e| now.saturating_sub(e.last_used.load(Ordering::Relaxed)) < ttl);
+        let mut removed = 0;
+        self.map.retain(|_, e| {
+            let keep = now.saturating_sub(e.last_used.load(Ordering::Relaxed)) < ttl;
+            removed += usize::from(!keep);
+            keep
+        });
+        self.removed(removed);
     }
 
     /// Makes room: removes the least recently used entries, down to `max_entries` less a
     /// thirty-second (at least one below it).
     pub fn make_room(&self) {
+        self.making_room.store(true, Ordering::Relaxed);
+        self.evict_least_recently_used();
+        self.making_room.store(false, Ordering::Relaxed);
+    }
+
+    fn evict_least_recently_used(&self) {
         self.room_asked.store(false, Ordering::Relaxed);
         let max = self.max_entries.load(Ordering::Relaxed);
         let target = max.saturating_sub((max / 32).max(1));
-        let batch = self.map.len().saturating_sub(target);
+        let batch = self.len().saturating_sub(target);
         if batch == 0 {
             return;
         }
@@ -191,7 +227,18 @@ impl Learned {
                 true
             }
         });
+        self.removed(removed);
     }
+}
+
+/// Enough shards that one holds at most about 16,384 entries, so that its part of an
+/// eviction pass, under its lock, stays near a millisecond; up to 64, and never fewer
+/// than DashMap would choose (four per CPU).
+fn shard_amount(max_entries: usize) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let by_cpus = (cpus * 4).next_power_of_two();
+    let by_size = max_entries.div_ceil(16_384).next_power_of_two().min(64);
+    by_cpus.max(by_size).max(2)
 }
 
 #[cfg(test)]
@@ -305,6 +352,106 @@ mod tests {
             t.learn("new", &id("a"), 7);
             assert!(t.len() <= max, "max {max}");
             assert_eq!(t.lookup("new", 7), Lookup::Hit(id("a")), "max {max}");
+        }
+    }
+
+    /// The table's own count against the map's.
+    fn assert_counted(t: &Learned) {
+        assert_eq!(t.len(), t.map.len(), "count and map disagree");
+    }
+
+    #[test]
+    fn the_count_follows_every_insert_and_removal() {
+        let t = Learned::new(10, 128);
+        for i in 0..200u64 {
+            t.learn(&format!("s{i}"), &id("a"), i / 20);
+            assert_counted(&t);
+        }
+        // Relearned on another backend, renewed: no new entries.
+        t.learn("s199", &id("b"), 9);
+        t.learn("s199", &id("b"), 9);
+        assert_counted(&t);
+        t.forget("s199");
+        t.forget("s199");
+        assert_counted(&t);
+        // Expired at lookup, then swept.
+        assert_eq!(t.lookup("s100", 15), Lookup::Expired);
+        assert_counted(&t);
+        t.sweep(16);
+        assert_counted(&t);
+        assert!(t.len() < 128, "the sweep removed entries");
+        t.make_room();
+        assert_counted(&t);
+    }
+
+    #[test]
+    fn the_count_stays_exact_with_inserts_racing_an_eviction_pass() {
+        let t = Arc::new(Learned::new(1_000_000, 4096));
+        let writers: Vec<_> = (0..2)
+            .map(|w| {
+                let t = t.clone();
+                std::thread::spawn(move || {
+                    for i in 0..20_000u64 {
+                        t.learn(&format!("w{w}-{i}"), &id("a"), 7);
+                        if i % 7 == 0 {
+                            t.forget(&format!("w{w}-{}", i / 2));
+                        }
+                    }
+                })
+            })
+            .collect();
+        for _ in 0..50 {
+            t.make_room();
+        }
+        for w in writers {
+            w.join().expect("writer");
+        }
+        assert_counted(&t);
+        // A sixty-fourth over while a pass runs, and each of two writers one more in a race.
+        assert!(t.len() <= 4096 + 4096 / 64 + 2, "{} entries", t.len());
+    }
+
+    #[test]
+    fn a_full_table_waits_for_a_pass_under_way_within_a_sixty_fourth() {
+        let t = Learned::new(1_000_000, 128);
+        for i in 0..128u64 {
+            t.learn(&format!("s{i}"), &id("a"), 7);
+        }
+        assert_eq!(t.len(), 128);
+        // Another thread is making room: two more (a sixty-fourth of 128) go in at once.
+        t.making_room.store(true, Ordering::Relaxed);
+        t.learn("x1", &id("a"), 7);
+        t.learn("x2", &id("a"), 7);
+        assert_eq!(t.len(), 130);
+        // Used, so recent: the pass below passes it over.
+        assert_eq!(
+            t.lookup("s0", 7),
+            Lookup::Hit(id("a")),
+            "nothing evicted yet"
+        );
+        // Beyond that, the insert makes room itself: 128 less a thirty-second, and itself.
+        t.learn("x3", &id("a"), 7);
+        assert_eq!(t.len(), 125);
+        assert_eq!(t.lookup("x3", 7), Lookup::Hit(id("a")));
+        assert_eq!(t.lookup("s0", 7), Lookup::Hit(id("a")));
+        assert_eq!(t.lookup("s1", 7), Lookup::Unknown);
+        assert_eq!(t.lookup("s6", 7), Lookup::Unknown);
+        assert_eq!(t.lookup("s7", 7), Lookup::Hit(id("a")));
+        assert!(!t.making_room.load(Ordering::Relaxed));
+        assert_counted(&t);
+    }
+
+    #[test]
+    fn large_tables_get_small_shards() {
+        let cpus = (std::thread::available_parallelism().map_or(1, usize::from) * 4)
+            .next_power_of_two()
+            .max(2);
+        assert_eq!(shard_amount(1), cpus);
+        assert_eq!(shard_amount(100_000), cpus.max(8));
+        assert_eq!(shard_amount(1_000_000), cpus.max(64));
+        assert_eq!(shard_amount(100_000_000), cpus.max(64));
+        for max in [1, 3, 16_385, 300_000, 5_000_000] {
+            assert!(shard_amount(max).is_power_of_two(), "max {max}");
         }
     }
 
