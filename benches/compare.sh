@@ -32,6 +32,10 @@
 #   SWITCHYARD_BASE_BIN  the build switchyard-base runs
 #   ACCESS_LOG [off]  switchyard's server.access_log (off, json or text); the lines go
 #   to the proxy's run log in the temp folder
+#   SAME_HEADERS [0]  1 = nginx and HAProxy apply the request and response header rules
+#   that switchyard always applies: keep Host, append X-Forwarded-For, set
+#   X-Forwarded-Proto and X-Forwarded-Host, pass on the client's X-Request-Id or make
+#   one, and return it on the response. 0 = they forward with their plainest setup.
 #
 # Needs: nginx, haproxy, wrk, curl, taskset, python3 (callgrind client), valgrind.
 # Start/stop is self-contained: temp prefixes and configs, no system services touched.
@@ -63,6 +67,8 @@ CG_N=${CG_N:-12000}
 CG_CONNS=${CG_CONNS:-8}
 KEEP_TMP=${KEEP_TMP:-0}
 ACCESS_LOG=${ACCESS_LOG:-off}
+SAME_HEADERS=${SAME_HEADERS:-0}
+case "$SAME_HEADERS" in 0 | 1) ;; *) echo "SAME_HEADERS must be 0 or 1" >&2 && exit 2 ;; esac
 export RUST_LOG=${RUST_LOG:-warn}
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -211,6 +217,24 @@ daemon off;'
         nginx_proc="$nginx_proc
 master_process off;"
     fi
+    # The header rules switchyard applies, for SAME_HEADERS=1.
+    local nginx_http='' nginx_location='' haproxy_frontend=''
+    if [ "$SAME_HEADERS" = 1 ]; then
+        nginx_http='map $http_x_request_id $rid { "" $request_id; default $http_x_request_id; }'
+        nginx_location='proxy_set_header Host $http_host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Host $http_host;
+            proxy_set_header X-Request-Id $rid;
+            add_header X-Request-Id $rid always;'
+        haproxy_frontend='option forwardfor
+    http-request set-header X-Forwarded-Proto http
+    http-request set-header X-Forwarded-Host %[req.hdr(host)]
+    http-request set-header X-Request-Id %[uuid] unless { req.hdr(x-request-id) -m found }
+    http-request set-var(txn.rid) req.hdr(x-request-id)
+    http-response set-header X-Request-Id %[var(txn.rid)]'
+    fi
+
     cat >"$TMP/nginx/nginx.conf" <<EOF
 $nginx_proc
 pid $TMP/nginx/nginx.pid;
@@ -221,6 +245,7 @@ http {
     $temps
     keepalive_requests 10000000;
     keepalive_timeout 300s;
+    $nginx_http
     upstream pool {
         server 127.0.0.1:$BACKEND1_PORT;
         server 127.0.0.1:$BACKEND2_PORT;
@@ -233,6 +258,7 @@ http {
             proxy_pass http://pool;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
+            $nginx_location
         }
     }
 }
@@ -253,6 +279,7 @@ defaults
 
 frontend fe
     bind 127.0.0.1:$HAPROXY_PORT
+    $haproxy_frontend
     default_backend pool
 
 backend pool
@@ -360,6 +387,11 @@ versions() {
     rev=$(git -C "$REPO" describe --always --dirty 2>/dev/null || echo "?")
     echo "versions: $(nginx -v 2>&1 | sed 's/.*: //'), haproxy $( (haproxy -v 2>/dev/null || echo "? ? none") | awk 'NR==1{print $3}'), $("$SWITCHYARD_BIN" --version 2>/dev/null || echo switchyard)$*"
     echo "switchyard binary: $SWITCHYARD_BIN sha256 $sum, built $(date -u -r "$SWITCHYARD_BIN" '+%F %T UTC'), tree $rev"
+    if [ "$SAME_HEADERS" = 1 ]; then
+        echo "header rules: nginx and HAProxy set the same forwarding and request-id headers as switchyard"
+    else
+        echo "header rules: switchyard's own; nginx and HAProxy forward with their plainest setup"
+    fi
     if has_proxy switchyard-base; then
         echo "switchyard-base binary: $SWITCHYARD_BASE_BIN sha256 $(sha256sum "$SWITCHYARD_BASE_BIN" | cut -c1-12)"
     fi
