@@ -36,6 +36,8 @@
 #   that switchyard always applies: keep Host, append X-Forwarded-For, set
 #   X-Forwarded-Proto and X-Forwarded-Host, pass on the client's X-Request-Id or make
 #   one, and return it on the response. 0 = they forward with their plainest setup.
+#   2 = as 1, but nginx makes ids from its connection number and request count instead
+#   of $request_id, which costs a call into OpenSSL's random generator per request.
 #
 # Needs: nginx, haproxy, wrk, curl, taskset, python3 (callgrind client), valgrind.
 # Start/stop is self-contained: temp prefixes and configs, no system services touched.
@@ -46,7 +48,7 @@ MODE=${1:-throughput}
 case "$MODE" in
 throughput | callgrind) ;;
 -h | --help | help)
-    sed -n '2,37p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,43p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
     ;;
 *)
@@ -68,7 +70,7 @@ CG_CONNS=${CG_CONNS:-8}
 KEEP_TMP=${KEEP_TMP:-0}
 ACCESS_LOG=${ACCESS_LOG:-off}
 SAME_HEADERS=${SAME_HEADERS:-0}
-case "$SAME_HEADERS" in 0 | 1) ;; *) echo "SAME_HEADERS must be 0 or 1" >&2 && exit 2 ;; esac
+case "$SAME_HEADERS" in 0 | 1 | 2) ;; *) echo "SAME_HEADERS must be 0, 1 or 2" >&2 && exit 2 ;; esac
 export RUST_LOG=${RUST_LOG:-warn}
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -217,10 +219,11 @@ daemon off;'
         nginx_proc="$nginx_proc
 master_process off;"
     fi
-    # The header rules switchyard applies, for SAME_HEADERS=1.
-    local nginx_http='' nginx_location='' haproxy_frontend=''
-    if [ "$SAME_HEADERS" = 1 ]; then
-        nginx_http='map $http_x_request_id $rid { "" $request_id; default $http_x_request_id; }'
+    # The header rules switchyard applies, for SAME_HEADERS=1 or 2.
+    local nginx_http='' nginx_location='' haproxy_frontend='' nginx_new_id='$request_id'
+    [ "$SAME_HEADERS" = 2 ] && nginx_new_id='$connection-$connection_requests'
+    if [ "$SAME_HEADERS" != 0 ]; then
+        nginx_http="map \$http_x_request_id \$rid { \"\" $nginx_new_id; default \$http_x_request_id; }"
         nginx_location='proxy_set_header Host $http_host;
             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
             proxy_set_header X-Forwarded-Proto $scheme;
@@ -230,9 +233,9 @@ master_process off;"
         haproxy_frontend='option forwardfor
     http-request set-header X-Forwarded-Proto http
     http-request set-header X-Forwarded-Host %[req.hdr(host)]
-    http-request set-header X-Request-Id %[uuid] unless { req.hdr(x-request-id) -m found }
+    http-request set-header X-Request-Id %[uuid] unless { req.hdr(x-request-id),length gt 0 }
     http-request set-var(txn.rid) req.hdr(x-request-id)
-    http-response set-header X-Request-Id %[var(txn.rid)]'
+    http-after-response set-header X-Request-Id %[var(txn.rid)]'
     fi
 
     cat >"$TMP/nginx/nginx.conf" <<EOF
@@ -387,8 +390,9 @@ versions() {
     rev=$(git -C "$REPO" describe --always --dirty 2>/dev/null || echo "?")
     echo "versions: $(nginx -v 2>&1 | sed 's/.*: //'), haproxy $( (haproxy -v 2>/dev/null || echo "? ? none") | awk 'NR==1{print $3}'), $("$SWITCHYARD_BIN" --version 2>/dev/null || echo switchyard)$*"
     echo "switchyard binary: $SWITCHYARD_BIN sha256 $sum, built $(date -u -r "$SWITCHYARD_BIN" '+%F %T UTC'), tree $rev"
-    if [ "$SAME_HEADERS" = 1 ]; then
+    if [ "$SAME_HEADERS" != 0 ]; then
         echo "header rules: nginx and HAProxy set the same forwarding and request-id headers as switchyard"
+        [ "$SAME_HEADERS" = 1 ] || echo "nginx's new ids: \$connection-\$connection_requests, not \$request_id"
     else
         echo "header rules: switchyard's own; nginx and HAProxy forward with their plainest setup"
     fi

@@ -5,19 +5,22 @@
 //! Entries expire after `ttl` without use. The table holds at most `max_entries`
 //! (inserts racing on several threads may pass it by a few, until the next insert makes
 //! room; while an eviction pass is under way, inserts may pass it by up to a sixty-fourth
-//! rather than scan the table a second time). Room is made in batches, by evicting the least recently used entries (by a
-//! logical clock of uses) down to `max_entries` less a thirty-second, so the scan is paid
-//! once per many inserts rather than on each. A scan of a large table takes tens of
-//! milliseconds, so, in tables of 64 entries or more, it is asked for early, when the
-//! table is within a sixty-fourth of its limit, from whoever waits on
-//! [`Learned::room_wanted`] (the pool's tending task, on a thread that serves no
-//! traffic). Only a table that fills up anyway (faster than that eviction runs, with no
-//! one waiting, or under 64 entries) is evicted on the inserting thread.
+//! rather than scan the table a second time). Room is made in batches, by evicting the
+//! least recently used entries (by a logical clock of uses) down to `max_entries` less a
+//! thirty-second, so the scan is paid once per many inserts rather than on each. A scan
+//! of a large table takes tens of milliseconds, so, in tables of 64 entries or more, it
+//! is asked for early, when the table is within a sixty-fourth of its limit, from
+//! whoever waits on [`Learned::room_wanted`] (the pool's tending task, on a thread that
+//! serves no traffic). Only a table that fills up anyway (faster than that eviction
+//! runs, with no one waiting, or under 64 entries) is evicted on the inserting thread,
+//! and that insert waits out the whole pass.
 //!
-//! An insert waits at most for one shard's part of an eviction pass: large tables get
-//! more shards (one per 16,384 entries, up to 64), and the table keeps its own count of
-//! entries rather than asking the map, since counting the map takes each shard's lock in
-//! turn and, behind a pass doing the same, would wait out the whole pass.
+//! Otherwise an insert waits at most for one shard's part of a pass, the part that holds
+//! that shard's lock. Tables get one shard per 16,384 entries of the `max_entries` they
+//! are made with (up to 64, so shards of tables past about a million entries hold more;
+//! a limit raised later adds none). The table keeps its own count of entries rather than
+//! asking the map, since counting the map takes each shard's lock in turn and, behind a
+//! pass doing the same, would wait out the whole pass.
 
 use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -40,8 +43,8 @@ pub struct Learned {
     room_wanted: Arc<Notify>,
     /// Whether room has been asked for and not yet made.
     room_asked: AtomicBool,
-    /// Whether an eviction pass is under way.
-    making_room: AtomicBool,
+    /// Eviction passes under way (the tending task's and an insert's may overlap).
+    passes: AtomicUsize,
 }
 
 #[derive(Debug)]
@@ -73,7 +76,7 @@ impl Learned {
             ticks: AtomicU64::new(0),
             room_wanted: Arc::new(Notify::new()),
             room_asked: AtomicBool::new(false),
-            making_room: AtomicBool::new(false),
+            passes: AtomicUsize::new(0),
         }
     }
 
@@ -153,7 +156,7 @@ impl Learned {
         if len >= max && !self.map.contains_key(value) {
             // A pass under way is making room already: a second one here would scan the
             // whole table again.
-            if !(self.making_room.load(Ordering::Relaxed) && len < max + early) {
+            if !(self.passes.load(Ordering::Relaxed) > 0 && len < max + early) {
                 self.make_room();
             }
         } else if early > 0 && len + 1 >= max - early {
@@ -194,9 +197,9 @@ impl Learned {
     /// Makes room: removes the least recently used entries, down to `max_entries` less a
     /// thirty-second (at least one below it).
     pub fn make_room(&self) {
-        self.making_room.store(true, Ordering::Relaxed);
+        self.passes.fetch_add(1, Ordering::Relaxed);
         self.evict_least_recently_used();
-        self.making_room.store(false, Ordering::Relaxed);
+        self.passes.fetch_sub(1, Ordering::Relaxed);
     }
 
     fn evict_least_recently_used(&self) {
@@ -232,8 +235,9 @@ impl Learned {
 }
 
 /// Enough shards that one holds at most about 16,384 entries, so that its part of an
-/// eviction pass, under its lock, stays near a millisecond; up to 64, and never fewer
-/// than DashMap would choose (four per CPU).
+/// eviction pass, under its lock, stays near a millisecond; up to 64 (so a table past
+/// about a million entries has larger shards), and never fewer than DashMap would
+/// choose (four per CPU).
 fn shard_amount(max_entries: usize) -> usize {
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     let by_cpus = (cpus * 4).next_power_of_two();
@@ -387,6 +391,9 @@ mod tests {
     #[test]
     fn the_count_stays_exact_with_inserts_racing_an_eviction_pass() {
         let t = Arc::new(Learned::new(1_000_000, 4096));
+        for i in 0..4096u64 {
+            t.learn(&format!("s{i}"), &id("a"), 7);
+        }
         let writers: Vec<_> = (0..2)
             .map(|w| {
                 let t = t.clone();
@@ -400,8 +407,11 @@ mod tests {
                 })
             })
             .collect();
-        for _ in 0..50 {
+        // Passes back to back until both writers are done, each racing their inserts.
+        let mut passes = 0;
+        while passes < 2 || !writers.iter().all(|w| w.is_finished()) {
             t.make_room();
+            passes += 1;
         }
         for w in writers {
             w.join().expect("writer");
@@ -419,7 +429,7 @@ mod tests {
         }
         assert_eq!(t.len(), 128);
         // Another thread is making room: two more (a sixty-fourth of 128) go in at once.
-        t.making_room.store(true, Ordering::Relaxed);
+        t.passes.fetch_add(1, Ordering::Relaxed);
         t.learn("x1", &id("a"), 7);
         t.learn("x2", &id("a"), 7);
         assert_eq!(t.len(), 130);
@@ -437,7 +447,45 @@ mod tests {
         assert_eq!(t.lookup("s1", 7), Lookup::Unknown);
         assert_eq!(t.lookup("s6", 7), Lookup::Unknown);
         assert_eq!(t.lookup("s7", 7), Lookup::Hit(id("a")));
-        assert!(!t.making_room.load(Ordering::Relaxed));
+        assert_eq!(t.passes.load(Ordering::Relaxed), 1, "its own pass is over");
+        assert_counted(&t);
+    }
+
+    #[test]
+    fn overlapping_passes_are_each_counted_until_they_end() {
+        let t = Arc::new(Learned::new(1_000_000, 128));
+        for i in 0..128u64 {
+            t.learn(&format!("s{i}"), &id("a"), 7);
+        }
+        // With the first shard locked, passes stop at it: they are under way, not over.
+        let shard = t.map.shards()[0].write();
+        let passes: Vec<_> = (0..2)
+            .map(|_| {
+                let t = t.clone();
+                std::thread::spawn(move || t.make_room())
+            })
+            .collect();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while t.passes.load(Ordering::Relaxed) < 2 {
+            assert!(std::time::Instant::now() < deadline, "passes never started");
+            std::thread::yield_now();
+        }
+        // Inserts into other shards do not start a third: up to a sixty-fourth goes in.
+        let others = (0..)
+            .map(|i| format!("x{i}"))
+            .filter(|k| t.map.determine_map(k.as_str()) != 0)
+            .take(2);
+        for k in others {
+            t.learn(&k, &id("a"), 7);
+        }
+        assert_eq!(t.len(), 130);
+        assert_eq!(t.passes.load(Ordering::Relaxed), 2);
+        drop(shard);
+        for p in passes {
+            p.join().expect("pass");
+        }
+        assert_eq!(t.passes.load(Ordering::Relaxed), 0);
+        assert!(t.len() <= 126, "{} entries", t.len());
         assert_counted(&t);
     }
 
@@ -452,6 +500,10 @@ mod tests {
         assert_eq!(shard_amount(100_000_000), cpus.max(64));
         for max in [1, 3, 16_385, 300_000, 5_000_000] {
             assert!(shard_amount(max).is_power_of_two(), "max {max}");
+        }
+        for max in [1, 1_000_000] {
+            let t = Learned::new(60, max);
+            assert_eq!(t.map.shards().len(), shard_amount(max), "max {max}");
         }
     }
 
