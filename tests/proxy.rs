@@ -822,6 +822,91 @@ fn request(method: &str, body: &'static str) -> Request<Full<Bytes>> {
         .unwrap()
 }
 
+/// A backend that answers "ok N" (N the body's length) and keeps each connection open
+/// until told to close it: every message on `close` makes each open connection close
+/// once it is idle, and each one that closed says so on `closed`. `conns` counts the
+/// connections accepted.
+struct ClosingBackend {
+    addr: std::net::SocketAddr,
+    close: tokio::sync::broadcast::Sender<()>,
+    closed: mpsc::UnboundedReceiver<()>,
+    conns: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+async fn closing_backend() -> ClosingBackend {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (close, _) = tokio::sync::broadcast::channel(16);
+    let (closed_tx, closed) = mpsc::unbounded_channel();
+    let conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (c, n) = (close.clone(), conns.clone());
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            n.fetch_add(1, Ordering::SeqCst);
+            let mut close = c.subscribe();
+            let closed = closed_tx.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async {
+                    let body = req.into_body().collect().await?.to_bytes();
+                    Ok::<_, hyper::Error>(text(format!("ok {}", body.len())))
+                });
+                {
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc);
+                    tokio::pin!(conn);
+                    tokio::select! {
+                        _ = conn.as_mut() => {}
+                        _ = close.recv() => {
+                            // Idle: closed (FIN sent) before the future ends.
+                            conn.as_mut().graceful_shutdown();
+                            let _ = conn.as_mut().await;
+                        }
+                    }
+                }
+                let _ = closed.send(());
+            });
+        }
+    });
+    ClosingBackend {
+        addr,
+        close,
+        closed,
+        conns,
+    }
+}
+
+#[tokio::test]
+async fn a_backend_closing_idle_keep_alive_connections_fails_no_request() {
+    let mut backend = closing_backend().await;
+    // No retries: a pooled connection that the backend closed is never used, so every
+    // request, body and all, goes on a new connection without counting as a retry.
+    let proxy = TestProxy::start(&config(&format!(
+        "[pools.p]\nretries = 0\nbackends = [\"{}\"]\n",
+        backend.addr
+    )))
+    .await;
+    let mut client = Client::connect(proxy.addr).await;
+    for i in 0..20 {
+        let (method, body) = if i % 2 == 0 {
+            ("GET", "")
+        } else {
+            ("POST", "a body")
+        };
+        let got = client.send(request(method, body)).await;
+        assert_eq!(got.status, 200, "request {i}");
+        assert_eq!(got.body, format!("ok {}", body.len()), "request {i}");
+        // The backend closes the connection the proxy just put back in its pool.
+        backend.close.send(()).unwrap();
+        tokio::time::timeout(LIMIT, backend.closed.recv())
+            .await
+            .expect("the backend closed its connection")
+            .unwrap();
+    }
+    assert_eq!(backend.conns.load(Ordering::SeqCst), 20);
+    let rt = proxy.runtime.load();
+    assert_eq!(rt.pools[0].members[0].backend.stats.resets(), 0);
+}
+
 #[tokio::test]
 async fn idempotent_bodyless_request_moves_on_after_a_reset() {
     let (reset, resets) = resetting_backend().await;
