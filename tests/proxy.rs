@@ -878,8 +878,11 @@ async fn closing_backend() -> ClosingBackend {
 #[tokio::test]
 async fn a_backend_closing_idle_keep_alive_connections_fails_no_request() {
     let mut backend = closing_backend().await;
-    // No retries: a pooled connection that the backend closed is never used, so every
-    // request, body and all, goes on a new connection without counting as a retry.
+    // No retries: a pooled connection that the backend closed is dropped when it is
+    // checked out, so every request, body and all, goes on a new connection without
+    // counting as a retry. (The narrower race, a close still in flight when the request
+    // is handed to the connection, has hyper hand the request back unsent; no test here
+    // can time that.)
     let proxy = TestProxy::start(&config(&format!(
         "[pools.p]\nretries = 0\nbackends = [\"{}\"]\n",
         backend.addr
@@ -896,6 +899,12 @@ async fn a_backend_closing_idle_keep_alive_connections_fails_no_request() {
         assert_eq!(got.status, 200, "request {i}");
         assert_eq!(got.body, format!("ok {}", body.len()), "request {i}");
         // The backend closes the connection the proxy just put back in its pool.
+        let rt = proxy.runtime.load();
+        assert_eq!(
+            rt.pools[0].members[0].backend.pool.idle_count(),
+            1,
+            "request {i}"
+        );
         backend.close.send(()).unwrap();
         tokio::time::timeout(LIMIT, backend.closed.recv())
             .await
