@@ -265,6 +265,13 @@ mod tests {
         Arc::from(s)
     }
 
+    /// Learns sessions `s0` .. `s{n-1}`, all on backend `a`, in that order.
+    fn fill(t: &Learned, n: u64) {
+        for i in 0..n {
+            t.learn(&format!("s{i}"), &id("a"), 7);
+        }
+    }
+
     #[test]
     fn learns_and_finds() {
         let t = Learned::new(60, 100);
@@ -309,9 +316,7 @@ mod tests {
         let t = Learned::new(1_000_000, 128);
         let wanted = t.room_wanted();
         // 128 less a sixty-fourth: asked for when the 126th session is learned.
-        for i in 0..125u64 {
-            t.learn(&format!("s{i}"), &id("a"), 7);
-        }
+        fill(&t, 125);
         assert!(
             wanted.notified().now_or_never().is_none(),
             "asked too early"
@@ -341,9 +346,7 @@ mod tests {
         use futures_util::FutureExt;
         let t = Learned::new(1_000_000, 100);
         let wanted = t.room_wanted();
-        for i in 0..60u64 {
-            t.learn(&format!("s{i}"), &id("a"), 7);
-        }
+        fill(&t, 60);
         t.set_limits(1_000_000, 80);
         assert!(wanted.notified().now_or_never().is_none(), "still under");
         t.set_limits(1_000_000, 50);
@@ -359,9 +362,7 @@ mod tests {
         for max in [1usize, 3, 63] {
             let t = Learned::new(1_000_000, max);
             let wanted = t.room_wanted();
-            for i in 0..max {
-                t.learn(&format!("s{i}"), &id("a"), 7);
-            }
+            fill(&t, max as u64);
             assert_eq!(t.len(), max);
             assert!(wanted.notified().now_or_never().is_none(), "max {max}");
             // Full: the insert makes room itself, and the new session is kept.
@@ -403,9 +404,7 @@ mod tests {
     #[test]
     fn the_count_stays_exact_with_inserts_racing_an_eviction_pass() {
         let t = Arc::new(Learned::new(1_000_000, 4096));
-        for i in 0..4096u64 {
-            t.learn(&format!("s{i}"), &id("a"), 7);
-        }
+        fill(&t, 4096);
         let writers: Vec<_> = (0..2)
             .map(|w| {
                 let t = t.clone();
@@ -436,9 +435,7 @@ mod tests {
     #[test]
     fn a_full_table_waits_for_a_pass_under_way_within_a_sixty_fourth() {
         let t = Learned::new(1_000_000, 128);
-        for i in 0..128u64 {
-            t.learn(&format!("s{i}"), &id("a"), 7);
-        }
+        fill(&t, 128);
         assert_eq!(t.len(), 128);
         // Another thread is making room: two more (a sixty-fourth of 128) go in at once.
         t.passes.fetch_add(1, Ordering::Relaxed);
@@ -466,9 +463,7 @@ mod tests {
     #[test]
     fn overlapping_passes_are_each_counted_until_they_end() {
         let t = Arc::new(Learned::new(1_000_000, 128));
-        for i in 0..128u64 {
-            t.learn(&format!("s{i}"), &id("a"), 7);
-        }
+        fill(&t, 128);
         // With the first shard locked, passes stop at it: they are under way, not over.
         let shard = t.map.shards()[0].write();
         let passes: Vec<_> = (0..2)
