@@ -18,9 +18,10 @@
 //! Otherwise an insert waits for about one shard's part of each pass under way, the
 //! parts that hold that shard's lock. Tables get one shard per 16,384 entries of the
 //! `max_entries` they are made with (at least four per CPU, and up to 64, so shards of
-//! tables past about a million entries hold more; a limit raised later adds none). The table keeps its own count of entries rather than
-//! asking the map, since counting the map takes each shard's lock in turn and, behind a
-//! pass doing the same, would wait out the whole pass.
+//! tables past about a million entries hold more; a limit raised later adds none). The
+//! table keeps its own count of entries rather than asking the map, since counting the
+//! map takes each shard's lock in turn and, behind a pass doing the same, would wait
+//! out the whole pass.
 
 use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -226,7 +227,8 @@ impl Learned {
         // the table rather than evicting a second batch.
         let mut removed = 0;
         self.map.retain(|_, e| {
-            if removed < batch && self.len() > target && e.stamp.load(Ordering::Relaxed) <= cutoff {
+            let old = e.stamp.load(Ordering::Relaxed) <= cutoff;
+            if old && removed < batch && self.len() > target {
                 removed += 1;
                 self.removed(1);
                 false
