@@ -13,10 +13,9 @@
 //! A second phase inserts 100,000 more values into the full table (max_entries =
 //! 1,000,000), so the eviction pass runs on the inserting thread, and reports the peak
 //! RSS during it (VmHWM, reset through /proc/self/clear_refs) and the slowest single
-//! insert. A third phase inserts 100,000 more with
-//! a second thread making room whenever the table asks for it, as the proxy's tending
-//! task does, and reports the slowest single insert then: what a request that learns a
-//! session can wait at worst.
+//! insert. A third phase inserts 100,000 more with a second thread making room whenever
+//! the table asks for it, as the proxy's tending task does, and reports the slowest
+//! single insert then: what a request that learns a session can wait at worst.
 
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
