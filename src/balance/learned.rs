@@ -475,10 +475,17 @@ mod tests {
             })
             .collect();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while t.passes.load(Ordering::Relaxed) < 2 {
-            assert!(std::time::Instant::now() < deadline, "passes never started");
-            std::thread::yield_now();
-        }
+        // Spins until `done`; a failure, not a hang, if that takes until the deadline.
+        let wait_for = |done: &dyn Fn() -> bool, what: &str| {
+            while !done() {
+                assert!(std::time::Instant::now() < deadline, "{what}");
+                std::thread::yield_now();
+            }
+        };
+        wait_for(
+            &|| t.passes.load(Ordering::Relaxed) == 2,
+            "passes never started",
+        );
         // Inserts into other shards do not start a third: up to a sixty-fourth goes in.
         // On a thread of their own: a third pass would wait for the lock held here.
         let inserts = {
@@ -493,13 +500,10 @@ mod tests {
                 }
             })
         };
-        while !inserts.is_finished() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "an insert waited for a pass of its own"
-            );
-            std::thread::yield_now();
-        }
+        wait_for(
+            &|| inserts.is_finished(),
+            "an insert waited for a pass of its own",
+        );
         inserts.join().expect("inserts");
         assert_eq!(t.len(), 130);
         assert_eq!(t.passes.load(Ordering::Relaxed), 2);
@@ -508,9 +512,9 @@ mod tests {
             p.join().expect("pass");
         }
         assert_eq!(t.passes.load(Ordering::Relaxed), 0);
-        // Each pass chose a batch of four when it started (128 less a thirty-second is
-        // 124), and the table then grew to 130: between them they evict four to six, and
-        // the second to evict stops at 124 rather than take a batch of its own below it.
+        // Each pass chose a batch of four to six (128 less a thirty-second is 124, and the
+        // table held 128 to 130 when it counted): between them they evict four to six,
+        // and the second to evict stops at 124 rather than take a batch of its own below.
         assert!((124..=126).contains(&t.len()), "{} entries", t.len());
         assert_counted(&t);
     }
