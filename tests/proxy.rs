@@ -881,8 +881,7 @@ async fn a_backend_closing_idle_keep_alive_connections_fails_no_request() {
     // No retries: a pooled connection that the backend closed is dropped when it is
     // checked out, so every request, body and all, goes on a new connection without
     // counting as a retry. (The narrower race, a close still in flight when the request
-    // is handed to the connection, has hyper hand the request back unsent; no test here
-    // can time that.)
+    // is handed to the connection, is the next test's.)
     let proxy = TestProxy::start(&config(&format!(
         "[pools.p]\nretries = 0\nbackends = [\"{}\"]\n",
         backend.addr
@@ -914,6 +913,119 @@ async fn a_backend_closing_idle_keep_alive_connections_fails_no_request() {
     assert_eq!(backend.conns.load(Ordering::SeqCst), 20);
     let rt = proxy.runtime.load();
     assert_eq!(rt.pools[0].members[0].backend.stats.resets(), 0);
+}
+
+/// A [`ClosingBackend`] on a thread and runtime of its own, so that it can close a
+/// connection while the test's runtime, and the proxy on it, stands still. `closed`
+/// reports on a channel the test can block on. The thread ends when this is dropped.
+struct DetachedClosingBackend {
+    addr: std::net::SocketAddr,
+    close: tokio::sync::broadcast::Sender<()>,
+    closed: std::sync::mpsc::Receiver<()>,
+    conns: Arc<std::sync::atomic::AtomicUsize>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+fn detached_closing_backend() -> DetachedClosingBackend {
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let mut backend = closing_backend().await;
+            let (closed_tx, closed) = std::sync::mpsc::channel();
+            let _ = ready_tx.send((backend.addr, backend.close.clone(), closed, backend.conns));
+            let relay = async {
+                while backend.closed.recv().await.is_some() {
+                    let _ = closed_tx.send(());
+                }
+            };
+            tokio::select! {
+                _ = relay => {}
+                _ = stopped => {}
+            }
+        });
+    });
+    let (addr, close, closed, conns) = ready.recv_timeout(LIMIT).expect("the backend started");
+    DetachedClosingBackend {
+        addr,
+        close,
+        closed,
+        conns,
+        _stop: stop,
+    }
+}
+
+/// Reads one response with a `Content-Length` body from `s`, leaving the connection
+/// open.
+async fn read_response(s: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse().unwrap())
+                .expect("a Content-Length");
+            if buf.len() >= end + 4 + len {
+                return String::from_utf8(buf).unwrap();
+            }
+        }
+        let mut chunk = [0u8; 1024];
+        let n = tokio::time::timeout(LIMIT, s.read(&mut chunk))
+            .await
+            .expect("a response")
+            .unwrap();
+        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&buf));
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test]
+async fn a_request_handed_to_a_connection_closing_at_that_moment_goes_on_a_new_one() {
+    let backend = detached_closing_backend();
+    let proxy = TestProxy::start(&config(&format!(
+        "[pools.p]\nretries = 0\nbackends = [\"{}\"]\n",
+        backend.addr
+    )))
+    .await;
+    const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: test.local\r\n\r\n";
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    client.write_all(GET).await.unwrap();
+    let first = read_response(&mut client).await;
+    assert!(
+        first.starts_with("HTTP/1.1 200") && first.ends_with("ok 0"),
+        "{first}"
+    );
+    let rt = proxy.runtime.load();
+    let backend_state = &rt.pools[0].members[0].backend;
+    assert_eq!(backend_state.pool.idle_count(), 1);
+
+    // Until the next await, nothing on this runtime runs, the proxy included. The next
+    // request reaches the proxy first, then the end of the pooled connection does. When
+    // the runtime goes on, it wakes the two in that order: the request is handed to the
+    // connection before the connection's task has seen its end, and hyper hands the
+    // request back unsent. It goes on a new connection, although `retries = 0`; had it
+    // been written first, it would have failed (502).
+    assert_eq!(client.try_write(GET).unwrap(), GET.len());
+    backend.close.send(()).unwrap();
+    backend
+        .closed
+        .recv_timeout(LIMIT)
+        .expect("the backend closed its connection");
+
+    let second = read_response(&mut client).await;
+    assert!(
+        second.starts_with("HTTP/1.1 200") && second.ends_with("ok 0"),
+        "{second}"
+    );
+    assert_eq!(backend.conns.load(Ordering::SeqCst), 2);
+    assert_eq!(backend_state.pool.connections_opened(), 2);
+    assert_eq!(backend_state.stats.resets(), 0);
 }
 
 #[tokio::test]
