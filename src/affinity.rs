@@ -216,97 +216,119 @@ impl Pool {
             ignore_health: false,
             passed_over: None,
         };
+        // Each policy's work is out of line: the request path of a pool without
+        // affinity, or with another kind, then spans fewer cache lines.
         match &self.affinity {
             Affinity::None => {}
-            Affinity::Cookie { cfg, codec, tags } => {
-                let now = unix_now() as u32;
-                let mut outcome = Outcome::New;
-                for value in key::cookie_values(req, &cfg.cookie) {
-                    match codec.decode(value, now) {
-                        Verdict::Invalid => outcome = Outcome::Invalid,
-                        Verdict::Expired => outcome = Outcome::Expired,
-                        Verdict::Valid { key, tag, expires } => {
-                            match tags[key].get(&tag).copied().filter(|&i| self.usable(i)) {
-                                Some(i) if !self.healthy(i) => {
-                                    if cfg.on_unavailable == OnUnavailable::Reject {
-                                        plan.reject_now = true;
-                                        outcome = Outcome::Rejected;
-                                    } else {
-                                        outcome = Outcome::Redispatched;
-                                    }
-                                }
-                                Some(i) => {
-                                    plan.pinned = Some(i);
-                                    outcome = Outcome::Hit;
-                                    plan.reject_if_pinned_fails =
-                                        cfg.on_unavailable == OnUnavailable::Reject;
-                                    let left = u64::from(expires).saturating_sub(u64::from(now));
-                                    plan.renew = cfg.sliding && left < cfg.ttl.as_secs() / 2;
-                                }
-                                None => outcome = Outcome::Redispatched,
-                            }
-                            break;
-                        }
-                    }
-                }
-                plan.outcome = Some(outcome);
-            }
-            Affinity::Learn { cfg } => {
-                let mut outcome = Outcome::New;
-                if let (Some(value), Some(table)) =
-                    (key::cookie_value(req, &cfg.cookie), self.state.learned())
-                {
-                    match table.lookup(value, unix_now()) {
-                        Lookup::Hit(id) => {
-                            match self.by_id.get(&id).copied().filter(|&i| self.healthy(i)) {
-                                Some(i) => {
-                                    plan.pinned = Some(i);
-                                    outcome = Outcome::Hit;
-                                }
-                                None => outcome = Outcome::Redispatched,
-                            }
-                        }
-                        Lookup::Expired => outcome = Outcome::Expired,
-                        Lookup::Unknown => {}
-                    }
-                }
-                plan.outcome = Some(outcome);
-            }
-            Affinity::Hash { cfg, table } => match key::extract(&cfg.key, req, client) {
-                None => plan.outcome = Some(Outcome::New),
-                Some(k) => {
-                    let key_hash = consistent_hash::hash_key(&k);
-                    let bound = cfg.bounded_load.map(|c| {
-                        let usable = (0..self.members.len()).filter(|&i| self.usable(i));
-                        let (total, total_weight) = usable.fold((0, 0), |(t, w), i| {
-                            let m = &self.members[i];
-                            (t + m.backend.in_flight(), w + u64::from(m.weight))
-                        });
-                        Bound {
-                            c,
-                            total,
-                            total_weight,
-                        }
-                    });
-                    let owner = table
-                        .owner(key_hash)
-                        .filter(|&i| self.healthy(i) && Bound::admits(bound, &self.members[i]));
-                    plan.outcome = Some(if owner.is_some() {
-                        Outcome::Hit
-                    } else {
-                        Outcome::Redispatched
-                    });
-                    plan.pinned = owner;
-                    plan.rest = Rest::Ranked {
-                        key_hash,
-                        order: None,
-                        pos: 0,
-                        bound,
-                    };
-                }
-            },
+            Affinity::Cookie { .. } => self.plan_cookie(&mut plan, req),
+            Affinity::Learn { .. } => self.plan_learned(&mut plan, req),
+            Affinity::Hash { .. } => self.plan_hash(&mut plan, req, client),
         }
         plan
+    }
+
+    #[inline(never)]
+    fn plan_cookie(&self, plan: &mut Plan, req: &Parts) {
+        let Affinity::Cookie { cfg, codec, tags } = &self.affinity else {
+            return;
+        };
+        let now = unix_now() as u32;
+        let mut outcome = Outcome::New;
+        for value in key::cookie_values(req, &cfg.cookie) {
+            match codec.decode(value, now) {
+                Verdict::Invalid => outcome = Outcome::Invalid,
+                Verdict::Expired => outcome = Outcome::Expired,
+                Verdict::Valid { key, tag, expires } => {
+                    match tags[key].get(&tag).copied().filter(|&i| self.usable(i)) {
+                        Some(i) if !self.healthy(i) => {
+                            if cfg.on_unavailable == OnUnavailable::Reject {
+                                plan.reject_now = true;
+                                outcome = Outcome::Rejected;
+                            } else {
+                                outcome = Outcome::Redispatched;
+                            }
+                        }
+                        Some(i) => {
+                            plan.pinned = Some(i);
+                            outcome = Outcome::Hit;
+                            plan.reject_if_pinned_fails =
+                                cfg.on_unavailable == OnUnavailable::Reject;
+                            let left = u64::from(expires).saturating_sub(u64::from(now));
+                            plan.renew = cfg.sliding && left < cfg.ttl.as_secs() / 2;
+                        }
+                        None => outcome = Outcome::Redispatched,
+                    }
+                    break;
+                }
+            }
+        }
+        plan.outcome = Some(outcome);
+    }
+
+    #[inline(never)]
+    fn plan_learned(&self, plan: &mut Plan, req: &Parts) {
+        let Affinity::Learn { cfg } = &self.affinity else {
+            return;
+        };
+        let mut outcome = Outcome::New;
+        if let (Some(value), Some(table)) =
+            (key::cookie_value(req, &cfg.cookie), self.state.learned())
+        {
+            match table.lookup(value, unix_now()) {
+                Lookup::Hit(id) => {
+                    match self.by_id.get(&id).copied().filter(|&i| self.healthy(i)) {
+                        Some(i) => {
+                            plan.pinned = Some(i);
+                            outcome = Outcome::Hit;
+                        }
+                        None => outcome = Outcome::Redispatched,
+                    }
+                }
+                Lookup::Expired => outcome = Outcome::Expired,
+                Lookup::Unknown => {}
+            }
+        }
+        plan.outcome = Some(outcome);
+    }
+
+    #[inline(never)]
+    fn plan_hash(&self, plan: &mut Plan, req: &Parts, client: IpAddr) {
+        let Affinity::Hash { cfg, table } = &self.affinity else {
+            return;
+        };
+        match key::extract(&cfg.key, req, client) {
+            None => plan.outcome = Some(Outcome::New),
+            Some(k) => {
+                let key_hash = consistent_hash::hash_key(&k);
+                let bound = cfg.bounded_load.map(|c| {
+                    let usable = (0..self.members.len()).filter(|&i| self.usable(i));
+                    let (total, total_weight) = usable.fold((0, 0), |(t, w), i| {
+                        let m = &self.members[i];
+                        (t + m.backend.in_flight(), w + u64::from(m.weight))
+                    });
+                    Bound {
+                        c,
+                        total,
+                        total_weight,
+                    }
+                });
+                let owner = table
+                    .owner(key_hash)
+                    .filter(|&i| self.healthy(i) && Bound::admits(bound, &self.members[i]));
+                plan.outcome = Some(if owner.is_some() {
+                    Outcome::Hit
+                } else {
+                    Outcome::Redispatched
+                });
+                plan.pinned = owner;
+                plan.rest = Rest::Ranked {
+                    key_hash,
+                    order: None,
+                    pos: 0,
+                    bound,
+                };
+            }
+        }
     }
 
     /// For a consistent_hash pool: the members in the order `key` would try them now
@@ -320,6 +342,7 @@ impl Pool {
     }
 
     /// The `Set-Cookie` value pinning a client to member `i`.
+    #[inline(never)]
     pub fn sticky_cookie(&self, i: usize, tls: bool) -> Option<HeaderValue> {
         let Affinity::Cookie { cfg, codec, .. } = &self.affinity else {
             return None;
@@ -349,6 +372,7 @@ impl Pool {
     }
 
     /// Learns from a response of member `i` the session cookie it set (or cleared).
+    #[inline(never)]
     pub fn learn_from(&self, i: usize, headers: &HeaderMap) {
         let (Affinity::Learn { cfg }, Some(table)) = (&self.affinity, self.state.learned()) else {
             return;

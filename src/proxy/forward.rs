@@ -13,6 +13,7 @@ use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, 
 use http_body::Body;
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use tokio_util::sync::CancellationToken;
 
 use crate::access_log::{AccessLogSink, AccessRecord};
@@ -120,31 +121,17 @@ impl Proxy {
                 let is_101 = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
                 headers::prepare_response(resp.headers_mut(), request_id.clone(), is_101);
                 match client_upgrade.filter(|_| is_101) {
-                    Some(client_upgrade) => {
-                        let backend_upgrade = hyper::upgrade::on(&mut resp);
-                        self.shared.tunnels.splice(
-                            client_upgrade,
-                            backend_upgrade,
-                            in_flight,
-                            active.take().map(ActiveRequest::into_tunnel),
-                            rt.config.server.limits.idle_timeout,
-                        );
-                        resp.map(|_| ProxyBody::empty())
-                    }
+                    Some(client_upgrade) => self.tunnel(
+                        resp,
+                        client_upgrade,
+                        in_flight,
+                        active.take(),
+                        rt.config.server.limits.idle_timeout,
+                    ),
                     None => resp.map(|b| ProxyBody::upstream(b, conn, in_flight)),
                 }
             }
-            Err(e) => {
-                let status = e.status();
-                if status.is_server_error() {
-                    tracing::warn!(error = %e, "request failed");
-                } else {
-                    tracing::debug!(error = %e, "request refused");
-                }
-                let mut r = e.to_response();
-                r.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
-                r
-            }
+            Err(e) => refused(e, request_id),
         };
         if let Some(l) = &mut log {
             l.status = resp.status().as_u16();
@@ -153,6 +140,44 @@ impl Proxy {
         *resp.body_mut() = body.with_log(log).with_active(active);
         Ok(resp)
     }
+}
+
+impl Proxy {
+    /// Splices the client's and the backend's connections once the backend agreed to an
+    /// upgrade; the client gets the 101 with an empty body.
+    #[inline(never)]
+    fn tunnel(
+        &self,
+        mut resp: Response<Incoming>,
+        client_upgrade: OnUpgrade,
+        in_flight: InFlight,
+        active: Option<ActiveRequest>,
+        idle_timeout: std::time::Duration,
+    ) -> Response<ProxyBody> {
+        let backend_upgrade = hyper::upgrade::on(&mut resp);
+        self.shared.tunnels.splice(
+            client_upgrade,
+            backend_upgrade,
+            in_flight,
+            active.map(ActiveRequest::into_tunnel),
+            idle_timeout,
+        );
+        resp.map(|_| ProxyBody::empty())
+    }
+}
+
+/// The error response for a request that got no backend's answer.
+#[cold]
+#[inline(never)]
+fn refused(e: ProxyError, request_id: HeaderValue) -> Response<ProxyBody> {
+    if e.status().is_server_error() {
+        tracing::warn!(error = %e, "request failed");
+    } else {
+        tracing::debug!(error = %e, "request refused");
+    }
+    let mut r = e.to_response();
+    r.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+    r
 }
 
 type Forwarded = (Response<Incoming>, Sender, InFlight);
@@ -306,9 +331,7 @@ fn forward<'a>(
                         break Some(Err(()));
                     };
                     if let Err(SendError::Reset(e)) = &sent {
-                        tracing::warn!(pool = %pool.name, backend = %backend.id, error = %e,
-                            "backend closed the connection before answering");
-                        backend.stats.count_reset();
+                        count_reset(pool, backend, e);
                     }
                     match sent {
                         Ok(resp) => break Some(Ok((i, resp, tx, in_flight))),
@@ -375,10 +398,7 @@ fn forward<'a>(
         };
         let backend = in_flight.backend();
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS && !upgrade {
-            tracing::warn!(pool = %pool.name, backend = %backend.id, "backend switched protocols without an upgrade request");
-            passive(pool, backend, false);
-            let e = ProxyError::BadUpgrade("unrequested 101");
-            return Err(failed(pool, Some(backend), e));
+            return Err(unrequested_upgrade(pool, backend));
         }
         // Until the response head: the affinity work below is not the backend's.
         if log.is_some() || pool.metrics {
@@ -428,12 +448,34 @@ fn passive(pool: &Pool, backend: &Arc<Backend>, ok: bool) {
         .health
         .record_failure(&pool.outlier, || pool.may_eject())
     {
-        tracing::warn!(pool = %pool.name, backend = %backend.id, "backend ejected after consecutive failures");
+        ejected(pool, backend);
     }
+}
+
+#[cold]
+fn ejected(pool: &Pool, backend: &Backend) {
+    tracing::warn!(pool = %pool.name, backend = %backend.id, "backend ejected after consecutive failures");
+}
+
+/// A 101 answer to a request that did not ask for an upgrade.
+#[cold]
+fn unrequested_upgrade(pool: &Pool, backend: &Arc<Backend>) -> ProxyError {
+    tracing::warn!(pool = %pool.name, backend = %backend.id, "backend switched protocols without an upgrade request");
+    passive(pool, backend, false);
+    let e = ProxyError::BadUpgrade("unrequested 101");
+    failed(pool, Some(backend), e)
+}
+
+#[cold]
+fn count_reset(pool: &Pool, backend: &Backend, e: &hyper::Error) {
+    tracing::warn!(pool = %pool.name, backend = %backend.id, error = %e,
+        "backend closed the connection before answering");
+    backend.stats.count_reset();
 }
 
 /// Counts the error response a failure turns into, on the backend it concerns or, when no
 /// backend was involved, on the pool.
+#[cold]
 fn failed(pool: &Pool, backend: Option<&Arc<Backend>>, e: ProxyError) -> ProxyError {
     if !pool.metrics {
         return e;
@@ -478,12 +520,14 @@ impl From<SendError> for ProxyError {
 }
 
 /// Logs and counts a backend that could not be connected to.
+#[cold]
 fn count_unreachable(pool: &Pool, backend: &Backend, e: UpstreamError) -> UpstreamError {
     tracing::warn!(pool = %pool.name, backend = %backend.id, error = %e, "backend unreachable");
     backend.stats.count_connect_error();
     e
 }
 
+#[cold]
 fn stale(backend: &Backend, e: &hyper::Error) {
     tracing::debug!(backend = %backend.id, error = %e, "stale keep-alive connection, reconnecting");
 }
