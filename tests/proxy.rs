@@ -1050,6 +1050,61 @@ async fn idempotent_bodyless_request_moves_on_after_a_reset() {
 }
 
 #[tokio::test]
+async fn a_request_retried_after_a_reset_arrives_whole() {
+    let (reset, resets) = resetting_backend().await;
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    let good = backend(move |req| {
+        let fields: Vec<(String, Vec<u8>)> = req
+            .headers()
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+            .collect();
+        let _ = seen_tx.send((req.method().clone(), req.uri().to_string(), fields));
+        async { text("ok") }
+    })
+    .await;
+    let proxy = TestProxy::start(&reset_pool(reset, good, "")).await;
+    let mut client = Client::connect(proxy.addr).await;
+    let long = "v".repeat(300);
+    // Round robin offers the resetting backend first to one of the two.
+    for _ in 0..2 {
+        let req = Request::builder()
+            .method("DELETE")
+            .uri("/items/7?force=yes")
+            .header("host", "test.local")
+            .header("x-repeated", "one")
+            .header("x-repeated", "two")
+            .header("x-latin", &b"caf\xe9"[..])
+            .header("x-long", long.as_str())
+            .header("x-request-id", "retry-me")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        assert_eq!(client.send(req).await.status, 200);
+    }
+    assert_eq!(resets.load(Ordering::SeqCst), 1);
+    for _ in 0..2 {
+        let (method, uri, fields) = seen.recv().await.unwrap();
+        assert_eq!(
+            (method.as_str(), uri.as_str()),
+            ("DELETE", "/items/7?force=yes")
+        );
+        let values = |name: &str| {
+            fields
+                .iter()
+                .filter(|(n, _)| n == name)
+                .map(|(_, v)| v.as_slice())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(values("x-repeated"), [b"one".as_slice(), b"two"]);
+        assert_eq!(values("x-latin"), [b"caf\xe9".as_slice()]);
+        assert_eq!(values("x-long"), [long.as_bytes()]);
+        assert_eq!(values("x-request-id"), [b"retry-me".as_slice()]);
+        assert_eq!(values("host"), [b"test.local".as_slice()]);
+        assert_eq!(values("x-forwarded-for"), [b"127.0.0.1".as_slice()]);
+    }
+}
+
+#[tokio::test]
 async fn reset_is_not_retried_for_bodies_unsafe_methods_or_without_retries() {
     let (reset, resets) = resetting_backend().await;
     let (good, served) = counting_backend().await;
