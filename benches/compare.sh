@@ -38,6 +38,10 @@
 #   one, and return it on the response. 0 = they forward with their plainest setup.
 #   2 = as 1, but nginx makes ids from its connection number and request count instead
 #   of $request_id, which costs a call into OpenSSL's random generator per request.
+#   REQUEST [minimal]  the request wrk and the callgrind client send: minimal = a GET
+#   of / with only Host; browser = the same GET with ten more fields, as a browser
+#   sends them (User-Agent, Accept, Accept-Language, Accept-Encoding, Referer, Cookie,
+#   and four more)
 #
 # Needs: nginx, haproxy, wrk, curl, taskset, python3 (callgrind client), valgrind.
 # Start/stop is self-contained: temp prefixes and configs, no system services touched.
@@ -48,7 +52,7 @@ MODE=${1:-throughput}
 case "$MODE" in
 throughput | callgrind) ;;
 -h | --help | help)
-    sed -n '2,43p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,47p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
     ;;
 *)
@@ -71,6 +75,30 @@ KEEP_TMP=${KEEP_TMP:-0}
 ACCESS_LOG=${ACCESS_LOG:-off}
 SAME_HEADERS=${SAME_HEADERS:-0}
 case "$SAME_HEADERS" in 0 | 1 | 2) ;; *) echo "SAME_HEADERS must be 0, 1 or 2" >&2 && exit 2 ;; esac
+REQUEST=${REQUEST:-minimal}
+# The request's fields besides Host, one per line.
+case "$REQUEST" in
+minimal) REQUEST_FIELDS="" ;;
+browser)
+    REQUEST_FIELDS="User-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0
+Accept: text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8
+Accept-Language: en-GB,en;q=0.5
+Accept-Encoding: gzip, deflate, br, zstd
+Referer: https://shop.example/
+Cookie: session=8f14e45fceea167a5a36dedd4bea2543; theme=dark
+Upgrade-Insecure-Requests: 1
+Sec-Fetch-Dest: document
+Sec-Fetch-Mode: navigate
+Priority: u=0, i"
+    ;;
+*) echo "REQUEST must be minimal or browser" >&2 && exit 2 ;;
+esac
+export REQUEST_FIELDS
+# The same fields as wrk options.
+WRK_FIELDS=()
+while IFS= read -r field; do
+    [ -n "$field" ] && WRK_FIELDS+=(-H "$field")
+done <<<"$REQUEST_FIELDS"
 export RUST_LOG=${RUST_LOG:-warn}
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -396,6 +424,7 @@ versions() {
     else
         echo "header rules: switchyard's own; nginx and HAProxy forward with their plainest setup"
     fi
+    echo "request: $REQUEST, GET / with $((${#WRK_FIELDS[@]} / 2 + 1)) fields"
     if has_proxy switchyard-base; then
         echo "switchyard-base binary: $SWITCHYARD_BASE_BIN sha256 $(sha256sum "$SWITCHYARD_BASE_BIN" | cut -c1-12)"
     fi
@@ -411,11 +440,12 @@ run_wrk() {
     start_proxy "$name"
     pid=$PROXY_PID
     if [ "$WARMUP" != 0 ]; then
-        timeout 60 taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$WARMUP" "http://127.0.0.1:$port/" >/dev/null 2>&1 || true
+        timeout 60 taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$WARMUP" "${WRK_FIELDS[@]}" \
+            "http://127.0.0.1:$port/" >/dev/null 2>&1 || true
     fi
     t0=$(tree_ticks "$pid")
     out=$(timeout "$(($(dur_secs "$DURATION") + 60))" taskset -c "$LOAD_CPU" \
-        wrk -t1 -c"$CONNS" -d"$DURATION" --latency "http://127.0.0.1:$port/" 2>&1) || true
+        wrk -t1 -c"$CONNS" -d"$DURATION" --latency "${WRK_FIELDS[@]}" "http://127.0.0.1:$port/" 2>&1) || true
     t1=$(tree_ticks "$pid")
     kill -0 "$pid" 2>/dev/null || log "warning: $name exited during the run"
     stop_pid "$pid" 10 || log "warning: $name had to be killed"
@@ -514,10 +544,11 @@ throughput() {
 # on each, exactly N responses in total. Fails on non-200 or a closed connection.
 write_client() {
     cat >"$TMP/client.py" <<'EOF'
-import selectors, socket, sys
+import os, selectors, socket, sys
 
 port, total, conns = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-req = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % port
+fields = "".join(f + "\r\n" for f in os.environ.get("REQUEST_FIELDS", "").splitlines() if f)
+req = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n%s\r\n" % (port, fields.encode())
 sel = selectors.DefaultSelector()
 sent = done = 0
 
