@@ -142,9 +142,7 @@ impl Proxy {
         *resp.body_mut() = body.with_log(log).with_active(active);
         Ok(resp)
     }
-}
 
-impl Proxy {
     /// Splices the client's and the backend's connections once the backend agreed to an
     /// upgrade; the client gets the 101 with an empty body.
     #[inline(never)]

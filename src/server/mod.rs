@@ -94,12 +94,12 @@ impl HttpBuilders {
             // Enforced per request head by `idle::Activity` instead; see there.
             .header_read_timeout(None)
             .max_buf_size(limits.max_header_bytes)
-            // hyper's default write strategy (vectored writes of the head and body
-            // chunks as they are), not `writev(false)`: flattening saves about 400
-            // instructions per request, but copies every body chunk into one buffer
-            // per connection, which keeps its largest size (near a megabyte after a
-            // large download) for as long as the client keeps the connection open.
             .keep_alive(true);
+        // The write strategy stays hyper's default (vectored writes of the head and
+        // body chunks as they are), not `writev(false)`: flattening saves about 400
+        // instructions per request, but copies every body chunk into one buffer per
+        // connection, which keeps its largest size (near a megabyte after a large
+        // download) for as long as the client keeps the connection open.
         let mut http2 = http2::Builder::new(TokioExecutor::new());
         http2
             .timer(TokioTimer::new())

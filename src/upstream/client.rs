@@ -148,11 +148,11 @@ impl ConnPool {
             Ok(Ok(s)) => s,
         };
         let _ = stream.set_nodelay(true);
+        // hyper's default write strategy, not `writev(false)`: that would save about
+        // 250 instructions per request, but copy every uploaded body chunk into one
+        // buffer per connection, which keeps its largest size while the connection
+        // idles in the pool.
         let (tx, conn) = http1::Builder::new()
-            // Not `writev(false)`: it would save about 250 instructions per request,
-            // but hyper would then copy every uploaded body chunk into one buffer per
-            // connection, which keeps its largest size while the connection idles in
-            // the pool.
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|source| UpstreamError::Handshake {
