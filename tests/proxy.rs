@@ -1024,6 +1024,53 @@ impl Logged {
     }
 }
 
+/// One IPv4 TCP socket as `/proc/net/tcp` shows it.
+struct TcpRow {
+    local: std::net::SocketAddr,
+    remote: std::net::SocketAddr,
+    /// The kernel's state number (`TCP_CLOSE_WAIT` is 8).
+    state: u8,
+    /// Bytes received and not yet read.
+    rx_queue: u64,
+}
+
+/// The IPv4 TCP sockets of this network namespace. Addresses are printed as the
+/// in-memory bytes of the network-order address, hence `to_ne_bytes`.
+fn tcp_table() -> Vec<TcpRow> {
+    fn addr(field: &str) -> Option<std::net::SocketAddr> {
+        let (ip, port) = field.split_once(':')?;
+        let ip = u32::from_str_radix(ip, 16).ok()?.to_ne_bytes();
+        Some((ip, u16::from_str_radix(port, 16).ok()?).into())
+    }
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (_, rx) = f.get(4)?.split_once(':')?;
+            Some(TcpRow {
+                local: addr(f.get(1)?)?,
+                remote: addr(f.get(2)?)?,
+                state: u8::from_str_radix(f.get(3)?, 16).ok()?,
+                rx_queue: u64::from_str_radix(rx, 16).ok()?,
+            })
+        })
+        .collect()
+}
+
+/// Blocks this thread (and a current-thread runtime on it) until the kernel shows a
+/// socket for which `want` holds; a failure, not a hang, after [`LIMIT`].
+fn wait_for_socket(what: &str, want: impl Fn(&TcpRow) -> bool) {
+    let deadline = std::time::Instant::now() + LIMIT;
+    while !tcp_table().iter().any(&want) {
+        assert!(std::time::Instant::now() < deadline, "never saw {what}");
+        std::thread::yield_now();
+    }
+}
+
+const TCP_CLOSE_WAIT: u8 = 8;
+
 // The proxy runs on this test's one thread, so that holding the thread holds the proxy.
 #[tokio::test(flavor = "current_thread")]
 async fn a_request_handed_to_a_connection_closing_at_that_moment_goes_on_a_new_one() {
@@ -1047,19 +1094,25 @@ async fn a_request_handed_to_a_connection_closing_at_that_moment_goes_on_a_new_o
     assert_eq!(backend_state.pool.idle_count(), 1);
 
     // Until the next await, nothing on this runtime runs, the proxy included. The next
-    // request reaches the proxy first, then the end of the pooled connection does. When
-    // the runtime goes on, it wakes the two in that order: the request is handed to the
-    // connection before the connection's task has seen its end, and hyper hands the
-    // request back unsent. It goes on a new connection, although `retries = 0`; had it
-    // been written first, it would have failed (502). (The kernel delivers the close on
-    // loopback before the backend's `close` returns, unless it defers the work under
-    // heavy load: then the request would be written first, and this test fail.)
+    // request reaches the proxy's socket first, then the end of the pooled connection
+    // reaches its socket (the kernel's socket table shows each has arrived before the
+    // next step). When the runtime goes on, it wakes the two in that order: the request
+    // is handed to the connection before the connection's task has seen its end, and
+    // hyper hands the request back unsent. It goes on a new connection, although
+    // `retries = 0`; had it been written first, it would have failed (502).
+    let client_addr = client.local_addr().unwrap();
     assert_eq!(client.try_write(GET).unwrap(), GET.len());
+    wait_for_socket("the request queued at the proxy", |s| {
+        s.remote == client_addr && s.rx_queue == GET.len() as u64
+    });
     backend.close.send(()).unwrap();
     backend
         .closed
         .recv_timeout(LIMIT)
         .expect("the backend closed its connection");
+    wait_for_socket("the proxy's end of the pooled connection closed", |s| {
+        s.remote == backend.addr && s.state == TCP_CLOSE_WAIT
+    });
 
     let second = read_response(&mut client).await;
     assert!(
