@@ -1103,7 +1103,7 @@ async fn a_request_handed_to_a_connection_closing_at_that_moment_goes_on_a_new_o
     let client_addr = client.local_addr().unwrap();
     assert_eq!(client.try_write(GET).unwrap(), GET.len());
     wait_for_socket("the request queued at the proxy", |s| {
-        s.remote == client_addr && s.rx_queue == GET.len() as u64
+        s.local == proxy.addr && s.remote == client_addr && s.rx_queue == GET.len() as u64
     });
     backend.close.send(()).unwrap();
     backend
