@@ -1483,3 +1483,132 @@ async fn access_log_has_one_line_per_request_with_every_field() {
         assert!(lines.try_recv().is_err(), "a line too many");
     }
 }
+
+/// A backend that reads each request body to its end and answers with its length.
+async fn body_length_backend() -> std::net::SocketAddr {
+    backend(|req: Request<hyper::body::Incoming>| async move {
+        match req.into_body().collect().await {
+            Ok(body) => text(format!("{}", body.to_bytes().len())),
+            Err(_) => text("body failed"),
+        }
+    })
+    .await
+}
+
+/// Two backends that one failure would eject.
+fn touchy_pool(a: std::net::SocketAddr, b: std::net::SocketAddr, rest: &str) -> String {
+    config(&format!(
+        "[pools.p]\nbackends = [\"{a}\", \"{b}\"]\n{rest}\n[pools.p.outlier]\nconsecutive_failures = 1\nmax_ejected_percent = 100\n"
+    ))
+}
+
+fn assert_none_ejected(proxy: &TestProxy) {
+    let rt = proxy.runtime.load();
+    for m in &rt.pools[0].members {
+        assert!(
+            !m.backend.health.is_ejected(),
+            "{} was ejected",
+            m.backend.id
+        );
+        assert_eq!(m.backend.stats.resets(), 0, "{}", m.backend.id);
+    }
+}
+
+#[tokio::test]
+async fn a_malformed_request_body_is_400_and_not_the_backends_failure() {
+    let (a, b) = (body_length_backend().await, body_length_backend().await);
+    let proxy = TestProxy::start(&touchy_pool(a, b, "")).await;
+    // The chunk size line ends in a bare LF; round robin sends one to each backend.
+    let bad =
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n4\nabcd\r\n0\r\n\r\n";
+    for _ in 0..2 {
+        let got = raw_exchange(proxy.addr, bad).await;
+        assert!(got.starts_with("HTTP/1.1 400"), "{got}");
+    }
+    assert_none_ejected(&proxy);
+    assert_eq!(fetch(proxy.addr, get("/")).await.status, 200);
+}
+
+#[tokio::test]
+async fn a_client_that_stops_sending_its_body_gets_408_and_the_backend_is_not_blamed() {
+    let (a, b) = (body_length_backend().await, body_length_backend().await);
+    let proxy = TestProxy::start(&touchy_pool(a, b, "response_timeout = \"300ms\"")).await;
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+            .await
+            .unwrap();
+        // The rest of the body never comes.
+        let got = read_response(&mut s).await;
+        assert!(got.starts_with("HTTP/1.1 408"), "{got}");
+    }
+    assert_none_ejected(&proxy);
+    assert_eq!(fetch(proxy.addr, get("/")).await.status, 200);
+}
+
+#[tokio::test]
+async fn an_upload_slower_than_the_response_timeout_passes_while_it_moves() {
+    let a = body_length_backend().await;
+    let cfg = format!("[pools.p]\nresponse_timeout = \"200ms\"\nbackends = [\"{a}\"]\n");
+    let proxy = TestProxy::start(&config(&cfg)).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 60\r\n\r\n")
+        .await
+        .unwrap();
+    // Six parts 100 ms apart: the upload takes three times the response timeout, and no
+    // wait within it is longer than half of it. The slowness is what is under test.
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s.write_all(b"0123456789").await.unwrap();
+    }
+    let got = read_response(&mut s).await;
+    assert!(
+        got.starts_with("HTTP/1.1 200") && got.ends_with("\r\n\r\n60"),
+        "{got}"
+    );
+}
+
+#[tokio::test]
+async fn a_backend_that_stops_reading_the_body_is_504() {
+    // Accepts, and never reads: once the socket buffers are full the upload stops.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    let cfg = format!("[pools.p]\nresponse_timeout = \"300ms\"\nbackends = [\"{a}\"]\n");
+    let proxy = TestProxy::start(&config(&cfg)).await;
+    let s = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    const SIZE: usize = 256 << 20;
+    let upload = tokio::spawn(async move {
+        let head = format!("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {SIZE}\r\n\r\n");
+        wr.write_all(head.as_bytes()).await?;
+        let chunk = vec![b'x'; 1 << 16];
+        for _ in 0..SIZE / chunk.len() {
+            wr.write_all(&chunk).await?;
+        }
+        std::io::Result::Ok(())
+    });
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(LIMIT, rd.read(&mut buf))
+            .await
+            .expect("a response")
+            .unwrap();
+        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&head));
+        head.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 504"), "{head}");
+    upload.abort();
+    let sent = upload.await;
+    assert!(
+        !matches!(sent, Ok(Ok(()))),
+        "the whole body went through: {sent:?}"
+    );
+}

@@ -29,13 +29,18 @@ pub enum ProxyError {
     BadUpgrade(&'static str),
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    #[error("the request body could not be read from the client: {0}")]
+    RequestBody(#[source] hyper::Error),
+    #[error("the client sent no more of its request body for {0:?}")]
+    ClientTimeout(Duration),
 }
 
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
-            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest(_) | ProxyError::RequestBody(_) => StatusCode::BAD_REQUEST,
+            ProxyError::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::NoBackend { .. }
             | ProxyError::AllUnreachable { .. }
             | ProxyError::Rejected { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -73,6 +78,10 @@ mod tests {
         assert_eq!(ProxyError::NoRoute.status(), 404);
         assert_eq!(ProxyError::NoBackend { pool: "p".into() }.status(), 503);
         assert_eq!(ProxyError::Timeout(Duration::from_secs(1)).status(), 504);
+        assert_eq!(
+            ProxyError::ClientTimeout(Duration::from_secs(1)).status(),
+            408
+        );
         let e = UpstreamError::ConnectTimeout {
             addr: "10.0.0.1:1".into(),
             after: Duration::from_secs(1),

@@ -24,6 +24,7 @@ use crate::pool::{Affinity, Outcome, Pool};
 use crate::runtime::Runtime;
 use crate::server::idle::ActiveRequest;
 use crate::upstream::client::{Sender, UpstreamBody};
+use crate::upstream::upload::{self, Late, Upload};
 use crate::upstream::{Backend, InFlight, PooledConn, UpstreamError};
 
 use super::body::ProxyBody;
@@ -197,7 +198,7 @@ struct Replay {
 }
 
 impl Replay {
-    fn of(req: &Request<Incoming>) -> Option<Self> {
+    fn of(req: &Request<UpstreamBody>) -> Option<Self> {
         if !req.method().is_idempotent() || !req.body().is_end_stream() {
             return None;
         }
@@ -282,7 +283,8 @@ fn forward<'a>(
     if let Affinity::Cookie { cfg, .. } = &pool.affinity {
         strip_cookie(&mut parts.headers, &cfg.cookie);
     }
-    let req = Request::from_parts(parts, body);
+    let (upload, watch) = Upload::new(body);
+    let req = Request::from_parts(parts, Either::Left(upload));
     let budget = pool.retries as usize + 1;
     // A copy for a retry after a reset, only where a retry could go somewhere.
     let replay = if budget > 1 && pool.members.len() > 1 && !plan.reject_now {
@@ -290,7 +292,7 @@ fn forward<'a>(
     } else {
         None
     };
-    let mut pending = Some(req.map(Either::Left));
+    let mut pending = Some(req);
 
     async move {
         if plan.reject_now {
@@ -333,10 +335,22 @@ fn forward<'a>(
                         let Some(req) = pending.take() else {
                             break None;
                         };
-                        let sent =
-                            tokio::time::timeout(pool.response_timeout, tx.try_send_request(req));
-                        let mut e = match sent.await {
-                            Err(_) => break Some(Err(SendError::Timeout(pool.response_timeout))),
+                        let timeout = pool.response_timeout;
+                        let sent = match &watch {
+                            None => tokio::time::timeout(timeout, tx.try_send_request(req))
+                                .await
+                                .map_err(|_| Late::Backend),
+                            // Boxed: the rare case, with a future of its own.
+                            Some(w) => {
+                                w.sending();
+                                Box::pin(upload::within(tx.try_send_request(req), w, timeout)).await
+                            }
+                        };
+                        let mut e = match sent {
+                            Err(Late::Backend) => break Some(Err(SendError::Timeout(timeout))),
+                            Err(Late::Client) => {
+                                break Some(Err(SendError::ClientStalled(timeout)))
+                            }
                             Ok(Ok(resp)) => break Some(Ok(resp)),
                             Ok(Err(e)) => e,
                         };
@@ -382,6 +396,13 @@ fn forward<'a>(
                         // elsewhere.
                         Err(SendError::Reset(e)) if replay.is_some() && !plan.is_pinned(i) => {
                             reset = Some((e, backend));
+                        }
+                        // The client's failure, not the backend's.
+                        Err(e @ (SendError::Request(_) | SendError::ClientStalled(_))) => {
+                            if let Some(o) = plan.outcome {
+                                pool.count_outcome(o);
+                            }
+                            return Err(failed(pool, Some(backend), e.into()));
                         }
                         Err(e) => {
                             // Reset or silent after accepting the request: a failure for
@@ -534,11 +555,20 @@ enum SendError {
     /// Anything else the backend did wrong, such as an invalid response.
     Upstream(hyper::Error),
     Timeout(std::time::Duration),
+    /// The request could not be sent as the client gave it: its body failed.
+    Request(hyper::Error),
+    /// The client sent none of the rest of its body for this long.
+    ClientStalled(std::time::Duration),
 }
 
 impl SendError {
     fn of(e: hyper::Error) -> Self {
-        if is_reset(&e) {
+        // The request's own failure, its body above all (malformed, or the client gone
+        // mid-upload): checked first, since the client's error may carry an I/O error
+        // that would read as the backend's reset.
+        if e.is_user() {
+            SendError::Request(e)
+        } else if is_reset(&e) {
             SendError::Reset(e)
         } else {
             SendError::Upstream(e)
@@ -552,6 +582,8 @@ impl From<SendError> for ProxyError {
             SendError::Connect(e) => ProxyError::Connect(e),
             SendError::Reset(e) | SendError::Upstream(e) => ProxyError::Upstream(e),
             SendError::Timeout(after) => ProxyError::Timeout(after),
+            SendError::Request(e) => ProxyError::RequestBody(e),
+            SendError::ClientStalled(after) => ProxyError::ClientTimeout(after),
         }
     }
 }

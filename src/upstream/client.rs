@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{Either, Empty};
-use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -20,10 +19,11 @@ use tokio::net::TcpStream;
 use crate::config::{BackendAddr, PoolConfig};
 
 use super::stats::BackendStats;
+use super::upload::Upload;
 
 /// A request body sent upstream: the client's, or nothing when a bodyless request is
 /// sent again.
-pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+pub type UpstreamBody = Either<Upload, Empty<Bytes>>;
 
 /// The sending half of an upstream HTTP/1.1 connection.
 pub type Sender = http1::SendRequest<UpstreamBody>;

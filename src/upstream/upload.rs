@@ -1,0 +1,208 @@
+//! The client's request body on its way to a backend, watched so that the response
+//! timeout runs from the end of the upload rather than from its start, and an upload
+//! that stalls is blamed on the side that stalled.
+//!
+//! A large upload over a slow link may take far longer than `response_timeout`; it is
+//! not late as long as bytes keep moving. While the body is being sent the timeout
+//! bounds each wait: for the client's next bytes (408 if they never come: the client's
+//! failure, not the backend's) or for the backend to take the bytes already read (504).
+//! Once the body has ended, the backend has `response_timeout` for its response head.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use super::backend::clock_ms;
+
+/// The request body sent upstream.
+#[derive(Debug)]
+pub struct Upload {
+    body: Incoming,
+    /// `None` for a body that is already over (most requests): nothing to watch.
+    watch: Option<Arc<UploadWatch>>,
+}
+
+impl Upload {
+    /// Wraps `body`; also returns the watch when there is a body to upload.
+    pub fn new(body: Incoming) -> (Self, Option<Arc<UploadWatch>>) {
+        let watch = (!body.is_end_stream()).then(|| Arc::new(UploadWatch::new()));
+        let upload = Upload {
+            body,
+            watch: watch.clone(),
+        };
+        (upload, watch)
+    }
+}
+
+impl Body for Upload {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let frame = Pin::new(&mut this.body).poll_frame(cx);
+        if let Some(watch) = &this.watch {
+            let phase = match &frame {
+                Poll::Pending => Phase::Client,
+                Poll::Ready(Some(Ok(_))) if !this.body.is_end_stream() => Phase::Backend,
+                Poll::Ready(_) => Phase::Done,
+            };
+            watch.enter(phase);
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Whom an upload in progress waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u64)]
+pub enum Phase {
+    /// The client, for more of the body.
+    Client = 0,
+    /// The backend, to take what was read (its connection is not being written to).
+    Backend = 1,
+    /// Nobody: the body has ended (or failed, which the send reports).
+    Done = 2,
+}
+
+/// How an upload goes: the phase it is in and when that phase began, shared between the
+/// body (polled by the upstream connection) and the request waiting for the response.
+#[derive(Debug)]
+pub struct UploadWatch {
+    /// `clock_ms()` when the phase began, shifted left by two, and the phase.
+    state: AtomicU64,
+}
+
+impl UploadWatch {
+    fn new() -> Self {
+        // Until the connection first asks for the body, it is the backend's turn.
+        let watch = UploadWatch {
+            state: AtomicU64::new(0),
+        };
+        watch.set(Phase::Backend);
+        watch
+    }
+
+    fn set(&self, phase: Phase) {
+        self.state
+            .store((clock_ms() << 2) | phase as u64, Ordering::Relaxed);
+    }
+
+    /// Dates the wait for the backend from now: called as the request is sent, so that
+    /// connecting (which has its own timeout) does not count.
+    pub fn sending(&self) {
+        self.set(Phase::Backend);
+    }
+
+    /// Notes that the upload is now in `phase`. Each chunk read counts as progress; a
+    /// wait for the client is dated from when it began, however often it is polled.
+    fn enter(&self, phase: Phase) {
+        if phase == Phase::Client && self.phase_and_start().0 == Phase::Client {
+            return;
+        }
+        self.set(phase);
+    }
+
+    /// The current phase and `clock_ms()` when it began.
+    pub fn phase_and_start(&self) -> (Phase, u64) {
+        let s = self.state.load(Ordering::Relaxed);
+        let phase = match s & 3 {
+            0 => Phase::Client,
+            1 => Phase::Backend,
+            _ => Phase::Done,
+        };
+        (phase, s >> 2)
+    }
+}
+
+/// Who let `timeout` pass without progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Late {
+    /// The client stopped sending its body.
+    Client,
+    /// The backend stopped taking the body, or sent no response head after it.
+    Backend,
+}
+
+/// Waits for `fut` (the response head) while `watch` shows progress: fails once one
+/// phase of the upload, or the wait after it, lasts `timeout`.
+pub async fn within<F: Future>(
+    fut: F,
+    watch: &UploadWatch,
+    timeout: Duration,
+) -> Result<F::Output, Late> {
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        let (phase, since) = watch.phase_and_start();
+        let waited = Duration::from_millis(clock_ms().saturating_sub(since));
+        let Some(left) = timeout.checked_sub(waited).filter(|d| !d.is_zero()) else {
+            return Err(match phase {
+                Phase::Client => Late::Client,
+                Phase::Backend | Phase::Done => Late::Backend,
+            });
+        };
+        if let Ok(out) = tokio::time::timeout(left, fut.as_mut()).await {
+            return Ok(out);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wait_for_the_client_is_dated_from_its_start() {
+        let w = UploadWatch::new();
+        assert_eq!(w.phase_and_start().0, Phase::Backend);
+        w.enter(Phase::Client);
+        let (phase, since) = w.phase_and_start();
+        assert_eq!(phase, Phase::Client);
+        // Polled again while still waiting: the start stays.
+        w.state
+            .store((since.saturating_sub(5)) << 2, Ordering::Relaxed);
+        w.enter(Phase::Client);
+        assert_eq!(
+            w.phase_and_start(),
+            (Phase::Client, since.saturating_sub(5))
+        );
+        w.enter(Phase::Done);
+        assert_eq!(w.phase_and_start().0, Phase::Done);
+    }
+
+    // Real time: the watch reads the system's monotonic clock, not Tokio's.
+    #[tokio::test]
+    async fn within_blames_the_side_that_stalled() {
+        for (phase, late) in [
+            (Phase::Client, Late::Client),
+            (Phase::Backend, Late::Backend),
+            (Phase::Done, Late::Backend),
+        ] {
+            let w = UploadWatch::new();
+            w.set(phase);
+            let got = within(std::future::pending::<()>(), &w, Duration::from_millis(50)).await;
+            assert_eq!(got, Err(late), "{phase:?}");
+        }
+        let w = UploadWatch::new();
+        let got = within(async { 7 }, &w, Duration::from_millis(50)).await;
+        assert_eq!(got, Ok(7));
+    }
+}
