@@ -596,8 +596,9 @@ async fn shutdown_closes_idle_connections_without_waiting_out_the_grace_period()
     let h1_conn = tokio::spawn(h1_conn);
     let (mut h2, h2_conn) = h2_connect(proxy.addr).await;
     for version in [http::Version::HTTP_11, http::Version::HTTP_2] {
-        let req = Request::get(format!("http://x:{}/", proxy.addr.port()))
-            .header("host", "x")
+        let authority = format!("x:{}", proxy.addr.port());
+        let req = Request::get(format!("http://{authority}/"))
+            .header("host", &authority)
             .body(Full::new(Bytes::new()))
             .unwrap();
         let resp = match version {
@@ -767,16 +768,85 @@ async fn slow_second_request_on_a_keep_alive_connection_is_cut_off() {
 }
 
 #[tokio::test]
-async fn two_host_headers_get_400_and_never_reach_a_backend() {
+async fn requests_without_one_valid_host_get_400_and_never_reach_a_backend() {
     let (a, hits) = counting_backend().await;
     let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    for bad in [
+        // Two fields: the backend might read another one than routing did.
+        &b"GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n"[..],
+        // HTTP/1.1 requires the field.
+        b"GET / HTTP/1.1\r\n\r\n",
+        // Not `host [":" port]`.
+        b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: user@a.example\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a.example/admin\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a.example:80x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: [::1\r\n\r\n",
+        b"GET http://user@a.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n",
+    ] {
+        let got = raw_exchange(proxy.addr, bad).await;
+        assert!(
+            got.starts_with("HTTP/1.1 400"),
+            "{}: {got}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+    // HTTP/2: a Host field that names another host than `:authority`.
+    let (mut h2, _conn) = h2_connect(proxy.addr).await;
+    let req = Request::get("http://a.example/")
+        .header("host", "b.example")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(h2.send_request(req).await.unwrap().status(), 400);
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn the_host_routing_reads_is_the_host_the_backend_reads() {
+    let (a, b) = (named_backend("a").await, named_backend("b").await);
+    let cfg = format!(
+        "[[routes]]\nhost = \"b.example\"\npool = \"b\"\n[[routes]]\npool = \"a\"\n\
+         [pools.a]\nbackends = [\"{a}\"]\n[pools.b]\nbackends = [\"{b}\"]\n"
+    );
+    let proxy = TestProxy::start(&config(&cfg)).await;
+    let seen = |got: &str| -> serde_json::Value {
+        let body = &got[got.find("\r\n\r\n").expect("a head") + 4..];
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {got}"))
+    };
+    // An absolute-form target's authority overrides Host (RFC 9112 §3.2.2).
     let got = raw_exchange(
         proxy.addr,
-        b"GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\nConnection: close\r\n\r\n",
+        b"GET http://b.example/p?q HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n",
     )
     .await;
-    assert!(got.starts_with("HTTP/1.1 400"), "{got}");
-    assert_eq!(hits.load(Ordering::SeqCst), 0);
+    let json = seen(&got);
+    assert_eq!(json["backend"], "b", "{got}");
+    assert_eq!(json["path"], "/p");
+    assert_eq!(json["headers"]["host"], "b.example");
+    assert_eq!(json["headers"]["x-forwarded-host"], "b.example");
+    // HTTP/1.0 may leave Host out; the backend, spoken to in HTTP/1.1, gets it empty.
+    let got = raw_exchange(proxy.addr, b"GET / HTTP/1.0\r\n\r\n").await;
+    assert!(
+        got.starts_with("HTTP/1.0 200") || got.starts_with("HTTP/1.1 200"),
+        "{got}"
+    );
+    let json = seen(&got);
+    assert_eq!(json["backend"], "a", "{got}");
+    assert_eq!(json["headers"]["host"], "");
+    assert!(json["headers"].get("x-forwarded-host").is_none(), "{got}");
+    // Hosts of every valid shape pass, as written.
+    for host in [
+        "[::1]:8080",
+        "127.0.0.1",
+        "B.Example",
+        "a_b.example:443",
+        "xn--bcher-kva.example.",
+    ] {
+        let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let got = raw_exchange(proxy.addr, req.as_bytes()).await;
+        assert!(got.starts_with("HTTP/1.1 200"), "{host}: {got}");
+        assert_eq!(seen(&got)["headers"]["host"], host);
+    }
 }
 
 /// A backend that reads each request head, counts it, and closes the connection without

@@ -51,6 +51,14 @@ impl ProxyError {
         }
     }
 
+    /// Whether the request itself was at fault (a `4xx` other than "no route").
+    pub fn is_clients_fault(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::BadRequest(_) | ProxyError::RequestBody(_) | ProxyError::ClientTimeout(_)
+        )
+    }
+
     /// The response the client gets: status, and the status's reason as plain text.
     pub fn to_response(&self) -> Response<ProxyBody> {
         let status = self.status();

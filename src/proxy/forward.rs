@@ -92,11 +92,13 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, Infallible> {
         let start = Instant::now();
         let rt = self.shared.runtime.load_full();
+        let http1 = req.version() <= Version::HTTP_11;
         let upgrade = headers::is_upgrade(req.headers(), req.version());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let pool = rt.route(headers::request_host(&req), req.uri().path());
         let proto = if client.tls { "https" } else { "http" };
         let prepared = headers::prepare_request(&mut req, client.addr.ip(), proto, upgrade);
+        // After the rewrite: routing reads the host the backend will read.
+        let pool = rt.route(headers::request_host(&req), req.uri().path());
         let request_id = prepared.request_id;
         let mut log = AccessRecord::new(
             rt.config.server.access_log,
@@ -107,11 +109,10 @@ impl Proxy {
             Some(&request_id),
         );
 
-        let result = match pool {
-            // Two Host headers could be read differently by the backend than by routing.
-            _ if prepared.several_hosts => Err(ProxyError::BadRequest("more than one Host header")),
-            None => Err(ProxyError::NoRoute),
-            Some(pool) => {
+        let result = match (pool, prepared.bad_host) {
+            (_, Some(why)) => Err(ProxyError::BadRequest(why)),
+            (None, None) => Err(ProxyError::NoRoute),
+            (Some(pool), None) => {
                 if let Some(l) = &mut log {
                     l.pool = Some(pool.name.to_string());
                 }
@@ -134,7 +135,7 @@ impl Proxy {
                     None => resp.map(|b| ProxyBody::upstream(b, conn, in_flight)),
                 }
             }
-            Err(e) => refused(e, request_id),
+            Err(e) => refused(e, request_id, http1),
         };
         if let Some(l) = &mut log {
             l.status = resp.status().as_u16();
@@ -170,7 +171,7 @@ impl Proxy {
 /// The error response for a request that got no backend's answer.
 #[cold]
 #[inline(never)]
-fn refused(e: ProxyError, request_id: HeaderValue) -> Response<ProxyBody> {
+fn refused(e: ProxyError, request_id: HeaderValue, http1: bool) -> Response<ProxyBody> {
     if e.status().is_server_error() {
         tracing::warn!(error = %e, "request failed");
     } else {
@@ -178,6 +179,11 @@ fn refused(e: ProxyError, request_id: HeaderValue) -> Response<ProxyBody> {
     }
     let mut r = e.to_response();
     r.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+    if http1 && e.is_clients_fault() {
+        // What else the connection carries is suspect, or (a body cut short) unread.
+        r.headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
     r
 }
 

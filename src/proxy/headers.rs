@@ -123,12 +123,11 @@ fn is_hop_by_hop(token: &[u8]) -> bool {
             .any(|h| token.eq_ignore_ascii_case(h.as_str().as_bytes()))
 }
 
-/// The request's host: the `Host` header, else the URI authority (HTTP/2).
+/// The request's host, once [`prepare_request`] has settled its `Host` field.
 pub fn request_host<B>(req: &Request<B>) -> Option<&str> {
     req.headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().authority().map(|a| a.as_str()))
 }
 
 /// What [`prepare_request`] found out about a request.
@@ -136,8 +135,81 @@ pub fn request_host<B>(req: &Request<B>) -> Option<&str> {
 pub struct Prepared {
     /// The request id, propagated or generated.
     pub request_id: HeaderValue,
-    /// More than one `Host` header: the backend might read another one than routing did.
-    pub several_hosts: bool,
+    /// Why the request's host is unusable (the request gets 400), if it is. The backend
+    /// must read the same host as routing did, and HTTP/1.1 requires one.
+    pub bad_host: Option<&'static str>,
+}
+
+/// Whether `host` is a valid `Host` field value (RFC 9110 §7.2): `uri-host [":" port]`,
+/// or empty. The common shapes (a name or an IPv4 address, and a port) are checked
+/// here; anything else must parse as a URI authority without user information.
+fn valid_host(host: &[u8]) -> bool {
+    let (name, port) = match host.iter().rposition(|&b| b == b':') {
+        Some(i) => (&host[..i], &host[i + 1..]),
+        None => (host, &b""[..]),
+    };
+    let plain = !name.is_empty()
+        && name
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+        && port.iter().all(u8::is_ascii_digit);
+    if plain || host.is_empty() {
+        return true;
+    }
+    if host.contains(&b'@') {
+        return false;
+    }
+    // The URI parser accepts user information (refused above) and any port text.
+    http::uri::Authority::try_from(host).is_ok_and(|a| {
+        let port = &a.as_str()[a.host().len()..];
+        let port_ok = port.is_empty()
+            || port
+                .strip_prefix(':')
+                .is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit()));
+        !a.host().is_empty() && port_ok
+    })
+}
+
+/// Settles the request's one `Host` field: the target's authority where the request
+/// has one (an absolute-form target, whose authority HTTP/1.1 says overrides `Host`, or
+/// HTTP/2's `:authority`), else the `Host` field, else empty (an HTTP/1.0 request may
+/// have none; the backend is spoken to in HTTP/1.1, which needs the field). Returns the
+/// host, or why the request cannot be forwarded.
+fn settle_host(
+    headers: &mut HeaderMap,
+    authority: Option<HeaderValue>,
+    version: Version,
+) -> Result<HeaderValue, &'static str> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let field = hosts.next().cloned();
+    if hosts.next().is_some() {
+        return Err("more than one Host field");
+    }
+    let host = match (authority, field) {
+        (Some(a), Some(h))
+            if version == Version::HTTP_2 && !a.as_bytes().eq_ignore_ascii_case(h.as_bytes()) =>
+        {
+            return Err("Host differs from :authority");
+        }
+        (Some(a), h) => {
+            if h.as_ref() != Some(&a) {
+                headers.insert(header::HOST, a.clone());
+            }
+            a
+        }
+        (None, Some(h)) => h,
+        (None, None) if version == Version::HTTP_11 => return Err("no Host field"),
+        (None, None) => {
+            let empty = HeaderValue::from_static("");
+            headers.insert(header::HOST, empty.clone());
+            empty
+        }
+    };
+    if valid_host(host.as_bytes()) {
+        Ok(host)
+    } else {
+        Err("invalid Host field")
+    }
 }
 
 /// Rewrites a downstream request for an HTTP/1.1 backend.
@@ -151,6 +223,7 @@ pub fn prepare_request<B>(
         .uri()
         .authority()
         .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+    let version = req.version();
     let had_te = req.headers().contains_key(header::TRANSFER_ENCODING);
     let headers = req.headers_mut();
     strip_hop_by_hop(headers, upgrade);
@@ -159,17 +232,12 @@ pub fn prepare_request<B>(
         // Content-Length that arrived beside Transfer-Encoding must not survive.
         headers.remove(header::CONTENT_LENGTH);
     }
-    let mut hosts = headers.get_all(header::HOST).iter();
-    let first_host = hosts.next().cloned();
-    let several_hosts = hosts.next().is_some();
-    let host = match first_host {
-        Some(host) => Some(host),
-        None => authority.inspect(|a| {
-            headers.insert(header::HOST, a.clone());
-        }),
-    };
-    if let Some(host) = host {
-        headers.insert(X_FORWARDED_HOST.clone(), host);
+    let host = settle_host(headers, authority, version);
+    match &host {
+        Ok(host) if !host.is_empty() => {
+            headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+        }
+        _ => {}
     }
     append_forwarded_for(headers, client);
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
@@ -192,7 +260,7 @@ pub fn prepare_request<B>(
     *req.version_mut() = Version::HTTP_11;
     Prepared {
         request_id,
-        several_hosts,
+        bad_host: host.err(),
     }
 }
 
@@ -309,6 +377,38 @@ pub fn new_request_id() -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_values() {
+        for good in [
+            "a.example",
+            "A.Example:8080",
+            "a.example:",
+            "127.0.0.1",
+            "[::1]",
+            "[::1]:443",
+            "a_b.example",
+            "xn--bcher-kva.example.",
+            "",
+        ] {
+            assert!(valid_host(good.as_bytes()), "{good:?}");
+        }
+        for bad in [
+            "a b",
+            "user@a.example",
+            "a.example/x",
+            "a.example:80x",
+            "a.example:-1",
+            "[::1",
+            "[::1]x",
+            ":80",
+            "a.example\\x",
+            "a.example?",
+            "a.example#",
+        ] {
+            assert!(!valid_host(bad.as_bytes()), "{bad:?}");
+        }
+    }
 
     #[test]
     fn strips_hop_by_hop_and_connection_named() {
