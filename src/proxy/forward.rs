@@ -342,16 +342,11 @@ fn forward<'a>(
                             break None;
                         };
                         let timeout = pool.response_timeout;
-                        let sent = match &watch {
-                            None => tokio::time::timeout(timeout, tx.try_send_request(req))
-                                .await
-                                .map_err(|_| Late::Backend),
-                            // Boxed: the rare case, with a future of its own.
-                            Some(w) => {
-                                w.sending();
-                                Box::pin(upload::within(tx.try_send_request(req), w, timeout)).await
-                            }
-                        };
+                        if let Some(w) = &watch {
+                            w.sending();
+                        }
+                        let send = tx.try_send_request(req);
+                        let sent = upload::within(send, watch.as_deref(), timeout).await;
                         let mut e = match sent {
                             Err(Late::Backend) => break Some(Err(SendError::Timeout(timeout))),
                             Err(Late::Client) => {

@@ -149,13 +149,28 @@ fn valid_host(host: &[u8]) -> bool {
         None => (host, &b""[..]),
     };
     let plain = !name.is_empty()
-        && name
-            .iter()
-            .all(|&b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+        && name.iter().all(|&b| NAME_CHAR[usize::from(b)])
         && port.iter().all(u8::is_ascii_digit);
-    if plain || host.is_empty() {
-        return true;
+    plain || host.is_empty() || valid_authority(host)
+}
+
+/// The characters of a host name or IPv4 address: letters, digits, `.` and `-`.
+static NAME_CHAR: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric() || c == b'.' || c == b'-';
+        b += 1;
     }
+    t
+};
+
+/// The rarer shapes of a `Host` value (an IPv6 literal, percent-encoding, other
+/// characters a URI allows): it must parse as a URI authority with a host, no user
+/// information and a numeric port if any.
+#[cold]
+fn valid_authority(host: &[u8]) -> bool {
     if host.contains(&b'@') {
         return false;
     }

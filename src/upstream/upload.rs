@@ -15,6 +15,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::time::Sleep;
+
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -142,25 +144,53 @@ pub enum Late {
     Backend,
 }
 
-/// Waits for `fut` (the response head) while `watch` shows progress: fails once one
-/// phase of the upload, or the wait after it, lasts `timeout`.
-pub async fn within<F: Future>(
-    fut: F,
-    watch: &UploadWatch,
-    timeout: Duration,
-) -> Result<F::Output, Late> {
-    let mut fut = std::pin::pin!(fut);
-    loop {
-        let (phase, since) = watch.phase_and_start();
-        let waited = Duration::from_millis(clock_ms().saturating_sub(since));
-        let Some(left) = timeout.checked_sub(waited).filter(|d| !d.is_zero()) else {
-            return Err(match phase {
-                Phase::Client => Late::Client,
-                Phase::Backend | Phase::Done => Late::Backend,
-            });
-        };
-        if let Ok(out) = tokio::time::timeout(left, fut.as_mut()).await {
-            return Ok(out);
+pin_project_lite::pin_project! {
+    /// Waits for `fut` (the response head) for `timeout`; with an upload's `watch`, for
+    /// as long as the upload moves: fails once one phase of the upload, or the wait
+    /// after it, lasts `timeout`. Without a watch, it is `tokio::time::timeout`.
+    pub struct Within<'a, F> {
+        #[pin]
+        fut: F,
+        #[pin]
+        sleep: Sleep,
+        watch: Option<&'a UploadWatch>,
+        timeout: Duration,
+    }
+}
+
+pub fn within<F: Future>(fut: F, watch: Option<&UploadWatch>, timeout: Duration) -> Within<'_, F> {
+    Within {
+        fut,
+        sleep: tokio::time::sleep(timeout),
+        watch,
+        timeout,
+    }
+}
+
+impl<F: Future> Future for Within<'_, F> {
+    type Output = Result<F::Output, Late>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if let Poll::Ready(out) = this.fut.poll(cx) {
+            return Poll::Ready(Ok(out));
+        }
+        loop {
+            std::task::ready!(this.sleep.as_mut().poll(cx));
+            let Some(watch) = this.watch else {
+                return Poll::Ready(Err(Late::Backend));
+            };
+            // The upload may have moved since the timer was set: wait on from there.
+            let (phase, since) = watch.phase_and_start();
+            let waited = Duration::from_millis(clock_ms().saturating_sub(since));
+            match this.timeout.checked_sub(waited).filter(|d| !d.is_zero()) {
+                Some(left) => this
+                    .sleep
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + left),
+                None if phase == Phase::Client => return Poll::Ready(Err(Late::Client)),
+                None => return Poll::Ready(Err(Late::Backend)),
+            }
         }
     }
 }
@@ -191,6 +221,7 @@ mod tests {
     // Real time: the watch reads the system's monotonic clock, not Tokio's.
     #[tokio::test]
     async fn within_blames_the_side_that_stalled() {
+        use std::future::pending;
         for (phase, late) in [
             (Phase::Client, Late::Client),
             (Phase::Backend, Late::Backend),
@@ -198,11 +229,13 @@ mod tests {
         ] {
             let w = UploadWatch::new();
             w.set(phase);
-            let got = within(std::future::pending::<()>(), &w, Duration::from_millis(50)).await;
+            let got = within(pending::<()>(), Some(&w), Duration::from_millis(50)).await;
             assert_eq!(got, Err(late), "{phase:?}");
         }
+        let got = within(pending::<()>(), None, Duration::from_millis(50)).await;
+        assert_eq!(got, Err(Late::Backend));
         let w = UploadWatch::new();
-        let got = within(async { 7 }, &w, Duration::from_millis(50)).await;
+        let got = within(async { 7 }, Some(&w), Duration::from_millis(50)).await;
         assert_eq!(got, Ok(7));
     }
 }
