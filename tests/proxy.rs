@@ -802,6 +802,24 @@ async fn requests_without_one_valid_host_get_400_and_never_reach_a_backend() {
 }
 
 #[tokio::test]
+async fn connect_is_405_and_never_reaches_a_backend() {
+    let (a, hits) = counting_backend().await;
+    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    let got = raw_exchange(
+        proxy.addr,
+        b"CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r\n",
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.1 405"), "{got}");
+    let (mut h2, _conn) = h2_connect(proxy.addr).await;
+    let req = Request::connect("a.example:443")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(h2.send_request(req).await.unwrap().status(), 405);
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
 async fn the_host_routing_reads_is_the_host_the_backend_reads() {
     let (a, b) = (named_backend("a").await, named_backend("b").await);
     let cfg = format!(

@@ -29,6 +29,8 @@ pub enum ProxyError {
     BadUpgrade(&'static str),
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    #[error("CONNECT is not proxied")]
+    MethodNotAllowed,
     #[error("the request body could not be read from the client: {0}")]
     RequestBody(#[source] hyper::Error),
     #[error("the client sent no more of its request body for {0:?}")]
@@ -41,6 +43,7 @@ impl ProxyError {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::BadRequest(_) | ProxyError::RequestBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::NoBackend { .. }
             | ProxyError::AllUnreachable { .. }
             | ProxyError::Rejected { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -55,7 +58,10 @@ impl ProxyError {
     pub fn is_clients_fault(&self) -> bool {
         matches!(
             self,
-            ProxyError::BadRequest(_) | ProxyError::RequestBody(_) | ProxyError::ClientTimeout(_)
+            ProxyError::BadRequest(_)
+                | ProxyError::RequestBody(_)
+                | ProxyError::ClientTimeout(_)
+                | ProxyError::MethodNotAllowed
         )
     }
 
