@@ -305,6 +305,25 @@ async fn garbage_from_backend_is_502() {
 }
 
 #[tokio::test]
+async fn a_response_with_both_framings_reaches_the_client_whole() {
+    // Transfer-Encoding wins (RFC 9112 §6.3); its Content-Length must not reach the
+    // client beside the re-framed body, where it would cut it short.
+    let a = canned_backend(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nb\r\nhello world\r\n0\r\n\r\n",
+    )
+    .await;
+    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    let got = fetch(proxy.addr, get("/")).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.body, "hello world");
+    assert!(
+        got.headers.get("content-length").is_none_or(|v| v == "11"),
+        "{:?}",
+        got.headers
+    );
+}
+
+#[tokio::test]
 async fn slow_backend_is_504() {
     let a = backend(|_| async {
         std::future::pending::<()>().await;
@@ -783,6 +802,8 @@ async fn requests_without_one_valid_host_get_400_and_never_reach_a_backend() {
         b"GET / HTTP/1.1\r\nHost: a.example:80x\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: [::1\r\n\r\n",
         b"GET http://user@a.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n",
+        // Authority form is CONNECT's; elsewhere it would name the host instead of Host.
+        b"GET b.example:80 HTTP/1.1\r\nHost: a.example\r\n\r\n",
     ] {
         let got = raw_exchange(proxy.addr, bad).await;
         assert!(

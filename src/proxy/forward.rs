@@ -110,10 +110,10 @@ impl Proxy {
         );
 
         let result = match (pool, prepared.bad_host) {
-            (_, Some(why)) => Err(ProxyError::BadRequest(why)),
             // A tunnel to wherever the client names is a forward proxy's job; and sent on,
             // the target (rewritten to a path) would mean something else to the backend.
             _ if req.method() == Method::CONNECT => Err(ProxyError::MethodNotAllowed),
+            (_, Some(why)) => Err(ProxyError::BadRequest(why)),
             (None, None) => Err(ProxyError::NoRoute),
             (Some(pool), None) => {
                 if let Some(l) = &mut log {

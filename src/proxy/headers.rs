@@ -77,12 +77,19 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
             headers.remove(name);
         }
     }
+    if present & (1 << TRANSFER_ENCODING_INDEX) != 0 {
+        // The body was de-chunked and is framed anew for the other side; a
+        // Content-Length that came beside Transfer-Encoding (RFC 9112 §6.3) must not
+        // survive, or it would frame that body differently.
+        headers.remove(header::CONTENT_LENGTH);
+    }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
 }
 
 const CONNECTION_INDEX: usize = 0;
+const TRANSFER_ENCODING_INDEX: usize = 4;
 
 /// The position of a (lowercase) field name in `HOP_BY_HOP`.
 fn hop_by_hop_index(name: &[u8]) -> Option<usize> {
@@ -91,7 +98,7 @@ fn hop_by_hop_index(name: &[u8]) -> Option<usize> {
         b"proxy-connection" => 1,
         b"keep-alive" => 2,
         b"te" => 3,
-        b"transfer-encoding" => 4,
+        b"transfer-encoding" => TRANSFER_ENCODING_INDEX,
         b"upgrade" => 5,
         _ => return None,
     };
@@ -239,15 +246,17 @@ pub fn prepare_request<B>(
         .authority()
         .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
     let version = req.version();
-    let had_te = req.headers().contains_key(header::TRANSFER_ENCODING);
+    let req_scheme_missing = req.uri().scheme().is_none();
     let headers = req.headers_mut();
     strip_hop_by_hop(headers, upgrade);
-    if had_te {
-        // The body was de-chunked; its framing is recomputed for the backend, and a
-        // Content-Length that arrived beside Transfer-Encoding must not survive.
-        headers.remove(header::CONTENT_LENGTH);
-    }
-    let host = settle_host(headers, authority, version);
+    // Authority-form (`GET a.example:80 HTTP/1.1`) is for CONNECT only (RFC 9112
+    // §3.2.3); taken as a host, it would override `Host` with the request line's word.
+    let authority_form = authority.is_some() && req_scheme_missing;
+    let host = if authority_form {
+        Err("a target in authority form")
+    } else {
+        settle_host(headers, authority, version)
+    };
     match &host {
         Ok(host) if !host.is_empty() => {
             headers.insert(X_FORWARDED_HOST.clone(), host.clone());
