@@ -1650,6 +1650,13 @@ async fn a_client_that_stops_sending_its_body_gets_408_and_the_backend_is_not_bl
         // The rest of the body never comes.
         let got = read_response(&mut s).await;
         assert!(got.starts_with("HTTP/1.1 408"), "{got}");
+        // The body was cut short: the connection carries nothing more.
+        let mut rest = Vec::new();
+        tokio::time::timeout(LIMIT, s.read_to_end(&mut rest))
+            .await
+            .expect("the proxy closed the connection")
+            .unwrap();
+        assert!(rest.is_empty(), "{rest:?}");
     }
     assert_none_ejected(&proxy);
     assert_eq!(fetch(proxy.addr, get("/")).await.status, 200);
