@@ -138,7 +138,10 @@ async fn handle(
     };
     let (mut parts, body) = resp.into_parts();
     if let Some(id) = request_id {
-        headers::prepare_response(&mut parts.headers, id, false);
+        if headers::prepare_response(parts.status, &mut parts.headers, false).is_err() {
+            parts.status = StatusCode::BAD_GATEWAY;
+        }
+        parts.headers.insert(headers::X_REQUEST_ID.clone(), id);
     }
     let mut body = Pooled {
         body: Some(body),

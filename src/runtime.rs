@@ -115,6 +115,8 @@ impl Runtime {
     /// any host; then the longest matching path prefix; then file order.
     pub fn route(&self, host: Option<&str>, path: &str) -> Option<&Pool> {
         let host = host.map(strip_port);
+        // `OPTIONS *` asks about the server as a whole: the pool that serves its root.
+        let path = if path == "*" { "/" } else { path };
         self.routes
             .iter()
             .find(|r| host_matches(&r.host, host) && prefix_matches(&r.prefix, path))

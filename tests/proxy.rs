@@ -1369,6 +1369,73 @@ async fn unrequested_101_is_502_and_counted_as_a_failure() {
     assert_eq!((stats.responses(1), stats.responses(5)), (0, 1));
 }
 
+const WEBSOCKET_REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: a.example\r\nConnection: Upgrade\r\n\
+    Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+
+#[tokio::test]
+async fn response_heads_that_cannot_be_passed_on_are_502() {
+    for (answer, request) in [
+        // A switch to another protocol than the one asked for, or to none named.
+        (
+            &b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n"[..],
+            WEBSOCKET_REQUEST,
+        ),
+        (
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n\r\n",
+            WEBSOCKET_REQUEST,
+        ),
+        // A coding the proxy would drop when it re-frames the body.
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n2\r\nxx\r\n0\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nConnection: close\r\n\r\nxx",
+            b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n",
+        ),
+        // No HTTP status.
+        (
+            b"HTTP/1.1 600 Odd\r\nContent-Length: 2\r\n\r\nxx",
+            b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n",
+        ),
+    ] {
+        let a = canned_backend(answer).await;
+        let proxy =
+            TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+        let mut closed = request[..request.len() - 2].to_vec();
+        closed.extend_from_slice(b"Connection: close\r\n\r\n");
+        let got = raw_exchange(proxy.addr, &closed).await;
+        assert!(
+            got.starts_with("HTTP/1.1 502"),
+            "{}: {got}",
+            String::from_utf8_lossy(answer)
+        );
+        let rt = proxy.runtime.load();
+        let stats = &rt.pools[0].members[0].backend.stats;
+        assert!(stats.responses(5) >= 1, "{}", String::from_utf8_lossy(answer));
+    }
+}
+
+#[tokio::test]
+async fn a_content_length_is_passed_on_as_one_plain_number() {
+    let a =
+        canned_backend(b"HTTP/1.1 200 OK\r\nContent-Length: 002\r\nContent-Length: 2\r\n\r\nok")
+            .await;
+    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    let got = raw_exchange(
+        proxy.addr,
+        b"GET / HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    let lengths: Vec<_> = got
+        .lines()
+        .filter(|l| l.to_ascii_lowercase().starts_with("content-length:"))
+        .collect();
+    assert_eq!(lengths, ["content-length: 2"], "{got}");
+    assert!(got.ends_with("\r\n\r\nok"), "{got}");
+}
+
 /// An address whose listener never accepts and whose accept queue is full, so that a
 /// further connection attempt hangs (the kernel drops its SYN) instead of failing.
 async fn unanswering_addr() -> (
@@ -1727,4 +1794,110 @@ async fn a_backend_that_stops_reading_the_body_is_504() {
         !matches!(sent, Ok(Ok(()))),
         "the whole body went through: {sent:?}"
     );
+}
+
+/// A backend that answers with what it read: the request line's method and target, each
+/// header field as `name: value` on a line, and `body N` (N the body's length).
+async fn head_echo_backend() -> std::net::SocketAddr {
+    backend(|req: Request<hyper::body::Incoming>| async move {
+        let mut out = format!("{} {}\n", req.method(), req.uri());
+        for (n, v) in req.headers() {
+            out.push_str(&format!("{n}: {}\n", String::from_utf8_lossy(v.as_bytes())));
+        }
+        match req.into_body().collect().await {
+            Ok(body) => out.push_str(&format!("body {}\n", body.to_bytes().len())),
+            Err(_) => out.push_str("body failed\n"),
+        }
+        text(out)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn request_framing_reaches_the_backend_as_one_reading() {
+    let (a, hits) = counting_backend().await;
+    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    // A coding the proxy would drop when it re-frames the body: not implemented.
+    let got = raw_exchange(
+        proxy.addr,
+        b"POST / HTTP/1.1\r\nHost: a.example\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nxx\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.1 501"), "{got}");
+    assert!(
+        got.to_ascii_lowercase().contains("connection: close"),
+        "{got}"
+    );
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+
+    let e = head_echo_backend().await;
+    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{e}\"]\n"))).await;
+    for (request, want) in [
+        // A chunked body on a method that rarely has one still arrives.
+        (
+            &b"GET / HTTP/1.1\r\nHost: a.example\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"[..],
+            &["GET /\n", "transfer-encoding: chunked\n", "body 5\n"][..],
+        ),
+        // One length, in plain decimal.
+        (
+            b"POST / HTTP/1.1\r\nHost: a.example\r\nContent-Length: 005\r\nConnection: close\r\n\r\nhello",
+            &["content-length: 5\n", "body 5\n"],
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: a.example\r\nContent-Length: 5\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+            &["content-length: 5\n", "body 5\n"],
+        ),
+        // An absolute-form target with no path gets the path `/`.
+        (
+            b"GET http://a.example?x=1 HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n",
+            &["GET /?x=1\n"],
+        ),
+        // A question to the server as a whole goes to the pool of its root.
+        (
+            b"OPTIONS * HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n",
+            &["OPTIONS *\n"],
+        ),
+        // An h2c upgrade is the proxy's hop to decline: the request is served as it is.
+        (
+            b"GET / HTTP/1.1\r\nHost: a.example\r\nConnection: Upgrade, HTTP2-Settings, close\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n",
+            &["GET /\n", "body 0\n"],
+        ),
+    ] {
+        let got = raw_exchange(proxy.addr, request).await;
+        let what = String::from_utf8_lossy(request);
+        assert!(got.starts_with("HTTP/1.1 200"), "{what}: {got}");
+        for line in want {
+            assert!(got.contains(line), "{what}: {line:?} in {got}");
+        }
+        // What the backend read, after the response's own head.
+        let lower = got[got.find("\r\n\r\n").unwrap()..].to_ascii_lowercase();
+        assert!(lower.matches("content-length:").count() <= 1, "{what}: {got}");
+        for gone in ["upgrade:", "http2-settings:"] {
+            assert!(!lower.contains(gone), "{what}: {got}");
+        }
+    }
+    // HTTP/2: a GET body without a length, and split cookie fields.
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let parts =
+        ["hel", "lo"].map(|p| Ok::<_, std::io::Error>(http_body::Frame::data(Bytes::from(p))));
+    let req = Request::get("http://a.example/")
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .body(StreamBody::new(futures_util::stream::iter(parts)))
+        .unwrap();
+    let resp = h2.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let got = resp.into_body().collect().await.unwrap().to_bytes();
+    let got = String::from_utf8_lossy(&got);
+    for line in ["GET /\n", "cookie: a=1; b=2\n", "body 5\n"] {
+        assert!(got.contains(line), "{line:?} in {got}");
+    }
+    assert_eq!(got.matches("cookie:").count(), 1, "{got}");
 }

@@ -25,12 +25,14 @@ pub enum ProxyError {
     Upstream(#[source] hyper::Error),
     #[error("no response headers from the backend within {0:?}")]
     Timeout(Duration),
-    #[error("upgrade refused: {0}")]
-    BadUpgrade(&'static str),
     #[error("bad request: {0}")]
     BadRequest(&'static str),
     #[error("CONNECT is not proxied")]
     MethodNotAllowed,
+    #[error("not implemented: {0}")]
+    NotImplemented(&'static str),
+    #[error("bad response from the backend: {0}")]
+    BadResponse(&'static str),
     #[error("the request body could not be read from the client: {0}")]
     RequestBody(#[source] hyper::Error),
     #[error("the client sent no more of its request body for {0:?}")]
@@ -44,17 +46,19 @@ impl ProxyError {
             ProxyError::BadRequest(_) | ProxyError::RequestBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::NoBackend { .. }
             | ProxyError::AllUnreachable { .. }
             | ProxyError::Rejected { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::Connect(_) | ProxyError::Upstream(_) | ProxyError::BadUpgrade(_) => {
+            ProxyError::Connect(_) | ProxyError::Upstream(_) | ProxyError::BadResponse(_) => {
                 StatusCode::BAD_GATEWAY
             }
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
-    /// Whether the request itself was at fault (a `4xx` other than "no route").
+    /// Whether the request itself was at fault (a `4xx` other than "no route", or a
+    /// `501` for what it asked of the proxy).
     pub fn is_clients_fault(&self) -> bool {
         matches!(
             self,
@@ -62,6 +66,7 @@ impl ProxyError {
                 | ProxyError::RequestBody(_)
                 | ProxyError::ClientTimeout(_)
                 | ProxyError::MethodNotAllowed
+                | ProxyError::NotImplemented(_)
         )
     }
 

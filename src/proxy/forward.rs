@@ -109,11 +109,11 @@ impl Proxy {
             Some(&request_id),
         );
 
-        let result = match (pool, prepared.bad_host) {
+        let result = match (pool, prepared.refusal) {
             // A tunnel to wherever the client names is a forward proxy's job; and sent on,
             // the target (rewritten to a path) would mean something else to the backend.
             _ if req.method() == Method::CONNECT => Err(ProxyError::MethodNotAllowed),
-            (_, Some(why)) => Err(ProxyError::BadRequest(why)),
+            (_, Some(e)) => Err(e),
             (None, None) => Err(ProxyError::NoRoute),
             (Some(pool), None) => {
                 if let Some(l) = &mut log {
@@ -124,9 +124,10 @@ impl Proxy {
         };
         let mut resp = match result {
             Ok((mut resp, conn, in_flight)) => {
-                // `forward` let a 101 through only for an upgrade request.
+                // `forward` let a 101 through only for an upgrade request it agreed with.
                 let is_101 = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-                headers::prepare_response(resp.headers_mut(), request_id.clone(), is_101);
+                resp.headers_mut()
+                    .insert(X_REQUEST_ID.clone(), request_id.clone());
                 match client_upgrade.filter(|_| is_101) {
                     Some(client_upgrade) => self.tunnel(
                         resp,
@@ -175,7 +176,7 @@ impl Proxy {
 #[cold]
 #[inline(never)]
 fn refused(e: ProxyError, request_id: HeaderValue, http1: bool) -> Response<ProxyBody> {
-    if e.status().is_server_error() {
+    if e.status().is_server_error() && !e.is_clients_fault() {
         tracing::warn!(error = %e, "request failed");
     } else {
         tracing::debug!(error = %e, "request refused");
@@ -273,8 +274,9 @@ fn unpack_fields(mut packed: &[u8], headers: &mut HeaderMap) -> Option<()> {
 /// backend when connecting fails (no request byte was sent), or, for a bodyless request
 /// with an idempotent method, when the connection is reset before a complete response
 /// head (unless the backend is the client's pinned one).
-/// Sets or learns affinity cookies on the response. A 101 answer to a request that did
-/// not ask for an upgrade is a bad response (502).
+/// Sets or learns affinity cookies on the response. A response head that cannot be
+/// passed on (a 101 switching to a protocol the request did not ask for, a status above
+/// 599, framing fields that disagree) is a bad response (502).
 ///
 /// A plain function returning its future: the setup runs before the future exists, so
 /// the request's parts never take room in it, and the request is held in one place
@@ -288,6 +290,12 @@ fn forward<'a>(
     start: Instant,
 ) -> impl Future<Output = Result<Forwarded, ProxyError>> + 'a {
     let (mut parts, body) = req.into_parts();
+    // What the client asked to switch to, which the backend's 101 must agree with.
+    let asked_upgrade = if upgrade {
+        parts.headers.get(http::header::UPGRADE).cloned()
+    } else {
+        None
+    };
     let mut plan = pool.plan(&parts, client.addr.ip());
     if let Affinity::Cookie { cfg, .. } = &pool.affinity {
         strip_cookie(&mut parts.headers, &cfg.cookie);
@@ -459,8 +467,17 @@ fn forward<'a>(
             }
         };
         let backend = in_flight.backend();
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS && !upgrade {
-            return Err(unrequested_upgrade(pool, backend));
+        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        if switching {
+            let agreed = asked_upgrade
+                .as_ref()
+                .is_some_and(|asked| headers::upgrade_agreed(asked, resp.headers()));
+            if !agreed {
+                return Err(bad_response(pool, backend, "a 101 to no upgrade asked for"));
+            }
+        }
+        if let Err(why) = headers::prepare_response(resp.status(), resp.headers_mut(), switching) {
+            return Err(bad_response(pool, backend, why));
         }
         // Until the response head: the affinity work below is not the backend's.
         if log.is_some() || pool.metrics {
@@ -519,13 +536,13 @@ fn ejected(pool: &Pool, backend: &Backend) {
     tracing::warn!(pool = %pool.name, backend = %backend.id, "backend ejected after consecutive failures");
 }
 
-/// A 101 answer to a request that did not ask for an upgrade.
+/// A response head that cannot be passed on: a 101 to a protocol the client did not
+/// ask for, a status no client should get, framing that would be read two ways.
 #[cold]
-fn unrequested_upgrade(pool: &Pool, backend: &Arc<Backend>) -> ProxyError {
-    tracing::warn!(pool = %pool.name, backend = %backend.id, "backend switched protocols without an upgrade request");
+fn bad_response(pool: &Pool, backend: &Arc<Backend>, why: &'static str) -> ProxyError {
+    tracing::warn!(pool = %pool.name, backend = %backend.id, why, "bad response from backend");
     passive(pool, backend, false);
-    let e = ProxyError::BadUpgrade("unrequested 101");
-    failed(pool, Some(backend), e)
+    failed(pool, Some(backend), ProxyError::BadResponse(why))
 }
 
 #[cold]

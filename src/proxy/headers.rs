@@ -10,7 +10,10 @@ use std::net::IpAddr;
 
 use bytes::Bytes;
 use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Uri, Version};
+use http::{Method, Request, StatusCode, Uri, Version};
+use http_body::Body;
+
+use super::error::ProxyError;
 
 /// Fields that are meaningful for a single connection only (RFC 9110 §7.6.1, plus the
 /// non-standard `Proxy-Connection` and `Keep-Alive` that clients still send).
@@ -32,10 +35,25 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 const MAX_REQUEST_ID: usize = 128;
 
 /// True when the request asks for a protocol upgrade (`Connection: upgrade` + `Upgrade`).
+/// `h2c` is not one: that upgrade would switch the connection to the proxy, not the
+/// backend's, and RFC 9113 retired it; such a request is served as plain HTTP/1.1.
 pub fn is_upgrade(headers: &HeaderMap, version: Version) -> bool {
     version == Version::HTTP_11
-        && headers.contains_key(header::UPGRADE)
+        && headers
+            .get(header::UPGRADE)
+            .is_some_and(|u| !value_tokens(u).any(|t| t.eq_ignore_ascii_case(b"h2c")))
         && connection_has(headers, "upgrade")
+}
+
+/// Whether a backend's `101` switches to a protocol the client asked for (`asked`, the
+/// request's `Upgrade` value): the answer must name at least one, and only such.
+pub fn upgrade_agreed(asked: &HeaderValue, answer: &HeaderMap) -> bool {
+    let mut named = answer
+        .get_all(header::UPGRADE)
+        .iter()
+        .flat_map(value_tokens)
+        .peekable();
+    named.peek().is_some() && named.all(|p| value_tokens(asked).any(|a| a.eq_ignore_ascii_case(p)))
 }
 
 fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
@@ -49,14 +67,36 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
     connection_tokens(headers).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
 }
 
+/// Why a message's framing cannot be passed on as it came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadFraming {
+    /// A transfer coding other than `chunked` (`gzip, chunked`, say): the body is
+    /// relayed de-chunked and framed anew, which would silently drop that coding.
+    UnknownCoding,
+    /// `Content-Length` values that disagree or are not numbers.
+    Length,
+}
+
+impl BadFraming {
+    /// Why, in words, for the log.
+    pub fn reason(self) -> &'static str {
+        match self {
+            BadFraming::UnknownCoding => "a transfer coding other than chunked",
+            BadFraming::Length => "conflicting Content-Length values",
+        }
+    }
+}
+
 /// Removes hop-by-hop fields. With `upgrade`, keeps `Upgrade` and sets
-/// `Connection: upgrade` so the handshake reaches the other side.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    // One pass over the names finds which hop-by-hop fields are present, so messages
+/// `Connection: upgrade` so the handshake reaches the other side. Settles the framing
+/// fields: the body is framed anew for the other side, so `Content-Length` goes when
+/// `Transfer-Encoding` came, and is otherwise left as one value in plain decimal.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) -> Result<(), BadFraming> {
+    // One pass over the names finds which of these fields are present, so messages
     // without them (most) cost no lookups.
     let mut present = 0u8;
     for name in headers.keys() {
-        if let Some(i) = hop_by_hop_index(name.as_str().as_bytes()) {
+        if let Some(i) = framing_index(name.as_str().as_bytes()) {
             present |= 1 << i;
         }
     }
@@ -72,24 +112,94 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
             headers.remove(&name);
         }
     }
+    if present & (1 << TRANSFER_ENCODING_INDEX) != 0 {
+        only_chunked(headers)?;
+        // A Content-Length that came beside Transfer-Encoding (RFC 9112 §6.3) must not
+        // survive, or it would frame the body differently from the chunks it came in.
+        present &= !(1 << CONTENT_LENGTH_INDEX);
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    if present & (1 << CONTENT_LENGTH_INDEX) != 0 {
+        settle_content_length(headers)?;
+    }
     for (i, name) in HOP_BY_HOP.iter().enumerate() {
         if present & (1 << i) != 0 && !(upgrade && name == header::UPGRADE) {
             headers.remove(name);
         }
     }
-    if present & (1 << TRANSFER_ENCODING_INDEX) != 0 {
-        // The body was de-chunked and is framed anew for the other side; a
-        // Content-Length that came beside Transfer-Encoding (RFC 9112 §6.3) must not
-        // survive, or it would frame that body differently.
-        headers.remove(header::CONTENT_LENGTH);
-    }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
+    Ok(())
+}
+
+/// Checks that `Transfer-Encoding` names no coding but `chunked` (and the obsolete
+/// `identity`, which means none).
+#[cold]
+fn only_chunked(headers: &HeaderMap) -> Result<(), BadFraming> {
+    let known =
+        |t: &[u8]| t.eq_ignore_ascii_case(b"chunked") || t.eq_ignore_ascii_case(b"identity");
+    let mut values = headers.get_all(header::TRANSFER_ENCODING).iter();
+    // A value that is not visible ASCII has no tokens, and is no known coding.
+    if values
+        .all(|v| !v.is_empty() && value_tokens(v).next().is_some() && value_tokens(v).all(known))
+    {
+        Ok(())
+    } else {
+        Err(BadFraming::UnknownCoding)
+    }
+}
+
+/// Leaves `Content-Length` as one value in plain decimal: repeats of one length (as
+/// separate fields or a list) are folded, leading zeros dropped, so that whatever reads
+/// the message next cannot read another length into it.
+fn settle_content_length(headers: &mut HeaderMap) -> Result<(), BadFraming> {
+    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
+    let plain = values.next().is_some_and(|v| {
+        let b = v.as_bytes();
+        (1..=19).contains(&b.len())
+            && (b[0] != b'0' || b.len() == 1)
+            && b.iter().all(u8::is_ascii_digit)
+    });
+    if plain && values.next().is_none() {
+        return Ok(());
+    }
+    fold_content_length(headers)
+}
+
+#[cold]
+fn fold_content_length(headers: &mut HeaderMap) -> Result<(), BadFraming> {
+    let mut length: Option<u64> = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        for t in v.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            let n = std::str::from_utf8(t)
+                .ok()
+                .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|t| t.parse::<u64>().ok())
+                .ok_or(BadFraming::Length)?;
+            if length.is_some_and(|l| l != n) {
+                return Err(BadFraming::Length);
+            }
+            length = Some(n);
+        }
+    }
+    let length = length.ok_or(BadFraming::Length)?;
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    Ok(())
 }
 
 const CONNECTION_INDEX: usize = 0;
 const TRANSFER_ENCODING_INDEX: usize = 4;
+/// Not hop-by-hop, but found in the same pass.
+const CONTENT_LENGTH_INDEX: usize = HOP_BY_HOP.len();
+
+/// The position of a (lowercase) field name in `HOP_BY_HOP`, or `CONTENT_LENGTH_INDEX`.
+fn framing_index(name: &[u8]) -> Option<usize> {
+    if name == b"content-length" {
+        return Some(CONTENT_LENGTH_INDEX);
+    }
+    hop_by_hop_index(name)
+}
 
 /// The position of a (lowercase) field name in `HOP_BY_HOP`.
 fn hop_by_hop_index(name: &[u8]) -> Option<usize> {
@@ -142,9 +252,10 @@ pub fn request_host<B>(req: &Request<B>) -> Option<&str> {
 pub struct Prepared {
     /// The request id, propagated or generated.
     pub request_id: HeaderValue,
-    /// Why the request's host is unusable (the request gets 400), if it is. The backend
-    /// must read the same host as routing did, and HTTP/1.1 requires one.
-    pub bad_host: Option<&'static str>,
+    /// Why the request cannot be forwarded, if it cannot: its host is unusable (the
+    /// backend must read the same host as routing did, and HTTP/1.1 requires one), or
+    /// its framing is.
+    pub refusal: Option<ProxyError>,
 }
 
 /// Whether `host` is a valid `Host` field value (RFC 9110 §7.2): `uri-host [":" port]`,
@@ -235,7 +346,7 @@ fn settle_host(
 }
 
 /// Rewrites a downstream request for an HTTP/1.1 backend.
-pub fn prepare_request<B>(
+pub fn prepare_request<B: Body>(
     req: &mut Request<B>,
     client: IpAddr,
     proto: &'static str,
@@ -247,8 +358,22 @@ pub fn prepare_request<B>(
         .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
     let version = req.version();
     let req_scheme_missing = req.uri().scheme().is_none();
+    // A body of unknown length (chunked, or HTTP/2 without Content-Length) on a method
+    // that rarely has one: hyper's client would send no body unless told to chunk it.
+    let chunk_body = matches!(*req.method(), Method::GET | Method::HEAD)
+        && !req.body().is_end_stream()
+        && req.body().size_hint().exact().is_none();
     let headers = req.headers_mut();
-    strip_hop_by_hop(headers, upgrade);
+    let framing = strip_hop_by_hop(headers, upgrade);
+    if chunk_body {
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
+    if version == Version::HTTP_2 {
+        join_cookies(headers);
+    }
     // Authority-form (`GET a.example:80 HTTP/1.1`) is for CONNECT only (RFC 9112
     // §3.2.3); taken as a host, it would override `Host` with the request line's word.
     let authority_form = authority.is_some() && req_scheme_missing;
@@ -275,23 +400,70 @@ pub fn prepare_request<B>(
         Entry::Vacant(e) => e.insert(new_request_id()).clone(),
     };
     // Backends get origin-form over HTTP/1.1, whatever the client spoke.
+    let mut origin_form = Ok(());
     if req.uri().scheme().is_some() || req.uri().authority().is_some() {
-        let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-        if let Ok(uri) = pq.parse::<Uri>() {
-            *req.uri_mut() = uri;
-        }
+        origin_form = to_origin_form(req.uri_mut());
     }
     *req.version_mut() = Version::HTTP_11;
+    let refusal = match (framing, host, origin_form) {
+        (Err(BadFraming::UnknownCoding), _, _) => Some(ProxyError::NotImplemented(
+            BadFraming::UnknownCoding.reason(),
+        )),
+        (Err(e), _, _) => Some(ProxyError::BadRequest(e.reason())),
+        (_, Err(why), _) | (_, _, Err(why)) => Some(ProxyError::BadRequest(why)),
+        _ => None,
+    };
     Prepared {
         request_id,
-        bad_host: host.err(),
+        refusal,
     }
 }
 
-/// Rewrites a backend response for the client.
-pub fn prepare_response(headers: &mut HeaderMap, request_id: HeaderValue, upgrade: bool) {
-    strip_hop_by_hop(headers, upgrade);
-    headers.insert(X_REQUEST_ID.clone(), request_id);
+/// Rewrites an absolute-form target (or HTTP/2's scheme and authority) to origin form:
+/// the path and query, with the path `/` where the target had none (`http://a?x=1`).
+fn to_origin_form(uri: &mut Uri) -> Result<(), &'static str> {
+    let pq = uri.path_and_query().map_or("", |pq| pq.as_str());
+    let origin = if pq.starts_with('/') {
+        pq.parse::<Uri>()
+    } else {
+        format!("/{pq}").parse::<Uri>()
+    };
+    *uri = origin.map_err(|_| "a target with no origin form")?;
+    Ok(())
+}
+
+/// Joins HTTP/2's separate `cookie` fields into one, as HTTP/1.1 needs them (RFC 9113
+/// §8.2.3).
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut cookies = headers.get_all(header::COOKIE).iter();
+    if cookies.next().is_none() || cookies.next().is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for (i, c) in headers.get_all(header::COOKIE).iter().enumerate() {
+        if i > 0 {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(c.as_bytes());
+    }
+    // Each part was a valid value, and so is the whole.
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
+/// Checks a backend's response head and rewrites it for the client: hop-by-hop fields
+/// go (`switching`: but `Upgrade`, for a `101`), framing is settled. A status outside
+/// 100..=599 is no HTTP status a client should be given.
+pub fn prepare_response(
+    status: StatusCode,
+    headers: &mut HeaderMap,
+    switching: bool,
+) -> Result<(), &'static str> {
+    if status.as_u16() > 599 {
+        return Err("a status above 599");
+    }
+    strip_hop_by_hop(headers, switching).map_err(BadFraming::reason)
 }
 
 /// An IP address as text, owned by a `Bytes` so that copies of the header value only
@@ -445,7 +617,7 @@ mod tests {
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         h.insert("x-kept", HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut h, false);
+        strip_hop_by_hop(&mut h, false).unwrap();
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
     }
@@ -457,9 +629,107 @@ mod tests {
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         assert!(is_upgrade(&h, Version::HTTP_11));
         assert!(!is_upgrade(&h, Version::HTTP_2));
-        strip_hop_by_hop(&mut h, true);
+        strip_hop_by_hop(&mut h, true).unwrap();
         assert_eq!(h[header::UPGRADE], "websocket");
         assert_eq!(h[header::CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn h2c_is_no_upgrade_and_a_101_must_name_what_was_asked() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("Upgrade, HTTP2-Settings"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        assert!(!is_upgrade(&h, Version::HTTP_11));
+
+        let asked = HeaderValue::from_static("foo/2, WebSocket");
+        let answer = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::UPGRADE, HeaderValue::from_static(v));
+            h
+        };
+        assert!(upgrade_agreed(&asked, &answer("websocket")));
+        assert!(upgrade_agreed(&asked, &answer("FOO/2")));
+        assert!(!upgrade_agreed(&asked, &answer("h2c")));
+        assert!(!upgrade_agreed(&asked, &answer("websocket, h2c")));
+        assert!(!upgrade_agreed(&asked, &answer("")));
+        assert!(!upgrade_agreed(&asked, &HeaderMap::new()));
+    }
+
+    fn framed(fields: &[(&'static str, &'static str)]) -> (Result<(), BadFraming>, HeaderMap) {
+        let mut h = HeaderMap::new();
+        for (n, v) in fields {
+            h.append(*n, HeaderValue::from_static(v));
+        }
+        (strip_hop_by_hop(&mut h, false), h)
+    }
+
+    #[test]
+    fn content_length_is_left_as_one_plain_number() {
+        for (fields, want) in [
+            (&[("content-length", "5")][..], "5"),
+            (&[("content-length", "0")][..], "0"),
+            (&[("content-length", "005")][..], "5"),
+            (&[("content-length", "00")][..], "0"),
+            (&[("content-length", "5, 5")][..], "5"),
+            (&[("content-length", "5"), ("content-length", "5")][..], "5"),
+        ] {
+            let (r, h) = framed(fields);
+            assert_eq!(r, Ok(()), "{fields:?}");
+            let all: Vec<_> = h.get_all(header::CONTENT_LENGTH).iter().collect();
+            assert_eq!(all, [want], "{fields:?}");
+        }
+        for fields in [
+            &[("content-length", "5, 6")][..],
+            &[("content-length", "5"), ("content-length", "6")][..],
+            &[("content-length", "+5")][..],
+            &[("content-length", "")][..],
+            &[("content-length", "5,")][..],
+            &[("content-length", "18446744073709551616")][..],
+        ] {
+            assert_eq!(framed(fields).0, Err(BadFraming::Length), "{fields:?}");
+        }
+    }
+
+    #[test]
+    fn transfer_codings_other_than_chunked_are_refused() {
+        for ok in ["chunked", "Chunked", "identity, chunked"] {
+            let (r, h) = framed(&[("transfer-encoding", ok), ("content-length", "5, 6")]);
+            assert_eq!(r, Ok(()), "{ok}");
+            assert!(h.is_empty(), "{ok}: {h:?}");
+        }
+        for bad in ["gzip, chunked", "gzip", "chunked, x", ""] {
+            let (r, _) = framed(&[("transfer-encoding", bad)]);
+            assert_eq!(r, Err(BadFraming::UnknownCoding), "{bad}");
+        }
+    }
+
+    #[test]
+    fn targets_become_origin_form() {
+        for (target, want) in [
+            ("http://a.example/x?y=1", "/x?y=1"),
+            ("http://a.example?x=1", "/?x=1"),
+            ("http://a.example", "/"),
+        ] {
+            let mut uri: Uri = target.parse().unwrap();
+            to_origin_form(&mut uri).unwrap();
+            assert_eq!(uri, want, "{target}");
+        }
+    }
+
+    #[test]
+    fn separate_cookie_fields_are_joined() {
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        join_cookies(&mut h);
+        assert_eq!(h[header::COOKIE], "a=1");
+        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        h.append(header::COOKIE, HeaderValue::from_static("c=3"));
+        join_cookies(&mut h);
+        let all: Vec<_> = h.get_all(header::COOKIE).iter().collect();
+        assert_eq!(all, ["a=1; b=2; c=3"]);
     }
 
     #[test]
@@ -510,7 +780,7 @@ mod tests {
         for name in ["x-a", "x-b", "close", "x-kept"] {
             h.insert(name, HeaderValue::from_static("1"));
         }
-        strip_hop_by_hop(&mut h, false);
+        strip_hop_by_hop(&mut h, false).unwrap();
         assert_eq!(h.keys().collect::<Vec<_>>(), ["x-kept"]);
     }
 
