@@ -114,12 +114,19 @@ impl Runtime {
     /// The pool for a request: exact host beats wildcard (longer suffix first) beats
     /// any host; then the longest matching path prefix; then file order.
     pub fn route(&self, host: Option<&str>, path: &str) -> Option<&Pool> {
-        let host = host.map(strip_port);
         // `OPTIONS *` asks about the server as a whole: the pool that serves its root.
         let path = if path == "*" { "/" } else { path };
+        // The host without its port, found once a route asks for it.
+        let mut bare: Option<Option<&str>> = None;
         self.routes
             .iter()
-            .find(|r| host_matches(&r.host, host) && prefix_matches(&r.prefix, path))
+            .find(|r| {
+                prefix_matches(&r.prefix, path)
+                    && match &r.host {
+                        HostMatch::Any => true,
+                        m => host_matches(m, *bare.get_or_insert_with(|| host.map(strip_port))),
+                    }
+            })
             .map(|r| &self.pools[r.pool])
     }
 
@@ -183,11 +190,15 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 
 /// `example.com:8080` → `example.com`; `[::1]:8080` → `[::1]`. Also drops a trailing dot.
 fn strip_port(host: &str) -> &str {
-    let h = if host.starts_with('[') {
-        host.find(']').map_or(host, |i| &host[..=i])
+    // Bytes, not `str` searches: a host is short, and `:` and `]` are ASCII, so the
+    // cut is on a character boundary.
+    let b = host.as_bytes();
+    let end = if b.first() == Some(&b'[') {
+        b.iter().position(|&c| c == b']').map_or(b.len(), |i| i + 1)
     } else {
-        host.rsplit_once(':').map_or(host, |(h, _)| h)
+        b.iter().rposition(|&c| c == b':').unwrap_or(b.len())
     };
+    let h = &host[..end];
     h.strip_suffix('.').unwrap_or(h)
 }
 
@@ -201,6 +212,11 @@ mod tests {
         assert_eq!(strip_port("[::1]:80"), "[::1]");
         assert_eq!(strip_port("example.com."), "example.com");
         assert_eq!(strip_port("example.com"), "example.com");
+        assert_eq!(strip_port("example.com.:80"), "example.com");
+        assert_eq!(strip_port("[::1]"), "[::1]");
+        assert_eq!(strip_port("127.0.0.1:18005"), "127.0.0.1");
+        assert_eq!(strip_port(""), "");
+        assert_eq!(strip_port("ünï.example:1"), "ünï.example");
     }
 
     #[test]

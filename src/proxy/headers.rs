@@ -92,17 +92,26 @@ impl BadFraming {
 /// fields: the body is framed anew for the other side, so `Content-Length` goes when
 /// `Transfer-Encoding` came, and is otherwise left as one value in plain decimal.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) -> Result<(), BadFraming> {
-    // One pass over the names finds which of these fields are present, so messages
-    // without them (most) cost no lookups.
+    // One pass over the fields finds which of these are present, and reads the values
+    // of `Connection` and `Content-Length` on the way, so that messages without them
+    // (most), or with one plain value each, cost no lookups.
     let mut present = 0u8;
-    for name in headers.keys() {
-        if let Some(i) = framing_index(name.as_str().as_bytes()) {
-            present |= 1 << i;
+    let mut repeated = 0u8;
+    let mut names_others = false;
+    let mut plain_length = true;
+    for (name, value) in headers.iter() {
+        let Some(i) = framing_index(name.as_str().as_bytes()) else {
+            continue;
+        };
+        repeated |= present & (1 << i);
+        present |= 1 << i;
+        match i {
+            CONNECTION_INDEX => names_others |= value_tokens(value).any(|t| !is_hop_by_hop(t)),
+            CONTENT_LENGTH_INDEX => plain_length &= is_plain_length(value.as_bytes()),
+            _ => {}
         }
     }
-    if present & (1 << CONNECTION_INDEX) != 0
-        && connection_tokens(headers).any(|t| !is_hop_by_hop(t))
-    {
+    if names_others {
         // `Connection` names other fields too (hop-by-hop ones go below anyway).
         let named: Vec<HeaderName> = connection_tokens(headers)
             .filter(|t| !is_hop_by_hop(t))
@@ -119,8 +128,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) -> Result<(), Ba
         present &= !(1 << CONTENT_LENGTH_INDEX);
         headers.remove(header::CONTENT_LENGTH);
     }
-    if present & (1 << CONTENT_LENGTH_INDEX) != 0 {
-        settle_content_length(headers)?;
+    if present & (1 << CONTENT_LENGTH_INDEX) != 0
+        && (!plain_length || repeated & (1 << CONTENT_LENGTH_INDEX) != 0)
+    {
+        fold_content_length(headers)?;
     }
     for (i, name) in HOP_BY_HOP.iter().enumerate() {
         if present & (1 << i) != 0 && !(upgrade && name == header::UPGRADE) {
@@ -150,23 +161,17 @@ fn only_chunked(headers: &HeaderMap) -> Result<(), BadFraming> {
     }
 }
 
+/// Whether a `Content-Length` value is a number in plain decimal (no leading zero) that
+/// fits in a `u64`.
+fn is_plain_length(b: &[u8]) -> bool {
+    (1..=19).contains(&b.len())
+        && (b[0] != b'0' || b.len() == 1)
+        && b.iter().all(u8::is_ascii_digit)
+}
+
 /// Leaves `Content-Length` as one value in plain decimal: repeats of one length (as
 /// separate fields or a list) are folded, leading zeros dropped, so that whatever reads
 /// the message next cannot read another length into it.
-fn settle_content_length(headers: &mut HeaderMap) -> Result<(), BadFraming> {
-    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
-    let plain = values.next().is_some_and(|v| {
-        let b = v.as_bytes();
-        (1..=19).contains(&b.len())
-            && (b[0] != b'0' || b.len() == 1)
-            && b.iter().all(u8::is_ascii_digit)
-    });
-    if plain && values.next().is_none() {
-        return Ok(());
-    }
-    fold_content_length(headers)
-}
-
 #[cold]
 fn fold_content_length(headers: &mut HeaderMap) -> Result<(), BadFraming> {
     let mut length: Option<u64> = None;
