@@ -341,6 +341,48 @@ async fn slow_backend_is_504() {
 }
 
 #[tokio::test]
+async fn the_response_timeout_holds_on_a_reused_connection() {
+    let a = backend(|req| async move {
+        if req.uri().path() == "/slow" {
+            std::future::pending::<()>().await;
+        }
+        text("ok")
+    })
+    .await;
+    let proxy = TestProxy::start(&config(&format!(
+        "[pools.p]\nresponse_timeout = \"1s\"\nbackends = [\"{a}\"]\n"
+    )))
+    .await;
+    let mut client = Client::connect(proxy.addr).await;
+    let opened = || {
+        proxy.runtime.load().pools[0].members[0]
+            .backend
+            .pool
+            .connections_opened()
+    };
+    // The connection's timer was set for each answered request, and was pushed on
+    // rather than left to go off.
+    for _ in 0..3 {
+        assert_eq!(client.get("/").await.status, 200);
+    }
+    let got = tokio::time::timeout(LIMIT, client.get("/slow"))
+        .await
+        .expect("answered");
+    assert_eq!(got.status, 504);
+    // Once more, after the timer went off while the connection was idle in the pool:
+    // set again, it bounds the next wait as before, and answered ones pass.
+    assert_eq!(client.get("/").await.status, 200);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(client.get("/").await.status, 200);
+    let got = tokio::time::timeout(LIMIT, client.get("/slow"))
+        .await
+        .expect("answered");
+    assert_eq!(got.status, 504);
+    // One connection until the first 504, which gave it up; one since.
+    assert_eq!(opened(), 2);
+}
+
+#[tokio::test]
 async fn dead_backend_costs_no_failed_request() {
     let dead = dead_addr().await;
     let (a, b) = (named_backend("a").await, named_backend("b").await);

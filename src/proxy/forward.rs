@@ -356,8 +356,9 @@ fn forward<'a>(
                         if let Some(w) = &watch {
                             w.sending();
                         }
-                        let send = tx.try_send_request(req);
-                        let sent = upload::within(send, watch.as_deref(), timeout).await;
+                        let send = tx.tx.try_send_request(req);
+                        let timer = tx.timer.as_mut();
+                        let sent = upload::within(send, timer, watch.as_deref(), timeout).await;
                         let mut e = match sent {
                             Err(Late::Backend) => break Some(Err(SendError::Timeout(timeout))),
                             Err(Late::Client) => {

@@ -7,6 +7,7 @@
 //! The lock is per backend and held only to push or pop a vector entry.
 
 use std::io;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,7 @@ use http_body_util::{Either, Empty};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::time::Sleep;
 
 use crate::config::{BackendAddr, PoolConfig};
 
@@ -25,8 +27,15 @@ use super::upload::Upload;
 /// sent again.
 pub type UpstreamBody = Either<Upload, Empty<Bytes>>;
 
-/// The sending half of an upstream HTTP/1.1 connection.
-pub type Sender = http1::SendRequest<UpstreamBody>;
+/// The sending half of an upstream HTTP/1.1 connection, with the timer that bounds each
+/// wait for a response on it. The timer is armed once per connection and pushed later
+/// for each request, which is an atomic update; a timer per request would be registered
+/// and deregistered under the timer driver's lock every time (about 0.4k instructions).
+#[derive(Debug)]
+pub struct Sender {
+    pub tx: http1::SendRequest<UpstreamBody>,
+    pub timer: Pin<Box<Sleep>>,
+}
 
 /// Why no connection to a backend could be had.
 #[derive(Debug, thiserror::Error)]
@@ -107,14 +116,14 @@ impl ConnPool {
             let Some(Idle { mut tx, since }) = idle else {
                 break;
             };
-            if tx.is_closed() || since.elapsed() >= self.idle_timeout {
+            if tx.tx.is_closed() || since.elapsed() >= self.idle_timeout {
                 continue;
             }
             // Usually ready at once: then no timer is armed. Otherwise bounded: a
             // connection whose previous request is still uploading is not worth waiting for.
-            if tx.is_ready()
+            if tx.tx.is_ready()
                 || matches!(
-                    tokio::time::timeout(self.connect_timeout, tx.ready()).await,
+                    tokio::time::timeout(self.connect_timeout, tx.tx.ready()).await,
                     Ok(Ok(()))
                 )
             {
@@ -165,12 +174,14 @@ impl ConnPool {
             }
         });
         self.stats.count_connection_opened();
-        Ok(tx)
+        // Set for each request before it is polled.
+        let timer = Box::pin(tokio::time::sleep(Duration::ZERO));
+        Ok(Sender { tx, timer })
     }
 
     /// Returns a connection whose last response was read to the end.
     pub fn checkin(&self, tx: Sender) {
-        if tx.is_closed() || self.max_idle == 0 {
+        if tx.tx.is_closed() || self.max_idle == 0 {
             return;
         }
         let now = Instant::now();
@@ -194,7 +205,7 @@ impl ConnPool {
         let expired: Vec<Idle> = {
             let mut idle = self.lock();
             let (keep, gone) = std::mem::take(&mut *idle).into_iter().partition(|c| {
-                !c.tx.is_closed() && now.duration_since(c.since) < self.idle_timeout
+                !c.tx.tx.is_closed() && now.duration_since(c.since) < self.idle_timeout
             });
             *idle = keep;
             gone

@@ -147,21 +147,29 @@ pub enum Late {
 pin_project_lite::pin_project! {
     /// Waits for `fut` (the response head) for `timeout`; with an upload's `watch`, for
     /// as long as the upload moves: fails once one phase of the upload, or the wait
-    /// after it, lasts `timeout`. Without a watch, it is `tokio::time::timeout`.
+    /// after it, lasts `timeout`. Without a watch, it is `tokio::time::timeout` on a
+    /// timer of the caller's.
     pub struct Within<'a, F> {
         #[pin]
         fut: F,
-        #[pin]
-        sleep: Sleep,
+        sleep: Pin<&'a mut Sleep>,
         watch: Option<&'a UploadWatch>,
         timeout: Duration,
     }
 }
 
-pub fn within<F: Future>(fut: F, watch: Option<&UploadWatch>, timeout: Duration) -> Within<'_, F> {
+/// Waits for `fut` on `timer`, which it sets to go off after `timeout`: a timer that
+/// lives on (with the connection) and is set again for each wait.
+pub fn within<'a, F: Future>(
+    fut: F,
+    mut timer: Pin<&'a mut Sleep>,
+    watch: Option<&'a UploadWatch>,
+    timeout: Duration,
+) -> Within<'a, F> {
+    timer.as_mut().reset(tokio::time::Instant::now() + timeout);
     Within {
         fut,
-        sleep: tokio::time::sleep(timeout),
+        sleep: timer,
         watch,
         timeout,
     }
@@ -171,7 +179,7 @@ impl<F: Future> Future for Within<'_, F> {
     type Output = Result<F::Output, Late>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
+        let this = self.project();
         if let Poll::Ready(out) = this.fut.poll(cx) {
             return Poll::Ready(Ok(out));
         }
@@ -229,13 +237,42 @@ mod tests {
         ] {
             let w = UploadWatch::new();
             w.set(phase);
-            let got = within(pending::<()>(), Some(&w), Duration::from_millis(50)).await;
+            let mut timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
+            let got = within(
+                pending::<()>(),
+                timer.as_mut(),
+                Some(&w),
+                Duration::from_millis(50),
+            )
+            .await;
             assert_eq!(got, Err(late), "{phase:?}");
         }
-        let got = within(pending::<()>(), None, Duration::from_millis(50)).await;
+        let mut timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
+        let got = within(
+            pending::<()>(),
+            timer.as_mut(),
+            None,
+            Duration::from_millis(50),
+        )
+        .await;
+        assert_eq!(got, Err(Late::Backend));
+        // The same timer, set again: it is not left elapsed from the last wait.
+        let got = within(
+            pending::<()>(),
+            timer.as_mut(),
+            None,
+            Duration::from_millis(50),
+        )
+        .await;
         assert_eq!(got, Err(Late::Backend));
         let w = UploadWatch::new();
-        let got = within(async { 7 }, Some(&w), Duration::from_millis(50)).await;
+        let got = within(
+            async { 7 },
+            timer.as_mut(),
+            Some(&w),
+            Duration::from_millis(50),
+        )
+        .await;
         assert_eq!(got, Ok(7));
     }
 }
