@@ -425,10 +425,12 @@ pub fn prepare_request<B: Body>(
 }
 
 /// Rewrites an absolute-form target (or HTTP/2's scheme and authority) to origin form:
-/// the path and query, with the path `/` where the target had none (`http://a?x=1`).
+/// the path and query, with the path `/` where the target had none (`http://a?x=1`);
+/// `*` stays as it is.
 fn to_origin_form(uri: &mut Uri) -> Result<(), &'static str> {
     let pq = uri.path_and_query().map_or("", |pq| pq.as_str());
-    let origin = if pq.starts_with('/') {
+    // `*` is `OPTIONS *` over HTTP/2 (`:path` `*`), the asterisk form in HTTP/1.1.
+    let origin = if pq.starts_with('/') || pq == "*" {
         pq.parse::<Uri>()
     } else {
         format!("/{pq}").parse::<Uri>()
@@ -722,6 +724,15 @@ mod tests {
             to_origin_form(&mut uri).unwrap();
             assert_eq!(uri, want, "{target}");
         }
+        // HTTP/2's `OPTIONS *`: scheme, authority and the path `*`.
+        let mut uri = Uri::builder()
+            .scheme("http")
+            .authority("a.example")
+            .path_and_query("*")
+            .build()
+            .unwrap();
+        to_origin_form(&mut uri).unwrap();
+        assert_eq!(uri, "*");
     }
 
     #[test]
