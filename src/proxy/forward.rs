@@ -98,7 +98,8 @@ impl Proxy {
         let proto = if client.tls { "https" } else { "http" };
         let prepared = headers::prepare_request(&mut req, client.addr.ip(), proto, upgrade);
         // After the rewrite: routing reads the host the backend will read.
-        let pool = rt.route(headers::request_host(&req), req.uri().path());
+        let host = prepared.host.as_ref().and_then(|h| h.to_str().ok());
+        let pool = rt.route(host, req.uri().path());
         let request_id = prepared.request_id;
         let mut log = AccessRecord::new(
             rt.config.server.access_log,

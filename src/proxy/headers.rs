@@ -245,18 +245,13 @@ fn is_hop_by_hop(token: &[u8]) -> bool {
             .any(|h| token.eq_ignore_ascii_case(h.as_str().as_bytes()))
 }
 
-/// The request's host, once [`prepare_request`] has settled its `Host` field.
-pub fn request_host<B>(req: &Request<B>) -> Option<&str> {
-    req.headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-}
-
 /// What [`prepare_request`] found out about a request.
 #[derive(Debug)]
 pub struct Prepared {
     /// The request id, propagated or generated.
     pub request_id: HeaderValue,
+    /// The `Host` the backend gets, which routing reads too; `None` if it is unusable.
+    pub host: Option<HeaderValue>,
     /// Why the request cannot be forwarded, if it cannot: its host is unusable (the
     /// backend must read the same host as routing did, and HTTP/1.1 requires one), or
     /// its framing is.
@@ -410,7 +405,11 @@ pub fn prepare_request<B: Body>(
         origin_form = to_origin_form(req.uri_mut());
     }
     *req.version_mut() = Version::HTTP_11;
-    let refusal = match (framing, host, origin_form) {
+    let (host, bad_host) = match host {
+        Ok(h) => (Some(h), Ok(())),
+        Err(why) => (None, Err(why)),
+    };
+    let refusal = match (framing, bad_host, origin_form) {
         (Err(BadFraming::UnknownCoding), _, _) => Some(ProxyError::NotImplemented(
             BadFraming::UnknownCoding.reason(),
         )),
@@ -420,6 +419,7 @@ pub fn prepare_request<B: Body>(
     };
     Prepared {
         request_id,
+        host,
         refusal,
     }
 }
