@@ -1459,6 +1459,20 @@ async fn response_heads_that_cannot_be_passed_on_are_502() {
 }
 
 #[tokio::test]
+async fn a_204_reaches_an_http2_client_without_a_length() {
+    let a = canned_backend(b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n").await;
+    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    let (mut h2, _conn) = h2_connect(proxy.addr).await;
+    let req = Request::get("http://a.example/")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    // With the length beside no data, an HTTP/2 client takes the response as malformed.
+    let resp = h2.send_request(req).await.expect("a well-formed response");
+    assert_eq!(resp.status(), 204);
+    assert!(resp.headers().get("content-length").is_none(), "{resp:?}");
+}
+
+#[tokio::test]
 async fn a_content_length_is_passed_on_as_one_plain_number() {
     let a =
         canned_backend(b"HTTP/1.1 200 OK\r\nContent-Length: 002\r\nContent-Length: 2\r\n\r\nok")

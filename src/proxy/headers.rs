@@ -460,8 +460,9 @@ fn join_cookies(headers: &mut HeaderMap) {
 }
 
 /// Checks a backend's response head and rewrites it for the client: hop-by-hop fields
-/// go (`switching`: but `Upgrade`, for a `101`), framing is settled. A status outside
-/// 100..=599 is no HTTP status a client should be given.
+/// go (`switching`: but `Upgrade`, for a `101`), framing is settled, and a `204` loses
+/// any `Content-Length`. A status outside 100..=599 is no HTTP status a client should
+/// be given.
 pub fn prepare_response(
     status: StatusCode,
     headers: &mut HeaderMap,
@@ -470,7 +471,13 @@ pub fn prepare_response(
     if status.as_u16() > 599 {
         return Err("a status above 599");
     }
-    strip_hop_by_hop(headers, switching).map_err(BadFraming::reason)
+    strip_hop_by_hop(headers, switching).map_err(BadFraming::reason)?;
+    if status == StatusCode::NO_CONTENT || status.is_informational() {
+        // These have no body, and no length (RFC 9110 §8.6): an HTTP/2 client would
+        // take a length beside no data for a malformed response.
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    Ok(())
 }
 
 /// An IP address as text, owned by a `Bytes` so that copies of the header value only
