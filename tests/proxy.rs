@@ -1473,6 +1473,30 @@ async fn a_204_reaches_an_http2_client_without_a_length() {
 }
 
 #[tokio::test]
+async fn trailers_reach_an_http2_client_without_connection_fields() {
+    let a = canned_backend(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Ok\r\n\r\n5\r\nhello\r\n0\r\n\
+          Content-Length: 99\r\nConnection: close\r\nKeep-Alive: 5\r\nTransfer-Encoding: chunked\r\nX-Ok: 1\r\n\r\n",
+    )
+    .await;
+    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    let (mut h2, _conn) = h2_connect(proxy.addr).await;
+    let req = Request::get("http://a.example/")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = h2.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    // Relayed as they came, the connection fields would make the proxy's HTTP/2 side
+    // reset the stream instead of ending it.
+    let body = resp.into_body().collect().await.expect("a whole body");
+    let trailers = body.trailers().cloned().expect("trailers");
+    assert_eq!(body.to_bytes(), "hello");
+    assert_eq!(trailers.len(), 1, "{trailers:?}");
+    assert_eq!(trailers["x-ok"], "1");
+}
+
+#[tokio::test]
 async fn a_content_length_is_passed_on_as_one_plain_number() {
     let a =
         canned_backend(b"HTTP/1.1 200 OK\r\nContent-Length: 002\r\nContent-Length: 2\r\n\r\nok")

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use super::headers;
 use crate::access_log::AccessRecord;
 use crate::server::idle::ActiveRequest;
 use crate::upstream::client::Sender;
@@ -133,7 +134,10 @@ impl Body for ProxyBody {
                         conn.take();
                         Poll::Ready(Some(Err(e)))
                     }
-                    Poll::Ready(Some(Ok(frame))) => {
+                    Poll::Ready(Some(Ok(mut frame))) => {
+                        if let Some(trailers) = frame.trailers_mut() {
+                            headers::settle_trailers(trailers);
+                        }
                         let n = frame.data_ref().map_or(0, Bytes::len);
                         let ended = body.is_end_stream();
                         this.count(n);

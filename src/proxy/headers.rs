@@ -144,6 +144,22 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) -> Result<(), Ba
     Ok(())
 }
 
+/// Removes from trailers the fields that belong to one connection or frame the message,
+/// which a trailer section must not carry (RFC 9110 §6.5.1): relayed, an HTTP/2 client
+/// would reset the stream for them.
+#[cold]
+pub fn settle_trailers(trailers: &mut HeaderMap) {
+    // Framing errors do not matter here: what frames the message is removed anyway.
+    let _ = strip_hop_by_hop(trailers, false);
+    for name in [
+        header::CONTENT_LENGTH,
+        header::TRANSFER_ENCODING,
+        header::HOST,
+    ] {
+        trailers.remove(name);
+    }
+}
+
 /// Checks that `Transfer-Encoding` names no coding but `chunked` (and the obsolete
 /// `identity`, which means none).
 #[cold]
