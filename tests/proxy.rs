@@ -846,6 +846,8 @@ async fn requests_without_one_valid_host_get_400_and_never_reach_a_backend() {
         b"GET http://user@a.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n",
         // Authority form is CONNECT's; elsewhere it would name the host instead of Host.
         b"GET b.example:80 HTTP/1.1\r\nHost: a.example\r\n\r\n",
+        // Asterisk form is OPTIONS's.
+        b"GET * HTTP/1.1\r\nHost: a.example\r\n\r\n",
     ] {
         let got = raw_exchange(proxy.addr, bad).await;
         assert!(
@@ -860,6 +862,15 @@ async fn requests_without_one_valid_host_get_400_and_never_reach_a_backend() {
         .header("host", "b.example")
         .body(Full::new(Bytes::new()))
         .unwrap();
+    assert_eq!(h2.send_request(req).await.unwrap().status(), 400);
+    // HTTP/2: `:path` `*` with another method than OPTIONS.
+    let uri = http::Uri::builder()
+        .scheme("http")
+        .authority("a.example")
+        .path_and_query("*")
+        .build()
+        .unwrap();
+    let req = Request::get(uri).body(Full::new(Bytes::new())).unwrap();
     assert_eq!(h2.send_request(req).await.unwrap().status(), 400);
     assert_eq!(hits.load(Ordering::SeqCst), 0);
 }
@@ -1435,6 +1446,11 @@ async fn response_heads_that_cannot_be_passed_on_are_502() {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nConnection: close\r\n\r\nxx",
             b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n",
         ),
+        // A length that would be wherever the backend closes the connection.
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\nContent-Length: 2\r\n\r\nxx",
+            b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n",
+        ),
         // No HTTP status.
         (
             b"HTTP/1.1 600 Odd\r\nContent-Length: 2\r\n\r\nxx",
@@ -1494,6 +1510,59 @@ async fn trailers_reach_an_http2_client_without_connection_fields() {
     assert_eq!(body.to_bytes(), "hello");
     assert_eq!(trailers.len(), 1, "{trailers:?}");
     assert_eq!(trailers["x-ok"], "1");
+}
+
+/// A backend that answers every request on a connection with `answer`, keeping the
+/// connection open; `conns` counts the connections accepted.
+async fn keep_alive_canned_backend(
+    answer: &'static [u8],
+) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    let conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let n = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            n.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut pending = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                        pending.drain(..end + 4);
+                        if s.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => pending.extend_from_slice(&buf[..k]),
+                    }
+                }
+            });
+        }
+    });
+    (a, conns)
+}
+
+#[tokio::test]
+async fn a_connection_whose_response_had_trailers_is_used_again() {
+    let (a, conns) = keep_alive_canned_backend(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Ok\r\n\r\n5\r\nhello\r\n0\r\nX-Ok: 1\r\n\r\n",
+    )
+    .await;
+    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    let (mut h2, _conn) = h2_connect(proxy.addr).await;
+    for _ in 0..3 {
+        let req = Request::get("http://a.example/")
+            .header("te", "trailers")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = h2.send_request(req).await.unwrap();
+        let body = resp.into_body().collect().await.expect("a whole body");
+        assert_eq!(body.trailers().expect("trailers")["x-ok"], "1");
+    }
+    assert_eq!(conns.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]
@@ -1980,4 +2049,18 @@ async fn request_framing_reaches_the_backend_as_one_reading() {
         assert!(got.contains(line), "{line:?} in {got}");
     }
     assert_eq!(got.matches("cookie:").count(), 1, "{got}");
+    // HTTP/2's `OPTIONS *` goes on as it came.
+    let uri = http::Uri::builder()
+        .scheme("http")
+        .authority("a.example")
+        .path_and_query("*")
+        .build()
+        .unwrap();
+    let none = ["", ""].map(|p| Ok::<_, std::io::Error>(http_body::Frame::data(Bytes::from(p))));
+    let req = Request::options(uri)
+        .body(StreamBody::new(futures_util::stream::iter(none)))
+        .unwrap();
+    let resp = h2.send_request(req).await.unwrap();
+    let got = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(got.starts_with(b"OPTIONS *\n"), "{got:?}");
 }

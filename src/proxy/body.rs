@@ -139,7 +139,9 @@ impl Body for ProxyBody {
                             headers::settle_trailers(trailers);
                         }
                         let n = frame.data_ref().map_or(0, Bytes::len);
-                        let ended = body.is_end_stream();
+                        // Trailers end a body: the client need not poll for its end,
+                        // and the connection goes back to the pool now.
+                        let ended = frame.is_trailers() || body.is_end_stream();
                         this.count(n);
                         if ended {
                             this.finish_upstream();

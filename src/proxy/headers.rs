@@ -160,12 +160,12 @@ pub fn settle_trailers(trailers: &mut HeaderMap) {
     }
 }
 
-/// Checks that `Transfer-Encoding` names no coding but `chunked` (and the obsolete
-/// `identity`, which means none).
+/// Checks that `Transfer-Encoding` names no coding but `chunked`. Not even the obsolete
+/// `identity`: with it, a response's length is wherever the backend closes the
+/// connection, whatever its `Content-Length` says (RFC 9112 §6.3).
 #[cold]
 fn only_chunked(headers: &HeaderMap) -> Result<(), BadFraming> {
-    let known =
-        |t: &[u8]| t.eq_ignore_ascii_case(b"chunked") || t.eq_ignore_ascii_case(b"identity");
+    let known = |t: &[u8]| t.eq_ignore_ascii_case(b"chunked");
     let mut values = headers.get_all(header::TRANSFER_ENCODING).iter();
     // A value that is not visible ASCII has no tokens, and is no known coding.
     if values
@@ -374,6 +374,8 @@ pub fn prepare_request<B: Body>(
         .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
     let version = req.version();
     let req_scheme_missing = req.uri().scheme().is_none();
+    // The asterisk form is for `OPTIONS` only (RFC 9112 §3.2.4).
+    let stray_asterisk = req.uri().path() == "*" && req.method() != Method::OPTIONS;
     // A body of unknown length (chunked, or HTTP/2 without Content-Length) on a method
     // that rarely has one: hyper's client would send no body unless told to chunk it.
     let chunk_body = matches!(*req.method(), Method::GET | Method::HEAD)
@@ -425,6 +427,9 @@ pub fn prepare_request<B: Body>(
         Ok(h) => (Some(h), Ok(())),
         Err(why) => (None, Err(why)),
     };
+    if stray_asterisk {
+        origin_form = Err("an asterisk target outside OPTIONS");
+    }
     let refusal = match (framing, bad_host, origin_form) {
         (Err(BadFraming::UnknownCoding), _, _) => Some(ProxyError::NotImplemented(
             BadFraming::UnknownCoding.reason(),
@@ -725,12 +730,19 @@ mod tests {
 
     #[test]
     fn transfer_codings_other_than_chunked_are_refused() {
-        for ok in ["chunked", "Chunked", "identity, chunked"] {
+        for ok in ["chunked", "Chunked"] {
             let (r, h) = framed(&[("transfer-encoding", ok), ("content-length", "5, 6")]);
             assert_eq!(r, Ok(()), "{ok}");
             assert!(h.is_empty(), "{ok}: {h:?}");
         }
-        for bad in ["gzip, chunked", "gzip", "chunked, x", ""] {
+        for bad in [
+            "gzip, chunked",
+            "gzip",
+            "chunked, x",
+            "",
+            "identity",
+            "identity, chunked",
+        ] {
             let (r, _) = framed(&[("transfer-encoding", bad)]);
             assert_eq!(r, Err(BadFraming::UnknownCoding), "{bad}");
         }
