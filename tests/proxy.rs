@@ -1566,6 +1566,25 @@ async fn a_connection_whose_response_had_trailers_is_used_again() {
 }
 
 #[tokio::test]
+async fn a_connection_whose_204_announced_a_length_is_not_used_again() {
+    // Were its eight bytes to come, they would be read as the next request's response.
+    let (a, conns) =
+        keep_alive_canned_backend(b"HTTP/1.1 204 No Content\r\nContent-Length: 8\r\n\r\n").await;
+    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    let mut client = Client::connect(proxy.addr).await;
+    for _ in 0..2 {
+        let got = client.get("/").await;
+        assert_eq!(got.status, 204);
+        assert!(
+            got.headers.get("content-length").is_none(),
+            "{:?}",
+            got.headers
+        );
+    }
+    assert_eq!(conns.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
 async fn a_content_length_is_passed_on_as_one_plain_number() {
     let a =
         canned_backend(b"HTTP/1.1 200 OK\r\nContent-Length: 002\r\nContent-Length: 2\r\n\r\nok")

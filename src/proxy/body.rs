@@ -57,11 +57,11 @@ impl ProxyBody {
     }
 
     /// Streams `body`; `conn` is returned to the backend's pool once it has ended.
-    pub fn upstream(body: Incoming, conn: Sender, in_flight: InFlight) -> Self {
+    pub fn upstream(body: Incoming, conn: Option<Sender>, in_flight: InFlight) -> Self {
         let mut b = ProxyBody {
             inner: Inner::Upstream {
                 body,
-                conn: Some(conn),
+                conn,
                 in_flight: Some(in_flight),
             },
             log: None,

@@ -192,7 +192,9 @@ fn refused(e: ProxyError, request_id: HeaderValue, http1: bool) -> Response<Prox
     r
 }
 
-type Forwarded = (Response<Incoming>, Sender, InFlight);
+/// The response, the connection it came on if that may be used again, and the request
+/// as counted in flight.
+type Forwarded = (Response<Incoming>, Option<Sender>, InFlight);
 
 /// The head of a bodyless request with an idempotent method, kept so that the request
 /// can be sent to another backend if one resets the connection before answering.
@@ -478,9 +480,11 @@ fn forward<'a>(
                 return Err(bad_response(pool, backend, "a 101 to no upgrade asked for"));
             }
         }
-        if let Err(why) = headers::prepare_response(resp.status(), resp.headers_mut(), switching) {
-            return Err(bad_response(pool, backend, why));
-        }
+        let reusable = match headers::prepare_response(resp.status(), resp.headers_mut(), switching)
+        {
+            Ok(reusable) => reusable,
+            Err(why) => return Err(bad_response(pool, backend, why)),
+        };
         // Until the response head: the affinity work below is not the backend's.
         if log.is_some() || pool.metrics {
             let elapsed = start.elapsed();
@@ -493,7 +497,7 @@ fn forward<'a>(
             }
         }
         answered(pool, &plan, i, &mut resp, backend, client.tls);
-        Ok((resp, tx, in_flight))
+        Ok((resp, reusable.then_some(tx), in_flight))
     }
 }
 

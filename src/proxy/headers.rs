@@ -483,12 +483,14 @@ fn join_cookies(headers: &mut HeaderMap) {
 /// Checks a backend's response head and rewrites it for the client: hop-by-hop fields
 /// go (`switching`: but `Upgrade`, for a `101`), framing is settled, and a `204` loses
 /// any `Content-Length`. A status outside 100..=599 is no HTTP status a client should
-/// be given.
+/// be given. Returns whether the backend's connection may carry another response: not
+/// after a `204` that announced a length, whose bytes, if the backend sends them, would
+/// be read as the next response.
 pub fn prepare_response(
     status: StatusCode,
     headers: &mut HeaderMap,
     switching: bool,
-) -> Result<(), &'static str> {
+) -> Result<bool, &'static str> {
     if status.as_u16() > 599 {
         return Err("a status above 599");
     }
@@ -496,9 +498,11 @@ pub fn prepare_response(
     if status == StatusCode::NO_CONTENT || status.is_informational() {
         // These have no body, and no length (RFC 9110 §8.6): an HTTP/2 client would
         // take a length beside no data for a malformed response.
-        headers.remove(header::CONTENT_LENGTH);
+        if let Some(length) = headers.remove(header::CONTENT_LENGTH) {
+            return Ok(length == "0");
+        }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// An IP address as text, owned by a `Bytes` so that copies of the header value only
