@@ -1584,6 +1584,79 @@ async fn a_connection_whose_204_announced_a_length_is_not_used_again() {
     assert_eq!(conns.load(Ordering::SeqCst), 2);
 }
 
+/// A backend that answers each request with `answer` and then holds the connection
+/// open, sending nothing more.
+async fn stalling_backend(answer: &'static [u8]) -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(answer).await;
+                // Reads until the proxy lets go of the connection.
+                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    a
+}
+
+#[tokio::test]
+async fn a_backend_that_stalls_mid_body_is_cut_off_after_the_idle_timeout() {
+    let a = stalling_backend(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789").await;
+    let proxy = TestProxy::start(&config(&format!(
+        "[server.limits]\nidle_timeout = \"300ms\"\n[pools.p]\nbackends = [\"{a}\"]\n"
+    )))
+    .await;
+    // HTTP/1.1: the connection closes with the body short of its length.
+    let got = raw_exchange(proxy.addr, b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n").await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(got.ends_with("\r\n\r\n0123456789"), "{got}");
+    // HTTP/2: the stream is reset; the connection stays.
+    let (mut h2, _conn) = h2_connect(proxy.addr).await;
+    let req = Request::get("http://a.example/")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = h2.send_request(req).await.unwrap();
+    let body = tokio::time::timeout(LIMIT, resp.into_body().collect())
+        .await
+        .expect("the body ended");
+    assert!(body.is_err(), "{body:?}");
+    let req = Request::get("http://a.example/")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(h2.send_request(req).await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn a_body_that_trickles_for_longer_than_the_idle_timeout_passes_while_it_moves() {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).await;
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n")
+            .await;
+        // Three times the idle timeout in all, a quarter of it between bytes.
+        for b in b"hello, world" {
+            tokio::time::sleep(Duration::from_millis(75)).await;
+            let _ = s.write_all(&[*b]).await;
+        }
+        while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+    });
+    let proxy = TestProxy::start(&config(&format!(
+        "[server.limits]\nidle_timeout = \"300ms\"\n[pools.p]\nbackends = [\"{a}\"]\n"
+    )))
+    .await;
+    let got = fetch(proxy.addr, get("/")).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.body, "hello, world");
+}
+
 #[tokio::test]
 async fn a_content_length_is_passed_on_as_one_plain_number() {
     let a =

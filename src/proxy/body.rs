@@ -7,9 +7,15 @@
 //! an HTTP/1.1 connection with unread response bytes cannot carry another request.
 //! Whatever else must happen once the response is over (access log line, connection
 //! idle tracking) rides on the body and runs when it is dropped.
+//!
+//! A backend that sends nothing more of a body it has begun for `idle_timeout` (the
+//! client connection's) ends it with an error: the client sees the connection closed
+//! (HTTP/1.1) or the stream reset (HTTP/2) rather than a complete response.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -39,8 +45,19 @@ enum Inner {
         conn: Option<Sender>,
         /// Released when `body` ends.
         in_flight: Option<InFlight>,
+        /// How long the backend may send nothing while the body is not over.
+        stall: Duration,
+        /// Whether the connection's timer is set for the current wait.
+        waiting: bool,
     },
 }
+
+/// Why a streamed body ended before its end.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+#[error("the backend sent nothing more of the response body for {0:?}")]
+struct Stalled(Duration);
 
 impl ProxyBody {
     pub fn full(data: impl Into<Bytes>) -> Self {
@@ -56,13 +73,21 @@ impl ProxyBody {
         ProxyBody::full(Bytes::new())
     }
 
-    /// Streams `body`; `conn` is returned to the backend's pool once it has ended.
-    pub fn upstream(body: Incoming, conn: Option<Sender>, in_flight: InFlight) -> Self {
+    /// Streams `body`; `conn` is returned to the backend's pool once it has ended. The
+    /// body fails if the backend sends nothing of it for `stall`.
+    pub fn upstream(
+        body: Incoming,
+        conn: Option<Sender>,
+        in_flight: InFlight,
+        stall: Duration,
+    ) -> Self {
         let mut b = ProxyBody {
             inner: Inner::Upstream {
                 body,
                 conn,
                 in_flight: Some(in_flight),
+                stall,
+                waiting: false,
             },
             log: None,
             _active: None,
@@ -106,12 +131,12 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
         match &mut this.inner {
             Inner::Full(data) => {
@@ -122,19 +147,42 @@ impl Body for ProxyBody {
                 }
                 Poll::Ready(frame)
             }
-            Inner::Upstream { body, conn, .. } => {
+            Inner::Upstream {
+                body,
+                conn,
+                in_flight,
+                stall,
+                waiting,
+            } => {
                 let polled = Pin::new(&mut *body).poll_frame(cx);
                 match polled {
-                    Poll::Pending => Poll::Pending,
+                    Poll::Pending => {
+                        // The connection's timer, free again once the response head came.
+                        let Some(tx) = conn.as_mut() else {
+                            return Poll::Pending;
+                        };
+                        if !*waiting {
+                            *waiting = true;
+                            let deadline = tokio::time::Instant::now() + *stall;
+                            tx.timer.as_mut().reset(deadline);
+                        }
+                        if tx.timer.as_mut().poll(cx).is_pending() {
+                            return Poll::Pending;
+                        }
+                        conn.take();
+                        stalled(in_flight.as_ref(), *stall);
+                        Poll::Ready(Some(Err(Box::new(Stalled(*stall)))))
+                    }
                     Poll::Ready(None) => {
                         this.finish_upstream();
                         Poll::Ready(None)
                     }
                     Poll::Ready(Some(Err(e))) => {
                         conn.take();
-                        Poll::Ready(Some(Err(e)))
+                        Poll::Ready(Some(Err(Box::new(e))))
                     }
                     Poll::Ready(Some(Ok(mut frame))) => {
+                        *waiting = false;
                         if let Some(trailers) = frame.trailers_mut() {
                             headers::settle_trailers(trailers);
                         }
@@ -167,6 +215,16 @@ impl Body for ProxyBody {
             Inner::Upstream { body, .. } => body.size_hint(),
         }
     }
+}
+
+#[cold]
+fn stalled(in_flight: Option<&InFlight>, after: Duration) {
+    let backend = in_flight.map(|f| f.backend().id.to_string());
+    tracing::warn!(
+        ?backend,
+        ?after,
+        "backend stalled in the middle of a response body"
+    );
 }
 
 impl Drop for ProxyBody {

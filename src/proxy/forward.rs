@@ -137,7 +137,10 @@ impl Proxy {
                         active.take(),
                         rt.config.server.limits.idle_timeout,
                     ),
-                    None => resp.map(|b| ProxyBody::upstream(b, conn, in_flight)),
+                    None => {
+                        let stall = rt.config.server.limits.idle_timeout;
+                        resp.map(|b| ProxyBody::upstream(b, conn, in_flight, stall))
+                    }
                 }
             }
             Err(e) => refused(e, request_id, http1),
