@@ -73,6 +73,20 @@ struct Prometheus {
     dir: tempfile::TempDir,
 }
 
+/// Whether a Prometheus server on `addr` answers `/-/ready` with 200. While it starts,
+/// it may refuse the connection, or accept it and reset it: both mean not yet.
+async fn answers_ready(addr: SocketAddr) -> bool {
+    let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
+        return false;
+    };
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let Ok((mut tx, conn)) = hyper::client::conn::http1::handshake(io).await else {
+        return false;
+    };
+    tokio::spawn(conn);
+    matches!(tx.send_request(get("/-/ready")).await, Ok(r) if r.status() == 200)
+}
+
 impl Prometheus {
     /// Starts Prometheus with `config` (YAML) and waits until it answers `/-/ready`.
     async fn start(config: &str) -> Prometheus {
@@ -105,9 +119,7 @@ impl Prometheus {
                 if process.0.try_wait().unwrap().is_some() {
                     break;
                 }
-                if tokio::net::TcpStream::connect(addr).await.is_ok()
-                    && fetch(addr, get("/-/ready")).await.status == 200
-                {
+                if answers_ready(addr).await {
                     return Prometheus {
                         _process: process,
                         addr,
