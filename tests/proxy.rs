@@ -1658,6 +1658,49 @@ async fn a_body_that_trickles_for_longer_than_the_idle_timeout_passes_while_it_m
 }
 
 #[tokio::test]
+async fn a_client_that_stops_reading_its_response_is_cut_off_after_the_idle_timeout() {
+    // A backend with a gigabyte to send, which says when a write of it fails.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    let (failed_tx, failed) = tokio::sync::oneshot::channel::<u64>();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).await;
+        let mut sent = 0u64;
+        let total = 1u64 << 30;
+        let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {total}\r\n\r\n");
+        if s.write_all(head.as_bytes()).await.is_ok() {
+            let chunk = vec![7u8; 64 * 1024];
+            while sent < total && s.write_all(&chunk).await.is_ok() {
+                sent += chunk.len() as u64;
+            }
+        }
+        let _ = failed_tx.send(sent);
+    });
+    let proxy = TestProxy::start(&config(&format!(
+        "[server.limits]\nidle_timeout = \"300ms\"\n[pools.p]\nbackends = [\"{a}\"]\n"
+    )))
+    .await;
+    // The client asks, then reads nothing: its socket and the proxy's fill up.
+    let mut c = TcpStream::connect(proxy.addr).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n")
+        .await
+        .unwrap();
+    let sent = tokio::time::timeout(LIMIT, failed)
+        .await
+        .expect("the proxy let go of the backend")
+        .unwrap();
+    assert!(sent < 1 << 30, "{sent}");
+    // And of the client: what it was sent ends early.
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(LIMIT, c.read_to_end(&mut got))
+        .await
+        .expect("the proxy closed the connection");
+    assert!((got.len() as u64) < 1 << 30, "{}", got.len());
+}
+
+#[tokio::test]
 async fn a_content_length_is_passed_on_as_one_plain_number() {
     let a =
         canned_backend(b"HTTP/1.1 200 OK\r\nContent-Length: 002\r\nContent-Length: 2\r\n\r\nok")

@@ -9,6 +9,12 @@
 //!   not also cut keep-alive connections that are merely waiting;
 //! - no bytes at all for `idle_timeout` closes the connection.
 //!
+//! While a request is in progress, one rule applies: a client that takes none of its
+//! response for `idle_timeout` (the socket accepts no byte of it) is cut off, so that a
+//! reader that stops reading cannot hold the connection, and the backend's behind it,
+//! for as long as it likes. A write that finds the socket full stamps the time, once;
+//! any byte written clears the stamp, so the request path pays a load per write.
+//!
 //! hyper's own header timer is not used because it also runs while a keep-alive
 //! connection waits for its next request, which would cap keep-alive idling at the
 //! header timeout. HTTP/2 connections exchange control frames between requests, so for
@@ -51,6 +57,9 @@ pub struct Activity {
     head_started_ms: AtomicU64,
     /// Requests whose response is not over yet.
     active: AtomicUsize,
+    /// Milliseconds after `opened` since when a write has found the socket full and no
+    /// byte has been written, or `NONE`.
+    write_blocked_ms: AtomicU64,
     /// Only the idle rule applies: the connection speaks HTTP/2, or was upgraded to a
     /// tunnel.
     idle_rule_only: AtomicBool,
@@ -65,6 +74,8 @@ pub struct Activity {
 pub enum Expiry {
     Idle,
     HeaderRead,
+    /// The client took none of its response for the idle timeout.
+    Unread,
 }
 
 impl Activity {
@@ -74,6 +85,7 @@ impl Activity {
             last_io_ms: AtomicU64::new(0),
             head_started_ms: AtomicU64::new(NONE),
             active: AtomicUsize::new(0),
+            write_blocked_ms: AtomicU64::new(NONE),
             idle_rule_only: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             stop_waker: Mutex::new(None),
@@ -155,8 +167,30 @@ impl Activity {
     }
 
     fn on_write(&self) {
+        if self.write_blocked_ms.load(Ordering::Relaxed) != NONE {
+            self.write_blocked_ms.store(NONE, Ordering::Relaxed);
+        }
         if self.idle() {
             self.last_io_ms.store(self.now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// A write found the socket full: the client is not taking what it is sent.
+    #[cold]
+    fn on_write_blocked(&self) {
+        if self.write_blocked_ms.load(Ordering::Relaxed) == NONE {
+            self.write_blocked_ms
+                .store(self.now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// Notes what a write to the socket came to.
+    #[inline]
+    fn wrote(&self, r: &Poll<io::Result<usize>>) {
+        match r {
+            Poll::Ready(Ok(n)) if *n > 0 => self.on_write(),
+            Poll::Pending => self.on_write_blocked(),
+            _ => {}
         }
     }
 
@@ -170,8 +204,9 @@ impl Activity {
         ActiveRequest(self.clone())
     }
 
-    /// Resolves when the connection has been idle for `idle`, or a request head has been
-    /// arriving for longer than `header`.
+    /// Resolves when the connection has been idle for `idle`, a request head has been
+    /// arriving for longer than `header`, or a response has found the client taking
+    /// none of it for `idle`.
     pub async fn expired(&self, idle: Duration, header: Duration) -> Expiry {
         let (idle_ms, header_ms) = (idle.as_millis() as u64, header.as_millis() as u64);
         // Deadlines set from now on lie at least this far ahead (see the module docs).
@@ -196,7 +231,8 @@ impl Activity {
     /// The current deadline in milliseconds after `opened`, if any, and what it enforces.
     fn deadline(&self, idle_ms: u64, header_ms: u64) -> Option<(u64, Expiry)> {
         if !self.idle() {
-            return None;
+            let blocked = self.write_blocked_ms.load(Ordering::Relaxed);
+            return (blocked != NONE).then(|| (blocked.saturating_add(idle_ms), Expiry::Unread));
         }
         let head = self.head_started_ms.load(Ordering::Relaxed);
         Some(
@@ -293,9 +329,7 @@ impl<T: AsyncWrite + Unpin, G: Unpin> AsyncWrite for TrackedIo<T, G> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.on_write();
-        }
+        self.activity.wrote(&r);
         r
     }
 
@@ -305,9 +339,7 @@ impl<T: AsyncWrite + Unpin, G: Unpin> AsyncWrite for TrackedIo<T, G> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.on_write();
-        }
+        self.activity.wrote(&r);
         r
     }
 
