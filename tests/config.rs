@@ -307,6 +307,21 @@ fn zero_duration() {
 }
 
 #[test]
+fn duration_beyond_ten_years() {
+    // Now plus it must be a time the clock can hold.
+    let text = format!("{WEB}response_timeout = \"500000000000y\"\n");
+    assert_err(
+        &text,
+        "pools.web.response_timeout",
+        3,
+        Some(20),
+        "must be at most 10 years",
+    );
+    let ten_years = format!("{WEB}response_timeout = \"3650days\"\n");
+    ok(&ten_years);
+}
+
+#[test]
 fn bad_duration_in_limits() {
     let text = format!("[server.limits]\nidle_timeout = \"60\"\n{WEB}");
     assert_err(

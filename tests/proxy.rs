@@ -1446,6 +1446,11 @@ async fn response_heads_that_cannot_be_passed_on_are_502() {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nConnection: close\r\n\r\nxx",
             b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n",
         ),
+        // Chunks inside chunks: de-chunked once, the body would still be chunked.
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\nConnection: close\r\n\r\n0\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n",
+        ),
         // A length that would be wherever the backend closes the connection.
         (
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\nContent-Length: 2\r\n\r\nxx",
@@ -1490,26 +1495,31 @@ async fn a_204_reaches_an_http2_client_without_a_length() {
 
 #[tokio::test]
 async fn trailers_reach_an_http2_client_without_connection_fields() {
-    let a = canned_backend(
+    for answer in [
+        &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Ok\r\n\r\n5\r\nhello\r\n0\r\n\
+          Content-Length: 99\r\nConnection: close\r\nKeep-Alive: 5\r\nTransfer-Encoding: chunked\r\nX-Ok: 1\r\n\r\n"[..],
+        // Framing fields that would be refused in a head, beside connection fields.
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Ok\r\n\r\n5\r\nhello\r\n0\r\n\
-          Content-Length: 99\r\nConnection: close\r\nKeep-Alive: 5\r\nTransfer-Encoding: chunked\r\nX-Ok: 1\r\n\r\n",
-    )
-    .await;
-    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
-    let (mut h2, _conn) = h2_connect(proxy.addr).await;
-    let req = Request::get("http://a.example/")
-        .header("te", "trailers")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let resp = h2.send_request(req).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    // Relayed as they came, the connection fields would make the proxy's HTTP/2 side
-    // reset the stream instead of ending it.
-    let body = resp.into_body().collect().await.expect("a whole body");
-    let trailers = body.trailers().cloned().expect("trailers");
-    assert_eq!(body.to_bytes(), "hello");
-    assert_eq!(trailers.len(), 1, "{trailers:?}");
-    assert_eq!(trailers["x-ok"], "1");
+          Transfer-Encoding: gzip\r\nContent-Length: 1, 2\r\nConnection: close\r\nUpgrade: x\r\nTE: trailers\r\nX-Ok: 1\r\n\r\n",
+    ] {
+        let a = canned_backend(answer).await;
+        let proxy =
+            TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+        let (mut h2, _conn) = h2_connect(proxy.addr).await;
+        let req = Request::get("http://a.example/")
+            .header("te", "trailers")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = h2.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        // Relayed as they came, the connection fields would make the proxy's HTTP/2 side
+        // reset the stream instead of ending it.
+        let body = resp.into_body().collect().await.expect("a whole body");
+        let trailers = body.trailers().cloned().expect("trailers");
+        assert_eq!(body.to_bytes(), "hello");
+        assert_eq!(trailers.len(), 1, "{trailers:?}");
+        assert_eq!(trailers["x-ok"], "1");
+    }
 }
 
 /// A backend that answers every request on a connection with `answer`, keeping the
@@ -1567,21 +1577,37 @@ async fn a_connection_whose_response_had_trailers_is_used_again() {
 
 #[tokio::test]
 async fn a_connection_whose_204_announced_a_length_is_not_used_again() {
-    // Were its eight bytes to come, they would be read as the next request's response.
-    let (a, conns) =
-        keep_alive_canned_backend(b"HTTP/1.1 204 No Content\r\nContent-Length: 8\r\n\r\n").await;
+    // Were the announced bytes to come, they would be read as the next request's
+    // response. However the announcement came: a length, a length in a field that
+    // `Connection` names (and so is removed), chunks.
+    for answer in [
+        &b"HTTP/1.1 204 No Content\r\nContent-Length: 8\r\n\r\n"[..],
+        b"HTTP/1.1 204 No Content\r\nConnection: content-length\r\nContent-Length: 8\r\n\r\n",
+        b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n",
+    ] {
+        let (a, conns) = keep_alive_canned_backend(answer).await;
+        let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+        let mut client = Client::connect(proxy.addr).await;
+        for _ in 0..2 {
+            let got = client.get("/").await;
+            assert_eq!(got.status, 204);
+            assert!(
+                got.headers.get("content-length").is_none(),
+                "{:?}",
+                got.headers
+            );
+        }
+        let what = String::from_utf8_lossy(answer);
+        assert_eq!(conns.load(Ordering::SeqCst), 2, "{what}");
+    }
+    // A 204 that announces nothing leaves its connection fit for the next request.
+    let (a, conns) = keep_alive_canned_backend(b"HTTP/1.1 204 No Content\r\n\r\n").await;
     let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
     let mut client = Client::connect(proxy.addr).await;
     for _ in 0..2 {
-        let got = client.get("/").await;
-        assert_eq!(got.status, 204);
-        assert!(
-            got.headers.get("content-length").is_none(),
-            "{:?}",
-            got.headers
-        );
+        assert_eq!(client.get("/").await.status, 204);
     }
-    assert_eq!(conns.load(Ordering::SeqCst), 2);
+    assert_eq!(conns.load(Ordering::SeqCst), 1);
 }
 
 /// A backend that answers each request with `answer` and then holds the connection
@@ -2141,7 +2167,17 @@ async fn request_framing_reaches_the_backend_as_one_reading() {
             b"OPTIONS * HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n",
             &["OPTIONS *\n"],
         ),
-        // An h2c upgrade is the proxy's hop to decline: the request is served as it is.
+        // An h2c upgrade is the proxy's hop to decline: the request is served as it is,
+        // without the upgrade's settings even when `Connection` does not name them, and
+        // whichever `Upgrade` field names h2c.
+        (
+            b"GET / HTTP/1.1\r\nHost: a.example\r\nConnection: Upgrade, close\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n",
+            &["GET /\n", "body 0\n"],
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: a.example\r\nConnection: Upgrade, close\r\nUpgrade: websocket\r\nUpgrade: h2c\r\n\r\n",
+            &["GET /\n", "body 0\n"],
+        ),
         (
             b"GET / HTTP/1.1\r\nHost: a.example\r\nConnection: Upgrade, HTTP2-Settings, close\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n",
             &["GET /\n", "body 0\n"],

@@ -24,6 +24,9 @@ pub const MAX_WEIGHT: i64 = 1000;
 /// hyper refuses read buffers below this size.
 const MIN_HEADER_BYTES: i64 = 8192;
 
+/// The longest duration any key accepts.
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 struct Ctx<'a> {
     text: &'a str,
     file: &'a str,
@@ -65,6 +68,11 @@ impl Ctx<'_> {
         })?;
         if d.is_zero() {
             return Err(self.err(Some(v.span()), key, "must be greater than zero"));
+        }
+        // Far enough for any timeout or lifetime, near enough that a deadline of now
+        // plus it is always a time the clock can hold.
+        if d > MAX_DURATION {
+            return Err(self.err(Some(v.span()), key, "must be at most 10 years"));
         }
         Ok(d)
     }

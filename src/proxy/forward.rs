@@ -298,7 +298,7 @@ fn forward<'a>(
     let (mut parts, body) = req.into_parts();
     // What the client asked to switch to, which the backend's 101 must agree with.
     let asked_upgrade = if upgrade {
-        parts.headers.get(http::header::UPGRADE).cloned()
+        headers::upgrade_offer(&parts.headers)
     } else {
         None
     };

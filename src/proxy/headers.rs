@@ -17,13 +17,16 @@ use super::error::ProxyError;
 
 /// Fields that are meaningful for a single connection only (RFC 9110 §7.6.1, plus the
 /// non-standard `Proxy-Connection` and `Keep-Alive` that clients still send).
-static HOP_BY_HOP: [HeaderName; 6] = [
+static HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("proxy-connection"),
     HeaderName::from_static("keep-alive"),
     header::TE,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
+    // The settings of an h2c upgrade, which is never passed on (RFC 7540 §3.2.1 calls
+    // the field connection-specific).
+    HeaderName::from_static("http2-settings"),
 ];
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -39,20 +42,33 @@ const MAX_REQUEST_ID: usize = 128;
 /// backend's, and RFC 9113 retired it; such a request is served as plain HTTP/1.1.
 pub fn is_upgrade(headers: &HeaderMap, version: Version) -> bool {
     version == Version::HTTP_11
-        && headers
-            .get(header::UPGRADE)
-            .is_some_and(|u| !value_tokens(u).any(|t| t.eq_ignore_ascii_case(b"h2c")))
+        && headers.contains_key(header::UPGRADE)
+        && !upgrade_tokens(headers).any(|t| t.eq_ignore_ascii_case(b"h2c"))
         && connection_has(headers, "upgrade")
+}
+
+fn upgrade_tokens(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+    headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .flat_map(value_tokens)
+}
+
+/// What an upgrade request offers to switch to: its `Upgrade` fields as one value.
+pub fn upgrade_offer(headers: &HeaderMap) -> Option<HeaderValue> {
+    let mut fields = headers.get_all(header::UPGRADE).iter();
+    let first = fields.next()?;
+    if fields.next().is_none() {
+        return Some(first.clone());
+    }
+    let all: Vec<&[u8]> = upgrade_tokens(headers).collect();
+    HeaderValue::from_bytes(&all.join(&b", "[..])).ok()
 }
 
 /// Whether a backend's `101` switches to a protocol the client asked for (`asked`, the
 /// request's `Upgrade` value): the answer must name at least one, and only such.
 pub fn upgrade_agreed(asked: &HeaderValue, answer: &HeaderMap) -> bool {
-    let mut named = answer
-        .get_all(header::UPGRADE)
-        .iter()
-        .flat_map(value_tokens)
-        .peekable();
+    let mut named = upgrade_tokens(answer).peekable();
     named.peek().is_some() && named.all(|p| value_tokens(asked).any(|a| a.eq_ignore_ascii_case(p)))
 }
 
@@ -121,8 +137,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) -> Result<(), Ba
             headers.remove(&name);
         }
     }
+    let mut framing = Ok(());
     if present & (1 << TRANSFER_ENCODING_INDEX) != 0 {
-        only_chunked(headers)?;
+        framing = only_chunked(headers);
         // A Content-Length that came beside Transfer-Encoding (RFC 9112 §6.3) must not
         // survive, or it would frame the body differently from the chunks it came in.
         present &= !(1 << CONTENT_LENGTH_INDEX);
@@ -131,8 +148,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) -> Result<(), Ba
     if present & (1 << CONTENT_LENGTH_INDEX) != 0
         && (!plain_length || repeated & (1 << CONTENT_LENGTH_INDEX) != 0)
     {
-        fold_content_length(headers)?;
+        framing = fold_content_length(headers);
     }
+    // Removed whatever the framing came to: trailers rely on it.
     for (i, name) in HOP_BY_HOP.iter().enumerate() {
         if present & (1 << i) != 0 && !(upgrade && name == header::UPGRADE) {
             headers.remove(name);
@@ -141,7 +159,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) -> Result<(), Ba
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    Ok(())
+    framing
 }
 
 /// Removes from trailers the fields that belong to one connection or frame the message,
@@ -160,17 +178,21 @@ pub fn settle_trailers(trailers: &mut HeaderMap) {
     }
 }
 
-/// Checks that `Transfer-Encoding` names no coding but `chunked`. Not even the obsolete
-/// `identity`: with it, a response's length is wherever the backend closes the
+/// Checks that `Transfer-Encoding` names one coding, `chunked`, once: the body is
+/// de-chunked once, and `chunked, chunked` would leave chunks in it. Not the obsolete
+/// `identity` either: with it, a response's length is wherever the backend closes the
 /// connection, whatever its `Content-Length` says (RFC 9112 §6.3).
 #[cold]
 fn only_chunked(headers: &HeaderMap) -> Result<(), BadFraming> {
-    let known = |t: &[u8]| t.eq_ignore_ascii_case(b"chunked");
-    let mut values = headers.get_all(header::TRANSFER_ENCODING).iter();
+    let values = headers.get_all(header::TRANSFER_ENCODING);
     // A value that is not visible ASCII has no tokens, and is no known coding.
-    if values
-        .all(|v| !v.is_empty() && value_tokens(v).next().is_some() && value_tokens(v).all(known))
-    {
+    let readable = values.iter().all(|v| v.to_str().is_ok());
+    let mut codings = values.iter().flat_map(value_tokens);
+    let one_chunked = codings
+        .next()
+        .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"))
+        && codings.next().is_none();
+    if readable && one_chunked {
         Ok(())
     } else {
         Err(BadFraming::UnknownCoding)
@@ -231,6 +253,7 @@ fn hop_by_hop_index(name: &[u8]) -> Option<usize> {
         b"te" => 3,
         b"transfer-encoding" => TRANSFER_ENCODING_INDEX,
         b"upgrade" => 5,
+        b"http2-settings" => 6,
         _ => return None,
     };
     debug_assert_eq!(HOP_BY_HOP[i].as_str().as_bytes(), name);
@@ -494,15 +517,21 @@ pub fn prepare_response(
     if status.as_u16() > 599 {
         return Err("a status above 599");
     }
+    let bodiless = status == StatusCode::NO_CONTENT || status.is_informational();
+    // Read before the fields go: whatever announced a body to come.
+    let reusable = !bodiless
+        || (headers
+            .get_all(header::CONTENT_LENGTH)
+            .iter()
+            .all(|v| v == "0")
+            && !headers.contains_key(header::TRANSFER_ENCODING));
     strip_hop_by_hop(headers, switching).map_err(BadFraming::reason)?;
-    if status == StatusCode::NO_CONTENT || status.is_informational() {
+    if bodiless {
         // These have no body, and no length (RFC 9110 §8.6): an HTTP/2 client would
         // take a length beside no data for a malformed response.
-        if let Some(length) = headers.remove(header::CONTENT_LENGTH) {
-            return Ok(length == "0");
-        }
+        headers.remove(header::CONTENT_LENGTH);
     }
-    Ok(true)
+    Ok(reusable)
 }
 
 /// An IP address as text, owned by a `Bytes` so that copies of the header value only
@@ -746,6 +775,7 @@ mod tests {
             "",
             "identity",
             "identity, chunked",
+            "chunked, chunked",
         ] {
             let (r, _) = framed(&[("transfer-encoding", bad)]);
             assert_eq!(r, Err(BadFraming::UnknownCoding), "{bad}");

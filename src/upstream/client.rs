@@ -28,9 +28,12 @@ use super::upload::Upload;
 pub type UpstreamBody = Either<Upload, Empty<Bytes>>;
 
 /// The sending half of an upstream HTTP/1.1 connection, with the timer that bounds each
-/// wait for a response on it. The timer is armed once per connection and pushed later
-/// for each request, which is an atomic update; a timer per request would be registered
-/// and deregistered under the timer driver's lock every time (about 0.4k instructions).
+/// wait for a response on it, and each wait for more of a response body. The timer is
+/// armed once per connection and pushed later for each wait, which is an atomic update
+/// when the new deadline lies beyond the last one (the usual case); a timer per request
+/// would be registered and deregistered under the timer driver's lock every time (about
+/// 0.4k instructions). While the connection idles in the pool, the timer may still be
+/// set; it goes off once, waking nothing that is still waiting.
 #[derive(Debug)]
 pub struct Sender {
     pub tx: http1::SendRequest<UpstreamBody>,
