@@ -18,6 +18,21 @@ use tokio::sync::{mpsc, Notify};
 /// Upper bound for waits that should end much sooner; a failure, never a sync point.
 const LIMIT: Duration = Duration::from_secs(10);
 
+/// A proxy config with one pool `p` of the one backend `a`.
+fn single_pool(a: std::net::SocketAddr) -> String {
+    config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))
+}
+
+/// HTTP/2's asterisk target: scheme, authority and the path `*`.
+fn asterisk_target() -> http::Uri {
+    http::Uri::builder()
+        .scheme("http")
+        .authority("a.example")
+        .path_and_query("*")
+        .build()
+        .unwrap()
+}
+
 /// Sends `bytes` on a new connection and reads until the proxy closes it. The proxy must
 /// close it on its own; LIMIT only bounds a broken build.
 async fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
@@ -189,7 +204,7 @@ async fn no_route_is_404() {
 #[tokio::test]
 async fn request_headers_follow_the_rules() {
     let a = named_backend("a").await;
-    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    let proxy = TestProxy::start(&single_pool(a)).await;
     let req = Request::get("/h?q=1")
         .header("host", "shop.example.com:8080")
         .header("connection", "keep-alive, x-drop-me")
@@ -233,7 +248,7 @@ async fn request_headers_follow_the_rules() {
 #[tokio::test]
 async fn request_id_is_propagated() {
     let a = named_backend("a").await;
-    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    let proxy = TestProxy::start(&single_pool(a)).await;
     let req = Request::get("/")
         .header("host", "x")
         .header("x-request-id", "abc-123")
@@ -256,7 +271,7 @@ async fn response_hop_by_hop_headers_are_removed() {
         r
     })
     .await;
-    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    let proxy = TestProxy::start(&single_pool(a)).await;
     let got = fetch(proxy.addr, get("/")).await;
     assert_eq!(got.status, 200);
     assert!(got.headers.get("x-internal").is_none());
@@ -300,7 +315,7 @@ async fn canned_backend(answer: &'static [u8]) -> std::net::SocketAddr {
 #[tokio::test]
 async fn garbage_from_backend_is_502() {
     let a = canned_backend(b"this is not http\r\n\r\n").await;
-    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    let proxy = TestProxy::start(&single_pool(a)).await;
     assert_eq!(fetch(proxy.addr, get("/")).await.status, 502);
 }
 
@@ -312,7 +327,7 @@ async fn a_response_with_both_framings_reaches_the_client_whole() {
         b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nb\r\nhello world\r\n0\r\n\r\n",
     )
     .await;
-    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    let proxy = TestProxy::start(&single_pool(a)).await;
     let got = fetch(proxy.addr, get("/")).await;
     assert_eq!(got.status, 200);
     assert_eq!(got.body, "hello world");
@@ -403,7 +418,7 @@ async fn dead_backend_costs_no_failed_request() {
 #[tokio::test]
 async fn keep_alive_connections_to_backends_are_reused() {
     let a = named_backend("a").await;
-    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    let proxy = TestProxy::start(&single_pool(a)).await;
     let mut client = Client::connect(proxy.addr).await;
     for _ in 0..50 {
         assert_eq!(client.get("/").await.status, 200);
@@ -443,7 +458,7 @@ async fn large_bodies_stream_both_ways() {
         text(n.to_string())
     })
     .await;
-    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    let proxy = TestProxy::start(&single_pool(a)).await;
 
     // Upload: streamed from the client without a length, counted by the backend.
     let stream = TcpStream::connect(proxy.addr).await.unwrap();
@@ -518,7 +533,7 @@ async fn ws_echo(ws: &mut Ws, text: &str) {
 #[tokio::test]
 async fn websocket_echo_through_the_proxy() {
     let a = ws_echo_backend().await;
-    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    let proxy = TestProxy::start(&single_pool(a)).await;
     let mut ws = ws_connect(proxy.addr).await;
     for i in 0..10 {
         ws_echo(&mut ws, &format!("hello {i}")).await;
@@ -693,7 +708,7 @@ async fn shutdown_closes_idle_connections_without_waiting_out_the_grace_period()
 #[tokio::test]
 async fn h2c_prior_knowledge() {
     let a = named_backend("a").await;
-    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    let proxy = TestProxy::start(&single_pool(a)).await;
     let (mut tx, _conn) = h2_connect(proxy.addr).await;
     for _ in 0..3 {
         let req = Request::get(format!("http://h2.example.com:{}/two", proxy.addr.port()))
@@ -758,7 +773,7 @@ async fn oversized_headers_get_431() {
 #[tokio::test]
 async fn malformed_request_gets_400_and_never_reaches_a_backend() {
     let (a, hits) = counting_backend().await;
-    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    let proxy = TestProxy::start(&single_pool(a)).await;
     for bad in [
         &b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"[..],
         b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n",
@@ -775,7 +790,7 @@ async fn graceful_shutdown_lets_a_slow_request_finish() {
     let (held_tx, mut held_rx) = mpsc::unbounded_channel();
     let release = Arc::new(Notify::new());
     let a = holding_backend("a", held_tx, release.clone()).await;
-    let mut proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    let mut proxy = TestProxy::start(&single_pool(a)).await;
     let addr = proxy.addr;
     let slow = tokio::spawn(async move { fetch(addr, get("/hold")).await });
     held_rx.recv().await.unwrap();
@@ -831,7 +846,7 @@ async fn slow_second_request_on_a_keep_alive_connection_is_cut_off() {
 #[tokio::test]
 async fn requests_without_one_valid_host_get_400_and_never_reach_a_backend() {
     let (a, hits) = counting_backend().await;
-    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    let proxy = TestProxy::start(&single_pool(a)).await;
     for bad in [
         // Two fields: the backend might read another one than routing did.
         &b"GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n"[..],
@@ -864,12 +879,7 @@ async fn requests_without_one_valid_host_get_400_and_never_reach_a_backend() {
         .unwrap();
     assert_eq!(h2.send_request(req).await.unwrap().status(), 400);
     // HTTP/2: `:path` `*` with another method than OPTIONS.
-    let uri = http::Uri::builder()
-        .scheme("http")
-        .authority("a.example")
-        .path_and_query("*")
-        .build()
-        .unwrap();
+    let uri = asterisk_target();
     let req = Request::get(uri).body(Full::new(Bytes::new())).unwrap();
     assert_eq!(h2.send_request(req).await.unwrap().status(), 400);
     assert_eq!(hits.load(Ordering::SeqCst), 0);
@@ -878,7 +888,7 @@ async fn requests_without_one_valid_host_get_400_and_never_reach_a_backend() {
 #[tokio::test]
 async fn connect_is_405_and_never_reaches_a_backend() {
     let (a, hits) = counting_backend().await;
-    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    let proxy = TestProxy::start(&single_pool(a)).await;
     let got = raw_exchange(
         proxy.addr,
         b"CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r\n",
@@ -1414,7 +1424,7 @@ async fn unrequested_101_is_502_and_counted_as_a_failure() {
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: other\r\nConnection: upgrade\r\n\r\n",
     )
     .await;
-    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    let proxy = TestProxy::start(&single_pool(a)).await;
     let got = fetch(proxy.addr, get("/")).await;
     assert_eq!(got.status, 502);
     let rt = proxy.runtime.load();
@@ -1464,7 +1474,7 @@ async fn response_heads_that_cannot_be_passed_on_are_502() {
     ] {
         let a = canned_backend(answer).await;
         let proxy =
-            TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+            TestProxy::start(&single_pool(a)).await;
         let mut closed = request[..request.len() - 2].to_vec();
         closed.extend_from_slice(b"Connection: close\r\n\r\n");
         let got = raw_exchange(proxy.addr, &closed).await;
@@ -1482,7 +1492,7 @@ async fn response_heads_that_cannot_be_passed_on_are_502() {
 #[tokio::test]
 async fn a_204_reaches_an_http2_client_without_a_length() {
     let a = canned_backend(b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n").await;
-    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    let proxy = TestProxy::start(&single_pool(a)).await;
     let (mut h2, _conn) = h2_connect(proxy.addr).await;
     let req = Request::get("http://a.example/")
         .body(Full::new(Bytes::new()))
@@ -1504,7 +1514,7 @@ async fn trailers_reach_an_http2_client_without_connection_fields() {
     ] {
         let a = canned_backend(answer).await;
         let proxy =
-            TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+            TestProxy::start(&single_pool(a)).await;
         let (mut h2, _conn) = h2_connect(proxy.addr).await;
         let req = Request::get("http://a.example/")
             .header("te", "trailers")
@@ -1561,7 +1571,7 @@ async fn a_connection_whose_response_had_trailers_is_used_again() {
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Ok\r\n\r\n5\r\nhello\r\n0\r\nX-Ok: 1\r\n\r\n",
     )
     .await;
-    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    let proxy = TestProxy::start(&single_pool(a)).await;
     let (mut h2, _conn) = h2_connect(proxy.addr).await;
     for _ in 0..3 {
         let req = Request::get("http://a.example/")
@@ -1586,7 +1596,7 @@ async fn a_connection_whose_204_announced_a_length_is_not_used_again() {
         b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n",
     ] {
         let (a, conns) = keep_alive_canned_backend(answer).await;
-        let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+        let proxy = TestProxy::start(&single_pool(a)).await;
         let mut client = Client::connect(proxy.addr).await;
         for _ in 0..2 {
             let got = client.get("/").await;
@@ -1602,7 +1612,7 @@ async fn a_connection_whose_204_announced_a_length_is_not_used_again() {
     }
     // A 204 that announces nothing leaves its connection fit for the next request.
     let (a, conns) = keep_alive_canned_backend(b"HTTP/1.1 204 No Content\r\n\r\n").await;
-    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    let proxy = TestProxy::start(&single_pool(a)).await;
     let mut client = Client::connect(proxy.addr).await;
     for _ in 0..2 {
         assert_eq!(client.get("/").await.status, 204);
@@ -1731,7 +1741,7 @@ async fn a_content_length_is_passed_on_as_one_plain_number() {
     let a =
         canned_backend(b"HTTP/1.1 200 OK\r\nContent-Length: 002\r\nContent-Length: 2\r\n\r\nok")
             .await;
-    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    let proxy = TestProxy::start(&single_pool(a)).await;
     let got = raw_exchange(
         proxy.addr,
         b"GET / HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n",
@@ -2126,7 +2136,7 @@ async fn head_echo_backend() -> std::net::SocketAddr {
 #[tokio::test]
 async fn request_framing_reaches_the_backend_as_one_reading() {
     let (a, hits) = counting_backend().await;
-    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    let proxy = TestProxy::start(&single_pool(a)).await;
     // A coding the proxy would drop when it re-frames the body: not implemented.
     let got = raw_exchange(
         proxy.addr,
@@ -2141,7 +2151,7 @@ async fn request_framing_reaches_the_backend_as_one_reading() {
     assert_eq!(hits.load(Ordering::SeqCst), 0);
 
     let e = head_echo_backend().await;
-    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{e}\"]\n"))).await;
+    let proxy = TestProxy::start(&single_pool(e)).await;
     for (request, want) in [
         // A chunked body on a method that rarely has one still arrives.
         (
@@ -2221,12 +2231,7 @@ async fn request_framing_reaches_the_backend_as_one_reading() {
     }
     assert_eq!(got.matches("cookie:").count(), 1, "{got}");
     // HTTP/2's `OPTIONS *` goes on as it came.
-    let uri = http::Uri::builder()
-        .scheme("http")
-        .authority("a.example")
-        .path_and_query("*")
-        .build()
-        .unwrap();
+    let uri = asterisk_target();
     let none = ["", ""].map(|p| Ok::<_, std::io::Error>(http_body::Frame::data(Bytes::from(p))));
     let req = Request::options(uri)
         .body(StreamBody::new(futures_util::stream::iter(none)))
