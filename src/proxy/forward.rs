@@ -480,7 +480,11 @@ fn forward<'a>(
                 .as_ref()
                 .is_some_and(|asked| headers::upgrade_agreed(asked, resp.headers()));
             if !agreed {
-                return Err(bad_response(pool, backend, "a 101 to no upgrade asked for"));
+                return Err(bad_response(
+                    pool,
+                    backend,
+                    "a 101 to a protocol not asked for",
+                ));
             }
         }
         let reusable = match headers::prepare_response(resp.status(), resp.headers_mut(), switching)

@@ -167,15 +167,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) -> Result<(), Ba
 /// would reset the stream for them.
 #[cold]
 pub fn settle_trailers(trailers: &mut HeaderMap) {
-    // Framing errors do not matter here: what frames the message is removed anyway.
+    // Framing errors do not matter here: `Transfer-Encoding` went with the hop-by-hop
+    // fields, and the length goes below.
     let _ = strip_hop_by_hop(trailers, false);
-    for name in [
-        header::CONTENT_LENGTH,
-        header::TRANSFER_ENCODING,
-        header::HOST,
-    ] {
-        trailers.remove(name);
-    }
+    trailers.remove(header::CONTENT_LENGTH);
+    trailers.remove(header::HOST);
 }
 
 /// Checks that `Transfer-Encoding` names one coding, `chunked`, once: the body is
