@@ -51,7 +51,10 @@ impl Runtime {
                     .iter()
                     .map(
                         |bc| match carried.get(&(pc.name.as_str(), bc.id.as_str())) {
-                            Some(b) if b.address == bc.address => Arc::clone(b),
+                            Some(b) if b.address == bc.address => {
+                                b.pool.configure(pc);
+                                Arc::clone(b)
+                            }
                             // Same id, new address: a fresh connection pool, same counters.
                             Some(b) => Backend::new(bc, pc, Some(b.stats.clone())),
                             None => {

@@ -579,3 +579,28 @@ async fn removed_backend_drains_then_disappears() {
     // Nothing holds b any more: its idle upstream connections are closed with it.
     assert_eq!(weak_b.strong_count(), 0);
 }
+
+#[tokio::test]
+async fn a_reload_changes_the_connection_settings_of_a_backend_it_keeps() {
+    let a = named_backend("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchyard.toml");
+    write(&path, &one_pool(&[("a", a)], ""));
+    let (proxy, _reloader) = TestProxy::start_file(&path).await;
+    let opened = |s: &serde_json::Value| s["pools"][0]["backends"][0]["connections_opened"].clone();
+    for _ in 0..3 {
+        assert_eq!(fetch(proxy.addr, get("/")).await.backend(), "a");
+    }
+    assert_eq!(opened(&status(&proxy).await), 1);
+
+    // No idle connection kept: each request now opens one.
+    write(&path, &one_pool(&[("a", a)], "max_idle_per_backend = 0"));
+    let got = post_reload(&proxy).await;
+    assert_eq!(got.status, 200, "{:?}", got.body);
+    for _ in 0..3 {
+        assert_eq!(fetch(proxy.addr, get("/")).await.backend(), "a");
+    }
+    let s = status(&proxy).await;
+    assert_eq!(opened(&s), 4, "{s}");
+    assert_eq!(s["pools"][0]["backends"][0]["idle_connections"], 0, "{s}");
+}

@@ -151,11 +151,12 @@ impl Backend {
 }
 
 async fn reap_idle(backend: Weak<Backend>) {
-    let period = match backend.upgrade() {
-        Some(b) => (b.pool.idle_timeout() / 2).max(Duration::from_millis(100)),
-        None => return,
-    };
     loop {
+        // Read each time: a reload may change the idle timeout.
+        let period = match backend.upgrade() {
+            Some(b) => (b.pool.idle_timeout() / 2).max(Duration::from_millis(100)),
+            None => return,
+        };
         tokio::time::sleep(period).await;
         match backend.upgrade() {
             Some(b) => b.pool.prune(),

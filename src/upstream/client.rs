@@ -4,7 +4,9 @@
 //! A connection goes back to the pool only after its response body was read to the end
 //! (see `proxy::body`), and is checked with `ready()` before reuse. Idle connections
 //! expire after `upstream_idle_timeout`; at most `max_idle_per_backend` are kept.
-//! The lock is per backend and held only to push or pop a vector entry.
+//! The lock is per backend and held only to push or pop a vector entry; the pool's
+//! settings sit under the same lock, so that a reload can change them for a backend it
+//! carries over.
 
 use std::io;
 use std::pin::Pin;
@@ -59,14 +61,36 @@ struct Idle {
     since: Instant,
 }
 
+/// The pool's settings from the configuration.
+#[derive(Debug, Clone, Copy)]
+struct Settings {
+    max_idle: usize,
+    idle_timeout: Duration,
+    connect_timeout: Duration,
+}
+
+impl Settings {
+    fn of(pool: &PoolConfig) -> Self {
+        Settings {
+            max_idle: pool.max_idle_per_backend,
+            idle_timeout: pool.upstream_idle_timeout,
+            connect_timeout: pool.connect_timeout,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Slots {
+    /// Oldest first.
+    conns: Vec<Idle>,
+    settings: Settings,
+}
+
 /// Idle connections to one backend.
 #[derive(Debug)]
 pub struct ConnPool {
     addr: BackendAddr,
-    idle: Mutex<Vec<Idle>>,
-    max_idle: usize,
-    idle_timeout: Duration,
-    connect_timeout: Duration,
+    idle: Mutex<Slots>,
     /// Counts connections opened: against the request count it shows reuse.
     stats: Arc<BackendStats>,
 }
@@ -84,10 +108,10 @@ impl ConnPool {
     pub fn new(addr: BackendAddr, pool: &PoolConfig, stats: Arc<BackendStats>) -> Self {
         ConnPool {
             addr,
-            idle: Mutex::new(Vec::new()),
-            max_idle: pool.max_idle_per_backend,
-            idle_timeout: pool.upstream_idle_timeout,
-            connect_timeout: pool.connect_timeout,
+            idle: Mutex::new(Slots {
+                conns: Vec::new(),
+                settings: Settings::of(pool),
+            }),
             stats,
         }
     }
@@ -97,14 +121,27 @@ impl ConnPool {
     }
 
     pub fn idle_count(&self) -> usize {
-        self.lock().len()
+        self.lock().conns.len()
     }
 
     pub fn idle_timeout(&self) -> Duration {
-        self.idle_timeout
+        self.lock().settings.idle_timeout
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+    /// Applies a reloaded pool's settings; idle connections beyond a lowered
+    /// `max_idle_per_backend` are closed, the oldest first.
+    pub fn configure(&self, pool: &PoolConfig) {
+        let settings = Settings::of(pool);
+        let gone: Vec<Idle> = {
+            let mut slots = self.lock();
+            slots.settings = settings;
+            let over = slots.conns.len().saturating_sub(settings.max_idle);
+            slots.conns.drain(..over).collect()
+        };
+        drop(gone);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slots> {
         // A panic while holding this lock cannot leave the vector inconsistent.
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -112,21 +149,21 @@ impl ConnPool {
     /// An idle connection that is ready for a request, or a new one.
     pub async fn checkout(&self) -> Result<PooledConn, UpstreamError> {
         loop {
-            let idle = {
-                let mut idle = self.lock();
-                idle.pop()
+            let (idle, settings) = {
+                let mut slots = self.lock();
+                (slots.conns.pop(), slots.settings)
             };
             let Some(Idle { mut tx, since }) = idle else {
                 break;
             };
-            if tx.tx.is_closed() || since.elapsed() >= self.idle_timeout {
+            if tx.tx.is_closed() || since.elapsed() >= settings.idle_timeout {
                 continue;
             }
             // Usually ready at once: then no timer is armed. Otherwise bounded: a
             // connection whose previous request is still uploading is not worth waiting for.
             if tx.tx.is_ready()
                 || matches!(
-                    tokio::time::timeout(self.connect_timeout, tx.tx.ready()).await,
+                    tokio::time::timeout(settings.connect_timeout, tx.tx.ready()).await,
                     Ok(Ok(()))
                 )
             {
@@ -143,12 +180,12 @@ impl ConnPool {
     /// Opens a new connection within the connect timeout.
     pub async fn connect(&self) -> Result<Sender, UpstreamError> {
         let addr = || self.addr.to_string();
-        let stream = match tokio::time::timeout(self.connect_timeout, connect_tcp(&self.addr)).await
-        {
+        let connect_timeout = self.lock().settings.connect_timeout;
+        let stream = match tokio::time::timeout(connect_timeout, connect_tcp(&self.addr)).await {
             Err(_) => {
                 return Err(UpstreamError::ConnectTimeout {
                     addr: addr(),
-                    after: self.connect_timeout,
+                    after: connect_timeout,
                 })
             }
             Ok(Err(source)) => {
@@ -184,21 +221,27 @@ impl ConnPool {
 
     /// Returns a connection whose last response was read to the end.
     pub fn checkin(&self, tx: Sender) {
-        if tx.tx.is_closed() || self.max_idle == 0 {
+        if tx.tx.is_closed() {
             return;
         }
         let now = Instant::now();
-        let mut idle = self.lock();
+        let mut slots = self.lock();
+        let Settings {
+            max_idle,
+            idle_timeout,
+            ..
+        } = slots.settings;
         // The oldest entry sits at the front; drop it if it expired, so a busy pool
         // sheds stale connections without waiting for the reaper.
-        if idle
+        if slots
+            .conns
             .first()
-            .is_some_and(|c| now.duration_since(c.since) >= self.idle_timeout)
+            .is_some_and(|c| now.duration_since(c.since) >= idle_timeout)
         {
-            idle.remove(0);
+            slots.conns.remove(0);
         }
-        if idle.len() < self.max_idle {
-            idle.push(Idle { tx, since: now });
+        if slots.conns.len() < max_idle {
+            slots.conns.push(Idle { tx, since: now });
         }
     }
 
@@ -206,11 +249,19 @@ impl ConnPool {
     pub fn prune(&self) {
         let now = Instant::now();
         let expired: Vec<Idle> = {
-            let mut idle = self.lock();
-            let (keep, gone) = std::mem::take(&mut *idle).into_iter().partition(|c| {
-                !c.tx.tx.is_closed() && now.duration_since(c.since) < self.idle_timeout
-            });
-            *idle = keep;
+            let mut slots = self.lock();
+            let Settings {
+                max_idle,
+                idle_timeout,
+                ..
+            } = slots.settings;
+            let (mut keep, mut gone): (Vec<Idle>, Vec<Idle>) = std::mem::take(&mut slots.conns)
+                .into_iter()
+                .partition(|c| !c.tx.tx.is_closed() && now.duration_since(c.since) < idle_timeout);
+            // Over a lowered limit: the oldest go.
+            let over = keep.len().saturating_sub(max_idle);
+            gone.extend(keep.drain(..over));
+            slots.conns = keep;
             gone
         };
         drop(expired);
@@ -218,7 +269,7 @@ impl ConnPool {
 
     /// Closes every idle connection.
     pub fn clear(&self) {
-        let all = std::mem::take(&mut *self.lock());
+        let all = std::mem::take(&mut self.lock().conns);
         drop(all);
     }
 }
