@@ -1693,9 +1693,11 @@ async fn a_body_that_trickles_for_longer_than_the_idle_timeout_passes_while_it_m
     assert_eq!(got.body, "hello, world");
 }
 
-#[tokio::test]
-async fn a_client_that_stops_reading_its_response_is_cut_off_after_the_idle_timeout() {
-    // A backend with a gigabyte to send, which says when a write of it fails.
+/// A backend with a gigabyte to send to its first request, with a length or chunked,
+/// which says how much it had sent when a write failed (or all of it).
+async fn gigabyte_backend(
+    chunked: bool,
+) -> (std::net::SocketAddr, tokio::sync::oneshot::Receiver<u64>) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let a = l.local_addr().unwrap();
     let (failed_tx, failed) = tokio::sync::oneshot::channel::<u64>();
@@ -1705,15 +1707,28 @@ async fn a_client_that_stops_reading_its_response_is_cut_off_after_the_idle_time
         let _ = s.read(&mut buf).await;
         let mut sent = 0u64;
         let total = 1u64 << 30;
-        let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {total}\r\n\r\n");
+        let (head, chunk) = if chunked {
+            let mut chunk = b"10000\r\n".to_vec();
+            chunk.extend_from_slice(&[7u8; 0x10000]);
+            chunk.extend_from_slice(b"\r\n");
+            ("Transfer-Encoding: chunked".to_owned(), chunk)
+        } else {
+            (format!("Content-Length: {total}"), vec![7u8; 0x10000])
+        };
+        let head = format!("HTTP/1.1 200 OK\r\n{head}\r\n\r\n");
         if s.write_all(head.as_bytes()).await.is_ok() {
-            let chunk = vec![7u8; 64 * 1024];
             while sent < total && s.write_all(&chunk).await.is_ok() {
-                sent += chunk.len() as u64;
+                sent += 0x10000;
             }
         }
         let _ = failed_tx.send(sent);
     });
+    (a, failed)
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_its_response_is_cut_off_after_the_idle_timeout() {
+    let (a, failed) = gigabyte_backend(false).await;
     let proxy = TestProxy::start(&config(&format!(
         "[server.limits]\nidle_timeout = \"300ms\"\n[pools.p]\nbackends = [\"{a}\"]\n"
     )))
@@ -1734,6 +1749,43 @@ async fn a_client_that_stops_reading_its_response_is_cut_off_after_the_idle_time
         .await
         .expect("the proxy closed the connection");
     assert!((got.len() as u64) < 1 << 30, "{}", got.len());
+}
+
+#[tokio::test]
+async fn an_http2_stream_that_gets_no_window_lets_go_of_its_backend_after_the_idle_timeout() {
+    // Chunked: with no length to check, only an error tells the client that the body
+    // it got was cut short.
+    let (a, failed) = gigabyte_backend(true).await;
+    let proxy = TestProxy::start(&config(&format!(
+        "[server.limits]\nidle_timeout = \"300ms\"\n[pools.p]\nbackends = [\"{a}\"]\n"
+    )))
+    .await;
+    // The client keeps reading its connection but not the body, so the stream's window
+    // closes once the first megabytes are in: nothing blocks on the TCP socket.
+    let (mut h2, _conn) = h2_connect(proxy.addr).await;
+    let req = Request::get(format!("http://a.example:{}/", proxy.addr.port()))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = tokio::time::timeout(LIMIT, h2.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let sent = tokio::time::timeout(LIMIT, failed)
+        .await
+        .expect("the proxy let go of the backend")
+        .unwrap();
+    assert!(sent < 1 << 30, "{sent}");
+    // Read now, the body ends in an error, not as if it were complete; the connection
+    // still serves other streams.
+    let got = tokio::time::timeout(LIMIT, resp.into_body().collect())
+        .await
+        .expect("the stream ended");
+    assert!(
+        got.is_err(),
+        "a body of {} bytes",
+        got.unwrap().to_bytes().len()
+    );
 }
 
 #[tokio::test]

@@ -514,8 +514,10 @@ async fn a_thousand_reloads_leave_nothing_behind() {
     let tasks_after = tokio::runtime::Handle::current()
         .metrics()
         .num_alive_tasks();
+    // At most: a connection to the second backend (its task and its watchdog's), and
+    // one to spare.
     assert!(
-        tasks_after <= tasks_before + 2,
+        tasks_after <= tasks_before + 3,
         "tasks grew from {tasks_before} to {tasks_after}"
     );
     let rt = proxy.runtime.load();

@@ -10,7 +10,9 @@
 //!
 //! A backend that sends nothing more of a body it has begun for `idle_timeout` (the
 //! client connection's) ends it with an error: the client sees the connection closed
-//! (HTTP/1.1) or the stream reset (HTTP/2) rather than a complete response.
+//! (HTTP/1.1) or the stream reset (HTTP/2) rather than a complete response. So does a
+//! body whose backend connection was closed because the client took none of it for as
+//! long (see `upstream::client`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -92,9 +94,11 @@ impl ProxyBody {
             log: None,
             _active: None,
         };
-        if let Inner::Upstream { body, .. } = &b.inner {
+        if let Inner::Upstream { body, conn, .. } = &b.inner {
             if body.is_end_stream() {
                 b.finish_upstream();
+            } else if let Some(tx) = conn {
+                tx.body_started();
             }
         }
         b
@@ -116,6 +120,7 @@ impl ProxyBody {
         } = &mut self.inner
         {
             if let (Some(tx), Some(f)) = (conn.take(), in_flight.as_ref()) {
+                tx.body_ended();
                 f.backend().pool.checkin(tx);
             }
             in_flight.take();

@@ -61,9 +61,11 @@ impl Backend {
     /// Creates a backend; inside a Tokio runtime it also starts the task that closes its
     /// expired idle connections, which ends when the backend is dropped.
     /// `stats` carries the counters of a previous incarnation (same id, other address).
+    /// `body_stall` is the client connections' idle timeout (see `ConnPool::new`).
     pub fn new(
         cfg: &BackendConfig,
         pool: &PoolConfig,
+        body_stall: Duration,
         stats: Option<Arc<BackendStats>>,
     ) -> Arc<Self> {
         let stats = stats.unwrap_or_else(|| Arc::new(BackendStats::new(&pool.name, &cfg.id)));
@@ -71,7 +73,7 @@ impl Backend {
             id: Arc::from(cfg.id.as_str()),
             address: cfg.address.clone(),
             in_flight: AtomicUsize::new(0),
-            pool: ConnPool::new(cfg.address.clone(), pool, stats.clone()),
+            pool: ConnPool::new(cfg.address.clone(), pool, body_stall, stats.clone()),
             stats,
             drain_started_ms: AtomicU64::new(NOT_DRAINING),
             reaper: OnceLock::new(),

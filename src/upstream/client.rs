@@ -10,14 +10,18 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{Either, Empty};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::task::AbortHandle;
 use tokio::time::Sleep;
 
 use crate::config::{BackendAddr, PoolConfig};
@@ -40,6 +44,145 @@ pub type UpstreamBody = Either<Upload, Empty<Bytes>>;
 pub struct Sender {
     pub tx: http1::SendRequest<UpstreamBody>,
     pub timer: Pin<Box<Sleep>>,
+    state: Arc<ConnState>,
+}
+
+impl Sender {
+    /// A response body is being read on this connection from now until [`Self::body_ended`]:
+    /// should the client stop taking it, the connection is closed (see [`watch`]).
+    pub fn body_started(&self) {
+        self.state.reading.store(true, Ordering::Relaxed);
+    }
+
+    pub fn body_ended(&self) {
+        self.state.reading.store(false, Ordering::Relaxed);
+    }
+}
+
+/// What a connection's task, its watchdog and the request using it share.
+#[derive(Debug, Default)]
+struct ConnState {
+    /// Counts the reads and writes that moved bytes.
+    progress: AtomicU64,
+    /// The last read found nothing: the connection waits on the backend, not on the
+    /// client.
+    read_pending: AtomicBool,
+    /// A response body is being read.
+    reading: AtomicBool,
+}
+
+impl ConnState {
+    fn moved(&self) {
+        // One writer (the task holding the socket): no read-modify-write needed.
+        let n = self.progress.load(Ordering::Relaxed);
+        self.progress.store(n.wrapping_add(1), Ordering::Relaxed);
+    }
+
+    /// A response body is under way and the connection has stopped reading it: the
+    /// body's reader, which takes each part before the next is read, takes nothing.
+    fn held_up(&self) -> bool {
+        self.reading.load(Ordering::Relaxed) && !self.read_pending.load(Ordering::Relaxed)
+    }
+}
+
+/// A backend socket that reports its progress to the connection's watchdog.
+struct Watched {
+    io: TcpStream,
+    state: Arc<ConnState>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        this.state
+            .read_pending
+            .store(r.is_pending(), Ordering::Relaxed);
+        if buf.filled().len() > before {
+            this.state.moved();
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.state.moved();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.state.moved();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// Closes the connection driven by `conn` once a response body has been under way for
+/// `limit` without a byte moving either way while the connection was not waiting on the
+/// backend: the client is taking none of the body (an HTTP/2 stream that gets no flow
+/// control window, which nothing else notices), and the backend would otherwise be held
+/// for as long as the client likes. A backend that sends nothing is the body's own
+/// stall limit's to catch. Looks every `limit / 2`, so it acts within 1.5 × `limit`;
+/// ends with the connection. The body's reader then gets an error, not an early end:
+/// hyper fails a response body whose connection is dropped under it.
+async fn watch(state: Arc<ConnState>, conn: AbortHandle, limit: Duration) {
+    let period = (limit / 2).max(Duration::from_millis(10));
+    let mut last = state.progress.load(Ordering::Relaxed);
+    let mut quiet = Duration::ZERO;
+    loop {
+        tokio::time::sleep(period).await;
+        if conn.is_finished() {
+            return;
+        }
+        let progress = state.progress.load(Ordering::Relaxed);
+        if progress != last || !state.held_up() {
+            last = progress;
+            quiet = Duration::ZERO;
+            continue;
+        }
+        quiet += period;
+        if quiet >= limit {
+            conn.abort();
+            tracing::warn!(
+                after = ?limit,
+                "closed a backend connection: the client took none of its response"
+            );
+            return;
+        }
+    }
 }
 
 /// Why no connection to a backend could be had.
@@ -91,6 +234,8 @@ struct Slots {
 pub struct ConnPool {
     addr: BackendAddr,
     idle: Mutex<Slots>,
+    /// How long a response body may go untaken before its connection is closed.
+    body_stall: Duration,
     /// Counts connections opened: against the request count it shows reuse.
     stats: Arc<BackendStats>,
 }
@@ -105,9 +250,16 @@ pub struct PooledConn {
 }
 
 impl ConnPool {
-    pub fn new(addr: BackendAddr, pool: &PoolConfig, stats: Arc<BackendStats>) -> Self {
+    /// `body_stall`: the client connection's idle timeout, see [`watch`].
+    pub fn new(
+        addr: BackendAddr,
+        pool: &PoolConfig,
+        body_stall: Duration,
+        stats: Arc<BackendStats>,
+    ) -> Self {
         ConnPool {
             addr,
+            body_stall,
             idle: Mutex::new(Slots {
                 conns: Vec::new(),
                 settings: Settings::of(pool),
@@ -197,6 +349,11 @@ impl ConnPool {
             Ok(Ok(s)) => s,
         };
         let _ = stream.set_nodelay(true);
+        let state = Arc::<ConnState>::default();
+        let stream = Watched {
+            io: stream,
+            state: state.clone(),
+        };
         // hyper's default write strategy, not `writev(false)`: that would save about
         // 250 instructions per request, but copy every uploaded body chunk into one
         // buffer per connection, which keeps its largest size while the connection
@@ -208,15 +365,16 @@ impl ConnPool {
                 addr: addr(),
                 source,
             })?;
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }
         });
+        tokio::spawn(watch(state.clone(), task.abort_handle(), self.body_stall));
         self.stats.count_connection_opened();
         // Set for each request before it is polled.
         let timer = Box::pin(tokio::time::sleep(Duration::ZERO));
-        Ok(Sender { tx, timer })
+        Ok(Sender { tx, timer, state })
     }
 
     /// Returns a connection whose last response was read to the end.
