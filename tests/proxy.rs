@@ -1752,6 +1752,40 @@ async fn a_client_that_stops_reading_its_response_is_cut_off_after_the_idle_time
 }
 
 #[tokio::test]
+async fn a_client_that_reads_its_response_steadily_keeps_it_past_the_idle_timeout() {
+    let (a, mut failed) = gigabyte_backend(false).await;
+    let proxy = TestProxy::start(&config(&format!(
+        "[server.limits]\nidle_timeout = \"400ms\"\n[pools.p]\nbackends = [\"{a}\"]\n"
+    )))
+    .await;
+    let mut c = TcpStream::connect(proxy.addr).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n")
+        .await
+        .unwrap();
+    // Four idle timeouts of a reader that never stops for long; the backend, faster than
+    // the client, always has the next part ready.
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0usize;
+    let until = tokio::time::Instant::now() + Duration::from_millis(1600);
+    while tokio::time::Instant::now() < until {
+        let n = tokio::time::timeout(LIMIT, c.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "the response ended after {got} bytes");
+        got += n;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        matches!(
+            failed.try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+        ),
+        "the backend was cut off after {got} bytes reached the client"
+    );
+}
+
+#[tokio::test]
 async fn an_http2_stream_that_gets_no_window_lets_go_of_its_backend_after_the_idle_timeout() {
     // Chunked: with no length to check, only an error tells the client that the body
     // it got was cut short.

@@ -168,6 +168,7 @@ impl Body for ProxyBody {
                         };
                         if !*waiting {
                             *waiting = true;
+                            tx.body_waiting(true);
                             let deadline = tokio::time::Instant::now() + *stall;
                             tx.timer.as_mut().reset(deadline);
                         }
@@ -187,7 +188,12 @@ impl Body for ProxyBody {
                         Poll::Ready(Some(Err(Box::new(e))))
                     }
                     Poll::Ready(Some(Ok(mut frame))) => {
-                        *waiting = false;
+                        if let Some(tx) = conn.as_ref() {
+                            if std::mem::take(waiting) {
+                                tx.body_waiting(false);
+                            }
+                            tx.body_taken();
+                        }
                         if let Some(trailers) = frame.trailers_mut() {
                             headers::settle_trailers(trailers);
                         }

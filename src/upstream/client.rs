@@ -12,14 +12,12 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{Either, Empty};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::task::AbortHandle;
 use tokio::time::Sleep;
@@ -39,7 +37,8 @@ pub type UpstreamBody = Either<Upload, Empty<Bytes>>;
 /// when the new deadline lies beyond the last one (the usual case); a timer per request
 /// would be registered and deregistered under the timer driver's lock every time (about
 /// 0.4k instructions). While the connection idles in the pool, the timer may still be
-/// set; it goes off once, waking nothing that is still waiting.
+/// set; it goes off once, waking nothing that is still waiting. The body read on the
+/// connection tells its watchdog how it goes.
 #[derive(Debug)]
 pub struct Sender {
     pub tx: http1::SendRequest<UpstreamBody>,
@@ -51,125 +50,66 @@ impl Sender {
     /// A response body is being read on this connection from now until [`Self::body_ended`]:
     /// should the client stop taking it, the connection is closed (see [`watch`]).
     pub fn body_started(&self) {
+        self.state.waiting.store(false, Ordering::Relaxed);
         self.state.reading.store(true, Ordering::Relaxed);
     }
 
     pub fn body_ended(&self) {
         self.state.reading.store(false, Ordering::Relaxed);
     }
+
+    /// The client took a part of the body.
+    pub fn body_taken(&self) {
+        // One writer (the body's reader): no read-modify-write needed.
+        let n = self.state.taken.load(Ordering::Relaxed);
+        self.state.taken.store(n.wrapping_add(1), Ordering::Relaxed);
+    }
+
+    /// Whether the body's reader waits for the backend (rather than the backend for it).
+    pub fn body_waiting(&self, waiting: bool) {
+        self.state.waiting.store(waiting, Ordering::Relaxed);
+    }
 }
 
-/// What a connection's task, its watchdog and the request using it share.
+/// What a connection's watchdog learns from the body read on it.
 #[derive(Debug, Default)]
 struct ConnState {
-    /// Counts the reads and writes that moved bytes.
-    progress: AtomicU64,
-    /// The last read found nothing: the connection waits on the backend, not on the
-    /// client.
-    read_pending: AtomicBool,
     /// A response body is being read.
     reading: AtomicBool,
+    /// Counts the parts of the body that the client took.
+    taken: AtomicU64,
+    /// The body's last poll found nothing from the backend.
+    waiting: AtomicBool,
 }
 
 impl ConnState {
-    fn moved(&self) {
-        // One writer (the task holding the socket): no read-modify-write needed.
-        let n = self.progress.load(Ordering::Relaxed);
-        self.progress.store(n.wrapping_add(1), Ordering::Relaxed);
-    }
-
-    /// A response body is under way and the connection has stopped reading it: the
-    /// body's reader, which takes each part before the next is read, takes nothing.
+    /// A response body is under way and its reader is not waiting for the backend: the
+    /// next part is the client's to take.
     fn held_up(&self) -> bool {
-        self.reading.load(Ordering::Relaxed) && !self.read_pending.load(Ordering::Relaxed)
-    }
-}
-
-/// A backend socket that reports its progress to the connection's watchdog.
-struct Watched {
-    io: TcpStream,
-    state: Arc<ConnState>,
-}
-
-impl AsyncRead for Watched {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let r = Pin::new(&mut this.io).poll_read(cx, buf);
-        this.state
-            .read_pending
-            .store(r.is_pending(), Ordering::Relaxed);
-        if buf.filled().len() > before {
-            this.state.moved();
-        }
-        r
-    }
-}
-
-impl AsyncWrite for Watched {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.io).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.state.moved();
-        }
-        r
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.state.moved();
-        }
-        r
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        self.reading.load(Ordering::Relaxed) && !self.waiting.load(Ordering::Relaxed)
     }
 }
 
 /// Closes the connection driven by `conn` once a response body has been under way for
-/// `limit` without a byte moving either way while the connection was not waiting on the
-/// backend: the client is taking none of the body (an HTTP/2 stream that gets no flow
-/// control window, which nothing else notices), and the backend would otherwise be held
-/// for as long as the client likes. A backend that sends nothing is the body's own
-/// stall limit's to catch. Looks every `limit / 2`, so it acts within 1.5 × `limit`;
-/// ends with the connection. The body's reader then gets an error, not an early end:
-/// hyper fails a response body whose connection is dropped under it.
+/// `limit` with the client taking no part of it, its reader not waiting for the
+/// backend: an HTTP/2 stream that gets no flow-control window, which nothing else
+/// notices, would otherwise hold the backend for as long as the client likes. (A
+/// backend that sends nothing is the body's own stall limit's to catch.) Looks every
+/// `limit / 2`, so it acts within 1.5 × `limit`; ends with the connection. The body's
+/// reader then gets an error, not an early end: hyper fails a response body whose
+/// connection is dropped under it.
 async fn watch(state: Arc<ConnState>, conn: AbortHandle, limit: Duration) {
     let period = (limit / 2).max(Duration::from_millis(10));
-    let mut last = state.progress.load(Ordering::Relaxed);
+    let mut last = state.taken.load(Ordering::Relaxed);
     let mut quiet = Duration::ZERO;
     loop {
         tokio::time::sleep(period).await;
         if conn.is_finished() {
             return;
         }
-        let progress = state.progress.load(Ordering::Relaxed);
-        if progress != last || !state.held_up() {
-            last = progress;
+        let taken = state.taken.load(Ordering::Relaxed);
+        if taken != last || !state.held_up() {
+            last = taken;
             quiet = Duration::ZERO;
             continue;
         }
@@ -349,11 +289,7 @@ impl ConnPool {
             Ok(Ok(s)) => s,
         };
         let _ = stream.set_nodelay(true);
-        let state = Arc::<ConnState>::default();
-        let stream = Watched {
-            io: stream,
-            state: state.clone(),
-        };
+
         // hyper's default write strategy, not `writev(false)`: that would save about
         // 250 instructions per request, but copy every uploaded body chunk into one
         // buffer per connection, which keeps its largest size while the connection
@@ -370,6 +306,7 @@ impl ConnPool {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }
         });
+        let state = Arc::<ConnState>::default();
         tokio::spawn(watch(state.clone(), task.abort_handle(), self.body_stall));
         self.stats.count_connection_opened();
         // Set for each request before it is polled.
