@@ -43,7 +43,7 @@ impl Runtime {
             }
         }
         // Restart-only, so the same for every backend a reload carries over.
-        let body_stall = config.server.limits.idle_timeout;
+        let limits = &config.server.limits;
         let pools: Vec<Pool> = config
             .pools
             .iter()
@@ -58,9 +58,9 @@ impl Runtime {
                                 Arc::clone(b)
                             }
                             // Same id, new address: a fresh connection pool, same counters.
-                            Some(b) => Backend::new(bc, pc, body_stall, Some(b.stats.clone())),
+                            Some(b) => Backend::new(bc, pc, limits, Some(b.stats.clone())),
                             None => {
-                                let b = Backend::new(bc, pc, body_stall, None);
+                                let b = Backend::new(bc, pc, limits, None);
                                 // Added by a reload: it joins a pool already serving.
                                 if previous.is_some() {
                                     b.health.mark_returned();

@@ -483,6 +483,31 @@ async fn large_bodies_stream_both_ways() {
     assert_eq!(got.body.len() as u64, BIG);
 }
 
+#[tokio::test]
+async fn a_body_reaches_the_client_byte_for_byte_over_both_protocols() {
+    // Frames from the backend larger than the parts the proxy hands on, and one that
+    // is not a multiple of them: each is split and must arrive whole and in order.
+    let pattern: Bytes = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let body = pattern.clone();
+    let a = backend(move |_| {
+        let body = body.clone();
+        async move { text(body) }
+    })
+    .await;
+    let proxy = TestProxy::start(&single_pool(a)).await;
+    let got = fetch(proxy.addr, get("/")).await;
+    assert_eq!(got.status, 200);
+    assert!(got.body == pattern, "HTTP/1.1: {} bytes", got.body.len());
+    let (mut h2, _conn) = h2_connect(proxy.addr).await;
+    let req = Request::get(format!("http://a.example:{}/", proxy.addr.port()))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = h2.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(body == pattern, "HTTP/2: {} bytes", body.len());
+}
+
 /// A WebSocket echo backend.
 async fn ws_echo_backend() -> std::net::SocketAddr {
     use futures_util::{SinkExt, StreamExt};
@@ -1783,6 +1808,82 @@ async fn a_client_that_reads_its_response_steadily_keeps_it_past_the_idle_timeou
         ),
         "the backend was cut off after {got} bytes reached the client"
     );
+}
+
+#[tokio::test]
+async fn an_http2_stream_read_slowly_but_steadily_keeps_its_backend() {
+    let (a, mut failed) = gigabyte_backend(false).await;
+    let proxy = TestProxy::start(&config(&format!(
+        "[server.limits]\nidle_timeout = \"400ms\"\n[pools.p]\nbackends = [\"{a}\"]\n"
+    )))
+    .await;
+    // A 16 KiB window, granted again as frames are read, one every 40 ms: about
+    // 130 KB/s here, far more than the 16 KiB parts the proxy hands on per idle
+    // timeout, less than one read from the backend (up to hyper's 400 KiB) per idle
+    // timeout.
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut h2, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(16 * 1024)
+            .adaptive_window(false)
+            .handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get(format!("http://a.example:{}/", proxy.addr.port()))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let mut body = h2.send_request(req).await.unwrap().into_body();
+    let mut got = 0usize;
+    let until = tokio::time::Instant::now() + Duration::from_millis(2000);
+    while tokio::time::Instant::now() < until {
+        let frame = tokio::time::timeout(LIMIT, body.frame())
+            .await
+            .expect("a frame in time")
+            .expect("the body went on");
+        got += frame
+            .unwrap_or_else(|e| panic!("the body failed after {got} bytes: {e}"))
+            .into_data()
+            .map_or(0, |d| d.len());
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    assert!(
+        matches!(
+            failed.try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+        ),
+        "the backend was cut off after {got} bytes reached the client"
+    );
+}
+
+#[tokio::test]
+async fn upstream_connections_leave_no_task_behind() {
+    let a = named_backend("a").await;
+    // No idle connection kept: every request opens one, which closes after it.
+    let proxy = TestProxy::start(&config(&format!(
+        "[pools.p]\nbackends = [\"{a}\"]\nmax_idle_per_backend = 0\n"
+    )))
+    .await;
+    let tasks = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    let before = tasks();
+    for _ in 0..50 {
+        assert_eq!(fetch(proxy.addr, get("/")).await.status, 200);
+    }
+    // Each connection's tasks end soon after it closes, not a timer's period later: a
+    // few tasks started on first use may stay, not one per connection.
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while tasks() > before + 10 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} tasks alive, {before} before 50 requests",
+            tasks()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test]

@@ -51,8 +51,17 @@ enum Inner {
         stall: Duration,
         /// Whether the connection's timer is set for the current wait.
         waiting: bool,
+        /// What is left of a data frame larger than [`PART`].
+        rest: Bytes,
     },
 }
+
+/// The most of a backend's body handed on at once. One read from the backend can be
+/// larger; parts no larger than this let the connection's watchdog see a client that
+/// takes the body slowly (an HTTP/2 stream takes its next part only when the last has
+/// gone out) as one that takes it, down to `PART` bytes per `idle_timeout`. The split
+/// copies nothing.
+const PART: usize = 16 * 1024;
 
 /// Why a streamed body ended before its end.
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
@@ -90,6 +99,7 @@ impl ProxyBody {
                 in_flight: Some(in_flight),
                 stall,
                 waiting: false,
+                rest: Bytes::new(),
             },
             log: None,
             _active: None,
@@ -120,8 +130,9 @@ impl ProxyBody {
         } = &mut self.inner
         {
             if let (Some(tx), Some(f)) = (conn.take(), in_flight.as_ref()) {
-                tx.body_ended();
-                f.backend().pool.checkin(tx);
+                if tx.body_ended() {
+                    f.backend().pool.checkin(tx);
+                }
             }
             in_flight.take();
         }
@@ -158,7 +169,20 @@ impl Body for ProxyBody {
                 in_flight,
                 stall,
                 waiting,
+                rest,
             } => {
+                if !rest.is_empty() {
+                    let part = rest.split_to(rest.len().min(PART));
+                    if let Some(tx) = conn.as_ref() {
+                        tx.body_taken();
+                    }
+                    let ended = rest.is_empty() && body.is_end_stream();
+                    this.count(part.len());
+                    if ended {
+                        this.finish_upstream();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(part))));
+                }
                 let polled = Pin::new(&mut *body).poll_frame(cx);
                 match polled {
                     Poll::Pending => {
@@ -197,10 +221,16 @@ impl Body for ProxyBody {
                         if let Some(trailers) = frame.trailers_mut() {
                             headers::settle_trailers(trailers);
                         }
+                        if let Some(data) = frame.data_mut() {
+                            if data.len() > PART {
+                                *rest = data.split_off(PART);
+                            }
+                        }
                         let n = frame.data_ref().map_or(0, Bytes::len);
                         // Trailers end a body: the client need not poll for its end,
                         // and the connection goes back to the pool now.
-                        let ended = frame.is_trailers() || body.is_end_stream();
+                        let ended =
+                            frame.is_trailers() || (rest.is_empty() && body.is_end_stream());
                         this.count(n);
                         if ended {
                             this.finish_upstream();
@@ -215,7 +245,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             Inner::Full(d) => d.is_none(),
-            Inner::Upstream { body, .. } => body.is_end_stream(),
+            Inner::Upstream { body, rest, .. } => rest.is_empty() && body.is_end_stream(),
         }
     }
 
@@ -223,7 +253,16 @@ impl Body for ProxyBody {
         match &self.inner {
             Inner::Full(None) => SizeHint::with_exact(0),
             Inner::Full(Some(d)) => SizeHint::with_exact(d.len() as u64),
-            Inner::Upstream { body, .. } => body.size_hint(),
+            Inner::Upstream { body, rest, .. } => {
+                let (body, rest) = (body.size_hint(), rest.len() as u64);
+                let mut hint = SizeHint::new();
+                // Upper first: a lower bound above the upper one panics.
+                if let Some(upper) = body.upper() {
+                    hint.set_upper(upper.saturating_add(rest));
+                }
+                hint.set_lower(body.lower().saturating_add(rest));
+                hint
+            }
         }
     }
 }

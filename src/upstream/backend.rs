@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 
-use crate::config::{BackendAddr, BackendConfig, HealthConfig, PoolConfig};
+use crate::config::{BackendAddr, BackendConfig, HealthConfig, Limits, PoolConfig};
 
 use super::client::ConnPool;
 use super::health::{self, Health};
@@ -61,11 +61,11 @@ impl Backend {
     /// Creates a backend; inside a Tokio runtime it also starts the task that closes its
     /// expired idle connections, which ends when the backend is dropped.
     /// `stats` carries the counters of a previous incarnation (same id, other address).
-    /// `body_stall` is the client connections' idle timeout (see `ConnPool::new`).
+    /// `limits` are the client connections' (see `ConnPool::new`).
     pub fn new(
         cfg: &BackendConfig,
         pool: &PoolConfig,
-        body_stall: Duration,
+        limits: &Limits,
         stats: Option<Arc<BackendStats>>,
     ) -> Arc<Self> {
         let stats = stats.unwrap_or_else(|| Arc::new(BackendStats::new(&pool.name, &cfg.id)));
@@ -73,7 +73,7 @@ impl Backend {
             id: Arc::from(cfg.id.as_str()),
             address: cfg.address.clone(),
             in_flight: AtomicUsize::new(0),
-            pool: ConnPool::new(cfg.address.clone(), pool, body_stall, stats.clone()),
+            pool: ConnPool::new(cfg.address.clone(), pool, limits, stats.clone()),
             stats,
             drain_started_ms: AtomicU64::new(NOT_DRAINING),
             reaper: OnceLock::new(),

@@ -10,7 +10,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,10 +19,11 @@ use http_body_util::{Either, Empty};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
 use tokio::time::Sleep;
 
-use crate::config::{BackendAddr, PoolConfig};
+use crate::config::{BackendAddr, Limits, PoolConfig};
 
 use super::stats::BackendStats;
 use super::upload::Upload;
@@ -50,19 +51,29 @@ impl Sender {
     /// A response body is being read on this connection from now until [`Self::body_ended`]:
     /// should the client stop taking it, the connection is closed (see [`watch`]).
     pub fn body_started(&self) {
-        self.state.waiting.store(false, Ordering::Relaxed);
-        self.state.reading.store(true, Ordering::Relaxed);
+        let st = &self.state;
+        st.waiting.store(false, Ordering::Relaxed);
+        // A new body: the watchdog starts counting afresh.
+        st.took();
+        st.phase.store(READING, Ordering::Relaxed);
     }
 
-    pub fn body_ended(&self) {
-        self.state.reading.store(false, Ordering::Relaxed);
+    /// The body reached its end (or had none). False if the watchdog closed the
+    /// connection first: it must not go back to the pool.
+    pub fn body_ended(&self) -> bool {
+        match self
+            .state
+            .phase
+            .compare_exchange(READING, IDLE, Ordering::AcqRel, Ordering::Relaxed)
+        {
+            Ok(_) => true,
+            Err(phase) => phase != CUT,
+        }
     }
 
     /// The client took a part of the body.
     pub fn body_taken(&self) {
-        // One writer (the body's reader): no read-modify-write needed.
-        let n = self.state.taken.load(Ordering::Relaxed);
-        self.state.taken.store(n.wrapping_add(1), Ordering::Relaxed);
+        self.state.took();
     }
 
     /// Whether the body's reader waits for the backend (rather than the backend for it).
@@ -71,22 +82,34 @@ impl Sender {
     }
 }
 
+/// [`ConnState::phase`] values.
+const IDLE: u8 = 0;
+const READING: u8 = 1;
+const CUT: u8 = 2;
+
 /// What a connection's watchdog learns from the body read on it.
 #[derive(Debug, Default)]
 struct ConnState {
-    /// A response body is being read.
-    reading: AtomicBool,
-    /// Counts the parts of the body that the client took.
+    /// `READING` while a response body is read; `CUT` once the watchdog closed the
+    /// connection under one.
+    phase: AtomicU8,
+    /// Counts the parts of bodies that the client took, and the bodies begun.
     taken: AtomicU64,
     /// The body's last poll found nothing from the backend.
     waiting: AtomicBool,
 }
 
 impl ConnState {
+    fn took(&self) {
+        // One writer (the body's reader): no read-modify-write needed.
+        let n = self.taken.load(Ordering::Relaxed);
+        self.taken.store(n.wrapping_add(1), Ordering::Relaxed);
+    }
+
     /// A response body is under way and its reader is not waiting for the backend: the
     /// next part is the client's to take.
     fn held_up(&self) -> bool {
-        self.reading.load(Ordering::Relaxed) && !self.waiting.load(Ordering::Relaxed)
+        self.phase.load(Ordering::Relaxed) == READING && !self.waiting.load(Ordering::Relaxed)
     }
 }
 
@@ -94,18 +117,26 @@ impl ConnState {
 /// `limit` with the client taking no part of it, its reader not waiting for the
 /// backend: an HTTP/2 stream that gets no flow-control window, which nothing else
 /// notices, would otherwise hold the backend for as long as the client likes. (A
-/// backend that sends nothing is the body's own stall limit's to catch.) Looks every
-/// `limit / 2`, so it acts within 1.5 × `limit`; ends with the connection. The body's
-/// reader then gets an error, not an early end: hyper fails a response body whose
-/// connection is dropped under it.
-async fn watch(state: Arc<ConnState>, conn: AbortHandle, limit: Duration) {
+/// backend that sends nothing is the body's own stall limit's to catch.) The body hands
+/// on parts of at most 16 KiB, so a client that reads slowly but steadily is not taken
+/// for one that reads nothing.
+///
+/// Looks every `limit / 2`, so it acts within 1.5 × `limit`; ends when `done` does
+/// (the connection's task ended). The body's reader then gets an error, not an early
+/// end: hyper fails a response body whose connection is dropped under it.
+async fn watch(
+    state: Arc<ConnState>,
+    conn: AbortHandle,
+    mut done: oneshot::Receiver<()>,
+    limit: Duration,
+) {
     let period = (limit / 2).max(Duration::from_millis(10));
     let mut last = state.taken.load(Ordering::Relaxed);
     let mut quiet = Duration::ZERO;
     loop {
-        tokio::time::sleep(period).await;
-        if conn.is_finished() {
-            return;
+        tokio::select! {
+            _ = &mut done => return,
+            () = tokio::time::sleep(period) => {}
         }
         let taken = state.taken.load(Ordering::Relaxed);
         if taken != last || !state.held_up() {
@@ -114,7 +145,15 @@ async fn watch(state: Arc<ConnState>, conn: AbortHandle, limit: Duration) {
             continue;
         }
         quiet += period;
-        if quiet >= limit {
+        if quiet < limit {
+            continue;
+        }
+        // Unless the body ended meanwhile: then the connection may be in the pool.
+        if state
+            .phase
+            .compare_exchange(READING, CUT, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
             conn.abort();
             tracing::warn!(
                 after = ?limit,
@@ -190,16 +229,17 @@ pub struct PooledConn {
 }
 
 impl ConnPool {
-    /// `body_stall`: the client connection's idle timeout, see [`watch`].
+    /// `limits`, the client connections': a response body untaken for their idle
+    /// timeout is let go (see [`watch`]).
     pub fn new(
         addr: BackendAddr,
         pool: &PoolConfig,
-        body_stall: Duration,
+        limits: &Limits,
         stats: Arc<BackendStats>,
     ) -> Self {
         ConnPool {
             addr,
-            body_stall,
+            body_stall: limits.idle_timeout,
             idle: Mutex::new(Slots {
                 conns: Vec::new(),
                 settings: Settings::of(pool),
@@ -221,16 +261,11 @@ impl ConnPool {
     }
 
     /// Applies a reloaded pool's settings; idle connections beyond a lowered
-    /// `max_idle_per_backend` are closed, the oldest first.
+    /// `max_idle_per_backend` (the oldest first) or a shortened idle timeout are closed.
     pub fn configure(&self, pool: &PoolConfig) {
-        let settings = Settings::of(pool);
-        let gone: Vec<Idle> = {
-            let mut slots = self.lock();
-            slots.settings = settings;
-            let over = slots.conns.len().saturating_sub(settings.max_idle);
-            slots.conns.drain(..over).collect()
-        };
-        drop(gone);
+        self.lock().settings = Settings::of(pool);
+        // Now, rather than when the reaper next looks, which the old timeout timed.
+        self.prune();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Slots> {
@@ -301,13 +336,21 @@ impl ConnPool {
                 addr: addr(),
                 source,
             })?;
+        // Dropped when the task ends, aborted or not: the watchdog then ends too.
+        let (done_tx, done) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
+            let _done = done_tx;
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }
         });
         let state = Arc::<ConnState>::default();
-        tokio::spawn(watch(state.clone(), task.abort_handle(), self.body_stall));
+        tokio::spawn(watch(
+            state.clone(),
+            task.abort_handle(),
+            done,
+            self.body_stall,
+        ));
         self.stats.count_connection_opened();
         // Set for each request before it is polled.
         let timer = Box::pin(tokio::time::sleep(Duration::ZERO));
