@@ -47,12 +47,11 @@ enum Inner {
         conn: Option<Sender>,
         /// Released when `body` ends.
         in_flight: Option<InFlight>,
-        /// How long the backend may send nothing while the body is not over.
-        stall: Duration,
         /// Whether the connection's timer is set for the current wait.
         waiting: bool,
-        /// What is left of a data frame larger than [`PART`].
-        rest: Bytes,
+        /// What is left of a data frame larger than [`PART`]; boxed, as it is rare and
+        /// the body is moved whole several times per request.
+        rest: Option<Box<Bytes>>,
     },
 }
 
@@ -85,21 +84,16 @@ impl ProxyBody {
     }
 
     /// Streams `body`; `conn` is returned to the backend's pool once it has ended. The
-    /// body fails if the backend sends nothing of it for `stall`.
-    pub fn upstream(
-        body: Incoming,
-        conn: Option<Sender>,
-        in_flight: InFlight,
-        stall: Duration,
-    ) -> Self {
+    /// body fails if the backend sends nothing of it for the connection's stall limit
+    /// (the client connections' idle timeout).
+    pub fn upstream(body: Incoming, conn: Option<Sender>, in_flight: InFlight) -> Self {
         let mut b = ProxyBody {
             inner: Inner::Upstream {
                 body,
                 conn,
                 in_flight: Some(in_flight),
-                stall,
                 waiting: false,
-                rest: Bytes::new(),
+                rest: None,
             },
             log: None,
             _active: None,
@@ -167,16 +161,18 @@ impl Body for ProxyBody {
                 body,
                 conn,
                 in_flight,
-                stall,
                 waiting,
                 rest,
             } => {
-                if !rest.is_empty() {
-                    let part = rest.split_to(rest.len().min(PART));
+                if let Some(left) = rest.as_deref_mut() {
+                    let part = left.split_to(left.len().min(PART));
+                    if left.is_empty() {
+                        *rest = None;
+                    }
                     if let Some(tx) = conn.as_ref() {
                         tx.body_taken();
                     }
-                    let ended = rest.is_empty() && body.is_end_stream();
+                    let ended = rest.is_none() && body.is_end_stream();
                     this.count(part.len());
                     if ended {
                         this.finish_upstream();
@@ -190,18 +186,19 @@ impl Body for ProxyBody {
                         let Some(tx) = conn.as_mut() else {
                             return Poll::Pending;
                         };
+                        let stall = tx.body_stall();
                         if !*waiting {
                             *waiting = true;
                             tx.body_waiting(true);
-                            let deadline = tokio::time::Instant::now() + *stall;
+                            let deadline = tokio::time::Instant::now() + stall;
                             tx.timer.as_mut().reset(deadline);
                         }
                         if tx.timer.as_mut().poll(cx).is_pending() {
                             return Poll::Pending;
                         }
                         conn.take();
-                        stalled(in_flight.as_ref(), *stall);
-                        Poll::Ready(Some(Err(Box::new(Stalled(*stall)))))
+                        stalled(in_flight.as_ref(), stall);
+                        Poll::Ready(Some(Err(Box::new(Stalled(stall)))))
                     }
                     Poll::Ready(None) => {
                         this.finish_upstream();
@@ -223,14 +220,13 @@ impl Body for ProxyBody {
                         }
                         if let Some(data) = frame.data_mut() {
                             if data.len() > PART {
-                                *rest = data.split_off(PART);
+                                *rest = Some(Box::new(data.split_off(PART)));
                             }
                         }
                         let n = frame.data_ref().map_or(0, Bytes::len);
                         // Trailers end a body: the client need not poll for its end,
                         // and the connection goes back to the pool now.
-                        let ended =
-                            frame.is_trailers() || (rest.is_empty() && body.is_end_stream());
+                        let ended = frame.is_trailers() || (rest.is_none() && body.is_end_stream());
                         this.count(n);
                         if ended {
                             this.finish_upstream();
@@ -245,7 +241,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             Inner::Full(d) => d.is_none(),
-            Inner::Upstream { body, rest, .. } => rest.is_empty() && body.is_end_stream(),
+            Inner::Upstream { body, rest, .. } => rest.is_none() && body.is_end_stream(),
         }
     }
 
@@ -254,7 +250,10 @@ impl Body for ProxyBody {
             Inner::Full(None) => SizeHint::with_exact(0),
             Inner::Full(Some(d)) => SizeHint::with_exact(d.len() as u64),
             Inner::Upstream { body, rest, .. } => {
-                let (body, rest) = (body.size_hint(), rest.len() as u64);
+                let (body, rest) = (
+                    body.size_hint(),
+                    rest.as_ref().map_or(0, |r| r.len()) as u64,
+                );
                 let mut hint = SizeHint::new();
                 // Upper first: a lower bound above the upper one panics.
                 if let Some(upper) = body.upper() {

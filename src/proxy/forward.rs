@@ -137,10 +137,7 @@ impl Proxy {
                         active.take(),
                         rt.config.server.limits.idle_timeout,
                     ),
-                    None => {
-                        let stall = rt.config.server.limits.idle_timeout;
-                        resp.map(|b| ProxyBody::upstream(b, conn, in_flight, stall))
-                    }
+                    None => resp.map(|b| ProxyBody::upstream(b, conn, in_flight)),
                 }
             }
             Err(e) => refused(e, request_id, http1),

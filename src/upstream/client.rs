@@ -76,6 +76,11 @@ impl Sender {
         self.state.took();
     }
 
+    /// How long the backend may send nothing more of a body it has begun.
+    pub fn body_stall(&self) -> Duration {
+        self.state.stall
+    }
+
     /// Whether the body's reader waits for the backend (rather than the backend for it).
     pub fn body_waiting(&self, waiting: bool) {
         self.state.waiting.store(waiting, Ordering::Relaxed);
@@ -97,6 +102,9 @@ struct ConnState {
     taken: AtomicU64,
     /// The body's last poll found nothing from the backend.
     waiting: AtomicBool,
+    /// The client connections' idle timeout: how long a body may go untaken (by the
+    /// client) or unsent (by the backend).
+    stall: Duration,
 }
 
 impl ConnState {
@@ -114,7 +122,7 @@ impl ConnState {
 }
 
 /// Closes the connection driven by `conn` once a response body has been under way for
-/// `limit` with the client taking no part of it, its reader not waiting for the
+/// `limit` (the state's `stall`) with the client taking no part of it, its reader not waiting for the
 /// backend: an HTTP/2 stream that gets no flow-control window, which nothing else
 /// notices, would otherwise hold the backend for as long as the client likes. (A
 /// backend that sends nothing is the body's own stall limit's to catch.) The body hands
@@ -124,12 +132,8 @@ impl ConnState {
 /// Looks every `limit / 2`, so it acts within 1.5 × `limit`; ends when `done` does
 /// (the connection's task ended). The body's reader then gets an error, not an early
 /// end: hyper fails a response body whose connection is dropped under it.
-async fn watch(
-    state: Arc<ConnState>,
-    conn: AbortHandle,
-    mut done: oneshot::Receiver<()>,
-    limit: Duration,
-) {
+async fn watch(state: Arc<ConnState>, conn: AbortHandle, mut done: oneshot::Receiver<()>) {
+    let limit = state.stall;
     let period = (limit / 2).max(Duration::from_millis(10));
     let mut last = state.taken.load(Ordering::Relaxed);
     let mut quiet = Duration::ZERO;
@@ -344,13 +348,11 @@ impl ConnPool {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }
         });
-        let state = Arc::<ConnState>::default();
-        tokio::spawn(watch(
-            state.clone(),
-            task.abort_handle(),
-            done,
-            self.body_stall,
-        ));
+        let state = Arc::new(ConnState {
+            stall: self.body_stall,
+            ..ConnState::default()
+        });
+        tokio::spawn(watch(state.clone(), task.abort_handle(), done));
         self.stats.count_connection_opened();
         // Set for each request before it is polled.
         let timer = Box::pin(tokio::time::sleep(Duration::ZERO));
