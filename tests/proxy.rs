@@ -1667,10 +1667,7 @@ async fn stalling_backend(answer: &'static [u8]) -> std::net::SocketAddr {
 #[tokio::test]
 async fn a_backend_that_stalls_mid_body_is_cut_off_after_the_idle_timeout() {
     let a = stalling_backend(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789").await;
-    let proxy = TestProxy::start(&config(&format!(
-        "[server.limits]\nidle_timeout = \"300ms\"\n[pools.p]\nbackends = [\"{a}\"]\n"
-    )))
-    .await;
+    let proxy = TestProxy::start(&idle_limited(a, "300ms")).await;
     // HTTP/1.1: the connection closes with the body short of its length.
     let got = raw_exchange(proxy.addr, b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n").await;
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
@@ -1709,13 +1706,29 @@ async fn a_body_that_trickles_for_longer_than_the_idle_timeout_passes_while_it_m
         }
         while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
     });
-    let proxy = TestProxy::start(&config(&format!(
-        "[server.limits]\nidle_timeout = \"300ms\"\n[pools.p]\nbackends = [\"{a}\"]\n"
-    )))
-    .await;
+    let proxy = TestProxy::start(&idle_limited(a, "300ms")).await;
     let got = fetch(proxy.addr, get("/")).await;
     assert_eq!(got.status, 200);
     assert_eq!(got.body, "hello, world");
+}
+
+/// One pool of `a`, with client connections' `idle_timeout` set to `idle`.
+fn idle_limited(a: std::net::SocketAddr, idle: &str) -> String {
+    config(&format!(
+        "[server.limits]\nidle_timeout = \"{idle}\"\n[pools.p]\nbackends = [\"{a}\"]\n"
+    ))
+}
+
+/// Asserts that a [`gigabyte_backend`] is still sending, `got` bytes having reached the
+/// client.
+fn still_sending(failed: &mut tokio::sync::oneshot::Receiver<u64>, got: usize) {
+    assert!(
+        matches!(
+            failed.try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+        ),
+        "the backend was cut off after {got} bytes reached the client"
+    );
 }
 
 /// A backend with a gigabyte to send to its first request, with a length or chunked,
@@ -1754,10 +1767,7 @@ async fn gigabyte_backend(
 #[tokio::test]
 async fn a_client_that_stops_reading_its_response_is_cut_off_after_the_idle_timeout() {
     let (a, failed) = gigabyte_backend(false).await;
-    let proxy = TestProxy::start(&config(&format!(
-        "[server.limits]\nidle_timeout = \"300ms\"\n[pools.p]\nbackends = [\"{a}\"]\n"
-    )))
-    .await;
+    let proxy = TestProxy::start(&idle_limited(a, "300ms")).await;
     // The client asks, then reads nothing: its socket and the proxy's fill up.
     let mut c = TcpStream::connect(proxy.addr).await.unwrap();
     c.write_all(b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n")
@@ -1779,10 +1789,7 @@ async fn a_client_that_stops_reading_its_response_is_cut_off_after_the_idle_time
 #[tokio::test]
 async fn a_client_that_reads_its_response_steadily_keeps_it_past_the_idle_timeout() {
     let (a, mut failed) = gigabyte_backend(false).await;
-    let proxy = TestProxy::start(&config(&format!(
-        "[server.limits]\nidle_timeout = \"400ms\"\n[pools.p]\nbackends = [\"{a}\"]\n"
-    )))
-    .await;
+    let proxy = TestProxy::start(&idle_limited(a, "400ms")).await;
     let mut c = TcpStream::connect(proxy.addr).await.unwrap();
     c.write_all(b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n")
         .await
@@ -1801,22 +1808,13 @@ async fn a_client_that_reads_its_response_steadily_keeps_it_past_the_idle_timeou
         got += n;
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    assert!(
-        matches!(
-            failed.try_recv(),
-            Err(tokio::sync::oneshot::error::TryRecvError::Empty)
-        ),
-        "the backend was cut off after {got} bytes reached the client"
-    );
+    still_sending(&mut failed, got);
 }
 
 #[tokio::test]
 async fn an_http2_stream_read_slowly_but_steadily_keeps_its_backend() {
     let (a, mut failed) = gigabyte_backend(false).await;
-    let proxy = TestProxy::start(&config(&format!(
-        "[server.limits]\nidle_timeout = \"400ms\"\n[pools.p]\nbackends = [\"{a}\"]\n"
-    )))
-    .await;
+    let proxy = TestProxy::start(&idle_limited(a, "400ms")).await;
     // A 16 KiB window, granted again as frames are read, one every 40 ms: about
     // 130 KB/s here, far more than the 16 KiB parts the proxy hands on per idle
     // timeout, less than one read from the backend (up to hyper's 400 KiB) per idle
@@ -1847,13 +1845,7 @@ async fn an_http2_stream_read_slowly_but_steadily_keeps_its_backend() {
             .map_or(0, |d| d.len());
         tokio::time::sleep(Duration::from_millis(40)).await;
     }
-    assert!(
-        matches!(
-            failed.try_recv(),
-            Err(tokio::sync::oneshot::error::TryRecvError::Empty)
-        ),
-        "the backend was cut off after {got} bytes reached the client"
-    );
+    still_sending(&mut failed, got);
 }
 
 #[tokio::test]
@@ -1891,10 +1883,7 @@ async fn an_http2_stream_that_gets_no_window_lets_go_of_its_backend_after_the_id
     // Chunked: with no length to check, only an error tells the client that the body
     // it got was cut short.
     let (a, failed) = gigabyte_backend(true).await;
-    let proxy = TestProxy::start(&config(&format!(
-        "[server.limits]\nidle_timeout = \"300ms\"\n[pools.p]\nbackends = [\"{a}\"]\n"
-    )))
-    .await;
+    let proxy = TestProxy::start(&idle_limited(a, "300ms")).await;
     // The client keeps reading its connection but not the body, so the stream's window
     // closes once the first megabytes are in: nothing blocks on the TCP socket.
     let (mut h2, _conn) = h2_connect(proxy.addr).await;
