@@ -1849,6 +1849,58 @@ async fn an_http2_stream_read_slowly_but_steadily_keeps_its_backend() {
 }
 
 #[tokio::test]
+async fn a_backend_connection_is_free_once_its_body_is_read_though_the_client_lags() {
+    let a = backend(|req| async move {
+        let n = if req.uri().path() == "/big" {
+            1 << 20
+        } else {
+            48 * 1024
+        };
+        text(Bytes::from(vec![b'x'; n]))
+    })
+    .await;
+    let proxy = TestProxy::start(&idle_limited(a, "1h")).await;
+    // Large responses first: hyper's read buffer grows, so that the next body comes
+    // from the backend in one frame larger than the parts the proxy hands on.
+    for _ in 0..2 {
+        assert_eq!(fetch(proxy.addr, get("/big")).await.body.len(), 1 << 20);
+    }
+    let rt = proxy.runtime.load();
+    let b = &rt.pools[0].members[0].backend;
+    assert_eq!(b.pool.idle_count(), 1);
+    // A client with a 16 KiB window that reads nothing of a 48 KiB body.
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut h2, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(16 * 1024)
+            .adaptive_window(false)
+            .handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get(format!("http://a.example:{}/mid", proxy.addr.port()))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = h2.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    // The backend's body has been read: its connection goes back to the pool and the
+    // request stops counting against the backend, whatever the client still owes.
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while (b.pool.idle_count(), b.in_flight()) != (1, 0) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "idle {}, in flight {}",
+            b.pool.idle_count(),
+            b.in_flight()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(b.pool.connections_opened(), 1);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body.len(), 48 * 1024);
+}
+
+#[tokio::test]
 async fn upstream_connections_leave_no_task_behind() {
     let a = named_backend("a").await;
     // No idle connection kept: every request opens one, which closes after it.

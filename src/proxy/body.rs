@@ -172,7 +172,7 @@ impl Body for ProxyBody {
                     if let Some(tx) = conn.as_ref() {
                         tx.body_taken();
                     }
-                    let ended = rest.is_none() && body.is_end_stream();
+                    let ended = body.is_end_stream();
                     this.count(part.len());
                     if ended {
                         this.finish_upstream();
@@ -225,8 +225,9 @@ impl Body for ProxyBody {
                         }
                         let n = frame.data_ref().map_or(0, Bytes::len);
                         // Trailers end a body: the client need not poll for its end,
-                        // and the connection goes back to the pool now.
-                        let ended = frame.is_trailers() || (rest.is_none() && body.is_end_stream());
+                        // and the connection goes back to the pool now. So does the
+                        // backend's end, though parts of its last frame are still to go.
+                        let ended = frame.is_trailers() || body.is_end_stream();
                         this.count(n);
                         if ended {
                             this.finish_upstream();

@@ -55,7 +55,8 @@ impl Sender {
         st.waiting.store(false, Ordering::Relaxed);
         // A new body: the watchdog starts counting afresh.
         st.took();
-        st.phase.store(READING, Ordering::Relaxed);
+        // Release: a watchdog that sees `READING` sees the new count.
+        st.phase.store(READING, Ordering::Release);
     }
 
     /// The body reached its end (or had none). False if the watchdog closed the
@@ -117,7 +118,7 @@ impl ConnState {
     /// A response body is under way and its reader is not waiting for the backend: the
     /// next part is the client's to take.
     fn held_up(&self) -> bool {
-        self.phase.load(Ordering::Relaxed) == READING && !self.waiting.load(Ordering::Relaxed)
+        self.phase.load(Ordering::Acquire) == READING && !self.waiting.load(Ordering::Relaxed)
     }
 }
 
@@ -142,8 +143,10 @@ async fn watch(state: Arc<ConnState>, conn: AbortHandle, mut done: oneshot::Rece
             _ = &mut done => return,
             () = tokio::time::sleep(period) => {}
         }
+        // The phase first: its acquire orders the count after it.
+        let held_up = state.held_up();
         let taken = state.taken.load(Ordering::Relaxed);
-        if taken != last || !state.held_up() {
+        if taken != last || !held_up {
             last = taken;
             quiet = Duration::ZERO;
             continue;
