@@ -6,7 +6,8 @@
 //! expire after `upstream_idle_timeout`; at most `max_idle_per_backend` are kept.
 //! The lock is per backend and held only to push or pop a vector entry; the pool's
 //! settings sit under the same lock, so that a reload can change them for a backend it
-//! carries over.
+//! carries over. Each connection also has a watchdog task, which closes it when the
+//! client takes none of the response body read on it (see [`watch`]).
 
 use std::io;
 use std::pin::Pin;
