@@ -1811,15 +1811,13 @@ async fn a_client_that_reads_its_response_steadily_keeps_it_past_the_idle_timeou
     still_sending(&mut failed, got);
 }
 
-#[tokio::test]
-async fn an_http2_stream_read_slowly_but_steadily_keeps_its_backend() {
-    let (a, mut failed) = gigabyte_backend(false).await;
-    let proxy = TestProxy::start(&idle_limited(a, "400ms")).await;
-    // A 16 KiB window, granted again as frames are read, one every 40 ms: about
-    // 130 KB/s here, far more than the 16 KiB parts the proxy hands on per idle
-    // timeout, less than one read from the backend (up to hyper's 400 KiB) per idle
-    // timeout.
-    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+/// `GET path` over a new HTTP/2 connection whose client grants each stream a 16 KiB
+/// window, and again only as the body is read.
+async fn narrow_h2_get(
+    addr: std::net::SocketAddr,
+    path: &str,
+) -> http::Response<hyper::body::Incoming> {
+    let stream = TcpStream::connect(addr).await.unwrap();
     let (mut h2, conn) =
         hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
             .initial_stream_window_size(16 * 1024)
@@ -1828,10 +1826,24 @@ async fn an_http2_stream_read_slowly_but_steadily_keeps_its_backend() {
             .await
             .unwrap();
     tokio::spawn(conn);
-    let req = Request::get(format!("http://a.example:{}/", proxy.addr.port()))
+    let req = Request::get(format!("http://a.example:{}{path}", addr.port()))
         .body(Full::new(Bytes::new()))
         .unwrap();
-    let mut body = h2.send_request(req).await.unwrap().into_body();
+    tokio::time::timeout(LIMIT, h2.send_request(req))
+        .await
+        .expect("a response head in time")
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_http2_stream_read_slowly_but_steadily_keeps_its_backend() {
+    let (a, mut failed) = gigabyte_backend(false).await;
+    let proxy = TestProxy::start(&idle_limited(a, "400ms")).await;
+    // A 16 KiB window, granted again as frames are read, one every 40 ms: about
+    // 130 KB/s here, far more than the 16 KiB parts the proxy hands on per idle
+    // timeout, less than one read from the backend (up to hyper's 400 KiB) per idle
+    // timeout.
+    let mut body = narrow_h2_get(proxy.addr, "/").await.into_body();
     let mut got = 0usize;
     let until = tokio::time::Instant::now() + Duration::from_millis(2000);
     while tokio::time::Instant::now() < until {
@@ -1869,19 +1881,7 @@ async fn a_backend_connection_is_free_once_its_body_is_read_though_the_client_la
     let b = &rt.pools[0].members[0].backend;
     assert_eq!(b.pool.idle_count(), 1);
     // A client with a 16 KiB window that reads nothing of a 48 KiB body.
-    let stream = TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut h2, conn) =
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .initial_stream_window_size(16 * 1024)
-            .adaptive_window(false)
-            .handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let req = Request::get(format!("http://a.example:{}/mid", proxy.addr.port()))
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let resp = h2.send_request(req).await.unwrap();
+    let resp = narrow_h2_get(proxy.addr, "/mid").await;
     assert_eq!(resp.status(), 200);
     // The backend's body has been read: its connection goes back to the pool and the
     // request stops counting against the backend, whatever the client still owes.
