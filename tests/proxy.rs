@@ -1838,14 +1838,14 @@ async fn narrow_h2_get(
 #[tokio::test]
 async fn an_http2_stream_read_slowly_but_steadily_keeps_its_backend() {
     let (a, mut failed) = gigabyte_backend(false).await;
-    let proxy = TestProxy::start(&idle_limited(a, "400ms")).await;
+    let proxy = TestProxy::start(&idle_limited(a, "600ms")).await;
     // A 16 KiB window, granted again as frames are read, one every 40 ms: about
     // 130 KB/s here, far more than the 16 KiB parts the proxy hands on per idle
     // timeout, less than one read from the backend (up to hyper's 400 KiB) per idle
     // timeout.
     let mut body = narrow_h2_get(proxy.addr, "/").await.into_body();
     let mut got = 0usize;
-    let until = tokio::time::Instant::now() + Duration::from_millis(2000);
+    let until = tokio::time::Instant::now() + Duration::from_millis(2400);
     while tokio::time::Instant::now() < until {
         let frame = tokio::time::timeout(LIMIT, body.frame())
             .await
