@@ -124,12 +124,12 @@ impl ConnState {
 }
 
 /// Closes the connection driven by `conn` once a response body has been under way for
-/// `limit` (the state's `stall`) with the client taking no part of it, its reader not waiting for the
-/// backend: an HTTP/2 stream that gets no flow-control window, which nothing else
-/// notices, would otherwise hold the backend for as long as the client likes. (A
-/// backend that sends nothing is the body's own stall limit's to catch.) The body hands
-/// on parts of at most 16 KiB, so a client that reads slowly but steadily is not taken
-/// for one that reads nothing.
+/// `limit` (the state's `stall`) with the client taking no part of it, its reader not
+/// waiting for the backend: an HTTP/2 stream that gets no flow-control window, which
+/// nothing else notices, would otherwise hold the backend for as long as the client
+/// likes. (A backend that sends nothing is the body's own stall limit's to catch.) The
+/// body hands on parts of at most 16 KiB, so a client that reads slowly but steadily is
+/// not taken for one that reads nothing.
 ///
 /// Looks every `limit / 2`, so it acts within 1.5 × `limit`; ends when `done` does
 /// (the connection's task ended). The body's reader then gets an error, not an early
