@@ -82,72 +82,84 @@ impl Proxy {
     }
 
     /// Answers one request. Never fails: errors become error responses. The `Result`
-    /// and the owned `self` let this future serve as hyper's service future as it is,
-    /// without an async wrapper around it (every layer copies the whole future).
-    pub async fn handle(
+    /// lets this future serve as hyper's service future as it is, without an async
+    /// wrapper around it (every layer copies the whole future).
+    ///
+    /// A plain function returning an `async` block rather than an `async fn`: that would
+    /// copy each argument into a local of its own and keep both in the future, which
+    /// hyper moves twice per request; and what is only borrowed before the first
+    /// `await` sits in blocks of its own, so that it takes no room in the future.
+    #[allow(clippy::manual_async_fn)]
+    pub fn handle(
         self,
         client: ClientInfo,
         mut active: Option<ActiveRequest>,
         mut req: Request<Incoming>,
-    ) -> Result<Response<ProxyBody>, Infallible> {
-        let start = Instant::now();
-        let rt = self.shared.runtime.load_full();
-        let http1 = req.version() <= Version::HTTP_11;
-        let upgrade = headers::is_upgrade(req.headers(), req.version());
-        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let proto = if client.tls { "https" } else { "http" };
-        let prepared = headers::prepare_request(&mut req, client.addr.ip(), proto, upgrade);
-        // After the rewrite: routing reads the host the backend will read.
-        let host = prepared.host.as_ref().and_then(|h| h.to_str().ok());
-        let pool = rt.route(host, req.uri().path());
-        let request_id = prepared.request_id;
-        let mut log = AccessRecord::new(
-            rt.config.server.access_log,
-            &self.shared.access_log,
-            start,
-            req.method(),
-            req.uri().path(),
-            Some(&request_id),
-        );
+    ) -> impl Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + 'static {
+        async move {
+            let start = Instant::now();
+            let rt = self.shared.runtime.load_full();
+            let http1 = req.version() <= Version::HTTP_11;
+            let upgrade = headers::is_upgrade(req.headers(), req.version());
+            let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+            let proto = if client.tls { "https" } else { "http" };
+            let (request_id, refusal, pool) = {
+                let prepared = headers::prepare_request(&mut req, client.addr.ip(), proto, upgrade);
+                // After the rewrite: routing reads the host the backend will read.
+                let host = prepared.host.as_ref().and_then(|h| h.to_str().ok());
+                let pool = rt.route(host, req.uri().path());
+                (prepared.request_id, prepared.refusal, pool)
+            };
+            let mut log = AccessRecord::new(
+                rt.config.server.access_log,
+                &self.shared.access_log,
+                start,
+                req.method(),
+                req.uri().path(),
+                Some(&request_id),
+            );
 
-        let result = match (pool, prepared.refusal) {
-            // A tunnel to wherever the client names is a forward proxy's job; and sent on,
-            // the target (rewritten to a path) would mean something else to the backend.
-            _ if req.method() == Method::CONNECT => Err(ProxyError::MethodNotAllowed),
-            (_, Some(e)) => Err(e),
-            (None, None) => Err(ProxyError::NoRoute),
-            (Some(pool), None) => {
-                if let Some(l) = &mut log {
-                    l.pool = Some(pool.name.to_string());
+            let result = match (pool, refusal) {
+                // A tunnel to wherever the client names is a forward proxy's job; and sent
+                // on, the target (rewritten to a path) would mean something else to the
+                // backend.
+                _ if req.method() == Method::CONNECT => Err(ProxyError::MethodNotAllowed),
+                (_, Some(e)) => Err(e),
+                (None, None) => Err(ProxyError::NoRoute),
+                (Some(pool), None) => {
+                    if let Some(l) = &mut log {
+                        l.pool = Some(pool.name.to_string());
+                    }
+                    forward(pool, req, client, upgrade, &mut log, start).await
                 }
-                forward(pool, req, client, upgrade, &mut log, start).await
-            }
-        };
-        let mut resp = match result {
-            Ok((mut resp, conn, in_flight)) => {
-                // `forward` let a 101 through only for an upgrade request it agreed with.
-                let is_101 = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-                resp.headers_mut()
-                    .insert(X_REQUEST_ID.clone(), request_id.clone());
-                match client_upgrade.filter(|_| is_101) {
-                    Some(client_upgrade) => self.tunnel(
-                        resp,
-                        client_upgrade,
-                        in_flight,
-                        active.take(),
-                        rt.config.server.limits.idle_timeout,
-                    ),
-                    None => resp.map(|b| ProxyBody::upstream(b, conn, in_flight)),
+            };
+            let mut resp = match result {
+                Ok((mut resp, conn, in_flight)) => {
+                    // `forward` let a 101 through only for an upgrade request it agreed
+                    // with.
+                    let is_101 = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+                    resp.headers_mut()
+                        .insert(X_REQUEST_ID.clone(), request_id.clone());
+                    match client_upgrade.filter(|_| is_101) {
+                        Some(client_upgrade) => self.tunnel(
+                            resp,
+                            client_upgrade,
+                            in_flight,
+                            active.take(),
+                            rt.config.server.limits.idle_timeout,
+                        ),
+                        None => resp.map(|b| ProxyBody::upstream(b, conn, in_flight)),
+                    }
                 }
+                Err(e) => refused(e, request_id, http1),
+            };
+            if let Some(l) = &mut log {
+                l.status = resp.status().as_u16();
             }
-            Err(e) => refused(e, request_id, http1),
-        };
-        if let Some(l) = &mut log {
-            l.status = resp.status().as_u16();
+            let body = std::mem::replace(resp.body_mut(), ProxyBody::empty());
+            *resp.body_mut() = body.with_log(log).with_active(active);
+            Ok(resp)
         }
-        let body = std::mem::replace(resp.body_mut(), ProxyBody::empty());
-        *resp.body_mut() = body.with_log(log).with_active(active);
-        Ok(resp)
     }
 
     /// Splices the client's and the backend's connections once the backend agreed to an
@@ -328,40 +340,61 @@ fn forward<'a>(
         // connection after the request was sent.
         let mut unreachable: Option<(UpstreamError, &Arc<Backend>)> = None;
         let mut reset: Option<(hyper::Error, &Arc<Backend>)> = None;
-        let result = loop {
+        let result = 'candidates: loop {
             let Some(i) = plan.next(pool) else { break None };
             // Retries ran out, or the pool's retry budget is spent, while the pool still
             // had candidates.
             if attempts == budget || (attempts > 0 && !pool.state.take_retry()) {
                 break Some(Err(()));
             }
+            // The request's start stands for the clock until an attempt has failed.
+            let now = if attempts == 0 { start } else { Instant::now() };
             attempts += 1;
             let backend = &pool.members[i].backend;
             let in_flight = backend.start_request();
-            match backend.pool.checkout().await {
-                Ok(conn) => {
-                    if pending.is_none() {
-                        pending = replay.as_ref().and_then(Replay::request);
+            // A labelled block, not a `match` around it all: the checkout's result
+            // would be held (and take room in this future) for the whole attempt.
+            'attempt: {
+                let PooledConn {
+                    mut tx,
+                    mut reused,
+                    at_once,
+                } = match backend.pool.checkout(now).await {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        unreachable = Some((count_unreachable(pool, backend, e), backend));
+                        break 'attempt;
                     }
-                    if let Some(l) = log.as_mut() {
-                        l.backend = Some(backend.id.to_string());
+                };
+                if pending.is_none() {
+                    pending = replay.as_ref().and_then(Replay::request);
+                }
+                if let Some(l) = log.as_mut() {
+                    l.backend = Some(backend.id.to_string());
+                }
+                // When the wait for the response starts: unless getting the connection
+                // took a wait, `now` still holds.
+                let mut sending_at = if at_once { now } else { Instant::now() };
+                // Inline rather than a function of its own: a nested future would
+                // grow this one, and every move of it.
+                let sent = loop {
+                    // Only a replayable request goes on after a send, so one is
+                    // always here.
+                    let Some(req) = pending.take() else {
+                        break None;
+                    };
+                    let timeout = pool.response_timeout;
+                    if let Some(w) = &watch {
+                        w.sending();
                     }
-                    // Inline rather than a function of its own: a nested future would
-                    // grow this one, and every move of it.
-                    let PooledConn { mut tx, mut reused } = conn;
-                    let sent = loop {
-                        // Only a replayable request goes on after a send, so one is
-                        // always here.
-                        let Some(req) = pending.take() else {
-                            break None;
-                        };
-                        let timeout = pool.response_timeout;
-                        if let Some(w) = &watch {
-                            w.sending();
-                        }
-                        let send = tx.tx.try_send_request(req);
-                        let timer = tx.timer.as_mut();
-                        let sent = upload::within(send, timer, watch.as_deref(), timeout).await;
+                    let send = tx.tx.try_send_request(req);
+                    let timer = tx.timer.as_mut();
+                    // In a block of its own: what it borrows would otherwise take
+                    // room in this future across the reconnect below.
+                    let e = {
+                        let sent =
+                            upload::within(send, timer, watch.as_deref(), timeout, sending_at)
+                                .await;
                         let mut e = match sent {
                             Err(Late::Backend) => break Some(Err(SendError::Timeout(timeout))),
                             Err(Late::Client) => {
@@ -370,68 +403,73 @@ fn forward<'a>(
                             Ok(Ok(resp)) => break Some(Ok(resp)),
                             Ok(Err(e)) => e,
                         };
-                        let Some(unsent) = e.take_message() else {
-                            break Some(Err(SendError::of(e.into_error())));
+                        let unsent = e.take_message();
+                        let e = e.into_error();
+                        let Some(unsent) = unsent else {
+                            break Some(Err(SendError::of(e)));
                         };
-                        // Never written: nothing was sent, and the request is kept for
-                        // whichever connection comes next.
+                        // Never written: nothing was sent, and the request is kept
+                        // for whichever connection comes next.
                         pending = Some(unsent);
-                        if !reused {
-                            // A fresh connection closed first.
-                            let e = UpstreamError::Closed {
-                                addr: backend.address.to_string(),
-                                source: e.into_error(),
-                            };
-                            break Some(Err(SendError::Connect(e)));
-                        }
-                        // A reused keep-alive connection found closed before the request
-                        // was written: once more on a fresh connection.
-                        stale(backend, e.error());
-                        reused = false;
-                        // Boxed for the same reason as in `ConnPool::checkout`.
-                        match Box::pin(backend.pool.connect()).await {
-                            Ok(t) => tx = t,
-                            Err(e) => break Some(Err(SendError::Connect(e))),
-                        }
+                        e
                     };
-                    let Some(sent) = sent else {
-                        break Some(Err(()));
-                    };
-                    if let Err(SendError::Reset(e)) = &sent {
-                        count_reset(pool, backend, e);
+                    if !reused {
+                        // A fresh connection closed first.
+                        let e = UpstreamError::Closed {
+                            addr: backend.address.to_string(),
+                            source: e,
+                        };
+                        break Some(Err(SendError::Connect(e)));
                     }
-                    match sent {
-                        Ok(resp) => break Some(Ok((i, resp, tx, in_flight))),
-                        // Nothing was sent: the request, back in `pending`, can go
-                        // elsewhere.
-                        Err(SendError::Connect(e)) => {
-                            unreachable = Some((count_unreachable(pool, backend, e), backend));
+                    // A reused keep-alive connection found closed before the request
+                    // was written: once more on a fresh connection.
+                    stale(backend, &e);
+                    reused = false;
+                    // Boxed for the same reason as in `ConnPool::checkout`.
+                    match Box::pin(backend.pool.connect()).await {
+                        Ok(t) => {
+                            tx = t;
+                            sending_at = Instant::now();
                         }
-                        // The backend that the client's affinity points at is up: a reset
-                        // is its failure to answer, not a reason to move the client
-                        // elsewhere.
-                        Err(SendError::Reset(e)) if replay.is_some() && !plan.is_pinned(i) => {
-                            reset = Some((e, backend));
+                        Err(e) => break Some(Err(SendError::Connect(e))),
+                    }
+                };
+                let Some(sent) = sent else {
+                    break 'candidates Some(Err(()));
+                };
+                if let Err(SendError::Reset(e)) = &sent {
+                    count_reset(pool, backend, e);
+                }
+                match sent {
+                    Ok(resp) => break 'candidates Some(Ok((i, resp, tx, in_flight))),
+                    // Nothing was sent: the request, back in `pending`, can go
+                    // elsewhere.
+                    Err(SendError::Connect(e)) => {
+                        unreachable = Some((count_unreachable(pool, backend, e), backend));
+                    }
+                    // The backend that the client's affinity points at is up: a reset
+                    // is its failure to answer, not a reason to move the client
+                    // elsewhere.
+                    Err(SendError::Reset(e)) if replay.is_some() && !plan.is_pinned(i) => {
+                        reset = Some((e, backend));
+                    }
+                    // The client's failure, not the backend's.
+                    Err(e @ (SendError::Request(_) | SendError::ClientStalled(_))) => {
+                        if let Some(o) = plan.outcome {
+                            pool.count_outcome(o);
                         }
-                        // The client's failure, not the backend's.
-                        Err(e @ (SendError::Request(_) | SendError::ClientStalled(_))) => {
-                            if let Some(o) = plan.outcome {
-                                pool.count_outcome(o);
-                            }
-                            return Err(failed(pool, Some(backend), e.into()));
+                        return Err(failed(pool, Some(backend), e.into()));
+                    }
+                    Err(e) => {
+                        // Reset or silent after accepting the request: a failure for
+                        // outlier detection too.
+                        passive(pool, backend, false);
+                        if let Some(o) = plan.outcome {
+                            pool.count_outcome(o);
                         }
-                        Err(e) => {
-                            // Reset or silent after accepting the request: a failure for
-                            // outlier detection too.
-                            passive(pool, backend, false);
-                            if let Some(o) = plan.outcome {
-                                pool.count_outcome(o);
-                            }
-                            return Err(failed(pool, Some(backend), e.into()));
-                        }
+                        return Err(failed(pool, Some(backend), e.into()));
                     }
                 }
-                Err(e) => unreachable = Some((count_unreachable(pool, backend, e), backend)),
             }
             passive(pool, backend, false);
             if plan.failed(i).is_err() {

@@ -234,6 +234,9 @@ pub struct PooledConn {
     /// True when it came from the idle list: a failure to send on it may only mean the
     /// backend closed it meanwhile, so the request is worth one more try on a new one.
     pub reused: bool,
+    /// True when it was ready at once: no wait came between the checkout and the clock
+    /// reading it was given, which still holds.
+    pub at_once: bool,
 }
 
 impl ConnPool {
@@ -281,8 +284,10 @@ impl ConnPool {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// An idle connection that is ready for a request, or a new one.
-    pub async fn checkout(&self) -> Result<PooledConn, UpstreamError> {
+    /// An idle connection that is ready for a request, or a new one. `now` is a recent
+    /// reading of the clock (the request's start), which idle connections are checked
+    /// against for expiry.
+    pub async fn checkout(&self, now: Instant) -> Result<PooledConn, UpstreamError> {
         loop {
             let (idle, settings) = {
                 let mut slots = self.lock();
@@ -291,25 +296,34 @@ impl ConnPool {
             let Some(Idle { mut tx, since }) = idle else {
                 break;
             };
-            if tx.tx.is_closed() || since.elapsed() >= settings.idle_timeout {
+            if tx.tx.is_closed() || now.saturating_duration_since(since) >= settings.idle_timeout {
                 continue;
             }
             // Usually ready at once: then no timer is armed. Otherwise bounded: a
             // connection whose previous request is still uploading is not worth waiting for.
-            if tx.tx.is_ready()
-                || matches!(
-                    tokio::time::timeout(settings.connect_timeout, tx.tx.ready()).await,
-                    Ok(Ok(()))
-                )
+            if tx.tx.is_ready() {
+                return Ok(PooledConn {
+                    tx,
+                    reused: true,
+                    at_once: true,
+                });
+            }
+            if let Ok(Ok(())) = tokio::time::timeout(settings.connect_timeout, tx.tx.ready()).await
             {
-                return Ok(PooledConn { tx, reused: true });
+                return Ok(PooledConn {
+                    tx,
+                    reused: true,
+                    at_once: false,
+                });
             }
         }
         // Boxed: connecting is the cold path, and its future is large; inline, it would
         // grow every request's future (and each move of it).
-        Box::pin(self.connect())
-            .await
-            .map(|tx| PooledConn { tx, reused: false })
+        Box::pin(self.connect()).await.map(|tx| PooledConn {
+            tx,
+            reused: false,
+            at_once: false,
+        })
     }
 
     /// Opens a new connection within the connect timeout.

@@ -158,15 +158,19 @@ pin_project_lite::pin_project! {
     }
 }
 
-/// Waits for `fut` on `timer`, which it sets to go off after `timeout`: a timer that
-/// lives on (with the connection) and is set again for each wait.
+/// Waits for `fut` on `timer`, which it sets to go off `timeout` after `from` (a
+/// recent reading of the clock, passed in so that a request reads it once for several
+/// uses): a timer that lives on (with the connection) and is set again for each wait.
 pub fn within<'a, F: Future>(
     fut: F,
     mut timer: Pin<&'a mut Sleep>,
     watch: Option<&'a UploadWatch>,
     timeout: Duration,
+    from: std::time::Instant,
 ) -> Within<'a, F> {
-    timer.as_mut().reset(tokio::time::Instant::now() + timeout);
+    timer
+        .as_mut()
+        .reset(tokio::time::Instant::from_std(from) + timeout);
     Within {
         fut,
         sleep: timer,
@@ -243,6 +247,7 @@ mod tests {
                 timer.as_mut(),
                 Some(&w),
                 Duration::from_millis(50),
+                std::time::Instant::now(),
             )
             .await;
             assert_eq!(got, Err(late), "{phase:?}");
@@ -255,6 +260,7 @@ mod tests {
                 timer.as_mut(),
                 None,
                 Duration::from_millis(50),
+                std::time::Instant::now(),
             );
             assert_eq!(wait.await, Err(Late::Backend));
         }
@@ -264,6 +270,7 @@ mod tests {
             timer.as_mut(),
             Some(&w),
             Duration::from_millis(50),
+            std::time::Instant::now(),
         )
         .await;
         assert_eq!(got, Ok(7));
