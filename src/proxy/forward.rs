@@ -9,9 +9,7 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use http::header::SET_COOKIE;
-use http::{
-    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
-};
+use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::Body;
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
@@ -208,83 +206,40 @@ fn refused(e: ProxyError, request_id: HeaderValue, http1: bool) -> Response<Prox
 /// as counted in flight.
 type Forwarded = (Response<Incoming>, Option<Sender>, InFlight);
 
-/// The head of a bodyless request with an idempotent method, kept so that the request
-/// can be sent to another backend if one resets the connection before answering.
-struct Replay {
-    method: Method,
-    uri: Uri,
-    version: Version,
-    /// Every header field packed into one buffer (see [`pack_fields`]): copies of a few
-    /// hundred bytes, where cloning each name and value costs a virtual call and a
-    /// reference count up and down for every one (with a browser's dozen fields, the
-    /// copy costs 1.9k instructions per request packed, 2.6k cloned). Unpacked only for
-    /// a retry, which is rare.
-    fields: Vec<u8>,
+/// Whether `req` could go to another backend after a reset: a bodyless request with an
+/// idempotent method. Its head is then copied as it is written (see
+/// [`Sender::copy_next_head`]), and read back by [`replayed`] for the next backend.
+fn replayable(req: &Request<UpstreamBody>) -> bool {
+    req.method().is_idempotent() && req.body().is_end_stream()
 }
 
-impl Replay {
-    fn of(req: &Request<UpstreamBody>) -> Option<Self> {
-        if !req.method().is_idempotent() || !req.body().is_end_stream() {
-            return None;
-        }
-        Some(Replay {
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-            version: req.version(),
-            fields: pack_fields(req.headers())?,
-        })
+/// The request whose head hyper wrote as `head` (an HTTP/1.1 request head, ending with
+/// its blank line, and nothing after it), read back with `httparse`. `None` if it does
+/// not read back whole, which would be a bug: the caller then gives up the retry rather
+/// than send something else.
+fn replayed(head: &[u8]) -> Option<Request<UpstreamBody>> {
+    // A field per line at most.
+    let lines = head.windows(2).filter(|w| w == b"\r\n").count();
+    let mut fields = vec![httparse::EMPTY_HEADER; lines];
+    let mut parsed = httparse::Request::new(&mut fields);
+    match parsed.parse(head) {
+        Ok(httparse::Status::Complete(n)) if n == head.len() => {}
+        _ => return None,
     }
-
-    /// The request again; `None` only if the packed fields do not read back, which
-    /// would be a bug: the caller then gives up the retry rather than send less.
-    fn request(&self) -> Option<Request<UpstreamBody>> {
-        let mut req = Request::new(Either::Right(Empty::new()));
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = self.uri.clone();
-        *req.version_mut() = self.version;
-        unpack_fields(&self.fields, req.headers_mut())?;
-        Some(req)
+    let mut req = Request::new(Either::Right(Empty::new()));
+    *req.method_mut() = Method::from_bytes(parsed.method?.as_bytes()).ok()?;
+    *req.uri_mut() = parsed.path?.parse().ok()?;
+    if parsed.version? != 1 {
+        return None;
     }
-}
-
-/// Packs every field of `headers`, in order, as the name's and the value's lengths
-/// (`u32`, little-endian), a byte saying whether the value is sensitive, the name and
-/// the value. `None` if a length does not fit in a `u32`.
-fn pack_fields(headers: &HeaderMap) -> Option<Vec<u8>> {
-    // Room for typical fields; a long one makes the buffer grow once or twice.
-    let mut packed = Vec::with_capacity(headers.len() * 64);
-    for (name, value) in headers {
-        let (name, value_bytes) = (name.as_str().as_bytes(), value.as_bytes());
-        // The fixed-size part in one piece: fewer, larger copies.
-        let mut head = [0u8; 9];
-        head[..4].copy_from_slice(&u32::try_from(name.len()).ok()?.to_le_bytes());
-        head[4..8].copy_from_slice(&u32::try_from(value_bytes.len()).ok()?.to_le_bytes());
-        head[8] = u8::from(value.is_sensitive());
-        packed.extend_from_slice(&head);
-        packed.extend_from_slice(name);
-        packed.extend_from_slice(value_bytes);
+    let headers = req.headers_mut();
+    for f in parsed.headers.iter() {
+        headers.append(
+            HeaderName::from_bytes(f.name.as_bytes()).ok()?,
+            HeaderValue::from_bytes(f.value).ok()?,
+        );
     }
-    Some(packed)
-}
-
-/// Appends the fields that [`pack_fields`] packed into `packed` to `headers`.
-fn unpack_fields(mut packed: &[u8], headers: &mut HeaderMap) -> Option<()> {
-    fn take_len(b: &[u8]) -> Option<(usize, &[u8])> {
-        let (len, rest) = b.split_first_chunk::<4>()?;
-        Some((u32::from_le_bytes(*len) as usize, rest))
-    }
-    while !packed.is_empty() {
-        let (name_len, rest) = take_len(packed)?;
-        let (value_len, rest) = take_len(rest)?;
-        let (&sensitive, rest) = rest.split_first()?;
-        let (name, rest) = rest.split_at_checked(name_len)?;
-        let (value, rest) = rest.split_at_checked(value_len)?;
-        let mut value = HeaderValue::from_bytes(value).ok()?;
-        value.set_sensitive(sensitive != 0);
-        headers.append(HeaderName::from_bytes(name).ok()?, value);
-        packed = rest;
-    }
-    Some(())
+    Some(req)
 }
 
 /// Sends `req` along the pool's plan: the client's affinity target first, then others,
@@ -321,12 +276,10 @@ fn forward<'a>(
     let (upload, watch) = Upload::new(body);
     let req = Request::from_parts(parts, Either::Left(upload));
     let budget = pool.retries as usize + 1;
-    // A copy for a retry after a reset, only where a retry could go somewhere.
-    let replay = if budget > 1 && pool.members.len() > 1 && !plan.reject_now {
-        Replay::of(&req)
-    } else {
-        None
-    };
+    // A retry after a reset, only where it could go somewhere.
+    let replay = budget > 1 && pool.members.len() > 1 && !plan.reject_now && replayable(&req);
+    // The head of the request as sent to a backend that then reset the connection.
+    let mut sent_head: Option<Vec<u8>> = None;
     let mut pending = Some(req);
 
     async move {
@@ -370,7 +323,7 @@ fn forward<'a>(
                     }
                 };
                 if pending.is_none() {
-                    pending = replay.as_ref().and_then(Replay::request);
+                    pending = sent_head.take().as_deref().and_then(replayed);
                 }
                 if let Some(l) = log.as_mut() {
                     l.backend = Some(backend.id.to_string());
@@ -389,6 +342,9 @@ fn forward<'a>(
                     let timeout = pool.response_timeout;
                     if let Some(w) = &watch {
                         w.sending();
+                    }
+                    if replay {
+                        tx.copy_next_head();
                     }
                     let send = tx.tx.try_send_request(req);
                     let timer = tx.timer.as_mut();
@@ -453,8 +409,9 @@ fn forward<'a>(
                     // The backend that the client's affinity points at is up: a reset
                     // is its failure to answer, not a reason to move the client
                     // elsewhere.
-                    Err(SendError::Reset(e)) if replay.is_some() && !plan.is_pinned(i) => {
+                    Err(SendError::Reset(e)) if replay && !plan.is_pinned(i) => {
                         reset = Some((e, backend));
+                        sent_head = tx.take_head();
                     }
                     // The client's failure, not the backend's.
                     Err(e @ (SendError::Request(_) | SendError::ClientStalled(_))) => {
@@ -700,52 +657,51 @@ mod tests {
     use super::*;
 
     #[test]
-    fn packed_fields_read_back_in_order_with_repeats_and_sensitivity() {
-        let mut headers = HeaderMap::new();
-        headers.append("host", HeaderValue::from_static("example.test"));
-        headers.append("accept", HeaderValue::from_static("text/html"));
-        headers.append("x-empty", HeaderValue::from_static(""));
-        headers.append("accept", HeaderValue::from_static("*/*"));
-        let mut secret = HeaderValue::from_static("Bearer abc");
-        secret.set_sensitive(true);
-        headers.append("authorization", secret);
-        headers.append("x-latin", HeaderValue::from_bytes(b"caf\xe9\tok").unwrap());
-        headers.append("x-long", HeaderValue::from_str(&"v".repeat(300)).unwrap());
-
-        let packed = pack_fields(&headers).unwrap();
-        let mut back = HeaderMap::new();
-        unpack_fields(&packed, &mut back).unwrap();
-
-        let fields = |h: &HeaderMap| {
-            h.iter()
-                .map(|(n, v)| (n.clone(), v.clone(), v.is_sensitive()))
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(fields(&back), fields(&headers));
-        assert!(back["authorization"].is_sensitive());
+    fn a_written_head_reads_back_as_the_request() {
+        let head = b"DELETE /items/7?force=yes HTTP/1.1\r\nhost: example.test\r\n\
+            accept: text/html\r\nx-empty: \r\naccept: */*\r\n\
+            x-latin: caf\xe9\tok\r\n\r\n";
+        let req = replayed(head).unwrap();
+        assert_eq!(req.method(), Method::DELETE);
+        assert_eq!(req.uri(), "/items/7?force=yes");
+        assert_eq!(req.version(), Version::HTTP_11);
+        assert!(req.body().is_end_stream());
+        let fields: Vec<_> = req
+            .headers()
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_bytes()))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                ("host", &b"example.test"[..]),
+                ("accept", b"text/html"),
+                ("accept", b"*/*"),
+                ("x-empty", b""),
+                ("x-latin", b"caf\xe9\tok"),
+            ]
+        );
     }
 
     #[test]
-    fn a_damaged_packing_reads_back_as_nothing_rather_than_less() {
-        let mut headers = HeaderMap::new();
-        headers.append("x-request-id", HeaderValue::from_static("abc"));
-        let packed = pack_fields(&headers).unwrap();
-        for cut in 1..packed.len() {
-            let mut back = HeaderMap::new();
-            assert_eq!(
-                unpack_fields(&packed[..cut], &mut back),
-                None,
-                "cut at {cut}"
-            );
+    fn a_head_that_does_not_read_back_whole_is_no_request() {
+        let head = b"GET / HTTP/1.1\r\nhost: a\r\nx-request-id: abc\r\n\r\n";
+        assert!(replayed(head).is_some());
+        for cut in 0..head.len() {
+            assert!(replayed(&head[..cut]).is_none(), "cut at {cut}");
         }
-        // A length pointing past the end.
-        let mut long = packed.clone();
-        long[0] = 0xff;
-        assert_eq!(unpack_fields(&long, &mut HeaderMap::new()), None);
-        // A name that is not a valid header name.
-        let mut bad = packed.clone();
-        bad[9] = b' ';
-        assert_eq!(unpack_fields(&bad, &mut HeaderMap::new()), None);
-        assert_eq!(unpack_fields(&[], &mut HeaderMap::new()), Some(()));
+        // Anything after the head: not what a bodyless request's first write holds.
+        let mut more = head.to_vec();
+        more.extend_from_slice(b"GET / HTTP/1.1\r\n");
+        assert!(replayed(&more).is_none());
+        for bad in [
+            &b"GET / HTTP/1.0\r\nhost: a\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nbad name: a\r\n\r\n",
+            b"GET / HTTP/1.1\r\nx: a\rb\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\n\r\n",
+            b"",
+        ] {
+            assert!(replayed(bad).is_none(), "{}", String::from_utf8_lossy(bad));
+        }
     }
 }

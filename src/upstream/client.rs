@@ -7,18 +7,21 @@
 //! The lock is per backend and held only to push or pop a vector entry; the pool's
 //! settings sit under the same lock, so that a reload can change them for a backend it
 //! carries over. Each connection also has a watchdog task, which closes it when the
-//! client takes none of the response body read on it (see [`watch`]).
+//! client takes none of the response body read on it (see [`watch`]). Its socket can
+//! keep a copy of a request's head as hyper writes it (see [`HeadCopy`]).
 
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{Either, Empty};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
@@ -49,6 +52,19 @@ pub struct Sender {
 }
 
 impl Sender {
+    /// Asks the socket to copy the head of the request sent next, as hyper writes it.
+    pub fn copy_next_head(&self) {
+        self.state.copy_head.store(true, Ordering::Relaxed);
+    }
+
+    /// The head that [`Self::copy_next_head`] asked for; `None` if it was not written.
+    pub fn take_head(&self) -> Option<Vec<u8>> {
+        if self.state.copy_head.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(std::mem::take(&mut *lock(&self.state.head)))
+    }
+
     /// A response body is being read on this connection from now until [`Self::body_ended`]:
     /// should the client stop taking it, the connection is closed (see [`watch`]).
     pub fn body_started(&self) {
@@ -107,6 +123,11 @@ struct ConnState {
     /// The client connections' idle timeout: how long a body may go untaken (by the
     /// client) or unsent (by the backend).
     stall: Duration,
+    /// Set for a request whose head the socket should copy when hyper writes it;
+    /// cleared once copied.
+    copy_head: AtomicBool,
+    /// The last head copied.
+    head: Mutex<Vec<u8>>,
 }
 
 impl ConnState {
@@ -120,6 +141,92 @@ impl ConnState {
     /// next part is the client's to take.
     fn held_up(&self) -> bool {
         self.phase.load(Ordering::Acquire) == READING && !self.waiting.load(Ordering::Relaxed)
+    }
+}
+
+fn lock(head: &Mutex<Vec<u8>>) -> std::sync::MutexGuard<'_, Vec<u8>> {
+    // A buffer of bytes cannot be left inconsistent by a panic.
+    head.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// An upstream socket that copies the head of a request when asked to (see
+/// [`Sender::copy_next_head`]): so that a bodyless request whose connection fails
+/// before the response can go to another backend as it was, without a copy of every
+/// request made field by field in case it fails (which costs more than this copy of
+/// the bytes hyper writes anyway). A request is written on an idle connection, and
+/// hyper's first write for it starts with the whole head, encoded in one buffer.
+#[derive(Debug)]
+struct HeadCopy<T> {
+    inner: T,
+    state: Arc<ConnState>,
+}
+
+impl<T> HeadCopy<T> {
+    /// Copies `first`, the start of what is about to be written, if a head is asked for.
+    #[inline]
+    fn copy(&self, first: &[u8]) {
+        if self.state.copy_head.load(Ordering::Relaxed) {
+            self.copy_head(first);
+        }
+    }
+
+    fn copy_head(&self, first: &[u8]) {
+        {
+            let mut head = lock(&self.state.head);
+            head.clear();
+            head.extend_from_slice(first);
+        }
+        self.state.copy_head.store(false, Ordering::Release);
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for HeadCopy<T> {
+    #[inline]
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for HeadCopy<T> {
+    #[inline]
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.copy(buf);
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    #[inline]
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
+            self.copy(first);
+        }
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    #[inline]
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    #[inline]
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    #[inline]
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -346,13 +453,20 @@ impl ConnPool {
             Ok(Ok(s)) => s,
         };
         let _ = stream.set_nodelay(true);
+        let state = Arc::new(ConnState {
+            stall: self.body_stall,
+            ..ConnState::default()
+        });
 
         // hyper's default write strategy, not `writev(false)`: that would save about
         // 250 instructions per request, but copy every uploaded body chunk into one
         // buffer per connection, which keeps its largest size while the connection
         // idles in the pool.
         let (tx, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
+            .handshake(TokioIo::new(HeadCopy {
+                inner: stream,
+                state: state.clone(),
+            }))
             .await
             .map_err(|source| UpstreamError::Handshake {
                 addr: addr(),
@@ -365,10 +479,6 @@ impl ConnPool {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }
-        });
-        let state = Arc::new(ConnState {
-            stall: self.body_stall,
-            ..ConnState::default()
         });
         tokio::spawn(watch(state.clone(), task.abort_handle(), done));
         self.stats.count_connection_opened();
