@@ -1381,8 +1381,10 @@ async fn a_request_retried_after_a_reset_arrives_whole() {
         assert_eq!(client.send(req).await.status, 200);
     }
     assert_eq!(resets.load(Ordering::SeqCst), 1);
+    let mut all_fields = Vec::new();
     for _ in 0..2 {
         let (method, uri, fields) = seen.recv().await.unwrap();
+        all_fields.push(fields.clone());
         assert_eq!(
             (method.as_str(), uri.as_str()),
             ("DELETE", "/items/7?force=yes")
@@ -1400,6 +1402,81 @@ async fn a_request_retried_after_a_reset_arrives_whole() {
         assert_eq!(values("x-request-id"), [b"retry-me".as_slice()]);
         assert_eq!(values("host"), [b"test.local".as_slice()]);
         assert_eq!(values("x-forwarded-for"), [b"127.0.0.1".as_slice()]);
+    }
+    // The retried request and the one sent straight: the same fields, in the same order.
+    assert_eq!(all_fields[0], all_fields[1]);
+}
+
+/// A backend that answers the first request on each connection and closes the
+/// connection on reading the second head, without answering; it sends what it read of
+/// each head on `heads`.
+async fn second_request_resetting_backend(
+    heads: mpsc::UnboundedSender<String>,
+) -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let heads = heads.clone();
+            tokio::spawn(async move {
+                for answer in [true, false] {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match s.read(&mut byte).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => head.push(byte[0]),
+                        }
+                    }
+                    let _ = heads.send(String::from_utf8_lossy(&head).into_owned());
+                    if !answer {
+                        return;
+                    }
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if s.write_all(ok).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    a
+}
+
+#[tokio::test]
+async fn a_reset_on_a_reused_connection_retries_that_request_not_the_one_before() {
+    let (heads_tx, mut heads) = mpsc::unbounded_channel();
+    let flaky = second_request_resetting_backend(heads_tx).await;
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    let good = backend(move |req| {
+        let n = req.headers().get("x-n").cloned();
+        let _ = seen_tx.send((req.uri().to_string(), n));
+        async { text("ok") }
+    })
+    .await;
+    let proxy = TestProxy::start(&reset_pool(flaky, good, "")).await;
+    let mut client = Client::connect(proxy.addr).await;
+    // Round robin: 1 to the flaky backend (answered, its connection pooled), 2 to the
+    // good one, 3 to the flaky one again on the same connection, which it closes; 3 is
+    // then retried on the good one.
+    for n in 1..=3 {
+        let req = Request::builder()
+            .uri(format!("/n/{n}"))
+            .header("host", "test.local")
+            .header("x-n", n.to_string())
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        assert_eq!(client.send(req).await.status, 200, "request {n}");
+    }
+    let flaky_heads = [heads.recv().await.unwrap(), heads.recv().await.unwrap()];
+    assert!(flaky_heads[0].starts_with("GET /n/1 "), "{flaky_heads:?}");
+    assert!(flaky_heads[1].starts_with("GET /n/3 "), "{flaky_heads:?}");
+    let stats = &proxy.runtime.load().pools[0].members[0].backend.stats;
+    assert_eq!(stats.resets(), 1);
+    for want in [2, 3] {
+        let (uri, n) = seen.recv().await.unwrap();
+        assert_eq!(uri, format!("/n/{want}"));
+        assert_eq!(n.unwrap(), want.to_string().as_str());
     }
 }
 

@@ -229,11 +229,19 @@ fn replayed(head: &[u8]) -> Option<Request<UpstreamBody>> {
     let mut req = Request::new(Either::Right(Empty::new()));
     *req.method_mut() = Method::from_bytes(parsed.method?.as_bytes()).ok()?;
     *req.uri_mut() = parsed.path?.parse().ok()?;
-    if parsed.version? != 1 {
+    // HTTP/1.0 when hyper wrote for a backend that answered in HTTP/1.0; the request
+    // goes on in HTTP/1.1, as any other, to whichever backend comes next.
+    if parsed.version? > 1 {
         return None;
     }
     let headers = req.headers_mut();
-    for f in parsed.headers.iter() {
+    // Hop-by-hop fields were removed before the request was sent, so a `Connection`
+    // field is hyper's own (`keep-alive`, for HTTP/1.0), not the client's.
+    for f in parsed
+        .headers
+        .iter()
+        .filter(|f| !f.name.eq_ignore_ascii_case("connection"))
+    {
         headers.append(
             HeaderName::from_bytes(f.name.as_bytes()).ok()?,
             HeaderValue::from_bytes(f.value).ok()?,
@@ -278,8 +286,6 @@ fn forward<'a>(
     let budget = pool.retries as usize + 1;
     // A retry after a reset, only where it could go somewhere.
     let replay = budget > 1 && pool.members.len() > 1 && !plan.reject_now && replayable(&req);
-    // The head of the request as sent to a backend that then reset the connection.
-    let mut sent_head: Option<Vec<u8>> = None;
     let mut pending = Some(req);
 
     async move {
@@ -322,9 +328,6 @@ fn forward<'a>(
                         break 'attempt;
                     }
                 };
-                if pending.is_none() {
-                    pending = sent_head.take().as_deref().and_then(replayed);
-                }
                 if let Some(l) = log.as_mut() {
                     l.backend = Some(backend.id.to_string());
                 }
@@ -398,6 +401,11 @@ fn forward<'a>(
                 };
                 if let Err(SendError::Reset(e)) = &sent {
                     count_reset(pool, backend, e);
+                    // Sent, so no longer here: it goes on to another backend only if its
+                    // head, as written, reads back.
+                    if replay && !plan.is_pinned(i) {
+                        pending = tx.take_head().as_deref().and_then(replayed);
+                    }
                 }
                 match sent {
                     Ok(resp) => break 'candidates Some(Ok((i, resp, tx, in_flight))),
@@ -409,9 +417,8 @@ fn forward<'a>(
                     // The backend that the client's affinity points at is up: a reset
                     // is its failure to answer, not a reason to move the client
                     // elsewhere.
-                    Err(SendError::Reset(e)) if replay && !plan.is_pinned(i) => {
+                    Err(SendError::Reset(e)) if pending.is_some() => {
                         reset = Some((e, backend));
-                        sent_head = tx.take_head();
                     }
                     // The client's failure, not the backend's.
                     Err(e @ (SendError::Request(_) | SendError::ClientStalled(_))) => {
@@ -694,9 +701,14 @@ mod tests {
         let mut more = head.to_vec();
         more.extend_from_slice(b"GET / HTTP/1.1\r\n");
         assert!(replayed(&more).is_none());
+        // Written for an HTTP/1.0 backend: hyper's `Connection` field does not go on.
+        let old =
+            replayed(b"GET /x HTTP/1.0\r\nhost: a\r\nconnection: keep-alive\r\n\r\n").unwrap();
+        assert_eq!((old.version(), old.uri().path()), (Version::HTTP_11, "/x"));
+        let names: Vec<_> = old.headers().keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["host"]);
         for bad in [
-            &b"GET / HTTP/1.0\r\nhost: a\r\n\r\n"[..],
-            b"GET / HTTP/1.1\r\nbad name: a\r\n\r\n",
+            &b"GET / HTTP/1.1\r\nbad name: a\r\n\r\n"[..],
             b"GET / HTTP/1.1\r\nx: a\rb\r\n\r\n",
             b"HTTP/1.1 200 OK\r\n\r\n",
             b"",

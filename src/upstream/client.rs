@@ -59,10 +59,7 @@ impl Sender {
 
     /// The head that [`Self::copy_next_head`] asked for; `None` if it was not written.
     pub fn take_head(&self) -> Option<Vec<u8>> {
-        if self.state.copy_head.load(Ordering::Acquire) {
-            return None;
-        }
-        Some(std::mem::take(&mut *lock(&self.state.head)))
+        self.state.take_head()
     }
 
     /// A response body is being read on this connection from now until [`Self::body_ended`]:
@@ -131,6 +128,13 @@ struct ConnState {
 }
 
 impl ConnState {
+    fn take_head(&self) -> Option<Vec<u8>> {
+        if self.copy_head.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(std::mem::take(&mut *lock(&self.head)))
+    }
+
     fn took(&self) {
         // One writer (the body's reader): no read-modify-write needed.
         let n = self.taken.load(Ordering::Relaxed);
@@ -174,6 +178,10 @@ impl<T> HeadCopy<T> {
         {
             let mut head = lock(&self.state.head);
             head.clear();
+            // Not kept at the size of the largest head ever sent on the connection.
+            if head.capacity() > first.len().max(1024) * 2 {
+                head.shrink_to(first.len());
+            }
             head.extend_from_slice(first);
         }
         self.state.copy_head.store(false, Ordering::Release);
@@ -394,7 +402,8 @@ impl ConnPool {
     /// An idle connection that is ready for a request, or a new one. `now` is a recent
     /// reading of the clock (the request's start), which idle connections are checked
     /// against for expiry.
-    pub async fn checkout(&self, now: Instant) -> Result<PooledConn, UpstreamError> {
+    pub async fn checkout(&self, mut now: Instant) -> Result<PooledConn, UpstreamError> {
+        let mut waited = false;
         loop {
             let (idle, settings) = {
                 let mut slots = self.lock();
@@ -412,11 +421,14 @@ impl ConnPool {
                 return Ok(PooledConn {
                     tx,
                     reused: true,
-                    at_once: true,
+                    at_once: !waited,
                 });
             }
-            if let Ok(Ok(())) = tokio::time::timeout(settings.connect_timeout, tx.tx.ready()).await
-            {
+            let ready = tokio::time::timeout(settings.connect_timeout, tx.tx.ready()).await;
+            // Time has passed: `now` no longer holds.
+            waited = true;
+            now = Instant::now();
+            if let Ok(Ok(())) = ready {
                 return Ok(PooledConn {
                     tx,
                     reused: true,
@@ -458,11 +470,14 @@ impl ConnPool {
             ..ConnState::default()
         });
 
-        // hyper's default write strategy, not `writev(false)`: that would save about
-        // 250 instructions per request, but copy every uploaded body chunk into one
-        // buffer per connection, which keeps its largest size while the connection
-        // idles in the pool.
+        // Vectored writes (hyper's choice for this socket anyway, but said outright), not
+        // `writev(false)`. Flattening would save about 250 instructions per request, but
+        // copy every uploaded body chunk into one buffer per connection, which keeps its
+        // largest size while the connection idles in the pool. And `HeadCopy` relies on
+        // them: hyper then puts a request head in a buffer of its own, never after bytes
+        // of an earlier body still to be written.
         let (tx, conn) = http1::Builder::new()
+            .writev(true)
             .handshake(TokioIo::new(HeadCopy {
                 inner: stream,
                 state: state.clone(),
@@ -546,5 +561,58 @@ pub(crate) async fn connect_tcp(addr: &BackendAddr) -> io::Result<TcpStream> {
     match addr {
         BackendAddr::Ip(a) => TcpStream::connect(a).await,
         BackendAddr::Name { host, port } => TcpStream::connect((host.as_str(), *port)).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::IoSlice;
+    use tokio::io::AsyncWriteExt;
+
+    fn socket(capacity: usize) -> (HeadCopy<tokio::io::DuplexStream>, tokio::io::DuplexStream) {
+        let (near, far) = tokio::io::duplex(capacity);
+        let state = Arc::new(ConnState::default());
+        (HeadCopy { inner: near, state }, far)
+    }
+
+    #[tokio::test]
+    async fn the_head_is_copied_whole_from_the_first_write_only_when_asked() {
+        let head = b"GET / HTTP/1.1\r\nhost: a\r\n\r\n";
+        // Room for 8 bytes: the first write is partial, the rest waits for the reader.
+        let (mut io, mut far) = socket(8);
+        let state = io.state.clone();
+        // Not asked: nothing copied.
+        io.write_all(b"x").await.unwrap();
+        assert!(lock(&state.head).is_empty());
+        let mut sink = [0u8; 64];
+        tokio::io::AsyncReadExt::read(&mut far, &mut sink)
+            .await
+            .unwrap();
+
+        state.copy_head.store(true, Ordering::Relaxed);
+        // Asked for, not yet written.
+        assert_eq!(state.take_head(), None);
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut far, &mut got)
+                .await
+                .unwrap();
+            got
+        });
+        let bufs = [IoSlice::new(b""), IoSlice::new(head), IoSlice::new(b"body")];
+        let n = io.write_vectored(&bufs).await.unwrap();
+        assert!(n <= 8, "{n}");
+        assert!(!state.copy_head.load(Ordering::Acquire));
+        assert_eq!(&lock(&state.head)[..], head);
+        // Later writes, the rest of the head among them, copy nothing.
+        io.write_all(&head[n..]).await.unwrap();
+        io.write_all(b"next").await.unwrap();
+        assert_eq!(&lock(&state.head)[..], head);
+        io.shutdown().await.unwrap();
+        drop(io);
+        let got = reader.await.unwrap();
+        assert_eq!(got, [&head[..], b"next"].concat());
+        assert_eq!(state.take_head().as_deref(), Some(&head[..]));
     }
 }
