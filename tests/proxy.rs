@@ -1444,6 +1444,20 @@ async fn second_request_resetting_backend(
 }
 
 #[tokio::test]
+async fn a_websocket_upgrade_reset_by_one_backend_is_upgraded_by_the_next() {
+    let (reset, resets) = resetting_backend().await;
+    let good = ws_echo_backend().await;
+    let proxy = TestProxy::start(&reset_pool(reset, good, "")).await;
+    // Round robin offers the resetting backend first to one of the two.
+    for i in 0..2 {
+        let mut ws = ws_connect(proxy.addr).await;
+        ws_echo(&mut ws, &format!("hello {i}")).await;
+        ws.close(None).await.unwrap();
+    }
+    assert_eq!(resets.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
 async fn a_reset_on_a_reused_connection_retries_that_request_not_the_one_before() {
     let (heads_tx, mut heads) = mpsc::unbounded_channel();
     let flaky = second_request_resetting_backend(heads_tx).await;

@@ -235,13 +235,15 @@ fn replayed(head: &[u8]) -> Option<Request<UpstreamBody>> {
         return None;
     }
     let headers = req.headers_mut();
-    // Hop-by-hop fields were removed before the request was sent, so a `Connection`
-    // field is hyper's own (`keep-alive`, for HTTP/1.0), not the client's.
-    for f in parsed
-        .headers
-        .iter()
-        .filter(|f| !f.name.eq_ignore_ascii_case("connection"))
-    {
+    // The only `Connection` field left before sending is an upgrade's (`upgrade`); one
+    // with `keep-alive` or `close` is hyper's own, added for the backend's HTTP version
+    // or keep-alive state, and does not go on.
+    let hypers = |f: &httparse::Header<'_>| {
+        f.name.eq_ignore_ascii_case("connection")
+            && (f.value.eq_ignore_ascii_case(b"keep-alive")
+                || f.value.eq_ignore_ascii_case(b"close"))
+    };
+    for f in parsed.headers.iter().filter(|f| !hypers(f)) {
         headers.append(
             HeaderName::from_bytes(f.name.as_bytes()).ok()?,
             HeaderValue::from_bytes(f.value).ok()?,
@@ -707,6 +709,17 @@ mod tests {
         assert_eq!((old.version(), old.uri().path()), (Version::HTTP_11, "/x"));
         let names: Vec<_> = old.headers().keys().map(|n| n.as_str()).collect();
         assert_eq!(names, ["host"]);
+        // An upgrade's `Connection` field does, without what hyper added to it.
+        let ws = replayed(
+            b"GET /ws HTTP/1.1\r\nhost: a\r\nconnection: upgrade\r\nconnection: keep-alive\r\n\
+              upgrade: websocket\r\n\r\n",
+        )
+        .unwrap();
+        let values: Vec<_> = ws.headers().get_all("connection").iter().collect();
+        assert_eq!(values, ["upgrade"]);
+        assert_eq!(ws.headers()["upgrade"], "websocket");
+        let closing = replayed(b"GET / HTTP/1.1\r\nhost: a\r\nConnection: Close\r\n\r\n").unwrap();
+        assert!(!closing.headers().contains_key("connection"));
         for bad in [
             &b"GET / HTTP/1.1\r\nbad name: a\r\n\r\n"[..],
             b"GET / HTTP/1.1\r\nx: a\rb\r\n\r\n",
