@@ -169,14 +169,13 @@ impl Body for ProxyBody {
                     if left.is_empty() {
                         *rest = None;
                     }
+                    // The backend's body is not polled while parts are left, so if it
+                    // is over, it was over when they were split off, and the connection
+                    // went back then.
                     if let Some(tx) = conn.as_ref() {
                         tx.body_taken();
                     }
-                    let ended = body.is_end_stream();
                     this.count(part.len());
-                    if ended {
-                        this.finish_upstream();
-                    }
                     return Poll::Ready(Some(Ok(Frame::data(part))));
                 }
                 let polled = Pin::new(&mut *body).poll_frame(cx);

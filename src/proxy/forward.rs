@@ -339,8 +339,9 @@ fn forward<'a>(
                 // Inline rather than a function of its own: a nested future would
                 // grow this one, and every move of it.
                 let sent = loop {
-                    // Only a replayable request goes on after a send, so one is
-                    // always here.
+                    // Always here: a request leaves `pending` only to be sent, and is
+                    // back (unsent, or rebuilt for a retry) whenever an attempt ends
+                    // without ending the loop.
                     let Some(req) = pending.take() else {
                         break None;
                     };
@@ -416,9 +417,9 @@ fn forward<'a>(
                     Err(SendError::Connect(e)) => {
                         unreachable = Some((count_unreachable(pool, backend, e), backend));
                     }
-                    // The backend that the client's affinity points at is up: a reset
-                    // is its failure to answer, not a reason to move the client
-                    // elsewhere.
+                    // Rebuilt above, so it goes on. Not for the backend the client's
+                    // affinity points at: that one is up, and a reset is its failure
+                    // to answer, not a reason to move the client elsewhere.
                     Err(SendError::Reset(e)) if pending.is_some() => {
                         reset = Some((e, backend));
                     }
