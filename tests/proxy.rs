@@ -961,6 +961,17 @@ async fn the_host_routing_reads_is_the_host_the_backend_reads() {
     assert_eq!(json["backend"], "a", "{got}");
     assert_eq!(json["headers"]["host"], "");
     assert!(json["headers"].get("x-forwarded-host").is_none(), "{got}");
+    // Nor does a client's own X-Forwarded-Host pass for the proxy's, with Host left out
+    // or empty.
+    for req in [
+        &b"GET / HTTP/1.0\r\nX-Forwarded-Host: evil.example\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost:\r\nX-Forwarded-Host: evil.example\r\nConnection: close\r\n\r\n",
+    ] {
+        let got = raw_exchange(proxy.addr, req).await;
+        let json = seen(&got);
+        assert_eq!(json["headers"]["host"], "", "{got}");
+        assert!(json["headers"].get("x-forwarded-host").is_none(), "{got}");
+    }
     // Hosts of every valid shape pass, as written.
     for host in [
         "[::1]:8080",
@@ -2559,4 +2570,78 @@ async fn request_framing_reaches_the_backend_as_one_reading() {
     let resp = h2.send_request(req).await.unwrap();
     let got = resp.into_body().collect().await.unwrap().to_bytes();
     assert!(got.starts_with(b"OPTIONS *\n"), "{got:?}");
+}
+
+/// A backend that answers `POST /early` with a 401 at once, without reading the body,
+/// and then never reads from that connection again; other requests get a 200.
+async fn early_answering_backend() -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                loop {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match s.read(&mut byte).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => head.push(byte[0]),
+                        }
+                    }
+                    if head.starts_with(b"POST /early ") {
+                        let no = b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n";
+                        let _ = s.write_all(no).await;
+                        // Holds the connection, reading nothing more.
+                        std::future::pending::<()>().await;
+                    }
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if s.write_all(ok).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    a
+}
+
+#[tokio::test]
+async fn a_connection_answered_before_its_upload_ended_is_not_reused() {
+    let backend = early_answering_backend().await;
+    // Were the connection pooled, the next request would wait out the connect timeout
+    // for it to become ready, far beyond LIMIT.
+    let proxy = TestProxy::start(&config(&format!(
+        "[pools.p]\nconnect_timeout = \"60s\"\nbackends = [\"{backend}\"]\n"
+    )))
+    .await;
+    let mut upload = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut req =
+        b"POST /early HTTP/1.1\r\nHost: a.example\r\nContent-Length: 1000000\r\n\r\n".to_vec();
+    req.extend_from_slice(&[b'x'; 1000]);
+    upload.write_all(&req).await.unwrap();
+    // The client goes quiet mid-body, its connection open.
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    tokio::time::timeout(LIMIT, async {
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(upload.read(&mut byte).await.unwrap(), 1, "closed early");
+            head.push(byte[0]);
+        }
+    })
+    .await
+    .expect("no answer to the upload");
+    assert!(
+        head.starts_with(b"HTTP/1.1 401"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    for _ in 0..2 {
+        let got = tokio::time::timeout(LIMIT, fetch(proxy.addr, get("/")))
+            .await
+            .expect("the next request waited for the busy connection");
+        assert_eq!(got.status, 200);
+        assert_eq!(got.body, "ok");
+    }
+    drop(upload);
 }

@@ -348,6 +348,7 @@ fn forward<'a>(
                     let timeout = pool.response_timeout;
                     if let Some(w) = &watch {
                         w.sending();
+                        tx.sending_body(w);
                     }
                     if replay {
                         tx.copy_next_head();

@@ -423,7 +423,10 @@ pub fn prepare_request<B: Body>(
         Ok(host) if !host.is_empty() => {
             headers.insert(X_FORWARDED_HOST.clone(), host.clone());
         }
-        _ => {}
+        // No host to forward: the client's own field must not pass for the proxy's.
+        _ => {
+            headers.remove(&X_FORWARDED_HOST);
+        }
     }
     append_forwarded_for(headers, client);
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));

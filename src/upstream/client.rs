@@ -30,7 +30,7 @@ use tokio::time::Sleep;
 use crate::config::{BackendAddr, Limits, PoolConfig};
 
 use super::stats::BackendStats;
-use super::upload::Upload;
+use super::upload::{Upload, UploadWatch};
 
 /// A request body sent upstream: the client's, or nothing when a bodyless request is
 /// sent again.
@@ -49,9 +49,16 @@ pub struct Sender {
     pub tx: http1::SendRequest<UpstreamBody>,
     pub timer: Pin<Box<Sleep>>,
     state: Arc<ConnState>,
+    /// The body of the request last sent on this connection, if it had one.
+    upload: Option<Arc<UploadWatch>>,
 }
 
 impl Sender {
+    /// Notes that the request sent next has a body, uploaded as `watch` tells.
+    pub fn sending_body(&mut self, watch: &Arc<UploadWatch>) {
+        self.upload = Some(watch.clone());
+    }
+
     /// Asks the socket to copy the head of the request sent next, as hyper writes it.
     pub fn copy_next_head(&self) {
         self.state.copy_head.store(true, Ordering::Relaxed);
@@ -499,12 +506,21 @@ impl ConnPool {
         self.stats.count_connection_opened();
         // Set for each request before it is polled.
         let timer = Box::pin(tokio::time::sleep(Duration::ZERO));
-        Ok(Sender { tx, timer, state })
+        Ok(Sender {
+            tx,
+            timer,
+            state,
+            upload: None,
+        })
     }
 
-    /// Returns a connection whose last response was read to the end.
-    pub fn checkin(&self, tx: Sender) {
-        if tx.tx.is_closed() {
+    /// Returns a connection whose last response was read to the end. It is closed
+    /// instead if the request's body was not uploaded whole: a backend may answer before
+    /// it read the body (an early 401 or 413), and the connection then stays busy with
+    /// the rest of the upload, perhaps for good, as the backend may never read it (so
+    /// nginx, too, keeps a connection only once the request was sent whole).
+    pub fn checkin(&self, mut tx: Sender) {
+        if tx.tx.is_closed() || tx.upload.take().is_some_and(|w| !w.finished()) {
             return;
         }
         let now = Instant::now();

@@ -123,6 +123,11 @@ impl UploadWatch {
         self.set(phase);
     }
 
+    /// Whether the whole body was read from the client and handed to the connection.
+    pub fn finished(&self) -> bool {
+        self.phase_and_start().0 == Phase::Done
+    }
+
     /// The current phase and `clock_ms()` when it began.
     pub fn phase_and_start(&self) -> (Phase, u64) {
         let s = self.state.load(Ordering::Relaxed);
