@@ -606,3 +606,46 @@ async fn a_reload_changes_the_connection_settings_of_a_backend_it_keeps() {
     assert_eq!(opened(&s), 4, "{s}");
     assert_eq!(s["pools"][0]["backends"][0]["idle_connections"], 0, "{s}");
 }
+
+#[tokio::test]
+async fn a_reload_applies_a_rotated_secret_file_of_an_unchanged_config() {
+    let a = named_backend("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchyard.toml");
+    let secret = dir.path().join("sticky.secret");
+    write(&secret, "the first secret, long enough to sign\n");
+    write(
+        &path,
+        &format!(
+            "{}[pools.p]\npolicy = \"sticky_cookie\"\nbackends = [\"{a}\"]\n\
+             [pools.p.sticky]\nsecret_file = \"sticky.secret\"\n",
+            base(true)
+        ),
+    );
+    let (proxy, _reloader) = TestProxy::start_file(&path).await;
+    let first = fetch(proxy.addr, get("/")).await;
+    let cookie = first
+        .headers
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok()?.split(';').next())
+        .find(|c| c.starts_with("SWITCHYARD="))
+        .expect("a sticky cookie")
+        .to_owned();
+    fetch(proxy.addr, get_with_cookie("/", &cookie)).await;
+    let s = status(&proxy).await;
+    assert_eq!(s["pools"][0]["affinity"]["hit"], 1, "{s}");
+
+    // Only the secret changes (the old one is dropped, say after a leak).
+    write(&secret, "a second secret, just as long as the first\n");
+    let got = post_reload(&proxy).await;
+    assert_eq!(got.status, 200, "{:?}", got.body);
+    assert_eq!(got.json()["generation"], 2, "{:?}", got.body);
+    // A cookie signed with the dropped secret no longer holds.
+    fetch(proxy.addr, get_with_cookie("/", &cookie)).await;
+    let s = status(&proxy).await;
+    assert_eq!(s["pools"][0]["affinity"]["hit"], 1, "{s}");
+    assert_eq!(s["pools"][0]["affinity"]["invalid"], 1, "{s}");
+    // The same file and secret again: nothing to do.
+    assert_eq!(post_reload(&proxy).await.json()["changed"], false);
+}

@@ -15,6 +15,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use sha2::{Digest, Sha256};
+
 pub use validate::validate;
 
 /// A validated configuration.
@@ -22,7 +24,9 @@ pub use validate::validate;
 pub struct Config {
     /// Where it was read from, for messages and for reloading.
     pub source: Option<PathBuf>,
-    /// A hash of the file's bytes, shown in `/status`, so ops can tell which edit is live.
+    /// A hash of the file's bytes and of the sticky-cookie secrets it reads from other
+    /// files and the environment, shown in `/status`, so ops can tell which edit is live.
+    /// A reload that finds it unchanged does nothing.
     pub content_hash: u64,
     pub server: ServerConfig,
     pub admin: Option<AdminConfig>,
@@ -306,8 +310,23 @@ pub fn load(path: &Path) -> Result<Config, LoadError> {
 pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
     let raw = parse_raw(text, file)?;
     let mut config = validate(&raw, text, file)?;
-    config.content_hash = content_hash(text.as_bytes());
+    config.content_hash = config
+        .secrets()
+        .fold(content_hash(text.as_bytes()), |h, s| {
+            // A digest of each secret: the hash is shown, the secret's bytes stay private.
+            fnv(h, &Sha256::digest(&s.0))
+        });
     Ok(config)
+}
+
+impl Config {
+    /// Every sticky-cookie secret, pool by pool, in order.
+    fn secrets(&self) -> impl Iterator<Item = &Secret> {
+        self.pools.iter().flat_map(|p| match &p.affinity {
+            AffinityConfig::Cookie(s) => s.secrets.as_slice(),
+            _ => &[],
+        })
+    }
 }
 
 fn parse_raw(text: &str, file: &str) -> Result<raw::RawConfig, ConfigError> {
@@ -372,7 +391,12 @@ pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
 
 /// FNV-1a: a stable content hash, identical across builds and machines.
 pub fn content_hash(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+    fnv(0xcbf2_9ce4_8422_2325, bytes)
+}
+
+/// FNV-1a from `h` on.
+fn fnv(h: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(h, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
     })
 }
