@@ -384,12 +384,13 @@ impl Pool {
             if c.name() != cfg.cookie {
                 continue;
             }
+            let value = key::cookie_key(c.value());
             let cleared =
-                c.value().is_empty() || c.max_age().is_some_and(|a| a.is_zero() || a.is_negative());
+                value.is_empty() || c.max_age().is_some_and(|a| a.is_zero() || a.is_negative());
             if cleared {
-                table.forget(c.value());
+                table.forget(value);
             } else {
-                table.learn(c.value(), &self.members[i].backend.id, unix_now());
+                table.learn(value, &self.members[i].backend.id, unix_now());
             }
         }
     }

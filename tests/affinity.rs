@@ -635,3 +635,27 @@ async fn sliding_cookies_are_renewed_after_half_their_ttl() {
     assert!(our_cookies(&got, "SWITCHYARD").is_empty());
     assert_eq!(status(&proxy).await["pools"][0]["affinity"]["hit"], 3);
 }
+
+#[tokio::test]
+async fn a_quoted_session_value_is_learned_as_it_comes_back() {
+    // Each backend sets a quoted value (`JSESSIONID="a-1"`), as some frameworks do.
+    let quoting = |name: &'static str| {
+        backend(move |_req| async move {
+            let mut r = text(name);
+            let v = format!("JSESSIONID=\"{name}-1\"; Path=/");
+            r.headers_mut()
+                .insert("set-cookie", http::HeaderValue::from_str(&v).unwrap());
+            r
+        })
+    };
+    let (a, b) = (quoting("a").await, quoting("b").await);
+    let proxy = TestProxy::start(&config(&learn_pool(&[a, b], ""))).await;
+    let first = fetch(proxy.addr, get("/")).await;
+    let owner = String::from_utf8(first.body.to_vec()).unwrap();
+    let session = format!("JSESSIONID=\"{owner}-1\"");
+    for _ in 0..10 {
+        let got = fetch(proxy.addr, get_with_cookie("/", &session)).await;
+        assert_eq!(String::from_utf8(got.body.to_vec()).unwrap(), owner);
+    }
+    assert_eq!(status(&proxy).await["pools"][0]["affinity"]["hit"], 10);
+}

@@ -102,10 +102,17 @@ pub fn cookie_value<'a>(req: &'a Parts, name: &str) -> Option<&'a str> {
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| {
             let (k, v) = pair.split_once('=')?;
-            let v = v.trim().trim_matches('"');
+            let v = cookie_key(v);
             (k.trim() == name && !v.is_empty()).then_some(v)
         })
         .next()
+}
+
+/// A cookie value as affinity compares it, whether read from a request's `Cookie` or
+/// learned from a response's `Set-Cookie`: without surrounding whitespace or the double
+/// quotes that RFC 6265 allows around it.
+pub fn cookie_key(value: &str) -> &str {
+    value.trim().trim_matches('"')
 }
 
 /// The first present key of `chain`.
