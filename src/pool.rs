@@ -255,6 +255,7 @@ impl Pool {
         removed: Vec<Member>,
         state: Arc<PoolState>,
         metrics: bool,
+        turn: usize,
     ) -> Pool {
         let mut members: Vec<Member> = pc
             .backends
@@ -343,7 +344,7 @@ impl Pool {
         Pool {
             name: Arc::from(pc.name.as_str()),
             policy: pc.policy,
-            selector: Selector::build(pc.policy, &weights),
+            selector: Selector::build(pc.policy, &weights, turn),
             members,
             eligible,
             by_id,
@@ -366,6 +367,11 @@ impl Pool {
         if self.metrics {
             self.state.stats.count(o);
         }
+    }
+
+    /// Where the balancing rotation stands.
+    pub(crate) fn selector_turn(&self) -> usize {
+        self.selector.turn()
     }
 
     /// Positions in `eligible`, in balancing order.

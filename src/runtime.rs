@@ -81,7 +81,9 @@ impl Runtime {
                         .cloned()
                         .collect()
                 });
-                Pool::build(pc, backends, removed, state, config.server.metrics)
+                // The rotation goes on where it was.
+                let turn = prev.map_or(0, |p| p.selector_turn());
+                Pool::build(pc, backends, removed, state, config.server.metrics, turn)
             })
             .collect();
         let mut routes: Vec<(usize, Route)> = config

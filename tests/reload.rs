@@ -649,3 +649,25 @@ async fn a_reload_applies_a_rotated_secret_file_of_an_unchanged_config() {
     // The same file and secret again: nothing to do.
     assert_eq!(post_reload(&proxy).await.json()["changed"], false);
 }
+
+#[tokio::test]
+async fn round_robin_goes_on_where_it_was_across_reloads() {
+    let (a, b, c) = (
+        named_backend("a").await,
+        named_backend("b").await,
+        named_backend("c").await,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchyard.toml");
+    let text = one_pool(&[("a", a), ("b", b), ("c", c)], "");
+    write(&path, &text);
+    let (proxy, _reloader) = TestProxy::start_file(&path).await;
+    let mut seen = Vec::new();
+    for round in 0..4 {
+        seen.push(fetch(proxy.addr, get("/")).await.backend());
+        // A change that leaves the pool as it was still builds a new snapshot.
+        write(&path, &format!("{text}# edit {round}\n"));
+        assert_eq!(post_reload(&proxy).await.json()["generation"], round + 2);
+    }
+    assert_eq!(seen, ["a", "b", "c", "a"]);
+}

@@ -22,15 +22,24 @@ pub enum Selector {
 }
 
 impl Selector {
-    /// A selector over backends with `weights`. Stateful policies balance new sessions
-    /// with smooth weighted round robin.
-    pub fn build(policy: Policy, weights: &[u32]) -> Self {
+    /// A selector over backends with `weights`, going on from `turn` (see
+    /// [`Self::turn`]). Stateful policies balance new sessions with smooth weighted
+    /// round robin.
+    pub fn build(policy: Policy, weights: &[u32], turn: usize) -> Self {
         match policy {
             Policy::LeastRequest => Selector::LeastRequest(LeastRequest::new(weights.len())),
             Policy::RoundRobin
             | Policy::StickyCookie
             | Policy::StickyLearn
-            | Policy::ConsistentHash => Selector::RoundRobin(RoundRobin::new(weights)),
+            | Policy::ConsistentHash => Selector::RoundRobin(RoundRobin::from_turn(weights, turn)),
+        }
+    }
+
+    /// Where a rotation stands, for the selector that replaces this one on a reload.
+    pub fn turn(&self) -> usize {
+        match self {
+            Selector::RoundRobin(rr) => rr.turn(),
+            Selector::LeastRequest(_) => 0,
         }
     }
 

@@ -18,11 +18,22 @@ pub struct RoundRobin {
 impl RoundRobin {
     /// `weights` are all at least 1 (validation guarantees it).
     pub fn new(weights: &[u32]) -> Self {
+        Self::from_turn(weights, 0)
+    }
+
+    /// Starts at pick number `turn`: a pool rebuilt by a reload goes on from where its
+    /// previous selector was, rather than sending the next request to its first backend.
+    pub fn from_turn(weights: &[u32], turn: usize) -> Self {
         RoundRobin {
             schedule: schedule(weights).into_boxed_slice(),
-            next: AtomicUsize::new(0),
+            next: AtomicUsize::new(turn),
             len: weights.len(),
         }
+    }
+
+    /// The number of the next pick.
+    pub fn turn(&self) -> usize {
+        self.next.load(Ordering::Relaxed)
     }
 
     /// Number of backends.
