@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use crate::balance::consistent_hash::HashTable;
+use crate::balance::consistent_hash::{self, HashTable};
 use crate::balance::learned::Learned;
 use crate::balance::sticky_cookie::{self, Codec, Tag};
 use crate::balance::Selector;
@@ -281,6 +281,11 @@ impl Pool {
                 removed: true,
                 ..m
             });
+        }
+        if matches!(pc.affinity, AffinityConfig::Hash(_)) {
+            // Backends that left beyond the table's bound stop draining early (the
+            // configured ones, listed first, are within it).
+            members.truncate(consistent_hash::MAX_MEMBERS);
         }
         let eligible: Vec<usize> = (0..members.len())
             .filter(|&i| !members[i].draining)

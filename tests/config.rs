@@ -2036,3 +2036,64 @@ fn environment_secrets_are_trimmed_like_file_secrets() {
         vec![Secret(b"a secret with a newline".to_vec())]
     );
 }
+
+/// `[pools.x]` with `policy` and backends on `127.0.0.1`, ports from 1 up, with `weight(i)`.
+fn big_pool(policy: &str, n: usize, weight: impl Fn(usize) -> u32) -> String {
+    let list: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                "{{ address = \"127.0.0.1:{}\", weight = {} }}",
+                i + 1,
+                weight(i)
+            )
+        })
+        .collect();
+    let key = if policy == "consistent_hash" {
+        "hash_key = [\"client_ip\"]\n"
+    } else {
+        ""
+    };
+    format!(
+        "[pools.x]\npolicy = \"{policy}\"\n{key}backends = [{}]\n",
+        list.join(", ")
+    )
+}
+
+#[test]
+fn pools_with_too_many_backends() {
+    let line = |text: &str| {
+        text.lines()
+            .position(|l| l.starts_with("backends"))
+            .unwrap()
+            + 1
+    };
+    for (policy, most) in [("round_robin", 10_000), ("consistent_hash", 1000)] {
+        ok(&big_pool(policy, most, |_| 1));
+        let text = big_pool(policy, most + 1, |_| 1);
+        assert_err(
+            &text,
+            "pools.x.backends",
+            line(&text),
+            Some(12),
+            &format!(
+                "{} backends; a {policy} pool takes at most {most}",
+                most + 1
+            ),
+        );
+    }
+}
+
+#[test]
+fn weights_that_make_too_long_a_round_robin_cycle() {
+    // A cycle of about a million picks over a thousand backends.
+    let text = big_pool("round_robin", 1000, |i| 999 + (i % 2) as u32);
+    assert_err(
+        &text,
+        "pools.x.backends",
+        3,
+        Some(12),
+        "round-robin cycle too long to build",
+    );
+    // The same spread over fewer backends builds in time.
+    ok(&big_pool("round_robin", 100, |i| 999 + (i % 2) as u32));
+}

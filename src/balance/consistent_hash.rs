@@ -22,6 +22,12 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// log2 of the number of slots.
 pub const SLOT_BITS: u32 = 18;
+/// Most backends a consistent-hash pool's configuration may list: building a table
+/// scores every backend for every slot.
+pub const MAX_BACKENDS: usize = 1000;
+/// Most backends a table is built over: the configured ones and, at most as many again,
+/// backends that left the configuration and still drain.
+pub const MAX_MEMBERS: usize = 2 * MAX_BACKENDS;
 /// Fixed seed for key hashing: placement must not vary between processes.
 const KEY_SEED: u64 = 0x5377_6974_6368_7961; // "Switchya"
 

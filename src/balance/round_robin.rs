@@ -63,6 +63,13 @@ fn gcd(a: u32, b: u32) -> u32 {
     }
 }
 
+/// The steps [`schedule`] takes for `weights`: picks in a cycle times backends.
+pub fn schedule_work(weights: &[u32]) -> u64 {
+    let g = weights.iter().copied().fold(0, gcd).max(1);
+    let cycle: u64 = weights.iter().map(|&x| u64::from(x / g)).sum();
+    cycle.saturating_mul(weights.len() as u64)
+}
+
 /// One cycle of smooth weighted round robin.
 pub fn schedule(weights: &[u32]) -> Vec<u32> {
     let g = weights.iter().copied().fold(0, gcd).max(1);

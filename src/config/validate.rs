@@ -13,6 +13,8 @@ use super::raw::{RawConfig, RawHealth, RawLearn, RawOutlier, RawPool, RawSticky}
 use super::{AllDown, HealthConfig, OutlierConfig};
 use crate::balance::key::{is_cookie_name, KeySource};
 
+use crate::balance::{consistent_hash, round_robin};
+
 use super::{
     line_col, AccessLog, AdminConfig, AffinityConfig, BackendAddr, BackendConfig, Config,
     ConfigError, HashConfig, HostMatch, LearnConfig, Limits, OnUnavailable, Policy, PoolConfig,
@@ -21,6 +23,11 @@ use super::{
 
 /// Largest accepted backend weight: keeps the round-robin schedule table small.
 pub const MAX_WEIGHT: i64 = 1000;
+/// Most backends in one pool.
+pub const MAX_BACKENDS: usize = 10_000;
+/// Most steps building a pool's round-robin cycle may take (about a tenth of a second):
+/// ten thousand backends of equal weight, or fewer with uneven weights.
+const MAX_SCHEDULE_WORK: u64 = 100_000_000;
 /// hyper refuses read buffers below this size.
 const MIN_HEADER_BYTES: i64 = 8192;
 
@@ -339,6 +346,21 @@ fn pool(cx: &Ctx, n: &str, raw: &Spanned<RawPool>) -> Result<PoolConfig, ConfigE
             "a pool needs at least one backend",
         ));
     }
+    let most = match policy {
+        Policy::ConsistentHash => consistent_hash::MAX_BACKENDS,
+        _ => MAX_BACKENDS,
+    };
+    if list.get_ref().len() > most {
+        return Err(cx.err(
+            Some(list.span()),
+            key("backends"),
+            format!(
+                "{} backends; a {} pool takes at most {most}",
+                list.get_ref().len(),
+                policy.as_str()
+            ),
+        ));
+    }
     let mut backends: Vec<BackendConfig> = Vec::with_capacity(list.get_ref().len());
     let mut ids = HashSet::new();
     for (i, b) in list.get_ref().iter().enumerate() {
@@ -385,6 +407,15 @@ fn pool(cx: &Ctx, n: &str, raw: &Spanned<RawPool>) -> Result<PoolConfig, ConfigE
             weight,
             drain: rb.drain.unwrap_or(false),
         });
+    }
+    let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
+    if round_robin::schedule_work(&weights) > MAX_SCHEDULE_WORK {
+        return Err(cx.err(
+            Some(list.span()),
+            key("backends"),
+            "these weights make a round-robin cycle too long to build; use fewer distinct \
+             weights, or weights with a common divisor",
+        ));
     }
     Ok(PoolConfig {
         name: n.to_owned(),
