@@ -157,11 +157,13 @@ impl Plan {
                     return self.passed_over.take();
                 }
                 None => {
-                    // Nothing healthy at all: fail open once, if the pool says so.
+                    // Nothing healthy at all: fail open once, if the pool says so (not
+                    // when every backend drains: then none may take new clients).
                     if self.offered > 0
                         || self.ignore_health
                         || self.pinned.is_some()
                         || pool.all_down != AllDown::FailOpen
+                        || pool.eligible.is_empty()
                     {
                         return None;
                     }

@@ -260,3 +260,26 @@ async fn switching_checks_off_forgets_their_verdict() {
     let s = status(&proxy).await;
     assert_eq!(s["pools"][0]["backends"][1]["healthy"], true, "{s}");
 }
+
+#[tokio::test]
+async fn a_pool_whose_backends_all_drain_does_not_fail_open() {
+    let (a, b) = (named_backend("a").await, named_backend("b").await);
+    let proxy = TestProxy::start(&config(&format!(
+        "[pools.p]\nbackends = [{{ address = \"{a}\", drain = true }}, {{ address = \"{b}\", drain = true }}]\n"
+    )))
+    .await;
+    for _ in 0..3 {
+        assert_eq!(fetch(proxy.addr, get("/")).await.status, 503);
+    }
+    let text = String::from_utf8(
+        fetch(proxy.admin.unwrap(), get("/metrics"))
+            .await
+            .body
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        text.contains("switchyard_pool_fail_open_total{pool=\"p\"} 0"),
+        "{text}"
+    );
+}
