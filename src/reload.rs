@@ -31,8 +31,8 @@ pub enum ReloadError {
     NoFile,
     #[error(transparent)]
     Load(#[from] LoadError),
-    #[error("{key} changed: applying it needs a restart; revert it to reload the rest")]
-    NeedsRestart { key: &'static str },
+    #[error("{file}: {key} changed: applying it needs a restart; revert it to reload the rest")]
+    NeedsRestart { file: String, key: &'static str },
 }
 
 /// What a successful reload did.
@@ -200,7 +200,11 @@ fn restart_only(old: &Config, new: &Config) -> Result<(), ReloadError> {
     } else {
         return Ok(());
     };
-    Err(ReloadError::NeedsRestart { key })
+    let file = new
+        .source
+        .as_ref()
+        .map_or_else(|| "(config)".to_owned(), |p| p.display().to_string());
+    Err(ReloadError::NeedsRestart { file, key })
 }
 
 /// A one-line summary of what changed: pools and backends added, removed, changed.

@@ -562,6 +562,11 @@ fn health_rejections() {
             "must not exceed interval",
         ),
         (
+            "[pools.web.health]\ninterval = \"500ms\"\n",
+            "pools.web.health.interval",
+            "must not be shorter than timeout (1s by default)",
+        ),
+        (
             "[pools.web.health]\nhealthy_threshold = 0\n",
             "pools.web.health.healthy_threshold",
             "out of range",

@@ -522,11 +522,16 @@ fn health(cx: &Ctx, pool: &str, h: &RawHealth) -> Result<HealthConfig, ConfigErr
     let interval = cx.duration(&h.interval, &key("interval"), Duration::from_secs(2))?;
     let timeout = cx.duration(&h.timeout, &key("timeout"), Duration::from_secs(1))?;
     if timeout > interval {
-        return Err(cx.err(
-            h.timeout.as_ref().map(|t| t.span()),
-            key("timeout"),
-            "must not exceed interval",
-        ));
+        // Points at what was written: the timeout, or an interval shorter than the
+        // default timeout.
+        return Err(match &h.timeout {
+            Some(t) => cx.err(Some(t.span()), key("timeout"), "must not exceed interval"),
+            None => cx.err(
+                h.interval.as_ref().map(|i| i.span()),
+                key("interval"),
+                format!("must not be shorter than timeout ({timeout:?} by default)"),
+            ),
+        });
     }
     Ok(HealthConfig {
         path,
