@@ -2645,3 +2645,52 @@ async fn a_connection_answered_before_its_upload_ended_is_not_reused() {
     }
     drop(upload);
 }
+
+#[tokio::test]
+async fn an_http2_connection_may_wait_for_its_first_request_past_the_header_timeout() {
+    let a = named_backend("a").await;
+    let cfg = format!("[server.limits]\nidle_timeout = \"1h\"\nheader_read_timeout = \"200ms\"\n[pools.p]\nbackends = [\"{a}\"]\n");
+    let proxy = TestProxy::start(&config(&cfg)).await;
+    // Opened ahead of need, as HTTP/2 clients do: the preface is no request head.
+    let (mut tx, _conn) = h2_connect(proxy.addr).await;
+    // What is under test is the passing of time itself.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let req = Request::get(format!("http://h2.example.com:{}/", proxy.addr.port()))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = tx
+        .send_request(req)
+        .await
+        .expect("the connection stayed open");
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_with_goaway() {
+    let a = named_backend("a").await;
+    let cfg = format!("[server.limits]\nidle_timeout = \"300ms\"\nheader_read_timeout = \"1h\"\n[pools.p]\nbackends = [\"{a}\"]\n");
+    let proxy = TestProxy::start(&config(&cfg)).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    // The preface and an empty SETTINGS frame, then nothing.
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    s.write_all(&hello).await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(LIMIT, s.read_to_end(&mut got))
+        .await
+        .expect("the idle connection stayed open")
+        .unwrap();
+    // The frame types the proxy sent: 9-byte headers, a 24-bit length first.
+    let mut types = Vec::new();
+    let mut at = 0;
+    while at + 9 <= got.len() {
+        let len =
+            usize::from(got[at]) << 16 | usize::from(got[at + 1]) << 8 | usize::from(got[at + 2]);
+        types.push(got[at + 3]);
+        at += 9 + len;
+    }
+    assert!(
+        types.contains(&7),
+        "no GOAWAY among frames of types {types:?}"
+    );
+}

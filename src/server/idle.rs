@@ -7,7 +7,8 @@
 //!   (hyper calls the service) within `header_read_timeout`, or it is closed. This is
 //!   the slowloris defence, and it starts at the first byte of each request, so it does
 //!   not also cut keep-alive connections that are merely waiting;
-//! - no bytes at all for `idle_timeout` closes the connection.
+//! - no bytes at all for `idle_timeout` closes the connection (gracefully: an HTTP/2
+//!   client gets GOAWAY).
 //!
 //! While a request is in progress, one rule applies: a client that takes none of its
 //! response for `idle_timeout` (the socket accepts no byte of it) is cut off, so that a
@@ -17,8 +18,9 @@
 //!
 //! hyper's own header timer is not used because it also runs while a keep-alive
 //! connection waits for its next request, which would cap keep-alive idling at the
-//! header timeout. HTTP/2 connections exchange control frames between requests, so for
-//! them only the idle rule applies once the first request arrived. The same holds for a
+//! header timeout. HTTP/2 connections exchange control frames between requests, and
+//! clients open them ahead of need, so for them only the idle rule applies, from the
+//! preface on. The same holds for a
 //! connection upgraded to a tunnel (WebSocket), which the tunnel's task watches.
 //!
 //! Nothing wakes the watchdog: it sleeps until the nearest deadline, but never longer
@@ -194,12 +196,21 @@ impl Activity {
         }
     }
 
+    /// The connection speaks HTTP/2: only the idle rule applies to it from now on, also
+    /// before its first request. Its preface is no request head to be timed, and clients
+    /// open HTTP/2 connections ahead of need.
+    pub(crate) fn speaks_http2(&self) {
+        self.idle_rule_only.store(true, Ordering::Relaxed);
+    }
+
     /// Marks a request as started (its head is complete); it ends when the guard drops.
     pub fn begin(self: &Arc<Self>, version: http::Version) -> ActiveRequest {
         self.active.fetch_add(1, Ordering::Relaxed);
         self.head_started_ms.store(NONE, Ordering::Relaxed);
         if version == http::Version::HTTP_2 {
-            self.idle_rule_only.store(true, Ordering::Relaxed);
+            // Also HTTP/2 over a connection that did not start with the preface (h2c
+            // upgrades are not taken, but this keeps the rule tied to the version).
+            self.speaks_http2();
         }
         ActiveRequest(self.clone())
     }

@@ -30,7 +30,11 @@ use tokio_util::task::TaskTracker;
 use crate::config::Limits;
 use crate::proxy::{ClientInfo, Proxy, ProxyBody};
 
-use idle::{Activity, TrackedIo};
+use idle::{Activity, Expiry, TrackedIo};
+
+/// How long a connection closed for idleness has to close gracefully (an HTTP/2 client's
+/// GOAWAY) before it is cut.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// How connections on a listener are set up before HTTP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,6 +181,7 @@ async fn serve_connection<S, F>(
             drive(pin!(conn), &activity, |c| c.graceful_shutdown()).await
         }
         Ok(Some(Http::Two)) => {
+            activity.speaks_http2();
             let conn = builders.http2.serve_connection(TokioIo::new(io), svc);
             drive(pin!(conn), &activity, |c| c.graceful_shutdown()).await
         }
@@ -278,6 +283,13 @@ pub async fn serve(
                     _ = &mut served => break,
                     why = activity.expired(idle_timeout, header_timeout) => {
                         tracing::debug!(client = %peer, ?why, "closing client connection");
+                        if why == Expiry::Idle && !stopping {
+                            // Nothing in progress: closed as at shutdown, so that an
+                            // HTTP/2 client gets GOAWAY and knows that no request of its
+                            // was dropped; given a moment for that, then cut.
+                            activity.request_stop();
+                            let _ = tokio::time::timeout(IDLE_CLOSE_GRACE, &mut served).await;
+                        }
                         break;
                     }
                     _ = close.cancelled() => break,
