@@ -400,6 +400,19 @@ fn backend_address_with_space() {
 }
 
 #[test]
+fn backend_address_with_a_bad_name() {
+    assert_bad_backend_address("-web:80");
+    assert_bad_backend_address("web..api:80");
+    assert_bad_backend_address("web/api:80");
+}
+
+#[test]
+fn backend_names_as_container_runtimes_give_them() {
+    let c = ok("[pools.x]\nbackends = [\"web_api:8080\", \"shop_web_1.internal:80\"]\n");
+    assert_eq!(c.pools[0].backends.len(), 2);
+}
+
+#[test]
 fn backend_address_port_zero() {
     assert_bad_backend_address("127.0.0.1:0");
 }

@@ -962,7 +962,10 @@ fn backend_addr(s: &str) -> Result<BackendAddr, String> {
             !label.is_empty()
                 && label.len() <= 63
                 && !label.starts_with('-')
-                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                // `_` as well: container runtimes' DNS serves names such as `web_api`.
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         })
         && !host.chars().all(|c| c.is_ascii_digit() || c == '.');
     if !valid_host || port == 0 {
