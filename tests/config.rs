@@ -307,6 +307,26 @@ fn zero_duration() {
 }
 
 #[test]
+fn durations_below_a_millisecond() {
+    let text = format!("{WEB}connect_timeout = \"500us\"\n");
+    assert_err(
+        &text,
+        "pools.web.connect_timeout",
+        3,
+        Some(19),
+        "must be at least 1ms",
+    );
+    let text = format!("{WEB}[pools.web.health]\ninterval = \"5ms\"\ntimeout = \"1ms\"\n");
+    assert_err(
+        &text,
+        "pools.web.health.interval",
+        4,
+        Some(12),
+        "must be at least 10ms",
+    );
+}
+
+#[test]
 fn duration_beyond_ten_years() {
     // Now plus it must be a time the clock can hold.
     let text = format!("{WEB}response_timeout = \"500000000000y\"\n");

@@ -31,6 +31,9 @@ const MAX_SCHEDULE_WORK: u64 = 100_000_000;
 /// hyper refuses read buffers below this size.
 const MIN_HEADER_BYTES: i64 = 8192;
 
+/// The shortest health-check interval.
+const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(10);
+
 /// The longest duration any key accepts.
 const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
@@ -75,6 +78,10 @@ impl Ctx<'_> {
         })?;
         if d.is_zero() {
             return Err(self.err(Some(v.span()), key, "must be greater than zero"));
+        }
+        // The timers count whole milliseconds.
+        if d < Duration::from_millis(1) {
+            return Err(self.err(Some(v.span()), key, "must be at least 1ms"));
         }
         // Far enough for any timeout or lifetime, near enough that a deadline of now
         // plus it is always a time the clock can hold.
@@ -520,6 +527,13 @@ fn health(cx: &Ctx, pool: &str, h: &RawHealth) -> Result<HealthConfig, ConfigErr
         }
     };
     let interval = cx.duration(&h.interval, &key("interval"), Duration::from_secs(2))?;
+    if interval < MIN_HEALTH_INTERVAL {
+        return Err(cx.err(
+            h.interval.as_ref().map(|i| i.span()),
+            key("interval"),
+            format!("must be at least {MIN_HEALTH_INTERVAL:?}: a check per backend that often is load enough"),
+        ));
+    }
     let timeout = cx.duration(&h.timeout, &key("timeout"), Duration::from_secs(1))?;
     if timeout > interval {
         // Points at what was written: the timeout, or an interval shorter than the

@@ -411,6 +411,9 @@ impl ConnPool {
     /// against for expiry.
     pub async fn checkout(&self, mut now: Instant) -> Result<PooledConn, UpstreamError> {
         let mut waited = false;
+        // Waits for connections that are not ready at once end together by this time, so
+        // that several such connections cost one connect timeout at most, not one each.
+        let mut wait_until = None;
         loop {
             let (idle, settings) = {
                 let mut slots = self.lock();
@@ -422,8 +425,10 @@ impl ConnPool {
             if tx.tx.is_closed() || now.saturating_duration_since(since) >= settings.idle_timeout {
                 continue;
             }
-            // Usually ready at once: then no timer is armed. Otherwise bounded: a
-            // connection whose previous request is still uploading is not worth waiting for.
+            // Usually ready at once: then no timer is armed. Otherwise its task may not
+            // have run since the last response ended, or it may still be writing the end
+            // of the last request's body to a backend that answered early: a wait, but a
+            // bounded one.
             if tx.tx.is_ready() {
                 return Ok(PooledConn {
                     tx,
@@ -431,7 +436,10 @@ impl ConnPool {
                     at_once: !waited,
                 });
             }
-            let ready = tokio::time::timeout(settings.connect_timeout, tx.tx.ready()).await;
+            let until = *wait_until.get_or_insert_with(|| {
+                tokio::time::Instant::from_std(now) + settings.connect_timeout
+            });
+            let ready = tokio::time::timeout_at(until, tx.tx.ready()).await;
             // Time has passed: `now` no longer holds.
             waited = true;
             now = Instant::now();
