@@ -260,6 +260,30 @@ async fn request_id_is_propagated() {
 }
 
 #[tokio::test]
+async fn a_request_with_two_ids_reaches_the_backend_with_the_one_returned() {
+    let a = backend(|req| async move {
+        let ids: Vec<&str> = req
+            .headers()
+            .get_all("x-request-id")
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        text(ids.join("|"))
+    })
+    .await;
+    let proxy = TestProxy::start(&single_pool(a)).await;
+    let req = Request::get("/")
+        .header("host", "x")
+        .header("x-request-id", "first-1")
+        .header("x-request-id", "second-2")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let got = fetch(proxy.addr, req).await;
+    assert_eq!(got.body, "first-1");
+    assert_eq!(got.headers["x-request-id"], "first-1");
+}
+
+#[tokio::test]
 async fn response_hop_by_hop_headers_are_removed() {
     let a = backend(|_| async {
         let mut r = text("ok");

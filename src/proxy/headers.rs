@@ -301,10 +301,16 @@ fn valid_host(host: &[u8]) -> bool {
         Some(i) => (&host[..i], &host[i + 1..]),
         None => (host, &b""[..]),
     };
-    let plain = !name.is_empty()
-        && name.iter().all(|&b| NAME_CHAR[usize::from(b)])
-        && port.iter().all(u8::is_ascii_digit);
-    plain || host.is_empty() || valid_authority(host)
+    let plain = !name.is_empty() && name.iter().all(|&b| NAME_CHAR[usize::from(b)]);
+    (plain && valid_port(port)) || host.is_empty() || valid_authority(host)
+}
+
+/// Whether `port` is a port a TCP connection can have: empty (the default, as a URI
+/// allows) or a number up to 65535.
+fn valid_port(port: &[u8]) -> bool {
+    port.len() <= 5
+        && port.iter().all(u8::is_ascii_digit)
+        && port.iter().fold(0u32, |n, &d| n * 10 + u32::from(d - b'0')) <= 65535
 }
 
 /// The characters of a host name or IPv4 address: letters, digits, `.` and `-`.
@@ -333,7 +339,7 @@ fn valid_authority(host: &[u8]) -> bool {
         let port_ok = port.is_empty()
             || port
                 .strip_prefix(':')
-                .is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit()));
+                .is_some_and(|p| valid_port(p.as_bytes()));
         !a.host().is_empty() && port_ok
     })
 }
@@ -431,7 +437,14 @@ pub fn prepare_request<B: Body>(
     append_forwarded_for(headers, client);
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
     let request_id = match headers.entry(&X_REQUEST_ID) {
-        Entry::Occupied(e) if valid_request_id(e.get()) => e.get().clone(),
+        // One id only: with two, the backend might log the other.
+        Entry::Occupied(mut e) if valid_request_id(e.get()) => {
+            let id = e.get().clone();
+            if e.iter().nth(1).is_some() {
+                e.insert(id.clone());
+            }
+            id
+        }
         Entry::Occupied(mut e) => {
             let id = new_request_id();
             e.insert(id.clone());
@@ -647,6 +660,7 @@ mod tests {
             "a.example",
             "A.Example:8080",
             "a.example:",
+            "a.example:65535",
             "127.0.0.1",
             "[::1]",
             "[::1]:443",
@@ -662,6 +676,10 @@ mod tests {
             "a.example/x",
             "a.example:80x",
             "a.example:-1",
+            "a.example:65536",
+            "a.example:99999",
+            "a.example:000080",
+            "[::1]:65536",
             "[::1",
             "[::1]x",
             ":80",
