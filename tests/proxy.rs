@@ -2718,3 +2718,28 @@ async fn an_idle_http2_connection_is_closed_with_goaway() {
         "no GOAWAY among frames of types {types:?}"
     );
 }
+
+#[tokio::test]
+async fn a_client_that_shuts_its_side_down_after_its_requests_gets_every_answer() {
+    let a = named_backend("a").await;
+    let proxy = TestProxy::start(&single_pool(a)).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(
+        b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n\
+          POST /two HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc",
+    )
+    .await
+    .unwrap();
+    s.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(LIMIT, s.read_to_end(&mut got))
+        .await
+        .expect("the proxy kept the connection open")
+        .unwrap();
+    let got = String::from_utf8_lossy(&got);
+    assert_eq!(got.matches("HTTP/1.1 200").count(), 2, "{got}");
+    assert!(
+        got.contains("\"/one\"") && got.contains("\"/two\""),
+        "{got}"
+    );
+}

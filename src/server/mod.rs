@@ -98,6 +98,9 @@ impl HttpBuilders {
             // Enforced per request head by `idle::Activity` instead; see there.
             .header_read_timeout(None)
             .max_buf_size(limits.max_header_bytes)
+            // A client may shut its side down once its request is sent (`shutdown(SHUT_WR)`,
+            // `nc -N`): it still gets its answers, as from HAProxy.
+            .half_close(true)
             .keep_alive(true);
         // The write strategy stays hyper's default (vectored writes of the head and
         // body chunks as they are), not `writev(false)`: flattening saves about 400
