@@ -69,7 +69,13 @@ pub async fn serve(
 }
 
 async fn handle(state: &Arc<AdminState>, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    match (req.method(), req.uri().path()) {
+    // HEAD is answered as GET; hyper leaves the body out.
+    let method = if req.method() == Method::HEAD {
+        &Method::GET
+    } else {
+        req.method()
+    };
+    match (method, req.uri().path()) {
         (&Method::POST, "/reload") => match state.reloader.reload_async().await {
             Ok(applied) => json_response(&json!({
                 "generation": applied.generation(),
@@ -85,7 +91,7 @@ async fn handle(state: &Arc<AdminState>, req: Request<Incoming>) -> Response<Ful
                 r
             }
         },
-        (_, "/reload") => text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"),
+        (_, "/reload") => not_allowed("POST"),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/metrics") => {
             // Rendering takes milliseconds with many backends: off the threads that
@@ -129,9 +135,8 @@ async fn handle(state: &Arc<AdminState>, req: Request<Incoming>) -> Response<Ful
             owner_pool(path).unwrap_or_default(),
             req.uri().query(),
         ),
-        (_, "/healthz" | "/readyz" | "/status" | "/metrics") => {
-            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
-        }
+        (_, "/healthz" | "/readyz" | "/status" | "/metrics") => not_allowed("GET, HEAD"),
+        (_, path) if owner_pool(path).is_some() => not_allowed("GET, HEAD"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
@@ -181,6 +186,14 @@ fn json_response(v: &serde_json::Value) -> Response<Full<Bytes>> {
         header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
     );
+    r
+}
+
+/// `405`, with the methods the path takes.
+fn not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
+    let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    r.headers_mut()
+        .insert(header::ALLOW, http::HeaderValue::from_static(allow));
     r
 }
 

@@ -2,7 +2,10 @@
 
 mod common;
 
+use bytes::Bytes;
 use common::*;
+use http::Request;
+use http_body_util::Full;
 
 async fn scrape(proxy: &TestProxy) -> String {
     let got = fetch(proxy.admin.unwrap(), get("/metrics")).await;
@@ -255,4 +258,47 @@ async fn metrics_off_records_no_requests_and_a_reload_turns_them_on() {
         "switchyard_affinity_total{outcome=\"new\",pool=\"web\"}",
         2.0,
     );
+}
+
+#[tokio::test]
+async fn admin_endpoints_answer_get_and_head_and_name_the_methods_they_take() {
+    let a = named_backend("a").await;
+    let proxy = TestProxy::start(&config(&format!(
+        "[pools.p]\npolicy = \"consistent_hash\"\nhash_key = [\"client_ip\"]\nbackends = [\"{a}\"]\n"
+    )))
+    .await;
+    let admin = proxy.admin.unwrap();
+    let with = |method: &str, path: &str| {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "admin")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let got = fetch(admin, with("GET", "/healthz")).await;
+    assert_eq!((got.status, &got.body[..]), (200, &b"ok\n"[..]));
+    assert_eq!(fetch(admin, with("GET", "/readyz")).await.status, 200);
+    for path in [
+        "/healthz",
+        "/readyz",
+        "/status",
+        "/metrics",
+        "/pools/p/owner?key=k",
+    ] {
+        let got = fetch(admin, with("HEAD", path)).await;
+        assert_eq!(got.status, 200, "HEAD {path}");
+        assert!(got.body.is_empty(), "HEAD {path}");
+    }
+    for (method, path, allow) in [
+        ("DELETE", "/status", "GET, HEAD"),
+        ("POST", "/healthz", "GET, HEAD"),
+        ("PUT", "/pools/p/owner", "GET, HEAD"),
+        ("GET", "/reload", "POST"),
+    ] {
+        let got = fetch(admin, with(method, path)).await;
+        assert_eq!(got.status, 405, "{method} {path}");
+        assert_eq!(got.headers["allow"], allow, "{method} {path}");
+    }
+    assert_eq!(fetch(admin, with("GET", "/nowhere")).await.status, 404);
 }
