@@ -2743,3 +2743,32 @@ async fn a_client_that_shuts_its_side_down_after_its_requests_gets_every_answer(
         "{got}"
     );
 }
+
+#[tokio::test]
+async fn http2_uploads_that_end_in_a_frame_of_their_own_keep_the_backend_connection() {
+    let a = named_backend("a").await;
+    let proxy = TestProxy::start(&single_pool(a)).await;
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    // The declared bytes, then the end of the stream in an empty DATA frame.
+    for body in ["abc", "abc", "", "abc"] {
+        let parts = [Ok::<_, std::io::Error>(http_body::Frame::data(
+            Bytes::from(body),
+        ))];
+        let req = Request::post("http://a.example/up")
+            .header("content-length", body.len())
+            .body(StreamBody::new(futures_util::stream::iter(parts)))
+            .unwrap();
+        let resp = h2.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.unwrap();
+    }
+    let rt = proxy.runtime.load();
+    assert_eq!(rt.pools[0].members[0].backend.pool.connections_opened(), 1);
+}

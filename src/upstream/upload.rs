@@ -34,7 +34,7 @@ pub struct Upload {
 impl Upload {
     /// Wraps `body`; also returns the watch when there is a body to upload.
     pub fn new(body: Incoming) -> (Self, Option<Arc<UploadWatch>>) {
-        let watch = (!body.is_end_stream()).then(|| Arc::new(UploadWatch::new()));
+        let watch = (!ended(&body)).then(|| Arc::new(UploadWatch::new()));
         let upload = Upload {
             body,
             watch: watch.clone(),
@@ -56,7 +56,7 @@ impl Body for Upload {
         if let Some(watch) = &this.watch {
             let phase = match &frame {
                 Poll::Pending => Phase::Client,
-                Poll::Ready(Some(Ok(_))) if !this.body.is_end_stream() => Phase::Backend,
+                Poll::Ready(Some(Ok(_))) if !ended(&this.body) => Phase::Backend,
                 Poll::Ready(_) => Phase::Done,
             };
             watch.enter(phase);
@@ -71,6 +71,14 @@ impl Body for Upload {
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
     }
+}
+
+/// Whether `body` holds no more bytes to send: it ended, or its declared length has
+/// arrived. An HTTP/2 client may mark the end of its stream in a frame of its own after
+/// the last bytes; hyper's HTTP/1 client, which stops reading a body at its length,
+/// never waits for that frame, and neither should the upload's phase.
+fn ended(body: &Incoming) -> bool {
+    body.is_end_stream() || body.size_hint().exact() == Some(0)
 }
 
 /// Whom an upload in progress waits for.
