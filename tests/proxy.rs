@@ -2689,6 +2689,64 @@ async fn an_http2_connection_may_wait_for_its_first_request_past_the_header_time
     assert_eq!(resp.status(), 200);
 }
 
+/// Reads HTTP/2 frames from `s` until one of type `kind` arrives; the types read.
+async fn frames_until(s: &mut TcpStream, kind: u8) -> Vec<u8> {
+    let mut types = Vec::new();
+    tokio::time::timeout(LIMIT, async {
+        loop {
+            let mut head = [0u8; 9];
+            if s.read_exact(&mut head).await.is_err() {
+                return;
+            }
+            let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+            let mut payload = vec![0u8; len];
+            if s.read_exact(&mut payload).await.is_err() {
+                return;
+            }
+            types.push(head[3]);
+            if head[3] == kind {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("no such frame in time");
+    types
+}
+
+#[tokio::test]
+async fn a_request_that_crosses_the_idle_goaway_is_answered() {
+    let (held_tx, mut held_rx) = mpsc::unbounded_channel();
+    let release = Arc::new(Notify::new());
+    let a = holding_backend("a", held_tx, release.clone()).await;
+    let cfg = format!("[server.limits]\nidle_timeout = \"300ms\"\nheader_read_timeout = \"1h\"\n[pools.p]\nbackends = [\"{a}\"]\n");
+    let proxy = TestProxy::start(&config(&cfg)).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    // The preface, an empty SETTINGS frame and the acknowledgement of the proxy's.
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 4, 1, 0, 0, 0, 0]);
+    s.write_all(&hello).await.unwrap();
+    let types = frames_until(&mut s, 7).await;
+    assert_eq!(types.last(), Some(&7), "no GOAWAY: {types:?}");
+    // A GET /hold on stream 1 (END_STREAM | END_HEADERS), sent after the first GOAWAY,
+    // which still accepts every stream: HPACK's static :method GET, :scheme http,
+    // :path /, then :path /hold and :authority as literals.
+    let mut block = vec![0x82, 0x86, 0x04, 0x05];
+    block.extend_from_slice(b"/hold");
+    block.extend_from_slice(&[0x01, 0x09]);
+    block.extend_from_slice(b"a.example");
+    let mut headers = vec![0, 0, block.len() as u8, 1, 5, 0, 0, 0, 1];
+    headers.extend_from_slice(&block);
+    s.write_all(&headers).await.unwrap();
+    held_rx.recv().await.unwrap();
+    // Held past the grace that closes an idle connection: the passing of time is what
+    // is under test.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    release.notify_waiters();
+    let types = frames_until(&mut s, 1).await;
+    assert_eq!(types.last(), Some(&1), "no response: {types:?}");
+}
+
 #[tokio::test]
 async fn an_idle_http2_connection_is_closed_with_goaway() {
     let a = named_backend("a").await;

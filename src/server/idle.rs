@@ -157,6 +157,11 @@ impl Activity {
         self.active.load(Ordering::Relaxed) == 0
     }
 
+    /// Whether a request is in progress.
+    pub(crate) fn busy(&self) -> bool {
+        !self.idle()
+    }
+
     fn on_read(&self) {
         if !self.idle() {
             return;

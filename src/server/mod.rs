@@ -289,9 +289,19 @@ pub async fn serve(
                         if why == Expiry::Idle && !stopping {
                             // Nothing in progress: closed as at shutdown, so that an
                             // HTTP/2 client gets GOAWAY and knows that no request of its
-                            // was dropped; given a moment for that, then cut.
+                            // was dropped; given a moment for that, then cut, unless a
+                            // request crossed the GOAWAY: that one is served, as at
+                            // shutdown, and the timers go on watching.
                             activity.request_stop();
-                            let _ = tokio::time::timeout(IDLE_CLOSE_GRACE, &mut served).await;
+                            stopping = true;
+                            tokio::select! {
+                                _ = &mut served => break,
+                                _ = close.cancelled() => break,
+                                () = tokio::time::sleep(IDLE_CLOSE_GRACE) => {}
+                            }
+                            if activity.busy() {
+                                continue;
+                            }
                         }
                         break;
                     }
