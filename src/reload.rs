@@ -152,7 +152,9 @@ impl Reloader {
         let path = self.path.as_ref().ok_or(ReloadError::NoFile)?;
         let new = config::load(path)?;
         let old = self.runtime.load_full();
-        if new.content_hash == old.config.content_hash {
+        if new.content_hash == old.config.content_hash
+            && new.secrets_hash == old.config.secrets_hash
+        {
             return Ok(Applied::Unchanged {
                 generation: old.generation,
             });

@@ -635,10 +635,13 @@ async fn a_reload_applies_a_rotated_secret_file_of_an_unchanged_config() {
     assert_eq!(s["pools"][0]["affinity"]["hit"], 1, "{s}");
 
     // Only the secret changes (the old one is dropped, say after a leak).
+    let shown = status(&proxy).await["config_hash"].clone();
     write(&secret, "a second secret, just as long as the first\n");
     let got = post_reload(&proxy).await;
     assert_eq!(got.status, 200, "{:?}", got.body);
     assert_eq!(got.json()["generation"], 2, "{:?}", got.body);
+    // The hash shown is the file's alone: it tells nothing of the secrets.
+    assert_eq!(status(&proxy).await["config_hash"], shown);
     // A cookie signed with the dropped secret no longer holds.
     fetch(proxy.addr, get_with_cookie("/", &cookie)).await;
     let s = status(&proxy).await;

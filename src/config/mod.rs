@@ -24,10 +24,11 @@ pub use validate::validate;
 pub struct Config {
     /// Where it was read from, for messages and for reloading.
     pub source: Option<PathBuf>,
-    /// A hash of the file's bytes and of the sticky-cookie secrets it reads from other
-    /// files and the environment, shown in `/status`, so ops can tell which edit is live.
-    /// A reload that finds it unchanged does nothing.
+    /// A hash of the file's bytes, shown in `/status`, so ops can tell which edit is live.
     pub content_hash: u64,
+    /// A hash of the sticky-cookie secrets the file reads from other files and the
+    /// environment; never shown. A reload that finds both hashes unchanged does nothing.
+    pub secrets_hash: u64,
     pub server: ServerConfig,
     pub admin: Option<AdminConfig>,
     /// Routes in file order; the runtime sorts them by specificity.
@@ -310,12 +311,10 @@ pub fn load(path: &Path) -> Result<Config, LoadError> {
 pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
     let raw = parse_raw(text, file)?;
     let mut config = validate(&raw, text, file)?;
-    config.content_hash = config
+    config.content_hash = content_hash(text.as_bytes());
+    config.secrets_hash = config
         .secrets()
-        .fold(content_hash(text.as_bytes()), |h, s| {
-            // A digest of each secret: the hash is shown, the secret's bytes stay private.
-            fnv(h, &Sha256::digest(&s.0))
-        });
+        .fold(content_hash(&[]), |h, s| fnv(h, &Sha256::digest(&s.0)));
     Ok(config)
 }
 

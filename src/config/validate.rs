@@ -158,6 +158,7 @@ pub fn validate(raw: &RawConfig, text: &str, file: &str) -> Result<Config, Confi
     Ok(Config {
         source: None,
         content_hash: 0,
+        secrets_hash: 0,
         server,
         admin,
         routes,
