@@ -282,9 +282,17 @@ impl Pool {
                 ..m
             });
         }
-        if matches!(pc.affinity, AffinityConfig::Hash(_)) {
-            // Backends that left beyond the table's bound stop draining early (the
-            // configured ones, listed first, are within it).
+        if matches!(pc.affinity, AffinityConfig::Hash(_))
+            && members.len() > consistent_hash::MAX_MEMBERS
+        {
+            // Backends that left beyond the table's bound stop draining early, those
+            // that left first before the others (the configured ones, listed first, are
+            // within it).
+            tracing::warn!(
+                pool = %pc.name,
+                dropped = members.len() - consistent_hash::MAX_MEMBERS,
+                "too many removed backends draining: the earliest removed stop now"
+            );
             members.truncate(consistent_hash::MAX_MEMBERS);
         }
         let eligible: Vec<usize> = (0..members.len())
