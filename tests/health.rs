@@ -82,13 +82,7 @@ async fn active_checks_take_a_backend_out_and_bring_it_back() {
     for _ in 0..20 {
         assert_eq!(fetch(proxy.addr, get("/")).await.body, "a");
     }
-    let text = String::from_utf8(
-        fetch(proxy.admin.unwrap(), get("/metrics"))
-            .await
-            .body
-            .to_vec(),
-    )
-    .unwrap();
+    let text = metrics_text(&proxy).await;
     assert!(
         text.contains("switchyard_backend_up{backend=\"b\",pool=\"p\"} 0"),
         "{text}"
@@ -161,13 +155,7 @@ async fn no_healthy_backend_fails_open_or_rejects() {
         assert_eq!(fetch(open.addr, get("/")).await.status, 200);
         assert_eq!(fetch(closed.addr, get("/")).await.status, 503);
     }
-    let text = String::from_utf8(
-        fetch(open.admin.unwrap(), get("/metrics"))
-            .await
-            .body
-            .to_vec(),
-    )
-    .unwrap();
+    let text = metrics_text(&open).await;
     assert!(
         text.contains("switchyard_pool_fail_open_total{pool=\"p\"} 5"),
         "{text}"
@@ -194,13 +182,7 @@ async fn retry_budget_caps_retries() {
         }
     }
     assert_eq!(ok, 30);
-    let text = String::from_utf8(
-        fetch(stingy.admin.unwrap(), get("/metrics"))
-            .await
-            .body
-            .to_vec(),
-    )
-    .unwrap();
+    let text = metrics_text(&stingy).await;
     assert!(
         text.contains("switchyard_retries_refused_total{pool=\"p\"} 10"),
         "{text}"
@@ -271,13 +253,7 @@ async fn a_pool_whose_backends_all_drain_does_not_fail_open() {
     for _ in 0..3 {
         assert_eq!(fetch(proxy.addr, get("/")).await.status, 503);
     }
-    let text = String::from_utf8(
-        fetch(proxy.admin.unwrap(), get("/metrics"))
-            .await
-            .body
-            .to_vec(),
-    )
-    .unwrap();
+    let text = metrics_text(&proxy).await;
     assert!(
         text.contains("switchyard_pool_fail_open_total{pool=\"p\"} 0"),
         "{text}"

@@ -681,12 +681,16 @@ async fn shutdown_closes_connections_still_busy_when_the_grace_period_is_over() 
 }
 
 /// An HTTP/2 (prior knowledge) client connection to `addr`, and the task driving it.
-async fn h2_connect(
+async fn h2_connect<B>(
     addr: std::net::SocketAddr,
 ) -> (
-    hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    hyper::client::conn::http2::SendRequest<B>,
     tokio::task::JoinHandle<Result<(), hyper::Error>>,
-) {
+)
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let stream = TcpStream::connect(addr).await.unwrap();
     let (tx, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
@@ -2562,14 +2566,7 @@ async fn request_framing_reaches_the_backend_as_one_reading() {
         }
     }
     // HTTP/2: a GET body without a length, and split cookie fields.
-    let stream = TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut h2, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let (mut h2, _conn) = h2_connect(proxy.addr).await;
     let parts =
         ["hel", "lo"].map(|p| Ok::<_, std::io::Error>(http_body::Frame::data(Bytes::from(p))));
     let req = Request::get("http://a.example/")
@@ -2806,14 +2803,7 @@ async fn a_client_that_shuts_its_side_down_after_its_requests_gets_every_answer(
 async fn http2_uploads_that_end_in_a_frame_of_their_own_keep_the_backend_connection() {
     let a = named_backend("a").await;
     let proxy = TestProxy::start(&single_pool(a)).await;
-    let stream = TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut h2, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let (mut h2, _conn) = h2_connect(proxy.addr).await;
     // The declared bytes, then the end of the stream in an empty DATA frame.
     for body in ["abc", "abc", "", "abc"] {
         let parts = [Ok::<_, std::io::Error>(http_body::Frame::data(

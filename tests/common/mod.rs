@@ -258,6 +258,13 @@ pub fn get(path: &str) -> Request<Full<Bytes>> {
         .unwrap()
 }
 
+/// The admin listener's `/metrics` text.
+pub async fn metrics_text(proxy: &TestProxy) -> String {
+    let got = fetch(proxy.admin.expect("admin listener"), get("/metrics")).await;
+    assert_eq!(got.status, 200);
+    String::from_utf8(got.body.to_vec()).unwrap()
+}
+
 /// One GET on a new connection.
 pub async fn fetch(addr: SocketAddr, req: Request<Full<Bytes>>) -> Got {
     Client::connect(addr).await.send(req).await
