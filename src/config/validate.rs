@@ -12,7 +12,6 @@ use toml::Spanned;
 use super::raw::{RawConfig, RawHealth, RawLearn, RawOutlier, RawPool, RawSticky};
 use super::{AllDown, HealthConfig, OutlierConfig};
 use crate::balance::key::{is_cookie_name, KeySource};
-
 use crate::balance::{consistent_hash, round_robin};
 
 use super::{

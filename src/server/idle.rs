@@ -20,8 +20,8 @@
 //! connection waits for its next request, which would cap keep-alive idling at the
 //! header timeout. HTTP/2 connections exchange control frames between requests, and
 //! clients open them ahead of need, so for them only the idle rule applies, from the
-//! preface on. The same holds for a
-//! connection upgraded to a tunnel (WebSocket), which the tunnel's task watches.
+//! preface on. The same holds for a connection upgraded to a tunnel (WebSocket), which
+//! the tunnel's task watches.
 //!
 //! Nothing wakes the watchdog: it sleeps until the nearest deadline, but never longer
 //! than the shorter of the two timeouts. Any deadline that an event could set from now
@@ -209,14 +209,9 @@ impl Activity {
     }
 
     /// Marks a request as started (its head is complete); it ends when the guard drops.
-    pub fn begin(self: &Arc<Self>, version: http::Version) -> ActiveRequest {
+    pub fn begin(self: &Arc<Self>) -> ActiveRequest {
         self.active.fetch_add(1, Ordering::Relaxed);
         self.head_started_ms.store(NONE, Ordering::Relaxed);
-        if version == http::Version::HTTP_2 {
-            // Also HTTP/2 over a connection that did not start with the preface (h2c
-            // upgrades are not taken, but this keeps the rule tied to the version).
-            self.speaks_http2();
-        }
         ActiveRequest(self.clone())
     }
 

@@ -262,7 +262,7 @@ pub async fn serve(
         let proxy = proxy.clone();
         let svc_activity = activity.clone();
         let svc = service_fn(move |req| {
-            let active = svc_activity.begin(req.version());
+            let active = svc_activity.begin();
             proxy.clone().handle(info, Some(active), req)
         });
         let idle_timeout = limits.idle_timeout;
