@@ -2735,7 +2735,9 @@ async fn a_request_that_crosses_the_idle_goaway_is_answered() {
     let mut headers = vec![0, 0, block.len() as u8, 1, 5, 0, 0, 0, 1];
     headers.extend_from_slice(&block);
     s.write_all(&headers).await.unwrap();
-    held_rx.recv().await.unwrap();
+    tokio::time::timeout(LIMIT, held_rx.recv())
+        .await
+        .expect("the request never reached the backend");
     // Held past the grace that closes an idle connection: the passing of time is what
     // is under test.
     tokio::time::sleep(Duration::from_millis(1500)).await;
