@@ -824,6 +824,42 @@ async fn oversized_headers_get_431() {
 }
 
 #[tokio::test]
+async fn requests_of_more_than_100_fields_get_431_over_either_protocol() {
+    let (a, hits) = counting_backend().await;
+    let proxy = TestProxy::start(&single_pool(a)).await;
+    let fields = |n: usize| (0..n).map(|i| format!("x-f{i}: v\r\n")).collect::<String>();
+    // HTTP/1.1: hyper's parser takes 100 fields, Host among them.
+    let got = raw_exchange(
+        proxy.addr,
+        format!("GET / HTTP/1.1\r\nHost: x\r\n{}\r\n", fields(100)).as_bytes(),
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.1 431"), "{got}");
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+    // HTTP/2: the same count, once the cookie crumbs are joined into one field.
+    let (mut h2, _conn) = h2_connect(proxy.addr).await;
+    let request = |fields: usize, crumbs: usize| {
+        let mut req = Request::get("http://a.example/");
+        for i in 0..fields {
+            req = req.header(format!("x-f{i}"), "v");
+        }
+        for i in 0..crumbs {
+            req = req.header("cookie", format!("c{i}=v"));
+        }
+        req.body(Full::new(Bytes::new())).unwrap()
+    };
+    let status = h2.send_request(request(101, 0)).await.unwrap().status();
+    assert_eq!(status, 431);
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+    // 100 pass (99 and `host` from `:authority`), and so do 300 crumbs of one cookie.
+    let status = h2.send_request(request(99, 0)).await.unwrap().status();
+    assert_eq!(status, 200);
+    let status = h2.send_request(request(98, 300)).await.unwrap().status();
+    assert_eq!(status, 200);
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
 async fn malformed_request_gets_400_and_never_reaches_a_backend() {
     let (a, hits) = counting_backend().await;
     let proxy = TestProxy::start(&single_pool(a)).await;
@@ -935,6 +971,13 @@ async fn requests_without_one_valid_host_get_400_and_never_reach_a_backend() {
     let uri = asterisk_target();
     let req = Request::get(uri).body(Full::new(Bytes::new())).unwrap();
     assert_eq!(h2.send_request(req).await.unwrap().status(), 400);
+    // HTTP/2 with neither `:authority` nor `Host` (hyper's client cannot send that):
+    // HPACK's static :method GET, :scheme http, :path /. The answer's head begins with
+    // the static table's `:status 400`.
+    let mut s = raw_h2_connect(proxy.addr).await;
+    raw_h2_request(&mut s, &[0x82, 0x86, 0x84]).await;
+    let (_, head) = frames_until(&mut s, 1).await;
+    assert_eq!(head.first(), Some(&(0x80 | 12)), "{head:?}");
     assert_eq!(hits.load(Ordering::SeqCst), 0);
 }
 
@@ -2686,9 +2729,11 @@ async fn an_http2_connection_may_wait_for_its_first_request_past_the_header_time
     assert_eq!(resp.status(), 200);
 }
 
-/// Reads HTTP/2 frames from `s` until one of type `kind` arrives; the types read.
-async fn frames_until(s: &mut TcpStream, kind: u8) -> Vec<u8> {
+/// Reads HTTP/2 frames from `s` until one of type `kind` arrives: the types read, and
+/// the payload of the last.
+async fn frames_until(s: &mut TcpStream, kind: u8) -> (Vec<u8>, Vec<u8>) {
     let mut types = Vec::new();
+    let mut payload = Vec::new();
     tokio::time::timeout(LIMIT, async {
         loop {
             let mut head = [0u8; 9];
@@ -2696,7 +2741,7 @@ async fn frames_until(s: &mut TcpStream, kind: u8) -> Vec<u8> {
                 return;
             }
             let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
-            let mut payload = vec![0u8; len];
+            payload = vec![0u8; len];
             if s.read_exact(&mut payload).await.is_err() {
                 return;
             }
@@ -2708,7 +2753,25 @@ async fn frames_until(s: &mut TcpStream, kind: u8) -> Vec<u8> {
     })
     .await
     .expect("no such frame in time");
-    types
+    (types, payload)
+}
+
+/// Opens a raw HTTP/2 connection: the preface, an empty SETTINGS frame and the
+/// acknowledgement of the proxy's.
+async fn raw_h2_connect(addr: std::net::SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 4, 1, 0, 0, 0, 0]);
+    s.write_all(&hello).await.unwrap();
+    s
+}
+
+/// Sends a request on stream 1 of a raw HTTP/2 connection: one HEADERS frame with
+/// END_STREAM and END_HEADERS, carrying the HPACK `block`.
+async fn raw_h2_request(s: &mut TcpStream, block: &[u8]) {
+    let mut headers = vec![0, 0, u8::try_from(block.len()).unwrap(), 1, 5, 0, 0, 0, 1];
+    headers.extend_from_slice(block);
+    s.write_all(&headers).await.unwrap();
 }
 
 #[tokio::test]
@@ -2718,12 +2781,8 @@ async fn a_request_that_crosses_the_idle_goaway_is_answered() {
     let a = holding_backend("a", held_tx, release.clone()).await;
     let cfg = format!("[server.limits]\nidle_timeout = \"300ms\"\nheader_read_timeout = \"1h\"\n[pools.p]\nbackends = [\"{a}\"]\n");
     let proxy = TestProxy::start(&config(&cfg)).await;
-    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    // The preface, an empty SETTINGS frame and the acknowledgement of the proxy's.
-    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 4, 1, 0, 0, 0, 0]);
-    s.write_all(&hello).await.unwrap();
-    let types = frames_until(&mut s, 7).await;
+    let mut s = raw_h2_connect(proxy.addr).await;
+    let (types, _) = frames_until(&mut s, 7).await;
     assert_eq!(types.last(), Some(&7), "no GOAWAY: {types:?}");
     // A GET /hold on stream 1 (END_STREAM | END_HEADERS), sent after the first GOAWAY,
     // which still accepts every stream: HPACK's static :method GET, :scheme http,
@@ -2732,9 +2791,7 @@ async fn a_request_that_crosses_the_idle_goaway_is_answered() {
     block.extend_from_slice(b"/hold");
     block.extend_from_slice(&[0x01, 0x09]);
     block.extend_from_slice(b"a.example");
-    let mut headers = vec![0, 0, block.len() as u8, 1, 5, 0, 0, 0, 1];
-    headers.extend_from_slice(&block);
-    s.write_all(&headers).await.unwrap();
+    raw_h2_request(&mut s, &block).await;
     tokio::time::timeout(LIMIT, held_rx.recv())
         .await
         .expect("the request never reached the backend");
@@ -2742,7 +2799,7 @@ async fn a_request_that_crosses_the_idle_goaway_is_answered() {
     // is under test.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     release.notify_waiters();
-    let types = frames_until(&mut s, 1).await;
+    let (types, _) = frames_until(&mut s, 1).await;
     assert_eq!(types.last(), Some(&1), "no response: {types:?}");
 }
 

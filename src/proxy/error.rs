@@ -27,6 +27,8 @@ pub enum ProxyError {
     Timeout(Duration),
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    #[error("more than {} header fields", crate::proxy::headers::MAX_FIELDS)]
+    TooManyFields,
     #[error("CONNECT is not proxied")]
     MethodNotAllowed,
     #[error("not implemented: {0}")]
@@ -45,6 +47,7 @@ impl ProxyError {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::BadRequest(_) | ProxyError::RequestBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::TooManyFields => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::NoBackend { .. }
@@ -63,6 +66,7 @@ impl ProxyError {
         matches!(
             self,
             ProxyError::BadRequest(_)
+                | ProxyError::TooManyFields
                 | ProxyError::RequestBody(_)
                 | ProxyError::ClientTimeout(_)
                 | ProxyError::MethodNotAllowed

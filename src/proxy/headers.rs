@@ -280,6 +280,10 @@ fn is_hop_by_hop(token: &[u8]) -> bool {
             .any(|h| token.eq_ignore_ascii_case(h.as_str().as_bytes()))
 }
 
+/// The most header fields a request may carry: hyper's HTTP/1.1 limit, applied to HTTP/2
+/// requests too.
+pub const MAX_FIELDS: usize = 100;
+
 /// What [`prepare_request`] found out about a request.
 #[derive(Debug)]
 pub struct Prepared {
@@ -372,7 +376,9 @@ fn settle_host(
             a
         }
         (None, Some(h)) => h,
-        (None, None) if version == Version::HTTP_11 => return Err("no Host field"),
+        // HTTP/1.1 requires the field; an HTTP/2 request without `:authority` has none
+        // to give either (as nginx, refused alike).
+        (None, None) if version >= Version::HTTP_11 => return Err("no Host field"),
         (None, None) => {
             let empty = HeaderValue::from_static("");
             headers.insert(header::HOST, empty.clone());
@@ -414,8 +420,12 @@ pub fn prepare_request<B: Body>(
             HeaderValue::from_static("chunked"),
         );
     }
+    // hyper's HTTP/1.1 parser refuses a head of more than `MAX_FIELDS` fields; HTTP/2's
+    // limit is in bytes only, so the count is checked here, once cookies are joined.
+    let mut too_many = false;
     if version == Version::HTTP_2 {
         join_cookies(headers);
+        too_many = headers.len() > MAX_FIELDS;
     }
     // Authority-form (`GET a.example:80 HTTP/1.1`) is for CONNECT only (RFC 9112
     // §3.2.3); taken as a host, it would override `Host` with the request line's word.
@@ -466,6 +476,7 @@ pub fn prepare_request<B: Body>(
         origin_form = Err("an asterisk target outside OPTIONS");
     }
     let refusal = match (framing, bad_host, origin_form) {
+        _ if too_many => Some(ProxyError::TooManyFields),
         (Err(BadFraming::UnknownCoding), _, _) => Some(ProxyError::NotImplemented(
             BadFraming::UnknownCoding.reason(),
         )),

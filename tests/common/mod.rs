@@ -153,7 +153,10 @@ where
                 async move { Ok::<_, Infallible>(handler(req).await) }
             });
             tokio::spawn(async move {
-                let _ = auto::Builder::new(TokioExecutor::new())
+                let mut builder = auto::Builder::new(TokioExecutor::new());
+                // Room for the fields the proxy adds to a request of as many as it takes.
+                builder.http1().max_headers(200);
+                let _ = builder
                     .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                     .await;
             });
