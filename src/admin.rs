@@ -76,6 +76,9 @@ async fn handle(state: &Arc<AdminState>, req: Request<Incoming>) -> Response<Ful
         req.method()
     };
     match (method, req.uri().path()) {
+        (&Method::POST, _) if cross_origin(&req) => {
+            text(StatusCode::FORBIDDEN, "cross-origin requests are refused\n")
+        }
         (&Method::POST, "/reload") => match state.reloader.reload_async().await {
             Ok(applied) => json_response(&json!({
                 "generation": applied.generation(),
@@ -138,6 +141,25 @@ async fn handle(state: &Arc<AdminState>, req: Request<Incoming>) -> Response<Ful
         (_, "/healthz" | "/readyz" | "/status" | "/metrics") => not_allowed("GET, HEAD"),
         (_, path) if owner_pool(path).is_some() => not_allowed("GET, HEAD"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// Whether a browser sent the request from a page of another origin. Browsers name the
+/// page's origin in `Origin` on every `POST`, and a web page anywhere may make a
+/// visitor's browser send a form to a loopback or internal address; scripts and
+/// `curl` send no `Origin`. The origin must name the host and port the request went to.
+fn cross_origin<B>(req: &Request<B>) -> bool {
+    let Some(origin) = req.headers().get(header::ORIGIN) else {
+        return false;
+    };
+    let host = req.headers().get(header::HOST).map(|h| h.as_bytes());
+    let origin = origin.as_bytes();
+    let authority = origin
+        .strip_prefix(b"http://")
+        .or_else(|| origin.strip_prefix(b"https://"));
+    match (authority, host) {
+        (Some(a), Some(h)) => !a.eq_ignore_ascii_case(h),
+        _ => true,
     }
 }
 

@@ -68,6 +68,27 @@ async fn post_reload_applies_a_valid_file_and_refuses_an_invalid_one() {
     let (proxy, _reloader) = TestProxy::start_file(&path).await;
     assert_eq!(fetch(proxy.addr, get("/")).await.backend(), "a");
 
+    // A form that a web page elsewhere made the browser send does nothing; one from the
+    // admin listener's own origin is taken.
+    write(&path, &one_pool(&[("b", b)], ""));
+    for origin in ["http://evil.example", "null", "http://admin.evil.example"] {
+        let req = Request::post("/reload")
+            .header("host", "admin")
+            .header("origin", origin)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let got = fetch(proxy.admin.unwrap(), req).await;
+        assert_eq!(got.status, 403, "{origin}: {:?}", got.body);
+    }
+    assert_eq!(fetch(proxy.addr, get("/")).await.backend(), "a");
+    write(&path, &one_pool(&[("a", a)], ""));
+    let req = Request::post("/reload")
+        .header("host", "admin")
+        .header("origin", "http://admin")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(fetch(proxy.admin.unwrap(), req).await.status, 200);
+
     // The same bytes again: nothing to do.
     let got = post_reload(&proxy).await;
     assert_eq!(got.status, 200);
