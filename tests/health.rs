@@ -163,17 +163,17 @@ async fn no_healthy_backend_fails_open_or_rejects() {
 }
 
 #[tokio::test]
-async fn retry_budget_caps_retries() {
-    let dead = dead_addr().await;
+async fn retry_budget_caps_retries_of_requests_already_sent() {
+    let (reset, hits) = resetting_backend().await;
     let live = named_backend("live").await;
     let cfg = |budget: &str| {
         pool(
-            &[("dead", dead), ("live", live)],
+            &[("reset", reset), ("live", live)],
             &format!("retries = 1\nretry_budget = {budget}\n[pools.p.outlier]\nconsecutive_failures = 0\n"),
         )
     };
-    // No budget beyond the reserve of ten: half the requests start at the dead backend,
-    // and only ten of those twenty may retry.
+    // No budget beyond the reserve of ten: half the requests start at the backend that
+    // closes the connection on them, and only ten of those twenty may go on.
     let stingy = TestProxy::start(&cfg("0.0")).await;
     let mut ok = 0;
     for _ in 0..40 {
@@ -182,6 +182,7 @@ async fn retry_budget_caps_retries() {
         }
     }
     assert_eq!(ok, 30);
+    assert_eq!(hits.load(Ordering::SeqCst), 20);
     let text = metrics_text(&stingy).await;
     assert!(
         text.contains("switchyard_retries_refused_total{pool=\"p\"} 10"),
@@ -192,6 +193,28 @@ async fn retry_budget_caps_retries() {
     for _ in 0..40 {
         assert_eq!(fetch(generous.addr, get("/")).await.status, 200);
     }
+}
+
+#[tokio::test]
+async fn retries_after_failed_connects_spend_no_budget() {
+    // Two backends that refuse connections, one that answers, and no ejection: a
+    // third of the requests start at each dead one, and every one of them must reach
+    // the live backend, budget or not.
+    let (d1, d2) = (dead_addr().await, dead_addr().await);
+    let live = named_backend("live").await;
+    let proxy = TestProxy::start(&pool(
+        &[("d1", d1), ("d2", d2), ("live", live)],
+        "retries = 2\nretry_budget = 0.0\n[pools.p.outlier]\nconsecutive_failures = 0\n",
+    ))
+    .await;
+    for _ in 0..60 {
+        assert_eq!(fetch(proxy.addr, get("/")).await.status, 200);
+    }
+    let text = metrics_text(&proxy).await;
+    assert!(
+        text.contains("switchyard_retries_refused_total{pool=\"p\"} 0"),
+        "{text}"
+    );
 }
 
 #[tokio::test]

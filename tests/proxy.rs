@@ -1058,32 +1058,6 @@ async fn the_host_routing_reads_is_the_host_the_backend_reads() {
     }
 }
 
-/// A backend that reads each request head, counts it, and closes the connection without
-/// answering.
-async fn resetting_backend() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let a = l.local_addr().unwrap();
-    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let h = hits.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let h = h.clone();
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                h.fetch_add(1, Ordering::SeqCst);
-            });
-        }
-    });
-    (a, hits)
-}
-
 /// A round-robin pool of the resetting backend and a good one, with no outlier ejection,
 /// so that round robin alternates between them; `extra` adds pool keys.
 fn reset_pool(reset: std::net::SocketAddr, good: std::net::SocketAddr, extra: &str) -> String {

@@ -300,6 +300,10 @@ fn forward<'a>(
         }
         pool.state.earn_retry(pool.retry_budget);
         let mut attempts = 0;
+        // Whether the last attempt sent the request: only then does another attempt
+        // spend the retry budget. After a failed connect the request still goes out
+        // once, and retrying cannot multiply the load on any backend.
+        let mut was_sent = false;
         // The last backend that could not be reached, and the last that reset the
         // connection after the request was sent.
         let mut unreachable: Option<(UpstreamError, &Arc<Backend>)> = None;
@@ -308,9 +312,10 @@ fn forward<'a>(
             let Some(i) = plan.next(pool) else { break None };
             // Retries ran out, or the pool's retry budget is spent, while the pool still
             // had candidates.
-            if attempts == budget || (attempts > 0 && !pool.state.take_retry()) {
+            if attempts == budget || (was_sent && !pool.state.take_retry()) {
                 break Some(Err(()));
             }
+            was_sent = false;
             // The request's start stands for the clock until an attempt has failed.
             let now = if attempts == 0 { start } else { Instant::now() };
             attempts += 1;
@@ -423,6 +428,7 @@ fn forward<'a>(
                     // to answer, not a reason to move the client elsewhere.
                     Err(SendError::Reset(e)) if pending.is_some() => {
                         reset = Some((e, backend));
+                        was_sent = true;
                     }
                     // The client's failure, not the backend's.
                     Err(e @ (SendError::Request(_) | SendError::ClientStalled(_))) => {
