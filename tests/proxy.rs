@@ -1514,7 +1514,7 @@ async fn a_websocket_upgrade_reset_by_one_backend_is_upgraded_by_the_next() {
 }
 
 #[tokio::test]
-async fn a_reset_on_a_reused_connection_retries_that_request_not_the_one_before() {
+async fn a_reset_on_a_reused_connection_resends_that_request_not_the_one_before() {
     let (heads_tx, mut heads) = mpsc::unbounded_channel();
     let flaky = second_request_resetting_backend(heads_tx).await;
     let (seen_tx, mut seen) = mpsc::unbounded_channel();
@@ -1528,7 +1528,7 @@ async fn a_reset_on_a_reused_connection_retries_that_request_not_the_one_before(
     let mut client = Client::connect(proxy.addr).await;
     // Round robin: 1 to the flaky backend (answered, its connection pooled), 2 to the
     // good one, 3 to the flaky one again on the same connection, which it closes; 3 is
-    // then retried on the good one.
+    // then sent again to the flaky backend on a fresh connection, and answered there.
     for n in 1..=3 {
         let req = Request::builder()
             .uri(format!("/n/{n}"))
@@ -1538,16 +1538,56 @@ async fn a_reset_on_a_reused_connection_retries_that_request_not_the_one_before(
             .unwrap();
         assert_eq!(client.send(req).await.status, 200, "request {n}");
     }
-    let flaky_heads = [heads.recv().await.unwrap(), heads.recv().await.unwrap()];
+    let mut flaky_heads = Vec::new();
+    for _ in 0..3 {
+        flaky_heads.push(heads.recv().await.unwrap());
+    }
     assert!(flaky_heads[0].starts_with("GET /n/1 "), "{flaky_heads:?}");
     assert!(flaky_heads[1].starts_with("GET /n/3 "), "{flaky_heads:?}");
+    assert!(flaky_heads[2].starts_with("GET /n/3 "), "{flaky_heads:?}");
+    assert!(flaky_heads[2].contains("x-n: 3\r\n"), "{flaky_heads:?}");
     let stats = &proxy.runtime.load().pools[0].members[0].backend.stats;
     assert_eq!(stats.resets(), 1);
-    for want in [2, 3] {
-        let (uri, n) = seen.recv().await.unwrap();
-        assert_eq!(uri, format!("/n/{want}"));
-        assert_eq!(n.unwrap(), want.to_string().as_str());
+    let (uri, n) = seen.recv().await.unwrap();
+    assert_eq!(uri, "/n/2");
+    assert_eq!(n.unwrap(), "2");
+    assert!(seen.try_recv().is_err());
+}
+
+#[tokio::test]
+async fn a_keep_alive_connection_closed_as_a_request_arrives_costs_no_safe_request() {
+    // One backend, no retries: each of its connections takes one request and is closed
+    // by the backend as the next arrives, as when its keep-alive timeout races a request.
+    let (heads_tx, mut heads) = mpsc::unbounded_channel();
+    let flaky = second_request_resetting_backend(heads_tx).await;
+    let proxy = TestProxy::start(&config(&format!(
+        "[pools.p]\nretries = 0\nbackends = [\"{flaky}\"]\n"
+    )))
+    .await;
+    let mut client = Client::connect(proxy.addr).await;
+    for n in 1..=4 {
+        let req = Request::get(format!("/n/{n}"))
+            .header("host", "test.local")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        assert_eq!(client.send(req).await.status, 200, "request {n}");
     }
+    // 1 on the first connection; 2, 3 and 4 each on a pooled one, then again on a fresh one.
+    let mut got = Vec::new();
+    for _ in 0..7 {
+        let head = heads.recv().await.unwrap();
+        got.push(head.lines().next().unwrap_or_default().to_owned());
+    }
+    let want = [1, 2, 2, 3, 3, 4, 4].map(|n| format!("GET /n/{n} HTTP/1.1"));
+    assert_eq!(got, want);
+    // A request with a body could have been taken and acted on: it is not sent twice.
+    let req = Request::post("/upload")
+        .header("host", "test.local")
+        .body(Full::new(Bytes::from_static(b"data")))
+        .unwrap();
+    assert_eq!(client.send(req).await.status, 502);
+    assert!(heads.recv().await.unwrap().starts_with("POST /upload "));
+    assert!(heads.try_recv().is_err());
 }
 
 #[tokio::test]
@@ -2263,7 +2303,8 @@ async fn a_reset_on_the_pinned_backend_is_502_and_keeps_the_pin() {
         !got.headers.contains_key("set-cookie"),
         "the client was moved"
     );
-    assert_eq!(flaky_hits.load(Ordering::SeqCst), flaky_before + 1);
+    // On the pooled connection, and once more on a fresh one, to the same backend.
+    assert_eq!(flaky_hits.load(Ordering::SeqCst), flaky_before + 2);
     assert_eq!(good_hits.load(Ordering::SeqCst), good_before);
 }
 

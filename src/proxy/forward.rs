@@ -286,8 +286,11 @@ fn forward<'a>(
     let (upload, watch) = Upload::new(body);
     let req = Request::from_parts(parts, Either::Left(upload));
     let budget = pool.retries as usize + 1;
-    // A retry after a reset, only where it could go somewhere.
-    let replay = budget > 1 && pool.members.len() > 1 && !plan.reject_now && replayable(&req);
+    // Whether the request may be sent again after the backend closed the connection on
+    // it: once more to the same backend when a keep-alive connection closed as the
+    // request arrived, and, where it could go somewhere, to the next backend.
+    let again = !plan.reject_now && replayable(&req);
+    let replay = again && budget > 1 && pool.members.len() > 1;
     let mut pending = Some(req);
 
     async move {
@@ -355,7 +358,7 @@ fn forward<'a>(
                         w.sending();
                         tx.sending_body(w);
                     }
-                    if replay {
+                    if again {
                         tx.copy_next_head();
                     }
                     let send = tx.tx.try_send_request(req);
@@ -376,12 +379,23 @@ fn forward<'a>(
                         };
                         let unsent = e.take_message();
                         let e = e.into_error();
-                        let Some(unsent) = unsent else {
+                        if let Some(unsent) = unsent {
+                            // Never written: nothing was sent, and the request is kept
+                            // for whichever connection comes next.
+                            pending = Some(unsent);
+                        } else if reused && again && is_reset(&e) && !e.is_user() {
+                            // Written on a keep-alive connection that the backend
+                            // closed as the request arrived (its idle timeout, racing
+                            // the request): a request safe to send twice goes once more
+                            // to the same backend, as its head reads back, as nginx does.
+                            pending = tx.take_head().as_deref().and_then(replayed);
+                            if pending.is_none() {
+                                break Some(Err(SendError::of(e)));
+                            }
+                            backend.stats.count_reset();
+                        } else {
                             break Some(Err(SendError::of(e)));
-                        };
-                        // Never written: nothing was sent, and the request is kept
-                        // for whichever connection comes next.
-                        pending = Some(unsent);
+                        }
                         e
                     };
                     if !reused {
@@ -392,8 +406,8 @@ fn forward<'a>(
                         };
                         break Some(Err(SendError::Connect(e)));
                     }
-                    // A reused keep-alive connection found closed before the request
-                    // was written: once more on a fresh connection.
+                    // A reused keep-alive connection found closed: once more on a
+                    // fresh connection.
                     stale(backend, &e);
                     reused = false;
                     // Boxed for the same reason as in `ConnPool::checkout`.
