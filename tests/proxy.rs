@@ -337,6 +337,24 @@ async fn canned_backend(answer: &'static [u8]) -> std::net::SocketAddr {
 }
 
 #[tokio::test]
+async fn an_http_1_0_backend_is_answered_for_in_http_1_1() {
+    let a = canned_backend(b"HTTP/1.0 200 OK\r\nContent-Length: 4\r\n\r\nabcd").await;
+    let proxy = TestProxy::start(&single_pool(a)).await;
+    // Two requests on one connection: the proxy's version, and its keep-alive.
+    let got = raw_exchange(
+        proxy.addr,
+        b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(got.matches("HTTP/1.1 200 OK\r\n").count(), 2, "{got}");
+    assert!(!got.contains("HTTP/1.0"), "{got}");
+    // An HTTP/1.0 client is answered in HTTP/1.0.
+    let got = raw_exchange(proxy.addr, b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").await;
+    assert!(got.starts_with("HTTP/1.0 200 OK\r\n"), "{got}");
+    assert!(got.ends_with("abcd"), "{got}");
+}
+
+#[tokio::test]
 async fn garbage_from_backend_is_502() {
     let a = canned_backend(b"this is not http\r\n\r\n").await;
     let proxy = TestProxy::start(&single_pool(a)).await;

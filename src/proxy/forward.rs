@@ -518,6 +518,9 @@ fn forward<'a>(
             Ok(reusable) => reusable,
             Err(why) => return Err(bad_response(pool, backend, why)),
         };
+        // The proxy answers in its own HTTP version (RFC 9110 §6.2), whatever the
+        // backend's; hyper writes `HTTP/1.0` to a client that spoke it.
+        *resp.version_mut() = http::Version::HTTP_11;
         // Until the response head: the affinity work below is not the backend's.
         if log.is_some() || pool.metrics {
             let elapsed = start.elapsed();
