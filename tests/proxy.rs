@@ -2414,6 +2414,49 @@ async fn access_log_has_one_line_per_request_with_every_field() {
     }
 }
 
+#[tokio::test]
+async fn a_request_its_client_gave_up_on_is_logged_as_499() {
+    let (held_tx, mut held_rx) = mpsc::unbounded_channel();
+    let release = Arc::new(Notify::new());
+    let a = holding_backend("a", held_tx, release.clone()).await;
+    let dead = dead_addr().await;
+    let toml = format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\naccess_log = \"json\"\n\
+         [pools.web]\nretries = 0\nbackends = [{{ address = \"{a}\", id = \"web-1\" }}]\n\
+         [[routes]]\npath_prefix = \"/dead\"\npool = \"gone\"\n[[routes]]\npool = \"web\"\n\
+         [pools.gone]\nretries = 0\nbackends = [{{ address = \"{dead}\", id = \"gone-1\" }}]\n"
+    );
+    let (proxy, mut lines) = TestProxy::start_logging(&toml).await;
+    let mut next_line = async || -> serde_json::Value {
+        let line = tokio::time::timeout(LIMIT, lines.recv())
+            .await
+            .expect("an access log line")
+            .expect("the proxy is running");
+        serde_json::from_str(&line).expect(&line)
+    };
+    // An HTTP/2 client resets its stream while the backend holds the request.
+    let (mut h2, _conn) = h2_connect(proxy.addr).await;
+    let req = Request::get("http://x/hold")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let pending = tokio::spawn(h2.send_request(req));
+    tokio::time::timeout(LIMIT, held_rx.recv())
+        .await
+        .expect("the request never reached the backend");
+    pending.abort();
+    let v = next_line().await;
+    assert_eq!(v["status"], 499, "{v}");
+    assert_eq!(v["path"], "/hold", "{v}");
+    assert_eq!(v["backend"], "web-1", "{v}");
+    assert_eq!(v["upstream_seconds"], serde_json::Value::Null, "{v}");
+    release.notify_waiters();
+    // A backend that could not be reached is named too.
+    assert_eq!(fetch(proxy.addr, get("/dead")).await.status, 503);
+    let v = next_line().await;
+    assert_eq!(v["status"], 503, "{v}");
+    assert_eq!(v["backend"], "gone-1", "{v}");
+}
+
 /// A backend that reads each request body to its end and answers with its length.
 async fn body_length_backend() -> std::net::SocketAddr {
     backend(|req: Request<hyper::body::Incoming>| async move {

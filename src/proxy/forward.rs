@@ -108,14 +108,15 @@ impl Proxy {
                 let pool = rt.route(host, req.uri().path());
                 (prepared.request_id, prepared.refusal, pool)
             };
-            let mut log = AccessRecord::new(
+            let mut log = Unanswered(AccessRecord::new(
                 rt.config.server.access_log,
                 &self.shared.access_log,
                 start,
                 req.method(),
                 req.uri().path(),
                 Some(&request_id),
-            );
+            ));
+            let log = &mut log.0;
 
             let result = match (pool, refusal) {
                 // A tunnel to wherever the client names is a forward proxy's job; and sent
@@ -125,10 +126,10 @@ impl Proxy {
                 (_, Some(e)) => Err(e),
                 (None, None) => Err(ProxyError::NoRoute),
                 (Some(pool), None) => {
-                    if let Some(l) = &mut log {
+                    if let Some(l) = log {
                         l.pool = Some(pool.name.to_string());
                     }
-                    forward(pool, req, client, upgrade, &mut log, start).await
+                    forward(pool, req, client, upgrade, log, start).await
                 }
             };
             let mut resp = match result {
@@ -151,11 +152,11 @@ impl Proxy {
                 }
                 Err(e) => refused(e, request_id, http1),
             };
-            if let Some(l) = &mut log {
+            if let Some(l) = log {
                 l.status = resp.status().as_u16();
             }
             let body = std::mem::replace(resp.body_mut(), ProxyBody::empty());
-            *resp.body_mut() = body.with_log(log).with_active(active);
+            *resp.body_mut() = body.with_log(log.take()).with_active(active);
             Ok(resp)
         }
     }
@@ -180,6 +181,20 @@ impl Proxy {
             idle_timeout,
         );
         resp.map(|_| ProxyBody::empty())
+    }
+}
+
+/// A request's access log record until its response is handed over: should the request
+/// end before that (an HTTP/2 client resets its stream, shutdown's grace period runs
+/// out), its line is written with status 499, nginx's "client closed request".
+struct Unanswered(Option<Box<AccessRecord>>);
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(mut l) = self.0.take() {
+            l.status = 499;
+            (*l).emit();
+        }
     }
 }
 
@@ -323,6 +338,10 @@ fn forward<'a>(
             let now = if attempts == 0 { start } else { Instant::now() };
             attempts += 1;
             let backend = &pool.members[i].backend;
+            // The backend tried last, reached or not.
+            if let Some(l) = log.as_mut() {
+                l.backend = Some(backend.id.to_string());
+            }
             let in_flight = backend.start_request();
             // A labelled block, not a `match` around it all: the checkout's result
             // would be held (and take room in this future) for the whole attempt.
@@ -338,9 +357,6 @@ fn forward<'a>(
                         break 'attempt;
                     }
                 };
-                if let Some(l) = log.as_mut() {
-                    l.backend = Some(backend.id.to_string());
-                }
                 // When the wait for the response starts: unless getting the connection
                 // took a wait, `now` still holds.
                 let mut sending_at = if at_once { now } else { Instant::now() };
