@@ -378,13 +378,12 @@ fn forward<'a>(
                         tx.copy_next_head();
                     }
                     let send = tx.tx.try_send_request(req);
-                    let timer = tx.timer.as_mut();
+                    let wait = tx.wait_parts();
                     // In a block of its own: what it borrows would otherwise take
                     // room in this future across the reconnect below.
                     let e = {
                         let sent =
-                            upload::within(send, timer, watch.as_deref(), timeout, sending_at)
-                                .await;
+                            upload::within(send, wait, watch.as_deref(), timeout, sending_at).await;
                         let mut e = match sent {
                             Err(Late::Backend) => break Some(Err(SendError::Timeout(timeout))),
                             Err(Late::Client) => {

@@ -59,6 +59,12 @@ impl Sender {
         self.upload = Some(watch.clone());
     }
 
+    /// The response timer, and the count of writes that the socket took bytes from, for
+    /// [`super::upload::within`].
+    pub fn wait_parts(&mut self) -> (Pin<&mut Sleep>, &AtomicU64) {
+        (self.timer.as_mut(), &self.state.writes)
+    }
+
     /// Asks the socket to copy the head of the request sent next, as hyper writes it.
     pub fn copy_next_head(&self) {
         self.state.copy_head.store(true, Ordering::Relaxed);
@@ -132,6 +138,9 @@ struct ConnState {
     copy_head: AtomicBool,
     /// The last head copied.
     head: Mutex<Vec<u8>>,
+    /// Counts the writes that the socket took bytes from: an upload's progress while
+    /// the backend reads it more slowly than the client sends.
+    writes: AtomicU64,
 }
 
 impl ConnState {
@@ -173,6 +182,16 @@ struct HeadCopy<T> {
 }
 
 impl<T> HeadCopy<T> {
+    /// Counts a write that the socket took bytes from.
+    #[inline]
+    fn wrote(&self, n: &io::Result<usize>) {
+        if matches!(n, Ok(n) if *n > 0) {
+            // One writer (the connection's task): no read-modify-write needed.
+            let w = &self.state.writes;
+            w.store(w.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+        }
+    }
+
     /// Copies `first`, the start of what is about to be written, if a head is asked for.
     #[inline]
     fn copy(&self, first: &[u8]) {
@@ -214,7 +233,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for HeadCopy<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         self.copy(buf);
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let n = std::task::ready!(Pin::new(&mut self.inner).poll_write(cx, buf));
+        self.wrote(&n);
+        Poll::Ready(n)
     }
 
     #[inline]
@@ -226,7 +247,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for HeadCopy<T> {
         if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
             self.copy(first);
         }
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let n = std::task::ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, bufs));
+        self.wrote(&n);
+        Poll::Ready(n)
     }
 
     #[inline]

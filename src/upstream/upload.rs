@@ -160,13 +160,18 @@ pub enum Late {
 pin_project_lite::pin_project! {
     /// Waits for `fut` (the response head) for `timeout`; with an upload's `watch`, for
     /// as long as the upload moves: fails once one phase of the upload, or the wait
-    /// after it, lasts `timeout`. Without a watch, it is `tokio::time::timeout` on a
-    /// timer of the caller's.
+    /// after it, lasts `timeout`. While the backend has bytes to take, each write that
+    /// its socket takes bytes from (`writes` counts them) is progress too: a backend
+    /// that reads slowly but steadily is not late. Without a watch, it is
+    /// `tokio::time::timeout` on a timer of the caller's.
     pub struct Within<'a, F> {
         #[pin]
         fut: F,
         sleep: Pin<&'a mut Sleep>,
         watch: Option<&'a UploadWatch>,
+        writes: &'a AtomicU64,
+        // `writes` when last looked at.
+        seen: u64,
         timeout: Duration,
     }
 }
@@ -176,7 +181,7 @@ pin_project_lite::pin_project! {
 /// uses): a timer that lives on (with the connection) and is set again for each wait.
 pub fn within<'a, F: Future>(
     fut: F,
-    mut timer: Pin<&'a mut Sleep>,
+    (mut timer, writes): (Pin<&'a mut Sleep>, &'a AtomicU64),
     watch: Option<&'a UploadWatch>,
     timeout: Duration,
     from: std::time::Instant,
@@ -188,6 +193,8 @@ pub fn within<'a, F: Future>(
         fut,
         sleep: timer,
         watch,
+        writes,
+        seen: writes.load(Ordering::Relaxed),
         timeout,
     }
 }
@@ -207,6 +214,16 @@ impl<F: Future> Future for Within<'_, F> {
             };
             // The upload may have moved since the timer was set: wait on from there.
             let (phase, since) = watch.phase_and_start();
+            let writes = this.writes.load(Ordering::Relaxed);
+            if phase == Phase::Backend && writes != *this.seen {
+                // The backend took bytes since the last look: a whole wait from now.
+                *this.seen = writes;
+                watch.set(Phase::Backend);
+                this.sleep
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + *this.timeout);
+                continue;
+            }
             let waited = Duration::from_millis(clock_ms().saturating_sub(since));
             match this.timeout.checked_sub(waited).filter(|d| !d.is_zero()) {
                 Some(left) => this
@@ -243,10 +260,56 @@ mod tests {
         assert_eq!(w.phase_and_start().0, Phase::Done);
     }
 
+    // Real time, as below; the passing of time is what is under test.
+    #[tokio::test]
+    async fn a_backend_that_takes_bytes_is_not_late() {
+        let w = UploadWatch::new();
+        let writes = Arc::new(AtomicU64::new(0));
+        let timeout = Duration::from_millis(50);
+        // The backend's socket takes bytes every 10 ms for 300 ms, then nothing.
+        let writer = writes.clone();
+        let moving = tokio::spawn(async move {
+            for _ in 0..30 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                writer.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        let began = std::time::Instant::now();
+        let mut timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
+        let got = within(
+            std::future::pending::<()>(),
+            (timer.as_mut(), &writes),
+            Some(&w),
+            timeout,
+            began,
+        )
+        .await;
+        assert_eq!(got, Err(Late::Backend));
+        assert!(
+            began.elapsed() >= Duration::from_millis(300),
+            "late while moving"
+        );
+        moving.await.unwrap();
+        // Waiting for the client, the backend's writes are no excuse for it.
+        w.enter(Phase::Client);
+        let began = std::time::Instant::now();
+        writes.fetch_add(1, Ordering::Relaxed);
+        let got = within(
+            std::future::pending::<()>(),
+            (timer.as_mut(), &writes),
+            Some(&w),
+            timeout,
+            began,
+        )
+        .await;
+        assert_eq!(got, Err(Late::Client));
+    }
+
     // Real time: the watch reads the system's monotonic clock, not Tokio's.
     #[tokio::test]
     async fn within_blames_the_side_that_stalled() {
         use std::future::pending;
+        let writes = AtomicU64::new(0);
         for (phase, late) in [
             (Phase::Client, Late::Client),
             (Phase::Backend, Late::Backend),
@@ -257,7 +320,7 @@ mod tests {
             let mut timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
             let got = within(
                 pending::<()>(),
-                timer.as_mut(),
+                (timer.as_mut(), &writes),
                 Some(&w),
                 Duration::from_millis(50),
                 std::time::Instant::now(),
@@ -270,7 +333,7 @@ mod tests {
         for _ in 0..2 {
             let wait = within(
                 pending::<()>(),
-                timer.as_mut(),
+                (timer.as_mut(), &writes),
                 None,
                 Duration::from_millis(50),
                 std::time::Instant::now(),
@@ -280,7 +343,7 @@ mod tests {
         let w = UploadWatch::new();
         let got = within(
             async { 7 },
-            timer.as_mut(),
+            (timer.as_mut(), &writes),
             Some(&w),
             Duration::from_millis(50),
             std::time::Instant::now(),
