@@ -180,16 +180,15 @@ impl Server {
                 close.clone(),
             )));
         }
-        if let Some(l) = self.admin {
+        // The admin listener stays open until the end of the drain: `/readyz` answers
+        // 503 through it, and `/metrics` shows the drain.
+        let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
+        let admin_task = self.admin.map(|l| {
             if let Ok(a) = l.local_addr() {
                 tracing::info!(listen = %a, "admin listener");
             }
-            tasks.push(tokio::spawn(admin::serve(
-                l,
-                admin_state.clone(),
-                stop_rx.clone(),
-            )));
-        }
+            tokio::spawn(admin::serve(l, admin_state.clone(), admin_stop_rx))
+        });
         admin_state.ready.store(true, Ordering::Relaxed);
         shutdown.await;
         tracing::info!("shutting down: no new connections, letting requests finish");
@@ -213,6 +212,10 @@ impl Server {
             );
             close.cancel();
             drained.await;
+        }
+        let _ = admin_stop_tx.send(true);
+        if let Some(t) = admin_task {
+            let _ = t.await;
         }
         // The last requests' lines out before the process exits.
         let access_log = self.access_log.clone();

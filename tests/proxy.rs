@@ -652,8 +652,30 @@ async fn shutdown_closes_tunnels_when_the_grace_period_is_over() {
     let mut ws = ws_connect(proxy.addr).await;
     let started = std::time::Instant::now();
     let stopped = proxy.shutdown();
-    // Within the grace period the tunnel goes on.
+    // Within the grace period the tunnel goes on, and the admin listener takes new
+    // connections: `/readyz` turns to 503.
     ws_echo(&mut ws, "still here").await;
+    let admin = proxy.admin.unwrap();
+    tokio::time::timeout(LIMIT, async {
+        loop {
+            let mut s = TcpStream::connect(admin)
+                .await
+                .expect("the admin listener closed during the grace period");
+            s.write_all(b"GET /readyz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await.unwrap();
+            if got.starts_with(b"HTTP/1.1 503") {
+                break;
+            }
+            assert!(got.starts_with(b"HTTP/1.1 200"), "{got:?}");
+        }
+    })
+    .await
+    .expect("/readyz never turned to 503");
+    let status = fetch(admin, get("/metrics")).await.status;
+    assert_eq!(status, 200);
     tokio::time::timeout(LIMIT, stopped)
         .await
         .expect("the proxy stopped once the grace period was over")
