@@ -876,6 +876,17 @@ async fn requests_of_more_than_100_fields_get_431_over_either_protocol() {
     .await;
     assert!(got.starts_with("HTTP/1.1 431"), "{got}");
     assert_eq!(hits.load(Ordering::SeqCst), 0);
+    let got = raw_exchange(
+        proxy.addr,
+        format!(
+            "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{}\r\n",
+            fields(98)
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    hits.store(0, Ordering::SeqCst);
     // HTTP/2: the same count, once the cookie crumbs are joined into one field.
     let (mut h2, _conn) = h2_connect(proxy.addr).await;
     let request = |fields: usize, crumbs: usize| {
@@ -888,10 +899,11 @@ async fn requests_of_more_than_100_fields_get_431_over_either_protocol() {
         }
         req.body(Full::new(Bytes::new())).unwrap()
     };
-    let status = h2.send_request(request(101, 0)).await.unwrap().status();
+    // 100 fields and `host` from `:authority`.
+    let status = h2.send_request(request(100, 0)).await.unwrap().status();
     assert_eq!(status, 431);
     assert_eq!(hits.load(Ordering::SeqCst), 0);
-    // 100 pass (99 and `host` from `:authority`), and so do 300 crumbs of one cookie.
+    // 100 pass (99 and `host`), and so do 300 crumbs of one cookie.
     let status = h2.send_request(request(99, 0)).await.unwrap().status();
     assert_eq!(status, 200);
     let status = h2.send_request(request(98, 300)).await.unwrap().status();
@@ -1503,18 +1515,21 @@ async fn a_request_retried_after_a_reset_arrives_whole() {
     assert_eq!(all_fields[0], all_fields[1]);
 }
 
-/// A backend that answers the first request on each connection and closes the
-/// connection on reading the second head, without answering; it sends what it read of
-/// each head on `heads`.
+/// A backend that answers the first request on each connection and, on reading the
+/// second head, writes `partial` (perhaps nothing) and closes the connection; it sends
+/// what it read of each head on `heads`. With `once`, it takes one connection only,
+/// then stops listening.
 async fn second_request_resetting_backend(
     heads: mpsc::UnboundedSender<String>,
+    partial: &'static [u8],
+    once: bool,
 ) -> std::net::SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let a = l.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
             let heads = heads.clone();
-            tokio::spawn(async move {
+            let conn = tokio::spawn(async move {
                 for answer in [true, false] {
                     let mut head = Vec::new();
                     let mut byte = [0u8; 1];
@@ -1526,6 +1541,7 @@ async fn second_request_resetting_backend(
                     }
                     let _ = heads.send(String::from_utf8_lossy(&head).into_owned());
                     if !answer {
+                        let _ = s.write_all(partial).await;
                         return;
                     }
                     let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
@@ -1534,6 +1550,11 @@ async fn second_request_resetting_backend(
                     }
                 }
             });
+            if once {
+                drop(l);
+                let _ = conn.await;
+                return;
+            }
         }
     });
     a
@@ -1556,7 +1577,7 @@ async fn a_websocket_upgrade_reset_by_one_backend_is_upgraded_by_the_next() {
 #[tokio::test]
 async fn a_reset_on_a_reused_connection_resends_that_request_not_the_one_before() {
     let (heads_tx, mut heads) = mpsc::unbounded_channel();
-    let flaky = second_request_resetting_backend(heads_tx).await;
+    let flaky = second_request_resetting_backend(heads_tx, b"", false).await;
     let (seen_tx, mut seen) = mpsc::unbounded_channel();
     let good = backend(move |req| {
         let n = req.headers().get("x-n").cloned();
@@ -1599,7 +1620,7 @@ async fn a_keep_alive_connection_closed_as_a_request_arrives_costs_no_safe_reque
     // One backend, no retries: each of its connections takes one request and is closed
     // by the backend as the next arrives, as when its keep-alive timeout races a request.
     let (heads_tx, mut heads) = mpsc::unbounded_channel();
-    let flaky = second_request_resetting_backend(heads_tx).await;
+    let flaky = second_request_resetting_backend(heads_tx, b"", false).await;
     let proxy = TestProxy::start(&config(&format!(
         "[pools.p]\nretries = 0\nbackends = [\"{flaky}\"]\n"
     )))
@@ -1628,6 +1649,54 @@ async fn a_keep_alive_connection_closed_as_a_request_arrives_costs_no_safe_reque
     assert_eq!(client.send(req).await.status, 502);
     assert!(heads.recv().await.unwrap().starts_with("POST /upload "));
     assert!(heads.try_recv().is_err());
+}
+
+#[tokio::test]
+async fn a_backend_that_began_its_answer_does_not_get_the_request_again() {
+    let (heads_tx, mut heads) = mpsc::unbounded_channel();
+    let a =
+        second_request_resetting_backend(heads_tx, b"HTTP/1.1 200 OK\r\ncontent-le", false).await;
+    let proxy = TestProxy::start(&config(&format!(
+        "[pools.p]\nretries = 0\nbackends = [\"{a}\"]\n"
+    )))
+    .await;
+    let mut client = Client::connect(proxy.addr).await;
+    assert_eq!(client.send(get("/n/1")).await.status, 200);
+    // It had the request, and began to answer: it is not sent twice.
+    assert_eq!(client.send(get("/n/2")).await.status, 502);
+    for want in ["GET /n/1 ", "GET /n/2 "] {
+        assert!(heads.recv().await.unwrap().starts_with(want));
+    }
+    assert!(heads.try_recv().is_err(), "sent twice");
+}
+
+#[tokio::test]
+async fn a_resend_that_cannot_reconnect_goes_elsewhere_only_as_a_retry() {
+    let (heads_tx, mut heads) = mpsc::unbounded_channel();
+    // One connection, closed under the second request; then nothing listens.
+    let flaky = second_request_resetting_backend(heads_tx, b"", true).await;
+    let (good, served) = counting_backend().await;
+    let proxy = TestProxy::start(&reset_pool(flaky, good, "retry_budget = 0.0\n")).await;
+    let rt = proxy.runtime.load();
+    let state = &rt.pools[0].state;
+    while state.take_retry() {}
+    let refused = state.retries_refused.load(Ordering::Relaxed);
+    let mut client = Client::connect(proxy.addr).await;
+    // 1 to the flaky backend, 2 to the good one, 3 to the flaky one on its pooled
+    // connection, which closes; the new connection for it is refused, and with the
+    // budget spent, it may not go to the good backend.
+    for (n, want) in [(1, 200), (2, 200), (3, 502)] {
+        assert_eq!(
+            client.send(get(&format!("/n/{n}"))).await.status,
+            want,
+            "request {n}"
+        );
+    }
+    for want in ["GET /n/1 ", "GET /n/3 "] {
+        assert!(heads.recv().await.unwrap().starts_with(want));
+    }
+    assert_eq!(served.load(Ordering::SeqCst), 1);
+    assert_eq!(state.retries_refused.load(Ordering::Relaxed), refused + 1);
 }
 
 #[tokio::test]

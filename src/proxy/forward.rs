@@ -360,6 +360,11 @@ fn forward<'a>(
                 // When the wait for the response starts: unless getting the connection
                 // took a wait, `now` still holds.
                 let mut sending_at = if at_once { now } else { Instant::now() };
+                // Whether the request, sent on a pooled connection that the backend
+                // closed, is being sent once more to the same backend, and whether that
+                // failed before it was written again.
+                let mut resent = false;
+                let mut resend_failed = false;
                 // Inline rather than a function of its own: a nested future would
                 // grow this one, and every move of it.
                 let sent = loop {
@@ -377,6 +382,7 @@ fn forward<'a>(
                     if again {
                         tx.copy_next_head();
                     }
+                    let reads = tx.reads();
                     let send = tx.tx.try_send_request(req);
                     let wait = tx.wait_parts();
                     // In a block of its own: what it borrows would otherwise take
@@ -398,21 +404,35 @@ fn forward<'a>(
                             // Never written: nothing was sent, and the request is kept
                             // for whichever connection comes next.
                             pending = Some(unsent);
-                        } else if reused && again && is_reset(&e) && !e.is_user() {
+                        } else if reused
+                            && again
+                            && tx.reads() == reads
+                            && is_reset(&e)
+                            && !e.is_user()
+                        {
                             // Written on a keep-alive connection that the backend
-                            // closed as the request arrived (its idle timeout, racing
-                            // the request): a request safe to send twice goes once more
-                            // to the same backend, as its head reads back, as nginx does.
+                            // closed, without a byte of an answer, as the request
+                            // arrived (its idle timeout racing the request): a request
+                            // safe to send twice goes once more to the same backend, as
+                            // its head reads back, as nginx does.
                             pending = tx.take_head().as_deref().and_then(replayed);
                             if pending.is_none() {
                                 break Some(Err(SendError::of(e)));
                             }
+                            resent = true;
                             backend.stats.count_reset();
                         } else {
                             break Some(Err(SendError::of(e)));
                         }
                         e
                     };
+                    if resent && !reused {
+                        // The fresh connection for the request sent once already
+                        // closed first: that backend's failure to answer it. The
+                        // request, unsent this time, is in `pending`.
+                        resend_failed = true;
+                        break Some(Err(SendError::Reset(e)));
+                    }
                     if !reused {
                         // A fresh connection closed first.
                         let e = UpstreamError::Closed {
@@ -431,6 +451,11 @@ fn forward<'a>(
                             tx = t;
                             sending_at = Instant::now();
                         }
+                        // The request was sent once already: that is what failed.
+                        Err(_) if resent => {
+                            resend_failed = true;
+                            break Some(Err(SendError::Reset(e)));
+                        }
                         Err(e) => break Some(Err(SendError::Connect(e))),
                     }
                 };
@@ -438,10 +463,16 @@ fn forward<'a>(
                     break 'candidates Some(Err(()));
                 };
                 if let Err(SendError::Reset(e)) = &sent {
-                    count_reset(pool, backend, e);
-                    // Sent, so no longer here: it goes on to another backend only if its
+                    // A resend that failed before it was written: its reset is counted.
+                    if !resend_failed {
+                        count_reset(pool, backend, e);
+                    }
+                    // Sent, so no longer here (unless rebuilt for a resend that failed
+                    // before it was written): it goes on to another backend only if its
                     // head, as written, reads back.
-                    if replay && !plan.is_pinned(i) {
+                    if !replay || plan.is_pinned(i) {
+                        pending = None;
+                    } else if pending.is_none() {
                         pending = tx.take_head().as_deref().and_then(replayed);
                     }
                 }

@@ -420,12 +420,8 @@ pub fn prepare_request<B: Body>(
             HeaderValue::from_static("chunked"),
         );
     }
-    // hyper's HTTP/1.1 parser refuses a head of more than `MAX_FIELDS` fields; HTTP/2's
-    // limit is in bytes only, so the count is checked here, once cookies are joined.
-    let mut too_many = false;
     if version == Version::HTTP_2 {
         join_cookies(headers);
-        too_many = headers.len() > MAX_FIELDS;
     }
     // Authority-form (`GET a.example:80 HTTP/1.1`) is for CONNECT only (RFC 9112
     // §3.2.3); taken as a host, it would override `Host` with the request line's word.
@@ -435,6 +431,10 @@ pub fn prepare_request<B: Body>(
     } else {
         settle_host(headers, authority, version)
     };
+    // hyper's HTTP/1.1 parser refuses a head of more than `MAX_FIELDS` fields; HTTP/2's
+    // limit is in bytes only, so the count is checked here, with cookies joined and
+    // `Host` in, as an HTTP/1.1 request would have them.
+    let too_many = version == Version::HTTP_2 && headers.len() > MAX_FIELDS;
     match &host {
         Ok(host) if !host.is_empty() => {
             headers.insert(X_FORWARDED_HOST.clone(), host.clone());

@@ -65,6 +65,11 @@ impl Sender {
         (self.timer.as_mut(), &self.state.writes)
     }
 
+    /// How many reads brought bytes on this connection so far.
+    pub fn reads(&self) -> u64 {
+        self.state.reads.load(Ordering::Relaxed)
+    }
+
     /// Asks the socket to copy the head of the request sent next, as hyper writes it.
     pub fn copy_next_head(&self) {
         self.state.copy_head.store(true, Ordering::Relaxed);
@@ -141,6 +146,9 @@ struct ConnState {
     /// Counts the writes that the socket took bytes from: an upload's progress while
     /// the backend reads it more slowly than the client sends.
     writes: AtomicU64,
+    /// Counts the reads that brought bytes: whether a backend that closed the connection
+    /// had begun to answer.
+    reads: AtomicU64,
 }
 
 impl ConnState {
@@ -162,6 +170,16 @@ impl ConnState {
     fn held_up(&self) -> bool {
         self.phase.load(Ordering::Acquire) == READING && !self.waiting.load(Ordering::Relaxed)
     }
+}
+
+/// Adds one to a count that only the connection's task changes: no read-modify-write
+/// needed.
+#[inline]
+fn bump(count: &AtomicU64) {
+    count.store(
+        count.load(Ordering::Relaxed).wrapping_add(1),
+        Ordering::Relaxed,
+    );
 }
 
 fn lock(head: &Mutex<Vec<u8>>) -> std::sync::MutexGuard<'_, Vec<u8>> {
@@ -186,9 +204,7 @@ impl<T> HeadCopy<T> {
     #[inline]
     fn wrote(&self, n: &io::Result<usize>) {
         if matches!(n, Ok(n) if *n > 0) {
-            // One writer (the connection's task): no read-modify-write needed.
-            let w = &self.state.writes;
-            w.store(w.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+            bump(&self.state.writes);
         }
     }
 
@@ -221,7 +237,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for HeadCopy<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let r = std::task::ready!(Pin::new(&mut self.inner).poll_read(cx, buf));
+        if buf.filled().len() > before {
+            bump(&self.state.reads);
+        }
+        Poll::Ready(r)
     }
 }
 

@@ -170,8 +170,9 @@ pin_project_lite::pin_project! {
         sleep: Pin<&'a mut Sleep>,
         watch: Option<&'a UploadWatch>,
         writes: &'a AtomicU64,
-        // `writes` when last looked at.
+        // `writes` when last looked at, and `clock_ms()` when it was seen to move.
         seen: u64,
+        moved_at: u64,
         timeout: Duration,
     }
 }
@@ -195,6 +196,7 @@ pub fn within<'a, F: Future>(
         watch,
         writes,
         seen: writes.load(Ordering::Relaxed),
+        moved_at: 0,
         timeout,
     }
 }
@@ -213,18 +215,19 @@ impl<F: Future> Future for Within<'_, F> {
                 return Poll::Ready(Err(Late::Backend));
             };
             // The upload may have moved since the timer was set: wait on from there.
-            let (phase, since) = watch.phase_and_start();
-            let writes = this.writes.load(Ordering::Relaxed);
-            if phase == Phase::Backend && writes != *this.seen {
-                // The backend took bytes since the last look: a whole wait from now.
-                *this.seen = writes;
-                watch.set(Phase::Backend);
-                this.sleep
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + *this.timeout);
-                continue;
+            let (phase, mut since) = watch.phase_and_start();
+            let now = clock_ms();
+            if phase == Phase::Backend {
+                // The backend took bytes since the last look: the wait is dated from
+                // now. (Kept here, not in the watch, which the upload's side writes.)
+                let writes = this.writes.load(Ordering::Relaxed);
+                if writes != *this.seen {
+                    *this.seen = writes;
+                    *this.moved_at = now;
+                }
+                since = since.max(*this.moved_at);
             }
-            let waited = Duration::from_millis(clock_ms().saturating_sub(since));
+            let waited = Duration::from_millis(now.saturating_sub(since));
             match this.timeout.checked_sub(waited).filter(|d| !d.is_zero()) {
                 Some(left) => this
                     .sleep
@@ -265,12 +268,12 @@ mod tests {
     async fn a_backend_that_takes_bytes_is_not_late() {
         let w = UploadWatch::new();
         let writes = Arc::new(AtomicU64::new(0));
-        let timeout = Duration::from_millis(50);
-        // The backend's socket takes bytes every 10 ms for 300 ms, then nothing.
+        let timeout = Duration::from_millis(200);
+        // The backend's socket takes bytes every 20 ms for 600 ms, then nothing.
         let writer = writes.clone();
         let moving = tokio::spawn(async move {
             for _ in 0..30 {
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
                 writer.fetch_add(1, Ordering::Relaxed);
             }
         });
