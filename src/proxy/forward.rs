@@ -382,7 +382,6 @@ fn forward<'a>(
                     if again {
                         tx.copy_next_head();
                     }
-                    let reads = tx.reads();
                     let send = tx.tx.try_send_request(req);
                     let wait = tx.wait_parts();
                     // In a block of its own: what it borrows would otherwise take
@@ -406,7 +405,7 @@ fn forward<'a>(
                             pending = Some(unsent);
                         } else if reused
                             && again
-                            && tx.reads() == reads
+                            && !tx.read_since_head()
                             && is_reset(&e)
                             && !e.is_user()
                         {

@@ -30,7 +30,7 @@ use tokio::time::Sleep;
 use crate::config::{BackendAddr, Limits, PoolConfig};
 
 use super::stats::BackendStats;
-use super::upload::{Upload, UploadWatch};
+use super::upload::{Upload, UploadWatch, WriteProgress};
 
 /// A request body sent upstream: the client's, or nothing when a bodyless request is
 /// sent again.
@@ -61,13 +61,15 @@ impl Sender {
 
     /// The response timer, and the count of writes that the socket took bytes from, for
     /// [`super::upload::within`].
-    pub fn wait_parts(&mut self) -> (Pin<&mut Sleep>, &AtomicU64) {
+    pub fn wait_parts(&mut self) -> (Pin<&mut Sleep>, &WriteProgress) {
         (self.timer.as_mut(), &self.state.writes)
     }
 
-    /// How many reads brought bytes on this connection so far.
-    pub fn reads(&self) -> u64 {
-        self.state.reads.load(Ordering::Relaxed)
+    /// Whether bytes were read on this connection since the head that
+    /// [`Self::copy_next_head`] asked for was written (or, if none was, ever).
+    pub fn read_since_head(&self) -> bool {
+        let st = &self.state;
+        st.reads.load(Ordering::Relaxed) != st.reads_at_head.load(Ordering::Relaxed)
     }
 
     /// Asks the socket to copy the head of the request sent next, as hyper writes it.
@@ -143,12 +145,13 @@ struct ConnState {
     copy_head: AtomicBool,
     /// The last head copied.
     head: Mutex<Vec<u8>>,
-    /// Counts the writes that the socket took bytes from: an upload's progress while
-    /// the backend reads it more slowly than the client sends.
-    writes: AtomicU64,
-    /// Counts the reads that brought bytes: whether a backend that closed the connection
-    /// had begun to answer.
+    /// The writes that the socket took bytes from: an upload's progress while the
+    /// backend reads it more slowly than the client sends.
+    writes: WriteProgress,
+    /// Counts the reads that brought bytes, and the count when the last head was
+    /// copied: whether a backend that closed the connection had begun to answer.
     reads: AtomicU64,
+    reads_at_head: AtomicU64,
 }
 
 impl ConnState {
@@ -204,7 +207,7 @@ impl<T> HeadCopy<T> {
     #[inline]
     fn wrote(&self, n: &io::Result<usize>) {
         if matches!(n, Ok(n) if *n > 0) {
-            bump(&self.state.writes);
+            self.state.writes.wrote();
         }
     }
 
@@ -226,6 +229,8 @@ impl<T> HeadCopy<T> {
             }
             head.extend_from_slice(first);
         }
+        let reads = self.state.reads.load(Ordering::Relaxed);
+        self.state.reads_at_head.store(reads, Ordering::Relaxed);
         self.state.copy_head.store(false, Ordering::Release);
     }
 }

@@ -148,6 +148,44 @@ impl UploadWatch {
     }
 }
 
+/// Writes that an upstream connection's socket took bytes from, counted by the socket,
+/// and what the wait for the response (one at a time per connection) last saw of them:
+/// kept with the connection, so that the wait's future stays small.
+#[derive(Debug, Default)]
+pub struct WriteProgress {
+    writes: AtomicU64,
+    seen: AtomicU64,
+    moved_at: AtomicU64,
+}
+
+impl WriteProgress {
+    /// Counts a write (from the connection's task, the only writer).
+    #[inline]
+    pub fn wrote(&self) {
+        let w = &self.writes;
+        w.store(w.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+    }
+
+    /// A new wait starts: writes before it do not count.
+    fn start(&self) {
+        self.seen
+            .store(self.writes.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.moved_at.store(0, Ordering::Relaxed);
+    }
+
+    /// `clock_ms()` when the writes were last seen to move (`now` if since the last
+    /// look), or 0.
+    fn moved_at(&self, now: u64) -> u64 {
+        let writes = self.writes.load(Ordering::Relaxed);
+        if writes != self.seen.load(Ordering::Relaxed) {
+            self.seen.store(writes, Ordering::Relaxed);
+            self.moved_at.store(now, Ordering::Relaxed);
+            return now;
+        }
+        self.moved_at.load(Ordering::Relaxed)
+    }
+}
+
 /// Who let `timeout` pass without progress.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Late {
@@ -169,10 +207,7 @@ pin_project_lite::pin_project! {
         fut: F,
         sleep: Pin<&'a mut Sleep>,
         watch: Option<&'a UploadWatch>,
-        writes: &'a AtomicU64,
-        // `writes` when last looked at, and `clock_ms()` when it was seen to move.
-        seen: u64,
-        moved_at: u64,
+        progress: &'a WriteProgress,
         timeout: Duration,
     }
 }
@@ -182,7 +217,7 @@ pin_project_lite::pin_project! {
 /// uses): a timer that lives on (with the connection) and is set again for each wait.
 pub fn within<'a, F: Future>(
     fut: F,
-    (mut timer, writes): (Pin<&'a mut Sleep>, &'a AtomicU64),
+    (mut timer, progress): (Pin<&'a mut Sleep>, &'a WriteProgress),
     watch: Option<&'a UploadWatch>,
     timeout: Duration,
     from: std::time::Instant,
@@ -190,13 +225,14 @@ pub fn within<'a, F: Future>(
     timer
         .as_mut()
         .reset(tokio::time::Instant::from_std(from) + timeout);
+    if watch.is_some() {
+        progress.start();
+    }
     Within {
         fut,
         sleep: timer,
         watch,
-        writes,
-        seen: writes.load(Ordering::Relaxed),
-        moved_at: 0,
+        progress,
         timeout,
     }
 }
@@ -219,13 +255,8 @@ impl<F: Future> Future for Within<'_, F> {
             let now = clock_ms();
             if phase == Phase::Backend {
                 // The backend took bytes since the last look: the wait is dated from
-                // now. (Kept here, not in the watch, which the upload's side writes.)
-                let writes = this.writes.load(Ordering::Relaxed);
-                if writes != *this.seen {
-                    *this.seen = writes;
-                    *this.moved_at = now;
-                }
-                since = since.max(*this.moved_at);
+                // then. (Kept apart from the watch, which the upload's side writes.)
+                since = since.max(this.progress.moved_at(now));
             }
             let waited = Duration::from_millis(now.saturating_sub(since));
             match this.timeout.checked_sub(waited).filter(|d| !d.is_zero()) {
@@ -267,14 +298,14 @@ mod tests {
     #[tokio::test]
     async fn a_backend_that_takes_bytes_is_not_late() {
         let w = UploadWatch::new();
-        let writes = Arc::new(AtomicU64::new(0));
+        let writes = Arc::new(WriteProgress::default());
         let timeout = Duration::from_millis(200);
         // The backend's socket takes bytes every 20 ms for 600 ms, then nothing.
         let writer = writes.clone();
         let moving = tokio::spawn(async move {
             for _ in 0..30 {
                 tokio::time::sleep(Duration::from_millis(20)).await;
-                writer.fetch_add(1, Ordering::Relaxed);
+                writer.wrote();
             }
         });
         let began = std::time::Instant::now();
@@ -296,7 +327,7 @@ mod tests {
         // Waiting for the client, the backend's writes are no excuse for it.
         w.enter(Phase::Client);
         let began = std::time::Instant::now();
-        writes.fetch_add(1, Ordering::Relaxed);
+        writes.wrote();
         let got = within(
             std::future::pending::<()>(),
             (timer.as_mut(), &writes),
@@ -312,7 +343,7 @@ mod tests {
     #[tokio::test]
     async fn within_blames_the_side_that_stalled() {
         use std::future::pending;
-        let writes = AtomicU64::new(0);
+        let writes = WriteProgress::default();
         for (phase, late) in [
             (Phase::Client, Late::Client),
             (Phase::Backend, Late::Backend),
