@@ -294,6 +294,17 @@ mod tests {
         assert_eq!(w.phase_and_start().0, Phase::Done);
     }
 
+    /// Waits on `timer` for what never comes, watching `w`: who was late.
+    async fn never(
+        timer: Pin<&mut Sleep>,
+        progress: &WriteProgress,
+        w: Option<&UploadWatch>,
+        timeout: Duration,
+    ) -> Result<(), Late> {
+        let now = std::time::Instant::now();
+        within(std::future::pending(), (timer, progress), w, timeout, now).await
+    }
+
     // Real time, as below; the passing of time is what is under test.
     #[tokio::test]
     async fn a_backend_that_takes_bytes_is_not_late() {
@@ -310,39 +321,23 @@ mod tests {
         });
         let began = std::time::Instant::now();
         let mut timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
-        let got = within(
-            std::future::pending::<()>(),
-            (timer.as_mut(), &writes),
-            Some(&w),
-            timeout,
-            began,
-        )
-        .await;
+        let got = never(timer.as_mut(), &writes, Some(&w), timeout).await;
         assert_eq!(got, Err(Late::Backend));
         assert!(
-            began.elapsed() >= Duration::from_millis(300),
+            began.elapsed() >= Duration::from_millis(600),
             "late while moving"
         );
         moving.await.unwrap();
         // Waiting for the client, the backend's writes are no excuse for it.
         w.enter(Phase::Client);
-        let began = std::time::Instant::now();
         writes.wrote();
-        let got = within(
-            std::future::pending::<()>(),
-            (timer.as_mut(), &writes),
-            Some(&w),
-            timeout,
-            began,
-        )
-        .await;
+        let got = never(timer.as_mut(), &writes, Some(&w), timeout).await;
         assert_eq!(got, Err(Late::Client));
     }
 
     // Real time: the watch reads the system's monotonic clock, not Tokio's.
     #[tokio::test]
     async fn within_blames_the_side_that_stalled() {
-        use std::future::pending;
         let writes = WriteProgress::default();
         for (phase, late) in [
             (Phase::Client, Late::Client),
@@ -352,26 +347,13 @@ mod tests {
             let w = UploadWatch::new();
             w.set(phase);
             let mut timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
-            let got = within(
-                pending::<()>(),
-                (timer.as_mut(), &writes),
-                Some(&w),
-                Duration::from_millis(50),
-                std::time::Instant::now(),
-            )
-            .await;
+            let got = never(timer.as_mut(), &writes, Some(&w), Duration::from_millis(50)).await;
             assert_eq!(got, Err(late), "{phase:?}");
         }
         let mut timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
         // Twice on the same timer: set again, it is not left elapsed from the last wait.
         for _ in 0..2 {
-            let wait = within(
-                pending::<()>(),
-                (timer.as_mut(), &writes),
-                None,
-                Duration::from_millis(50),
-                std::time::Instant::now(),
-            );
+            let wait = never(timer.as_mut(), &writes, None, Duration::from_millis(50));
             assert_eq!(wait.await, Err(Late::Backend));
         }
         let w = UploadWatch::new();
