@@ -462,7 +462,8 @@ fn forward<'a>(
                     break 'candidates Some(Err(()));
                 };
                 if let Err(SendError::Reset(e)) = &sent {
-                    // A resend that failed before it was written: its reset is counted.
+                    // Not for a resend that failed before it was written: the reset
+                    // that led to it was counted then.
                     if !resend_failed {
                         count_reset(pool, backend, e);
                     }
