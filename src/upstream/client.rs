@@ -59,7 +59,7 @@ impl Sender {
         self.upload = Some(watch.clone());
     }
 
-    /// The response timer, and the count of writes that the socket took bytes from, for
+    /// The response timer, and the progress of writes on the socket, for
     /// [`super::upload::within`].
     pub fn wait_parts(&mut self) -> (Pin<&mut Sleep>, &WriteProgress) {
         (self.timer.as_mut(), &self.state.writes)

@@ -199,7 +199,7 @@ pin_project_lite::pin_project! {
     /// Waits for `fut` (the response head) for `timeout`; with an upload's `watch`, for
     /// as long as the upload moves: fails once one phase of the upload, or the wait
     /// after it, lasts `timeout`. While the backend has bytes to take, each write that
-    /// its socket takes bytes from (`writes` counts them) is progress too: a backend
+    /// its socket takes bytes from (`progress` counts them) is progress too: a backend
     /// that reads slowly but steadily is not late. Without a watch, it is
     /// `tokio::time::timeout` on a timer of the caller's.
     pub struct Within<'a, F> {
