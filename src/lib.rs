@@ -142,6 +142,17 @@ impl Server {
     /// Serves until `shutdown` resolves, then drains within `server.shutdown_grace`.
     /// The configuration file, if any, is watched and reloaded on change and on SIGHUP.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        self.run_until(shutdown, std::future::pending()).await;
+    }
+
+    /// As [`Self::run`], but the drain ends as soon as `hurry` resolves (it is polled
+    /// only once the drain has begun): what is still open is then closed at once, as
+    /// when the grace period is over.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()>,
+        hurry: impl Future<Output = ()>,
+    ) {
         let (stop_tx, stop_rx) = watch::channel(false);
         let limits = self.config.server.limits.clone();
         let conn_limit = Arc::new(Semaphore::new(limits.max_connections));
@@ -204,12 +215,26 @@ impl Server {
             proxy.tunnels().closed().await;
         };
         tokio::pin!(drained);
-        if tokio::time::timeout(grace, &mut drained).await.is_err() {
-            tracing::warn!(
-                ?grace,
-                tunnels = proxy.tunnels().len(),
-                "shutdown grace period over; closing remaining connections"
-            );
+        let cut_short = tokio::select! {
+            r = tokio::time::timeout(grace, &mut drained) => {
+                if r.is_err() {
+                    tracing::warn!(
+                        ?grace,
+                        tunnels = proxy.tunnels().len(),
+                        "shutdown grace period over; closing remaining connections"
+                    );
+                }
+                r.is_err()
+            }
+            () = hurry => {
+                tracing::warn!(
+                    tunnels = proxy.tunnels().len(),
+                    "asked again to stop: closing remaining connections now"
+                );
+                true
+            }
+        };
+        if cut_short {
             close.cancel();
             drained.await;
         }
@@ -256,25 +281,97 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     Ok(())
 }
 
+/// Binds the listeners of `config` and serves until the first SIGTERM or SIGINT; a
+/// second one during the drain closes what is still open at once.
+pub async fn run_until_signalled(config: Config) -> Result<(), RunError> {
+    let signals = ShutdownSignals::listen();
+    Server::bind(config)
+        .await?
+        .run_until(signals.nth(1), signals.nth(2))
+        .await;
+    Ok(())
+}
+
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).
 pub async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
+    ShutdownSignals::listen().nth(1).await;
+}
+
+/// Counts SIGTERM and SIGINT (Ctrl-C) as they arrive.
+#[derive(Debug, Clone)]
+pub struct ShutdownSignals(watch::Receiver<u32>);
+
+impl ShutdownSignals {
+    /// Counts the signals that arrive from now on. Must be called within a Tokio
+    /// runtime.
+    pub fn listen() -> Self {
+        let (tx, rx) = watch::channel(0);
+        // Registered now, not when the task first runs: a signal in between is counted.
+        let mut signals = Signals::new();
+        tokio::spawn(async move {
+            while signals.next().await.is_some() {
+                tx.send_modify(|n| *n += 1);
             }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+        });
+        ShutdownSignals(rx)
+    }
+
+    /// Resolves once `n` signals have arrived; never, if none can be received.
+    pub fn nth(&self, n: u32) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.0.clone();
+        async move {
+            if rx.wait_for(|count| *count >= n).await.is_err() {
+                std::future::pending::<()>().await;
             }
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+}
+
+/// The listeners behind [`ShutdownSignals`].
+#[cfg(unix)]
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+#[cfg(unix)]
+impl Signals {
+    fn new() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        Signals {
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
+        }
+    }
+
+    /// The next SIGTERM or SIGINT; `None` once neither can be received.
+    async fn next(&mut self) -> Option<()> {
+        async fn recv(s: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+            match s {
+                Some(s) => s.recv().await,
+                None => std::future::pending().await,
+            }
+        }
+        if self.term.is_none() && self.int.is_none() {
+            return None;
+        }
+        tokio::select! {
+            r = recv(&mut self.term) => r,
+            r = recv(&mut self.int) => r,
+        }
+    }
+}
+
+#[cfg(not(unix))]
+struct Signals;
+
+#[cfg(not(unix))]
+impl Signals {
+    fn new() -> Self {
+        Signals
+    }
+
+    async fn next(&mut self) -> Option<()> {
+        tokio::signal::ctrl_c().await.ok()
     }
 }

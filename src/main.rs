@@ -86,7 +86,7 @@ fn main() -> ExitCode {
             };
             let workers = config.server.workers;
             block_on(workers, async move {
-                switchyard::run(config, switchyard::shutdown_signal()).await?;
+                switchyard::run_until_signalled(config).await?;
                 Ok(())
             })
         }
