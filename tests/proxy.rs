@@ -199,6 +199,29 @@ async fn no_route_is_404() {
     let got = fetch(proxy.addr, get("/")).await;
     assert_eq!(got.status, 404);
     assert!(got.headers.contains_key("x-request-id"));
+    // Nothing was left unread: the connection stays open.
+    assert!(!got.headers.contains_key("connection"));
+}
+
+#[tokio::test]
+async fn a_refusal_that_leaves_the_body_unread_says_the_connection_closes() {
+    let dead = dead_addr().await;
+    let cfg = format!(
+        "[[routes]]\nhost = \"only.example.com\"\npool = \"p\"\n[pools.p]\nbackends = [\"{dead}\"]\n"
+    );
+    let proxy = TestProxy::start(&config(&cfg)).await;
+    // No route (404), and no backend reachable (502 or 503); the second request, pipelined
+    // behind a body the proxy will not read, would never be answered.
+    for (host, status) in [("x", "404"), ("only.example.com", "50")] {
+        let request = format!(
+            "POST / HTTP/1.1\r\nHost: {host}\r\nContent-Length: 1000000\r\n\r\npart of it\
+             GET / HTTP/1.1\r\nHost: {host}\r\n\r\n"
+        );
+        let got = raw_exchange(proxy.addr, request.as_bytes()).await;
+        assert!(got.starts_with(&format!("HTTP/1.1 {status}")), "{got}");
+        assert!(got.contains("\r\nconnection: close\r\n"), "{got}");
+        assert_eq!(got.matches("HTTP/1.1").count(), 1, "{got}");
+    }
 }
 
 #[tokio::test]

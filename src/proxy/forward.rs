@@ -98,6 +98,9 @@ impl Proxy {
             let start = Instant::now();
             let rt = self.shared.runtime.load_full();
             let http1 = req.version() <= Version::HTTP_11;
+            // A body that a refusal may leave unread: hyper then closes the connection
+            // after the response, which the response must say.
+            let body_left = http1 && !upload::ended(req.body());
             let upgrade = headers::is_upgrade(req.headers(), req.version());
             let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
             let proto = if client.tls { "https" } else { "http" };
@@ -150,7 +153,7 @@ impl Proxy {
                         None => resp.map(|b| ProxyBody::upstream(b, conn, in_flight)),
                     }
                 }
-                Err(e) => refused(e, request_id, http1),
+                Err(e) => refused(e, request_id, http1, body_left),
             };
             if let Some(l) = log {
                 l.status = resp.status().as_u16();
@@ -201,7 +204,12 @@ impl Drop for Unanswered {
 /// The error response for a request that got no backend's answer.
 #[cold]
 #[inline(never)]
-fn refused(e: ProxyError, request_id: HeaderValue, http1: bool) -> Response<ProxyBody> {
+fn refused(
+    e: ProxyError,
+    request_id: HeaderValue,
+    http1: bool,
+    body_left: bool,
+) -> Response<ProxyBody> {
     if e.status().is_server_error() && !e.is_clients_fault() {
         tracing::warn!(error = %e, "request failed");
     } else {
@@ -209,8 +217,11 @@ fn refused(e: ProxyError, request_id: HeaderValue, http1: bool) -> Response<Prox
     }
     let mut r = e.to_response();
     r.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
-    if http1 && e.is_clients_fault() {
-        // What else the connection carries is suspect, or (a body cut short) unread.
+    if body_left || http1 && e.is_clients_fault() {
+        // What else the connection carries is suspect, or (a body cut short, or one the
+        // request's refusal left) unread: hyper closes the connection after this
+        // response, and a client that pipelined another request must not wait for its
+        // answer.
         r.headers_mut()
             .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }

@@ -77,7 +77,7 @@ impl Body for Upload {
 /// arrived. An HTTP/2 client may mark the end of its stream in a frame of its own after
 /// the last bytes; hyper's HTTP/1 client, which stops reading a body at its length,
 /// never waits for that frame, and neither should the upload's phase.
-fn ended(body: &Incoming) -> bool {
+pub fn ended(body: &Incoming) -> bool {
     body.is_end_stream() || body.size_hint().exact() == Some(0)
 }
 
