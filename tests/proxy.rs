@@ -632,6 +632,38 @@ async fn websocket_echo_through_the_proxy() {
 }
 
 #[tokio::test]
+async fn a_websocket_is_logged_when_its_tunnel_closes() {
+    let a = ws_echo_backend().await;
+    let toml = format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\naccess_log = \"json\"\n\
+         [pools.ws]\nbackends = [{{ address = \"{a}\", id = \"ws-1\" }}]\n"
+    );
+    let (proxy, mut lines) = TestProxy::start_logging(&toml).await;
+    let mut ws = ws_connect(proxy.addr).await;
+    for i in 0..3 {
+        ws_echo(&mut ws, &format!("hello {i}")).await;
+    }
+    ws.close(None).await.unwrap();
+    drop(ws);
+    let line = tokio::time::timeout(LIMIT, lines.recv())
+        .await
+        .expect("an access log line")
+        .expect("the proxy is running");
+    let v: serde_json::Value = serde_json::from_str(&line).expect(&line);
+    assert_eq!(v["status"], 101, "{v}");
+    assert_eq!(v["path"], "/chat", "{v}");
+    assert_eq!(v["backend"], "ws-1", "{v}");
+    // What went to the client through the tunnel: three echoed frames of 9 bytes (a
+    // 2-byte header and 7 bytes of text), and the backend's close frame.
+    assert!(v["bytes"].as_u64().unwrap() >= 27, "{v}");
+    // The line came once the tunnel closed, not with the 101.
+    assert!(
+        v["total_seconds"].as_f64().unwrap() >= v["upstream_seconds"].as_f64().unwrap(),
+        "{v}"
+    );
+}
+
+#[tokio::test]
 async fn a_websocket_tunnel_keeps_its_connection_slot() {
     let (a, web) = (ws_echo_backend().await, named_backend("web").await);
     let proxy = TestProxy::start(&format!(

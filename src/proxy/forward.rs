@@ -149,6 +149,7 @@ impl Proxy {
                             in_flight,
                             active.take(),
                             rt.config.server.limits.idle_timeout,
+                            log.take(),
                         ),
                         None => resp.map(|b| ProxyBody::upstream(b, conn, in_flight)),
                     }
@@ -174,14 +175,19 @@ impl Proxy {
         in_flight: InFlight,
         active: Option<ActiveRequest>,
         idle_timeout: std::time::Duration,
+        mut log: Option<Box<AccessRecord>>,
     ) -> Response<ProxyBody> {
         let backend_upgrade = hyper::upgrade::on(&mut resp);
+        if let Some(l) = &mut log {
+            l.status = resp.status().as_u16();
+        }
         self.shared.tunnels.splice(
             client_upgrade,
             backend_upgrade,
             in_flight,
             active.map(ActiveRequest::into_tunnel),
             idle_timeout,
+            log,
         );
         resp.map(|_| ProxyBody::empty())
     }

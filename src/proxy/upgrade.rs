@@ -2,14 +2,20 @@
 //! and the backend's connections are spliced both ways until either side closes, the
 //! tunnel stays idle for `server.limits.idle_timeout`, or shutdown's grace period is over.
 
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::access_log::AccessRecord;
 use crate::server::idle::Activity;
 use crate::upstream::InFlight;
 
@@ -44,6 +50,8 @@ impl Tunnels {
     /// counted as in flight while the tunnel is open; the client connection's slot under
     /// `max_connections` stays taken by the upgraded socket itself. With `activity`, the
     /// client connection's, the tunnel closes once no byte moved either way for `idle`.
+    /// The request's access log line, if any, is written when the tunnel has closed, with
+    /// the bytes that went to the client through it.
     pub fn splice(
         &self,
         client: OnUpgrade,
@@ -51,10 +59,13 @@ impl Tunnels {
         in_flight: InFlight,
         activity: Option<Arc<Activity>>,
         idle: Duration,
+        log: Option<Box<AccessRecord>>,
     ) {
         let close = self.close.clone();
         self.tracker.spawn(async move {
             let id = &in_flight.backend().id;
+            // Counted as they go: the tunnel may be dropped half-way (idle, shutdown).
+            let down = AtomicU64::new(0);
             let idle_expired = async {
                 match &activity {
                     Some(a) => a.expired(idle, idle).await,
@@ -62,7 +73,7 @@ impl Tunnels {
                 }
             };
             tokio::select! {
-                r = tunnel(client, backend) => match r {
+                r = tunnel(client, backend, &down) => match r {
                     Ok((up, down)) => {
                         tracing::debug!(backend = %id, up, down, "upgraded connection closed")
                     }
@@ -78,15 +89,81 @@ impl Tunnels {
                 }
             }
             drop(in_flight);
+            if let Some(mut l) = log {
+                l.bytes = down.load(Ordering::Relaxed);
+                (*l).emit();
+            }
         });
     }
 }
 
 /// Completes both upgrades, then copies both ways until both sides have closed; returns
-/// the bytes sent up and down.
-async fn tunnel(client: OnUpgrade, backend: OnUpgrade) -> std::io::Result<(u64, u64)> {
-    let (client, backend) = tokio::try_join!(client, backend).map_err(std::io::Error::other)?;
-    let mut client = TokioIo::new(client);
+/// the bytes sent up and down. The bytes written to the client are also added to `down`
+/// as they go.
+async fn tunnel(client: OnUpgrade, backend: OnUpgrade, down: &AtomicU64) -> io::Result<(u64, u64)> {
+    let (client, backend) = tokio::try_join!(client, backend).map_err(io::Error::other)?;
+    let mut client = Counted {
+        io: TokioIo::new(client),
+        written: down,
+    };
     let mut backend = TokioIo::new(backend);
     tokio::io::copy_bidirectional(&mut client, &mut backend).await
+}
+
+/// A connection that counts the bytes written to it.
+struct Counted<'a, T> {
+    io: T,
+    written: &'a AtomicU64,
+}
+
+impl<T> Counted<'_, T> {
+    fn count(&self, r: &Poll<io::Result<usize>>) {
+        if let Poll::Ready(Ok(n)) = r {
+            self.written.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<'_, T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<'_, T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.count(&r);
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.count(&r);
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
