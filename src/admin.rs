@@ -17,6 +17,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::balance::key::client_ip_key;
 use crate::pool::{Affinity, Outcome};
 use crate::reload::Reloader;
 use crate::runtime::Runtime;
@@ -169,20 +170,37 @@ fn owner_pool(path: &str) -> Option<&str> {
 }
 
 /// `GET /pools/NAME/owner?key=K`: which backend owns hash key `K` now, and the order
-/// the key would fall back in.
+/// the key would fall back in. `?client_ip=ADDR` asks the same for the key of a client
+/// address (`client_ip` keys are the address's octets, not its text).
 fn owner(rt: &Runtime, name: &str, query: Option<&str>) -> Response<Full<Bytes>> {
     let Some(pool) = rt.pool(name) else {
         return text(StatusCode::NOT_FOUND, "no such pool\n");
     };
-    let key = query.and_then(|q| {
-        form_urlencoded::parse(q.as_bytes())
-            .find(|(k, _)| k == "key")
-            .map(|(_, v)| v.into_owned())
-    });
-    let Some(key) = key else {
-        return text(StatusCode::BAD_REQUEST, "missing ?key=\n");
+    let param = |name: &str| {
+        query.and_then(|q| {
+            form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.into_owned())
+        })
     };
-    match pool.hash_candidates(key.as_bytes()) {
+    let (key, hashed) = match (param("key"), param("client_ip")) {
+        (Some(key), None) => {
+            let bytes = key.as_bytes().to_vec();
+            (key, bytes)
+        }
+        (None, Some(addr)) => match addr.parse::<std::net::IpAddr>() {
+            Ok(ip) => (addr, client_ip_key(ip)),
+            Err(_) => return text(StatusCode::BAD_REQUEST, "client_ip is not an IP address\n"),
+        },
+        (Some(_), Some(_)) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "give ?key= or ?client_ip=, not both\n",
+            )
+        }
+        (None, None) => return text(StatusCode::BAD_REQUEST, "missing ?key= or ?client_ip=\n"),
+    };
+    match pool.hash_candidates(&hashed) {
         None => text(
             StatusCode::BAD_REQUEST,
             "this pool does not use consistent_hash\n",

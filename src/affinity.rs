@@ -49,6 +49,10 @@ pub struct Plan {
     /// The first healthy candidate passed over for a preference (slow start, bounded
     /// load, a draining fallback): used if nothing else is.
     passed_over: Option<usize>,
+    /// For `sticky_learn`: the known session value the request carries, to be bound to
+    /// the backend that serves it if redispatched, or forgotten if the response clears
+    /// the cookie.
+    session: Option<Box<str>>,
 }
 
 #[derive(Debug)]
@@ -65,8 +69,8 @@ enum Rest {
     },
 }
 
-/// Bounded load (`c`) with the usable members' in-flight total and weight, taken when
-/// the plan was made.
+/// Bounded load (`c`) with the in-flight total and weight of the members that take new
+/// requests (healthy, not draining), taken when the plan was made.
 #[derive(Debug, Clone, Copy)]
 struct Bound {
     c: f64,
@@ -217,6 +221,7 @@ impl Pool {
             offered: 0,
             ignore_health: false,
             passed_over: None,
+            session: None,
         };
         // Each policy's work is out of line: the request path of a pool without
         // affinity, or with another kind, then spans fewer cache lines.
@@ -241,9 +246,14 @@ impl Pool {
                 Verdict::Invalid => outcome = Outcome::Invalid,
                 Verdict::Expired => outcome = Outcome::Expired,
                 Verdict::Valid { key, tag, expires } => {
+                    // A backend that left the configuration hands its clients on
+                    // even under `reject`: it is not coming back.
+                    let reject = |i: usize| {
+                        cfg.on_unavailable == OnUnavailable::Reject && !self.members[i].removed
+                    };
                     match tags[key].get(&tag).copied().filter(|&i| self.usable(i)) {
                         Some(i) if !self.healthy(i) => {
-                            if cfg.on_unavailable == OnUnavailable::Reject {
+                            if reject(i) {
                                 plan.reject_now = true;
                                 outcome = Outcome::Rejected;
                             } else {
@@ -253,8 +263,7 @@ impl Pool {
                         Some(i) => {
                             plan.pinned = Some(i);
                             outcome = Outcome::Hit;
-                            plan.reject_if_pinned_fails =
-                                cfg.on_unavailable == OnUnavailable::Reject;
+                            plan.reject_if_pinned_fails = reject(i);
                             let left = u64::from(expires).saturating_sub(u64::from(now));
                             plan.renew = cfg.sliding && left < cfg.ttl.as_secs() / 2;
                         }
@@ -278,6 +287,7 @@ impl Pool {
         {
             match table.lookup(value, unix_now()) {
                 Lookup::Hit(id) => {
+                    plan.session = Some(value.into());
                     match self.by_id.get(&id).copied().filter(|&i| self.healthy(i)) {
                         Some(i) => {
                             plan.pinned = Some(i);
@@ -303,8 +313,12 @@ impl Pool {
             Some(k) => {
                 let key_hash = consistent_hash::hash_key(&k);
                 let bound = cfg.bounded_load.map(|c| {
-                    let usable = (0..self.members.len()).filter(|&i| self.usable(i));
-                    let (total, total_weight) = usable.fold((0, 0), |(t, w), i| {
+                    // Over the backends that take new requests: the caps of the others
+                    // would leave less room than there is load, and the owner would
+                    // take the rest beyond its own.
+                    let open = (0..self.members.len())
+                        .filter(|&i| self.healthy(i) && !self.members[i].draining);
+                    let (total, total_weight) = open.fold((0, 0), |(t, w), i| {
                         let m = &self.members[i];
                         (t + m.backend.in_flight(), w + u64::from(m.weight))
                     });
@@ -373,12 +387,16 @@ impl Pool {
         HeaderValue::from_str(&c.build().to_string()).ok()
     }
 
-    /// Learns from a response of member `i` the session cookie it set (or cleared).
+    /// Learns from a response of member `i` the session cookie it set (or cleared). A
+    /// known session that was redispatched, and that the response does not replace, is
+    /// bound to member `i`: it would otherwise be balanced anew on every request.
     #[inline(never)]
-    pub fn learn_from(&self, i: usize, headers: &HeaderMap) {
+    pub fn learn_from(&self, i: usize, headers: &HeaderMap, plan: &Plan) {
         let (Affinity::Learn { cfg }, Some(table)) = (&self.affinity, self.state.learned()) else {
             return;
         };
+        let backend = &self.members[i].backend.id;
+        let mut set = false;
         for v in headers.get_all(SET_COOKIE) {
             let Some(c) = v.to_str().ok().and_then(|s| Cookie::parse(s).ok()) else {
                 continue;
@@ -386,42 +404,68 @@ impl Pool {
             if c.name() != cfg.cookie {
                 continue;
             }
+            set = true;
             let value = key::cookie_key(c.value());
-            let cleared =
-                value.is_empty() || c.max_age().is_some_and(|a| a.is_zero() || a.is_negative());
-            if cleared {
+            if cleared(&c, value) {
+                // `JSESSIONID=; Max-Age=0` names no session: the request's is the one
+                // that ends.
+                if let Some(session) = &plan.session {
+                    table.forget(session);
+                }
                 table.forget(value);
             } else {
-                table.learn(value, &self.members[i].backend.id, unix_now());
+                table.learn(value, backend, unix_now());
             }
+        }
+        if let (false, Some(session), Some(Outcome::Redispatched)) =
+            (set, &plan.session, plan.outcome)
+        {
+            table.learn(session, backend, unix_now());
         }
     }
 }
 
+/// Whether a `Set-Cookie` clears its cookie: an empty value, a `Max-Age` of zero or
+/// less, or, without `Max-Age` (which takes precedence, RFC 6265 §5.3), an `Expires` in
+/// the past (`JSESSIONID=deleted; Expires=Thu, 01 Jan 1970 00:00:00 GMT`).
+fn cleared(c: &Cookie<'_>, value: &str) -> bool {
+    value.is_empty()
+        || match c.max_age() {
+            Some(a) => a.is_zero() || a.is_negative(),
+            None => c
+                .expires_datetime()
+                .is_some_and(|t| t.unix_timestamp() <= unix_now() as i64),
+        }
+}
+
 /// Removes cookie `name` from the request's `Cookie` headers: the proxy's own cookie is
-/// not the backend's business.
+/// not the backend's business. The others go on, in one header, byte for byte.
 pub fn strip_cookie(headers: &mut HeaderMap, name: &str) {
-    if !headers
-        .get_all(COOKIE)
-        .iter()
-        .any(|v| v.to_str().is_ok_and(|s| s.contains(name)))
-    {
+    if !key::cookie_pairs(headers).any(|(k, _)| k == name.as_bytes()) {
         return;
     }
-    let kept: Vec<String> = headers
+    let mut kept = Vec::new();
+    let pairs = headers
         .get_all(COOKIE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .map(str::trim)
-        .filter(|pair| {
-            !pair.is_empty() && pair.split_once('=').is_none_or(|(k, _)| k.trim() != name)
-        })
-        .map(str::to_owned)
-        .collect();
+        .flat_map(|v| v.as_bytes().split(|&b| b == b';'))
+        .map(<[u8]>::trim_ascii);
+    for pair in pairs {
+        let ours = pair
+            .iter()
+            .position(|&b| b == b'=')
+            .is_some_and(|eq| pair[..eq].trim_ascii() == name.as_bytes());
+        if pair.is_empty() || ours {
+            continue;
+        }
+        if !kept.is_empty() {
+            kept.extend_from_slice(b"; ");
+        }
+        kept.extend_from_slice(pair);
+    }
     headers.remove(COOKIE);
     if !kept.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+        if let Ok(v) = HeaderValue::from_bytes(&kept) {
             headers.insert(COOKIE, v);
         }
     }
@@ -431,6 +475,90 @@ pub fn strip_cookie(headers: &mut HeaderMap, name: &str) {
 mod tests {
     use super::*;
 
+    /// A `consistent_hash` pool of `a`, `b` and `c` (draining) with `bounded_load`.
+    fn bounded_pool() -> crate::runtime::Runtime {
+        let config = crate::config::parse(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n\
+             [pools.h]\npolicy = \"consistent_hash\"\nhash_key = [\"header:k\"]\n\
+             bounded_load = 1.25\nbackends = [\n\
+             { address = \"127.0.0.1:1\", id = \"a\" },\n\
+             { address = \"127.0.0.1:2\", id = \"b\" },\n\
+             { address = \"127.0.0.1:3\", id = \"c\", drain = true },\n]\n",
+            "test.toml",
+        )
+        .unwrap();
+        crate::runtime::Runtime::build(config, 1, None)
+    }
+
+    #[test]
+    fn bounded_load_is_shared_by_the_backends_that_take_new_requests() {
+        let rt = bounded_pool();
+        let pool = rt.pool("h").unwrap();
+        let c = pool.by_id["c"];
+        // Sessions pinned to the draining backend: load that no other backend can take,
+        // which must not raise the others' caps.
+        let pinned: Vec<_> = (0..100)
+            .map(|_| pool.members[c].backend.start_request())
+            .collect();
+        // A key owned by a backend that takes new requests.
+        let parts = |key: &str| {
+            http::Request::get("/")
+                .header("k", key)
+                .body(())
+                .unwrap()
+                .into_parts()
+                .0
+        };
+        let key = (0..)
+            .map(|n| format!("user-{n}"))
+            .find(|k| pool.hash_candidates(k.as_bytes()).unwrap()[0] != c)
+            .unwrap();
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let mut held = Vec::new();
+        let mut taken = [0usize; 3];
+        for t in 0..30usize {
+            let mut plan = pool.plan(&parts(&key), ip);
+            let i = plan.next(pool).unwrap();
+            assert_ne!(i, c, "a draining backend took a new key");
+            // The cap over the two that take new requests: ceil(1.25 × (t + 1) / 2).
+            let cap = (1.25 * (t + 1) as f64 / 2.0).ceil() as usize;
+            assert!(
+                pool.members[i].backend.in_flight() < cap,
+                "request {t} went to {} at {} in flight, cap {cap}",
+                pool.members[i].backend.id,
+                pool.members[i].backend.in_flight()
+            );
+            taken[i] += 1;
+            held.push(pool.members[i].backend.start_request());
+        }
+        // The owner's share beyond its cap went to the other.
+        assert!(
+            taken[pool.by_id["a"]] > 0 && taken[pool.by_id["b"]] > 0,
+            "{taken:?}"
+        );
+        drop((held, pinned));
+    }
+
+    #[test]
+    fn cookies_that_clear_are_told_from_those_that_set() {
+        let clears = |s: &str| {
+            let c = Cookie::parse(s).unwrap();
+            cleared(&c, key::cookie_key(c.value()))
+        };
+        assert!(clears("JSESSIONID=; Path=/"));
+        assert!(clears("JSESSIONID=x; Max-Age=0"));
+        assert!(clears(
+            "JSESSIONID=deleted; Expires=Thu, 01 Jan 1970 00:00:00 GMT"
+        ));
+        assert!(!clears("JSESSIONID=x; Path=/"));
+        assert!(!clears(
+            "JSESSIONID=x; Expires=Fri, 01 Jan 2100 00:00:00 GMT"
+        ));
+        assert!(!clears(
+            "JSESSIONID=x; Max-Age=60; Expires=Thu, 01 Jan 1970 00:00:00 GMT"
+        ));
+    }
+
     #[test]
     fn strip_cookie_keeps_the_others() {
         let mut h = HeaderMap::new();
@@ -439,6 +567,13 @@ mod tests {
         strip_cookie(&mut h, "SW");
         assert_eq!(h.get_all(COOKIE).iter().count(), 1);
         assert_eq!(h[COOKIE], "a=1; b=2");
+        let mut utf8 = HeaderMap::new();
+        utf8.insert(
+            COOKIE,
+            HeaderValue::from_bytes(b"pref=caf\xc3\xa9; SW=xyz; raw=\xe9;bare").unwrap(),
+        );
+        strip_cookie(&mut utf8, "SW");
+        assert_eq!(utf8[COOKIE].as_bytes(), b"pref=caf\xc3\xa9; raw=\xe9; bare");
         let mut only = HeaderMap::new();
         only.insert(COOKIE, HeaderValue::from_static("SW=1"));
         strip_cookie(&mut only, "SW");

@@ -116,6 +116,32 @@ async fn sticky_cookie_pins_a_client_for_a_thousand_requests() {
 }
 
 #[tokio::test]
+async fn a_cookie_outside_ascii_beside_ours_changes_nothing() {
+    let b = [named_backend("c1").await, named_backend("c2").await];
+    let proxy = TestProxy::start(&config(&sticky_pool("carts", &b, ""))).await;
+    let first = fetch(proxy.addr, get("/cart")).await;
+    let ours = pair(&our_cookies(&first, "SWITCHYARD")[0]);
+    // Browsers send UTF-8 in cookie values as it is.
+    let cookie = format!("{ours}; pref=caf\u{e9}");
+    for _ in 0..6 {
+        let req = http::Request::get("/cart")
+            .header("host", "test.local")
+            .header(
+                "cookie",
+                http::HeaderValue::from_bytes(cookie.as_bytes()).unwrap(),
+            )
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let got = fetch(proxy.addr, req).await;
+        assert_eq!(got.backend(), first.backend());
+        assert!(our_cookies(&got, "SWITCHYARD").is_empty());
+        let seen = got.json()["headers"]["cookie"].as_str().unwrap().to_owned();
+        assert_eq!(seen, "pref=caf\u{e9}");
+    }
+    assert_eq!(status(&proxy).await["pools"][0]["affinity"]["hit"], 6);
+}
+
+#[tokio::test]
 async fn cookie_reveals_no_backend_address_or_port() {
     let b = [named_backend("c1").await, named_backend("c2").await];
     // Ids default to the addresses, the worst case for leaking them.
@@ -327,6 +353,41 @@ async fn reject_answers_503_and_keeps_the_cookie() {
 }
 
 #[tokio::test]
+async fn a_backend_that_left_the_configuration_hands_its_clients_on_even_under_reject() {
+    let env = secret_env("LEFT");
+    let mut x = Killable::start("x").await;
+    let y = Killable::start("y").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchyard.toml");
+    // Ids of their own: the list's order must not rename y.
+    let pool = |backends: &[(&str, std::net::SocketAddr)]| {
+        let list: Vec<String> = backends
+            .iter()
+            .map(|(id, a)| format!("{{ address = \"{a}\", id = \"{id}\" }}"))
+            .collect();
+        config(&format!(
+            "[pools.p]\npolicy = \"sticky_cookie\"\ndrain_timeout = \"1h\"\nbackends = [{}]\n\
+             [pools.p.sticky]\non_unavailable = \"reject\"\nsecret_env = \"{env}\"\n",
+            list.join(", ")
+        ))
+    };
+    std::fs::write(&path, pool(&[("x", x.addr), ("y", y.addr)])).unwrap();
+    let (proxy, reloader) = TestProxy::start_file(&path).await;
+    let first = fetch(proxy.addr, get("/no-session")).await;
+    assert_eq!(first.body, "x", "round robin starts with the first backend");
+    let cookie = pair(&our_cookies(&first, "SWITCHYARD")[0]);
+    // x leaves the configuration (it would drain for an hour) and goes down.
+    std::fs::write(&path, pool(&[("y", y.addr)])).unwrap();
+    reloader.reload().unwrap();
+    x.kill().await;
+    let got = fetch(proxy.addr, get_with_cookie("/no-session", &cookie)).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.body, "y");
+    assert_eq!(our_cookies(&got, "SWITCHYARD").len(), 1, "a new cookie");
+    drop(y);
+}
+
+#[tokio::test]
 async fn draining_backend_keeps_its_sessions_but_takes_no_new_ones() {
     let env = secret_env("DRAIN");
     let (a, b) = (named_backend("a").await, named_backend("b").await);
@@ -477,6 +538,76 @@ async fn learned_table_is_bounded_and_follows_a_down_backend() {
     drop(y);
 }
 
+#[tokio::test]
+async fn a_redispatched_session_stays_where_it_went() {
+    let (mut x, y, z) = (
+        Killable::start("x").await,
+        Killable::start("y").await,
+        Killable::start("z").await,
+    );
+    let proxy = TestProxy::start(&config(&learn_pool(&[x.addr, y.addr, z.addr], ""))).await;
+    let got = fetch(proxy.addr, get("/")).await;
+    assert_eq!(got.body, "x", "round robin starts with the first backend");
+    let session = pair(got.headers["set-cookie"].to_str().unwrap());
+    x.kill().await;
+    // The application does not issue the session anew (it is in a shared store): the
+    // session is bound to where it went, not balanced on every request.
+    let first = fetch(proxy.addr, get_with_cookie("/", &session)).await.body;
+    assert_ne!(first, "x");
+    for _ in 0..10 {
+        assert_eq!(
+            fetch(proxy.addr, get_with_cookie("/", &session)).await.body,
+            first
+        );
+    }
+    // It stays there when x is back.
+    x.revive().await;
+    assert_eq!(
+        fetch(proxy.addr, get_with_cookie("/", &session)).await.body,
+        first
+    );
+    let s = status(&proxy).await;
+    assert_eq!(s["pools"][0]["affinity"]["redispatched"], 1);
+    assert_eq!(s["pools"][0]["affinity"]["hit"], 11);
+    assert_eq!(s["pools"][0]["sessions_learned"], 1);
+    drop((y, z));
+}
+
+#[tokio::test]
+async fn a_response_that_clears_the_session_cookie_forgets_the_session() {
+    let a = backend(|req| async move {
+        let mut r = session_answer("a", &req);
+        let clear = match req.uri().path() {
+            "/logout-empty" => Some("JSESSIONID=; Path=/; Max-Age=0"),
+            "/logout-expired" => {
+                Some("JSESSIONID=deleted; Path=/; Expires=Thu, 01 Jan 1970 00:00:00 GMT")
+            }
+            _ => None,
+        };
+        if let Some(c) = clear {
+            r.headers_mut()
+                .insert(http::header::SET_COOKIE, c.parse().unwrap());
+        }
+        r
+    })
+    .await;
+    let proxy = TestProxy::start(&config(&learn_pool(&[a], ""))).await;
+    let learned = async || {
+        status(&proxy).await["pools"][0]["sessions_learned"]
+            .as_u64()
+            .unwrap()
+    };
+    for logout in ["/logout-empty", "/logout-expired"] {
+        let got = fetch(proxy.addr, get("/")).await;
+        let session = pair(got.headers["set-cookie"].to_str().unwrap());
+        assert_eq!(learned().await, 1);
+        let got = fetch(proxy.addr, get_with_cookie(logout, &session)).await;
+        assert_eq!(got.status, 200);
+        // The session the request carried is forgotten, and no `deleted` learned.
+        assert_eq!(learned().await, 0, "{logout}");
+    }
+}
+
 fn hash_pool(backends: &[(String, std::net::SocketAddr)], extra: &str) -> String {
     let list: Vec<String> = backends
         .iter()
@@ -598,6 +729,53 @@ async fn owner_endpoint_errors() {
         fetch(admin, get("/pools/h/owner?key=1")).await.json()["owner"],
         "a"
     );
+    for bad in ["?client_ip=nope", "?client_ip=127.0.0.1&key=1"] {
+        let got = fetch(admin, get(&format!("/pools/h/owner{bad}"))).await;
+        assert_eq!(got.status, 400, "{bad}");
+    }
+}
+
+#[tokio::test]
+async fn the_owner_of_a_client_address_is_where_its_requests_go() {
+    let mut backends = Vec::new();
+    for name in ["a", "b", "c", "d", "e"] {
+        backends.push((name.to_owned(), named_backend(name).await));
+    }
+    let list: Vec<String> = backends
+        .iter()
+        .map(|(id, a)| format!("{{ address = \"{a}\", id = \"{id}\" }}"))
+        .collect();
+    // Several pools, each with its own placement of the one test client.
+    let mut cfg = String::new();
+    for p in 0..4 {
+        cfg += &format!(
+            "[[routes]]\npath_prefix = \"/p{p}\"\npool = \"p{p}\"\n\
+             [pools.p{p}]\npolicy = \"consistent_hash\"\nbackends = [{}]\n",
+            list.join(", ")
+        );
+        // A weight per pool moves the client between them.
+        cfg = cfg.replacen("\"a\" }", &format!("\"a\", weight = {} }}", p + 1), 1);
+    }
+    let proxy = TestProxy::start(&config(&cfg)).await;
+    let admin = proxy.admin.unwrap();
+    for p in 0..4 {
+        let served = fetch(proxy.addr, get(&format!("/p{p}"))).await.backend();
+        let said = fetch(
+            admin,
+            get(&format!("/pools/p{p}/owner?client_ip=127.0.0.1")),
+        )
+        .await
+        .json();
+        assert_eq!(said["owner"], served.as_str(), "pool p{p}: {said}");
+        // The same address written as IPv4 mapped into IPv6 is the same client.
+        let mapped = fetch(
+            admin,
+            get(&format!("/pools/p{p}/owner?client_ip=::ffff:127.0.0.1")),
+        )
+        .await
+        .json();
+        assert_eq!(mapped["owner"], said["owner"]);
+    }
 }
 
 #[tokio::test]

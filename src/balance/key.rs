@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 use std::net::IpAddr;
 
-use http::header::{HeaderName, COOKIE};
+use http::header::{HeaderMap, HeaderName, COOKIE};
 use http::request::Parts;
 
 /// Where a key may come from.
@@ -57,11 +57,17 @@ impl KeySource {
                     .map(|(_, v)| Cow::Owned(v.into_owned().into_bytes()))
             }),
             KeySource::Path => Some(Cow::Borrowed(req.uri.path().as_bytes())),
-            KeySource::ClientIp => Some(Cow::Owned(match client.to_canonical() {
-                IpAddr::V4(a) => a.octets().to_vec(),
-                IpAddr::V6(a) => a.octets().to_vec(),
-            })),
+            KeySource::ClientIp => Some(Cow::Owned(client_ip_key(client))),
         }
+    }
+}
+
+/// The key of a client address: its octets (an IPv4 address mapped into IPv6 as the
+/// IPv4 address).
+pub fn client_ip_key(client: IpAddr) -> Vec<u8> {
+    match client.to_canonical() {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
     }
 }
 
@@ -72,40 +78,40 @@ pub fn is_cookie_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
-/// Every value of cookie `name` in the request's `Cookie` headers, in order.
-pub fn cookie_values<'a>(req: &'a Parts, name: &str) -> Vec<&'a str> {
-    let mut out = Vec::new();
-    for v in req
-        .headers
+/// The `name=value` pairs of the request's `Cookie` headers, in order, as bytes: a
+/// header with bytes outside ASCII (browsers send UTF-8 in cookie values) still yields
+/// its other cookies. The name comes trimmed, the value as sent.
+pub fn cookie_pairs(headers: &HeaderMap) -> impl Iterator<Item = (&[u8], &[u8])> {
+    headers
         .get_all(COOKIE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-    {
-        for pair in v.split(';') {
-            if let Some((k, v)) = pair.split_once('=') {
-                let v = v.trim().trim_matches('"');
-                if k.trim() == name && !v.is_empty() {
-                    out.push(v);
-                }
-            }
-        }
+        .flat_map(|v| v.as_bytes().split(|&b| b == b';'))
+        .filter_map(|pair| {
+            let eq = pair.iter().position(|&b| b == b'=')?;
+            Some((pair[..eq].trim_ascii(), &pair[eq + 1..]))
+        })
+}
+
+/// Cookie `name`'s value in one pair from [`cookie_pairs`], as [`cookie_key`] gives it,
+/// if it is that cookie's, non-empty and UTF-8.
+fn matching<'a>((k, v): (&[u8], &'a [u8]), name: &str) -> Option<&'a str> {
+    if k != name.as_bytes() {
+        return None;
     }
-    out
+    let v = cookie_key(std::str::from_utf8(v).ok()?);
+    (!v.is_empty()).then_some(v)
+}
+
+/// Every value of cookie `name` in the request's `Cookie` headers, in order.
+pub fn cookie_values<'a>(req: &'a Parts, name: &str) -> Vec<&'a str> {
+    cookie_pairs(&req.headers)
+        .filter_map(|pair| matching(pair, name))
+        .collect()
 }
 
 /// The first non-empty value of cookie `name`.
 pub fn cookie_value<'a>(req: &'a Parts, name: &str) -> Option<&'a str> {
-    req.headers
-        .get_all(COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| {
-            let (k, v) = pair.split_once('=')?;
-            let v = cookie_key(v);
-            (k.trim() == name && !v.is_empty()).then_some(v)
-        })
-        .next()
+    cookie_pairs(&req.headers).find_map(|pair| matching(pair, name))
 }
 
 /// A cookie value as affinity compares it, whether read from a request's `Cookie` or
@@ -151,6 +157,28 @@ mod tests {
         assert_eq!(extract(&c, &p, ip).unwrap().as_ref(), b"q 1");
         let p = parts("/a", &[("x-user-id", "")]);
         assert_eq!(extract(&c, &p, ip).unwrap().as_ref(), &[10, 1, 2, 3]);
+    }
+
+    #[test]
+    fn cookies_are_found_beside_values_outside_ascii() {
+        let mut p = parts("/", &[]);
+        p.headers.insert(
+            COOKIE,
+            http::HeaderValue::from_bytes(b"pref=caf\xc3\xa9; uid=\"u1\"; latin=\xe9").unwrap(),
+        );
+        p.headers.append(
+            COOKIE,
+            http::HeaderValue::from_bytes(b"x=\xff; uid=u2").unwrap(),
+        );
+        assert_eq!(cookie_value(&p, "uid"), Some("u1"));
+        assert_eq!(cookie_values(&p, "uid"), ["u1", "u2"]);
+        assert_eq!(cookie_value(&p, "pref"), Some("caf\u{e9}"));
+        assert_eq!(cookie_value(&p, "x"), None);
+        let c = chain(&["cookie:uid", "client_ip"]);
+        assert_eq!(
+            extract(&c, &p, "::1".parse().unwrap()).unwrap().as_ref(),
+            b"u1"
+        );
     }
 
     #[test]
