@@ -49,16 +49,19 @@ pub struct Plan {
     /// The first healthy candidate passed over for a preference (slow start, bounded
     /// load, a draining fallback): used if nothing else is.
     passed_over: Option<usize>,
-    /// For `sticky_learn`: the known session value the request carries, to be bound to
-    /// the backend that serves it if redispatched, or forgotten if the response clears
-    /// the cookie.
-    session: Option<Box<str>>,
 }
 
 #[derive(Debug)]
 enum Rest {
     /// Balanced over eligible members: the selector's order.
-    Balanced(Option<crate::balance::Candidates>),
+    Balanced {
+        order: Option<crate::balance::Candidates>,
+        /// For `sticky_learn`: the known session value the request carries, to be
+        /// bound to the backend that serves it if redispatched, or forgotten if the
+        /// response clears the cookie. Kept here, where the ranked variant already
+        /// takes the room, so that a plan is no larger to move.
+        session: Option<Box<str>>,
+    },
     /// The rendezvous ranking of a hash key, computed on first use; members at or over
     /// their bounded-load cap are passed over.
     Ranked {
@@ -106,7 +109,7 @@ impl Plan {
         loop {
             let ok = |i: usize| pool.usable(i) && (self.ignore_health || pool.healthy(i));
             let next = match &mut self.rest {
-                Rest::Balanced(c) => {
+                Rest::Balanced { order: c, .. } => {
                     let c = c.get_or_insert_with(|| pool.selector_candidates());
                     let next = c.next().and_then(|k| pool.eligible.get(k).copied());
                     match next {
@@ -174,7 +177,7 @@ impl Plan {
                     self.ignore_health = true;
                     pool.state.fail_open.fetch_add(1, Ordering::Relaxed);
                     match &mut self.rest {
-                        Rest::Balanced(c) => *c = None,
+                        Rest::Balanced { order, .. } => *order = None,
                         Rest::Ranked { pos, .. } => *pos = 0,
                     }
                 }
@@ -196,6 +199,14 @@ impl Plan {
         Ok(())
     }
 
+    /// The known learned session the request carries, if any.
+    fn session(&self) -> Option<&str> {
+        match &self.rest {
+            Rest::Balanced { session, .. } => session.as_deref(),
+            Rest::Ranked { .. } => None,
+        }
+    }
+
     /// Whether member `i` is the one the client's affinity points at.
     pub fn is_pinned(&self, i: usize) -> bool {
         self.pinned == Some(i)
@@ -213,7 +224,10 @@ impl Pool {
         let mut plan = Plan {
             pinned: None,
             pinned_done: false,
-            rest: Rest::Balanced(None),
+            rest: Rest::Balanced {
+                order: None,
+                session: None,
+            },
             outcome: None,
             reject_if_pinned_fails: false,
             renew: false,
@@ -221,7 +235,6 @@ impl Pool {
             offered: 0,
             ignore_health: false,
             passed_over: None,
-            session: None,
         };
         // Each policy's work is out of line: the request path of a pool without
         // affinity, or with another kind, then spans fewer cache lines.
@@ -287,7 +300,9 @@ impl Pool {
         {
             match table.lookup(value, unix_now()) {
                 Lookup::Hit(id) => {
-                    plan.session = Some(value.into());
+                    if let Rest::Balanced { session, .. } = &mut plan.rest {
+                        *session = Some(value.into());
+                    }
                     match self.by_id.get(&id).copied().filter(|&i| self.healthy(i)) {
                         Some(i) => {
                             plan.pinned = Some(i);
@@ -409,7 +424,7 @@ impl Pool {
             if cleared(&c, value) {
                 // `JSESSIONID=; Max-Age=0` names no session: the request's is the one
                 // that ends.
-                if let Some(session) = &plan.session {
+                if let Some(session) = plan.session() {
                     table.forget(session);
                 }
                 table.forget(value);
@@ -418,7 +433,7 @@ impl Pool {
             }
         }
         if let (false, Some(session), Some(Outcome::Redispatched)) =
-            (set, &plan.session, plan.outcome)
+            (set, plan.session(), plan.outcome)
         {
             table.learn(session, backend, unix_now());
         }

@@ -67,7 +67,7 @@ pub struct Server {
     config: Arc<Config>,
     reloader: Arc<reload::Reloader>,
     /// Watches the configuration file from bind on; dropping it stops the watching.
-    watcher: Option<notify::RecommendedWatcher>,
+    watcher: Option<reload::ConfigWatch>,
     access_log: access_log::AccessLogSink,
 }
 

@@ -9,7 +9,8 @@
 //! recorded for `/status`. Reloads are serialised, and a file whose content hash equals
 //! the running one is a no-op.
 
-use std::path::PathBuf;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -124,7 +125,12 @@ impl Reloader {
         self.attempts.fetch_add(1, Ordering::Relaxed);
         let result = self.try_reload();
         match &result {
-            Ok(Applied::Unchanged { .. }) => return result,
+            // Not a reload (the counts stay), but the file is valid and is what serves:
+            // a failure recorded before, from an edit since undone, no longer stands.
+            Ok(Applied::Unchanged { .. }) => {
+                self.last_success_unix.store(unix_now(), Ordering::Relaxed);
+                self.set_last(true, None);
+            }
             Ok(Applied::Swapped { .. }) => {
                 self.successes.fetch_add(1, Ordering::Relaxed);
                 self.last_success_unix.store(unix_now(), Ordering::Relaxed);
@@ -182,7 +188,7 @@ impl Reloader {
     }
 }
 
-/// A panic while holding either lock cannot leave its value inconsistent.
+/// A panic while holding one of this module's locks cannot leave its value inconsistent.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -263,54 +269,47 @@ pub fn diff(old: &Config, new: &Config) -> String {
 
 /// Watches the configuration file and reloads after changes settle.
 ///
-/// The folder holding the file is watched, not the file: editors replace files by
-/// renaming a temporary one over them, and Kubernetes swaps a `..data` symlink in that
-/// folder, both of which a watch on the file itself would miss. When the path is a
-/// symlink, the folder of its target is watched too, for in-place edits there. Events
-/// are debounced; identical content is a no-op.
-pub fn watch(reloader: Arc<Reloader>, debounce: Duration) -> Option<notify::RecommendedWatcher> {
-    use notify::{RecursiveMode, Watcher};
+/// The folders on the way to the file are watched, not the file: editors replace files
+/// by renaming a temporary one over them, and Kubernetes swaps a `..data` symlink in the
+/// file's folder, both of which a watch on the file itself would miss. Only events on
+/// the names that lead to the file count ([`chain`]: the path, each symlink met while
+/// resolving it, the file it resolves to): other files in those folders (a log written
+/// beside the configuration) neither delay a reload nor cause one. The chain is resolved
+/// again after each reload, so that a symlink pointed elsewhere has its new folder
+/// watched. Events are debounced; identical content is a no-op.
+///
+/// The watching stops when the returned guard is dropped.
+pub fn watch(reloader: Arc<Reloader>, debounce: Duration) -> Option<ConfigWatch> {
     let path = reloader.path()?.clone();
+    let names: Arc<Mutex<Vec<OsString>>> = Arc::default();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let mut watcher = match notify::recommended_watcher(
-        move |event: notify::Result<notify::Event>| {
-            // Only changes count. Reading the file is an event too (an open, a close),
-            // and every reload reads it: counting those would make each reload cause the
-            // next.
-            if let Ok(e) = event {
-                if !matches!(e.kind, notify::EventKind::Access(_)) {
-                    let _ = tx.send(());
-                }
-            }
-        },
-    ) {
+    let relevant = names.clone();
+    let watcher = match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Only changes count. Reading the file is an event too (an open, a close),
+        // and every reload reads it: counting those would make each reload cause the
+        // next.
+        let Ok(e) = event else { return };
+        if matches!(e.kind, notify::EventKind::Access(_)) {
+            return;
+        }
+        let names = lock(&relevant);
+        if e.paths
+            .iter()
+            .any(|p| p.file_name().is_some_and(|n| names.iter().any(|m| m == n)))
+        {
+            let _ = tx.send(());
+        }
+    }) {
         Ok(w) => w,
         Err(e) => {
             tracing::warn!(error = %e, "cannot watch the configuration file; reload with SIGHUP or POST /reload");
             return None;
         }
     };
-    let mut dirs = Vec::new();
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        dirs.push(dir.to_path_buf());
-    } else {
-        dirs.push(PathBuf::from("."));
-    }
-    if let Ok(target) = std::fs::canonicalize(&path) {
-        if let Some(dir) = target.parent() {
-            if !dirs
-                .iter()
-                .any(|d| std::fs::canonicalize(d).ok().as_deref() == Some(dir))
-            {
-                dirs.push(dir.to_path_buf());
-            }
-        }
-    }
-    for d in &dirs {
-        if let Err(e) = watcher.watch(d, RecursiveMode::NonRecursive) {
-            tracing::warn!(dir = %d.display(), error = %e, "cannot watch folder");
-        }
-    }
+    let watcher = Arc::new(Mutex::new(watcher));
+    let mut watched = Vec::new();
+    follow(&path, &names, &watcher, &mut watched);
+    let weak = Arc::downgrade(&watcher);
     tokio::spawn(async move {
         while rx.recv().await.is_some() {
             // Debounce: wait until events stop for `debounce`.
@@ -322,7 +321,81 @@ pub fn watch(reloader: Arc<Reloader>, debounce: Duration) -> Option<notify::Reco
                 }
             }
             let _ = reloader.reload_async().await;
+            let Some(watcher) = weak.upgrade() else {
+                return;
+            };
+            follow(&path, &names, &watcher, &mut watched);
         }
     });
-    Some(watcher)
+    Some(ConfigWatch { _watcher: watcher })
+}
+
+/// Keeps the configuration file watched; see [`watch`].
+pub struct ConfigWatch {
+    _watcher: Arc<Mutex<notify::RecommendedWatcher>>,
+}
+
+impl std::fmt::Debug for ConfigWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConfigWatch")
+    }
+}
+
+/// Resolves `path`'s chain anew: the names that count become those of the chain, and the
+/// folders holding them that are not yet `watched` are watched.
+fn follow(
+    path: &Path,
+    names: &Mutex<Vec<OsString>>,
+    watcher: &Mutex<notify::RecommendedWatcher>,
+    watched: &mut Vec<PathBuf>,
+) {
+    use notify::{RecursiveMode, Watcher};
+    let links = chain(path);
+    *lock(names) = links
+        .iter()
+        .filter_map(|p| p.file_name().map(OsString::from))
+        .collect();
+    for dir in links.iter().filter_map(|p| p.parent()) {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        let key = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+        if watched.contains(&key) {
+            continue;
+        }
+        match lock(watcher).watch(dir, RecursiveMode::NonRecursive) {
+            Ok(()) => watched.push(key),
+            Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "cannot watch folder"),
+        }
+    }
+}
+
+/// The paths whose change can change what `path` reads: `path` itself, each symlink met
+/// while resolving it (a Kubernetes ConfigMap's `switchyard.toml` and `..data`), and the
+/// file it resolves to.
+fn chain(path: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut p = path.to_path_buf();
+    // A loop of symlinks ends somewhere; so does this.
+    for _ in 0..40 {
+        out.push(p.clone());
+        for a in p.ancestors().skip(1) {
+            if a.file_name().is_some() && a.is_symlink() {
+                out.push(a.to_path_buf());
+            }
+        }
+        let Ok(target) = std::fs::read_link(&p) else {
+            break;
+        };
+        p = match p.parent() {
+            Some(dir) => dir.join(target),
+            None => target,
+        };
+    }
+    if let Ok(real) = std::fs::canonicalize(path) {
+        out.push(real);
+    }
+    out
 }

@@ -146,12 +146,87 @@ async fn post_reload_applies_a_valid_file_and_refuses_an_invalid_one() {
         );
         last_failures = failures;
     }
+    // The running file written back: nothing to apply, but the failure no longer
+    // stands.
+    write(&path, &one_pool(&[("b", b)], ""));
+    let got = post_reload(&proxy).await;
+    assert_eq!(got.json()["changed"], false, "{:?}", got.body);
+    let s = status(&proxy).await;
+    assert_eq!(s["generation"], 2);
+    assert_eq!(s["last_reload"]["result"], "success");
+    assert_eq!(s["last_reload"]["error"], serde_json::Value::Null);
     // The next valid write applies normally.
     write(&path, &one_pool(&[("a", a), ("b", b)], ""));
     assert_eq!(post_reload(&proxy).await.json()["generation"], 3);
     let s = status(&proxy).await;
     assert_eq!(s["last_reload"]["result"], "success");
     assert!(s["reloads"]["success"].as_u64().unwrap() >= 2);
+}
+
+#[tokio::test]
+async fn files_beside_the_configuration_neither_delay_nor_cause_a_reload() {
+    let (a, b) = (named_backend("a").await, named_backend("b").await);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchyard.toml");
+    write(&path, &one_pool(&[("a", a)], ""));
+    let (proxy, reloader) = TestProxy::start_file(&path).await;
+    let mut rx = reloader.subscribe();
+    // A log written beside the configuration every few milliseconds, faster than the
+    // debounce period.
+    let stop = Arc::new(AtomicBool::new(false));
+    let log = dir.path().join("switchyard.log");
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                std::fs::write(&log, format!("line {n}\n")).unwrap();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    };
+    let attempts = reloader.attempts.load(Ordering::Relaxed);
+    // What is under test is that nothing happens over several debounce periods.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(reloader.attempts.load(Ordering::Relaxed), attempts);
+    // An edit of the configuration is applied while the log goes on.
+    write(&path, &one_pool(&[("b", b)], ""));
+    generation(&mut rx, 2).await;
+    assert_eq!(fetch(proxy.addr, get("/")).await.backend(), "b");
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+}
+
+#[tokio::test]
+async fn a_symlink_pointed_at_another_folder_is_followed_there() {
+    let (a, b) = (named_backend("a").await, named_backend("b").await);
+    let dir = tempfile::tempdir().unwrap();
+    let folder = |name: &str, text: &str| -> PathBuf {
+        let d = dir.path().join(name);
+        std::fs::create_dir(&d).unwrap();
+        let f = d.join("switchyard.toml");
+        write(&f, text);
+        f
+    };
+    let first = folder("first", &one_pool(&[("a", a)], ""));
+    let second = folder("second", &one_pool(&[("b", b)], ""));
+    let links = dir.path().join("links");
+    std::fs::create_dir(&links).unwrap();
+    let path = links.join("switchyard.toml");
+    std::os::unix::fs::symlink(&first, &path).unwrap();
+    let (proxy, reloader) = TestProxy::start_file(&path).await;
+    let mut rx = reloader.subscribe();
+    assert_eq!(fetch(proxy.addr, get("/")).await.backend(), "a");
+    // `ln -sfn`: a new link renamed over the old one.
+    std::os::unix::fs::symlink(&second, links.join("tmp")).unwrap();
+    std::fs::rename(links.join("tmp"), &path).unwrap();
+    generation(&mut rx, 2).await;
+    assert_eq!(fetch(proxy.addr, get("/")).await.backend(), "b");
+    // An edit in place in the new target's folder is seen.
+    write(&second, &one_pool(&[("a", a)], ""));
+    generation(&mut rx, 3).await;
+    assert_eq!(fetch(proxy.addr, get("/")).await.backend(), "a");
 }
 
 #[tokio::test]
