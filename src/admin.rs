@@ -153,7 +153,12 @@ fn cross_origin<B>(req: &Request<B>) -> bool {
     let Some(origin) = req.headers().get(header::ORIGIN) else {
         return false;
     };
-    let host = req.headers().get(header::HOST).map(|h| h.as_bytes());
+    // HTTP/2 carries the host in `:authority`, which hyper puts in the URI.
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .map(|h| h.as_bytes())
+        .or_else(|| req.uri().authority().map(|a| a.as_str().as_bytes()));
     let origin = origin.as_bytes();
     let authority = origin
         .strip_prefix(b"http://")

@@ -51,7 +51,7 @@ use runtime::Runtime;
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,

@@ -339,6 +339,16 @@ fn duration_beyond_ten_years() {
     );
     let ten_years = format!("{WEB}response_timeout = \"3650days\"\n");
     ok(&ten_years);
+    // As duration strings count years (365.25 days each).
+    ok(&format!("{WEB}response_timeout = \"10y\"\n"));
+    let text = format!("{WEB}response_timeout = \"10y 1s\"\n");
+    assert_err(
+        &text,
+        "pools.web.response_timeout",
+        3,
+        Some(20),
+        "must be at most 10 years",
+    );
 }
 
 #[test]
@@ -471,6 +481,32 @@ fn admin_listen_equal_to_default_listen() {
         Some(10),
         "must differ from every server.listen",
     );
+}
+
+#[test]
+fn listen_addresses_that_take_the_same_port() {
+    let text = format!("[server]\nlisten = [\"127.0.0.1:8080\", \"0.0.0.0:8080\"]\n{WEB}");
+    assert_err(
+        &text,
+        "server.listen[1]",
+        2,
+        Some(29),
+        "overlaps 127.0.0.1:8080",
+    );
+    let text = format!("[server]\nlisten = [\"[::]:8080\", \"127.0.0.2:8080\"]\n{WEB}");
+    assert_err(&text, "server.listen[1]", 2, Some(24), "overlaps [::]:8080");
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:8080\"]\n[admin]\nlisten = \"0.0.0.0:8080\"\n{WEB}"
+    );
+    assert_err(
+        &text,
+        "admin.listen",
+        4,
+        Some(10),
+        "must differ from every server.listen address: 0.0.0.0:8080 takes the port of 127.0.0.1:8080",
+    );
+    // Different ports, or an IPv4 wildcard beside an IPv6 address, do not overlap.
+    ok(&format!("[server]\nlisten = [\"0.0.0.0:8080\", \"[::1]:8080\", \"127.0.0.1:8081\"]\n[admin]\nlisten = \"127.0.0.1:9090\"\n{WEB}"));
 }
 
 #[test]
@@ -1264,6 +1300,16 @@ fn path_prefix_without_leading_slash() {
         Some(15),
         "invalid path prefix \"api\"",
     );
+    for bad in ["/caf\u{e9}", "/a b", "/tab\t"] {
+        let text = format!("{WEB}[[routes]]\npath_prefix = {bad:?}\npool = \"web\"\n");
+        assert_err(
+            &text,
+            "routes[0].path_prefix",
+            4,
+            Some(15),
+            "percent-encode other characters",
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -85,6 +85,28 @@ async fn post_reload_applies_a_valid_file_and_refuses_an_invalid_one() {
         .body(Full::new(Bytes::new()))
         .unwrap();
     assert_eq!(fetch(proxy.admin.unwrap(), req).await.status, 200);
+    // Over HTTP/2 the host is in `:authority`: the same origin there is taken too, and
+    // another refused.
+    let admin = proxy.admin.unwrap();
+    let stream = TcpStream::connect(admin).await.unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    for (origin, status) in [
+        (format!("http://{admin}"), 200),
+        ("http://evil.example".into(), 403),
+    ] {
+        let req = Request::post(format!("http://{admin}/reload"))
+            .header("origin", origin.as_str())
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = h2.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), status, "{origin} over HTTP/2");
+    }
 
     // The same bytes again: nothing to do.
     let got = post_reload(&proxy).await;

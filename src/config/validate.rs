@@ -34,7 +34,8 @@ const MIN_HEADER_BYTES: i64 = 8192;
 const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(10);
 
 /// The longest duration any key accepts.
-const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Ten years as duration strings count them (`"10y"`: a year is 365.25 days).
+const MAX_DURATION: Duration = Duration::from_secs(315_576_000);
 
 struct Ctx<'a> {
     text: &'a str,
@@ -124,6 +125,20 @@ impl Ctx<'_> {
     }
 }
 
+/// Whether listening on both `a` and `b` would fail: the same port (not 0, which picks
+/// a free one) on the same address, or on an unspecified address that covers the other
+/// (`0.0.0.0` every IPv4 address; `[::]` every address, as a dual-stack socket).
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    use std::net::IpAddr;
+    let covers = |x: IpAddr, y: IpAddr| match x {
+        IpAddr::V6(x) => x.is_unspecified(),
+        IpAddr::V4(x) => x.is_unspecified() && y.is_ipv4(),
+    };
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip() || covers(a.ip(), b.ip()) || covers(b.ip(), a.ip()))
+}
+
 /// Validates a parsed file. `text` and `file` are used only to locate errors.
 pub fn validate(raw: &RawConfig, text: &str, file: &str) -> Result<Config, ConfigError> {
     let cx = Ctx { text, file };
@@ -132,11 +147,11 @@ pub fn validate(raw: &RawConfig, text: &str, file: &str) -> Result<Config, Confi
         None => None,
         Some(a) => {
             let listen = cx.socket_addr(&a.listen, "admin.listen")?;
-            if listen.port() != 0 && server.listen.contains(&listen) {
+            if let Some(other) = server.listen.iter().find(|&&l| overlaps(l, listen)) {
                 return Err(cx.err(
                     Some(a.listen.span()),
                     "admin.listen",
-                    "must differ from every server.listen address",
+                    format!("must differ from every server.listen address: {listen} takes the port of {other}"),
                 ));
             }
             Some(AdminConfig { listen })
@@ -181,8 +196,13 @@ fn server(cx: &Ctx, raw: &RawConfig) -> Result<ServerConfig, ConfigError> {
             for (i, a) in list.get_ref().iter().enumerate() {
                 let key = format!("server.listen[{i}]");
                 let addr = cx.socket_addr(a, &key)?;
-                if addr.port() != 0 && listen.contains(&addr) {
-                    return Err(cx.err(Some(a.span()), key, format!("{addr} is listed twice")));
+                if let Some(other) = listen.iter().find(|&&l| overlaps(l, addr)) {
+                    let why = if *other == addr {
+                        format!("{addr} is listed twice")
+                    } else {
+                        format!("{addr} overlaps {other}: both take the same port")
+                    };
+                    return Err(cx.err(Some(a.span()), key, why));
                 }
                 listen.push(addr);
             }
@@ -1034,8 +1054,10 @@ fn routes(
         };
         let path_prefix = match &r.path_prefix {
             None => "/".to_owned(),
-            Some(p) if p.get_ref().starts_with('/') && !p.get_ref().contains(['?', '#', ' ']) => p.get_ref().clone(),
-            Some(p) => return Err(cx.err(Some(p.span()), key("path_prefix"), format!("invalid path prefix {:?}; it must start with '/' and hold no '?', '#' or spaces", p.get_ref()))),
+            // What a request's path can be: visible ASCII (anything else arrives
+            // percent-encoded, and would never match).
+            Some(p) if p.get_ref().starts_with('/') && p.get_ref().bytes().all(|b| b.is_ascii_graphic() && b != b'?' && b != b'#') => p.get_ref().clone(),
+            Some(p) => return Err(cx.err(Some(p.span()), key("path_prefix"), format!("invalid path prefix {:?}; it must start with '/' and be visible ASCII without '?' or '#' (percent-encode other characters, e.g. \"/caf%C3%A9\")", p.get_ref()))),
         };
         out.push(RouteConfig {
             host,
