@@ -134,7 +134,11 @@ fn toml_syntax_error() {
 #[test]
 fn toml_duplicate_key() {
     let text = format!("{WEB}retries = 1\nretries = 2\n");
-    assert_err(&text, "(file)", 4, Some(1), "duplicate key");
+    assert_err(&text, "pools.web.retries", 4, Some(1), "duplicate key");
+    let text = format!("[server]\nworkers = 1\n{WEB}[server]\nworkers = 2\n");
+    assert_err(&text, "server", 5, Some(2), "duplicate key");
+    let text = format!("{WEB}[[routes]]\npool = \"web\"\npool = \"web\"\n");
+    assert_err(&text, "routes.pool", 5, Some(1), "duplicate key");
 }
 
 #[test]

@@ -366,17 +366,55 @@ fn key_path(path: &serde_path_to_error::Path) -> String {
 fn toml_error(e: &toml::de::Error, key: String, text: &str, file: &str) -> ConfigError {
     let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
     let message = e.message().trim().to_owned();
+    let key = match key.is_empty() {
+        false => key,
+        // A syntax-level error (a duplicate key or table) comes without a path: name the
+        // key or table it points at, as written.
+        true => e
+            .span()
+            .and_then(|s| key_at(text, s.start))
+            .unwrap_or_else(|| "(file)".to_owned()),
+    };
     ConfigError {
         file: file.to_owned(),
         line,
         column,
-        key: if key.is_empty() {
-            "(file)".to_owned()
-        } else {
-            key
-        },
+        key,
         message,
     }
+}
+
+/// The key path of the `key = ...` line or `[table]` header starting at byte `at`:
+/// the header's name, or the key under the last header before it (`pools.web.retries`;
+/// `routes.pool` under `[[routes]]`).
+fn key_at(text: &str, at: usize) -> Option<String> {
+    let name = |header: &str| {
+        header
+            .trim_start_matches('[')
+            .split(']')
+            .next()
+            .map(|n| n.trim().to_owned())
+    };
+    let line_start = text.get(..at)?.rfind('\n').map_or(0, |i| i + 1);
+    let whole_line = text.get(line_start..)?.lines().next()?.trim();
+    if whole_line.starts_with('[') {
+        return name(whole_line);
+    }
+    let key = text.get(at..)?.split(['=', '\n']).next()?.trim();
+    if key.is_empty() {
+        return None;
+    }
+    let table = text
+        .get(..line_start)?
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .and_then(name);
+    Some(match table {
+        Some(t) => format!("{t}.{key}"),
+        None => key.to_owned(),
+    })
 }
 
 /// 1-based line and column (in characters) of a byte offset.
