@@ -197,11 +197,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// once per process.
 fn restart_only(old: &Config, new: &Config) -> Result<(), ReloadError> {
     let (o, n) = (&old.server, &new.server);
+    let (ol, nl) = (&o.limits, &n.limits);
     let key = if o.listen != n.listen {
         "server.listen"
     } else if o.workers != n.workers {
         "server.workers"
-    } else if o.limits != n.limits {
+    } else if ol.max_connections != nl.max_connections {
+        "server.limits.max_connections"
+    } else if ol.header_read_timeout != nl.header_read_timeout {
+        "server.limits.header_read_timeout"
+    } else if ol.idle_timeout != nl.idle_timeout {
+        "server.limits.idle_timeout"
+    } else if ol.max_header_bytes != nl.max_header_bytes {
+        "server.limits.max_header_bytes"
+    } else if ol != nl {
         "server.limits"
     } else if old.admin != new.admin {
         "admin.listen"

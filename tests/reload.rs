@@ -122,7 +122,7 @@ async fn post_reload_applies_a_valid_file_and_refuses_an_invalid_one() {
 
     let file = path.display().to_string();
     let invalid = [
-        ("[pools.p\nbackends = []\n".to_owned(), "(file)"),
+        ("[pools.p\nbackends = []\n".to_owned(), "pools.p"),
         (one_pool(&[("a", a)], "colour = \"blue\""), "pools.p.colour"),
         (
             format!("{}[[routes]]\npool = \"nope\"\n", one_pool(&[("a", a)], "")),
@@ -143,6 +143,13 @@ async fn post_reload_applies_a_valid_file_and_refuses_an_invalid_one() {
         (
             one_pool(&[("a", a)], "").replace("shutdown_grace = \"5s\"", "workers = 3"),
             "server.workers",
+        ),
+        (
+            one_pool(&[("a", a)], "").replace(
+                "shutdown_grace = \"5s\"",
+                "shutdown_grace = \"5s\"\n[server.limits]\nidle_timeout = \"7s\"",
+            ),
+            "server.limits.idle_timeout",
         ),
     ];
     let mut last_failures = 0;
