@@ -285,6 +285,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 /// second one during the drain closes what is still open at once.
 pub async fn run_until_signalled(config: Config) -> Result<(), RunError> {
     let signals = ShutdownSignals::listen();
+    // Until the server listens for SIGHUP itself, one is ignored rather than left to
+    // its default action, which ends the process.
+    #[cfg(unix)]
+    let _hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     Server::bind(config)
         .await?
         .run_until(signals.nth(1), signals.nth(2))
