@@ -12,6 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use cookie::{Cookie, SameSite as CookieSameSite};
 use http::header::{HeaderMap, HeaderValue, COOKIE, SET_COOKIE};
 use http::request::Parts;
+use http::StatusCode;
 
 use crate::balance::consistent_hash::{self, weighted_load_cap};
 use crate::balance::key;
@@ -61,6 +62,10 @@ enum Rest {
         /// response clears the cookie. Kept here, where the ranked variant already
         /// takes the room, so that a plan is no larger to move.
         session: Option<Box<str>>,
+        /// The session's backend is down, ejected or gone: bind the session to the one
+        /// that serves it instead (not after a failed connect alone, which a backend
+        /// still up may have).
+        rebind: bool,
     },
     /// The rendezvous ranking of a hash key, computed on first use; members at or over
     /// their bounded-load cap are passed over.
@@ -207,6 +212,11 @@ impl Plan {
         }
     }
 
+    /// Whether the request's learned session is to be bound to the backend that serves it.
+    fn rebind(&self) -> bool {
+        matches!(self.rest, Rest::Balanced { rebind: true, .. })
+    }
+
     /// Whether member `i` is the one the client's affinity points at.
     pub fn is_pinned(&self, i: usize) -> bool {
         self.pinned == Some(i)
@@ -227,6 +237,7 @@ impl Pool {
             rest: Rest::Balanced {
                 order: None,
                 session: None,
+                rebind: false,
             },
             outcome: None,
             reject_if_pinned_fails: false,
@@ -300,10 +311,15 @@ impl Pool {
         {
             match table.lookup(value, unix_now()) {
                 Lookup::Hit(id) => {
-                    if let Rest::Balanced { session, .. } = &mut plan.rest {
+                    let pinned = self.by_id.get(&id).copied().filter(|&i| self.healthy(i));
+                    if let Rest::Balanced {
+                        session, rebind, ..
+                    } = &mut plan.rest
+                    {
                         *session = Some(value.into());
+                        *rebind = pinned.is_none();
                     }
-                    match self.by_id.get(&id).copied().filter(|&i| self.healthy(i)) {
+                    match pinned {
                         Some(i) => {
                             plan.pinned = Some(i);
                             outcome = Outcome::Hit;
@@ -402,16 +418,19 @@ impl Pool {
         HeaderValue::from_str(&c.build().to_string()).ok()
     }
 
-    /// Learns from a response of member `i` the session cookie it set (or cleared). A
-    /// known session that was redispatched, and that the response does not replace, is
-    /// bound to member `i`: it would otherwise be balanced anew on every request.
+    /// Learns from a response of member `i` (with `status`) the session cookie it set
+    /// or cleared. A known session whose backend is down, ejected or gone, and that the
+    /// response does not replace, is bound to member `i` unless it answered with a
+    /// server error: it would otherwise be balanced anew on every request.
     #[inline(never)]
-    pub fn learn_from(&self, i: usize, headers: &HeaderMap, plan: &Plan) {
+    pub fn learn_from(&self, i: usize, status: StatusCode, headers: &HeaderMap, plan: &Plan) {
         let (Affinity::Learn { cfg }, Some(table)) = (&self.affinity, self.state.learned()) else {
             return;
         };
         let backend = &self.members[i].backend.id;
-        let mut set = false;
+        let mut set: Vec<String> = Vec::new();
+        let mut clears: Vec<String> = Vec::new();
+        let mut named = false;
         for v in headers.get_all(SET_COOKIE) {
             let Some(c) = v.to_str().ok().and_then(|s| Cookie::parse(s).ok()) else {
                 continue;
@@ -419,23 +438,33 @@ impl Pool {
             if c.name() != cfg.cookie {
                 continue;
             }
-            set = true;
+            named = true;
             let value = key::cookie_key(c.value());
             if cleared(&c, value) {
-                // `JSESSIONID=; Max-Age=0` names no session: the request's is the one
-                // that ends.
-                if let Some(session) = plan.session() {
-                    table.forget(session);
-                }
-                table.forget(value);
+                clears.push(value.to_owned());
             } else {
-                table.learn(value, backend, unix_now());
+                set.push(value.to_owned());
             }
         }
-        if let (false, Some(session), Some(Outcome::Redispatched)) =
-            (set, plan.session(), plan.outcome)
-        {
-            table.learn(session, backend, unix_now());
+        // Forgets first, and never of a value the same response sets (a cookie cleared
+        // on an old path and set on a new one).
+        if !clears.is_empty() {
+            // `JSESSIONID=; Max-Age=0` names no session: the request's is the one that
+            // ends.
+            let ended = plan.session().map(str::to_owned);
+            for value in clears.iter().chain(&ended) {
+                if !value.is_empty() && !set.contains(value) {
+                    table.forget(value);
+                }
+            }
+        }
+        for value in &set {
+            table.learn(value, backend, unix_now());
+        }
+        if let (false, Some(session), true) = (named, plan.session(), plan.rebind()) {
+            if !status.is_server_error() {
+                table.learn(session, backend, unix_now());
+            }
         }
     }
 }

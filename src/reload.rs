@@ -301,10 +301,14 @@ pub fn watch(reloader: Arc<Reloader>, debounce: Duration) -> Option<ConfigWatch>
         if matches!(e.kind, notify::EventKind::Access(_)) {
             return;
         }
+        // Events were lost (the queue overflowed), or it is not known what changed:
+        // look at the file again.
+        let unknown = e.need_rescan() || e.paths.is_empty();
         let names = lock(&relevant);
-        if e.paths
-            .iter()
-            .any(|p| p.file_name().is_some_and(|n| names.iter().any(|m| m == n)))
+        if unknown
+            || e.paths
+                .iter()
+                .any(|p| p.file_name().is_some_and(|n| names.iter().any(|m| m == n)))
         {
             let _ = tx.send(());
         }
@@ -316,8 +320,7 @@ pub fn watch(reloader: Arc<Reloader>, debounce: Duration) -> Option<ConfigWatch>
         }
     };
     let watcher = Arc::new(Mutex::new(watcher));
-    let mut watched = Vec::new();
-    follow(&path, &names, &watcher, &mut watched);
+    follow(&path, &names, &watcher);
     let weak = Arc::downgrade(&watcher);
     tokio::spawn(async move {
         while rx.recv().await.is_some() {
@@ -329,11 +332,14 @@ pub fn watch(reloader: Arc<Reloader>, debounce: Duration) -> Option<ConfigWatch>
                     Err(_) => break,
                 }
             }
-            let _ = reloader.reload_async().await;
+            // The links first, then the file: an edit made in a folder that a link now
+            // leads to, after the file was read, is then still seen.
             let Some(watcher) = weak.upgrade() else {
                 return;
             };
-            follow(&path, &names, &watcher, &mut watched);
+            let (p, n) = (path.clone(), names.clone());
+            let _ = tokio::task::spawn_blocking(move || follow(&p, &n, &watcher)).await;
+            let _ = reloader.reload_async().await;
         }
     });
     Some(ConfigWatch { _watcher: watcher })
@@ -350,61 +356,75 @@ impl std::fmt::Debug for ConfigWatch {
     }
 }
 
-/// Resolves `path`'s chain anew: the names that count become those of the chain, and the
-/// folders holding them that are not yet `watched` are watched.
-fn follow(
-    path: &Path,
-    names: &Mutex<Vec<OsString>>,
-    watcher: &Mutex<notify::RecommendedWatcher>,
-    watched: &mut Vec<PathBuf>,
-) {
+/// Resolves `path`'s chain anew: the names that count become those of the chain and of
+/// the folders holding it, and each of those folders is watched (again: a folder
+/// replaced since is a new one), by its real path, so that a folder reached through a
+/// symlink stays watched when the link's old target is deleted.
+fn follow(path: &Path, names: &Mutex<Vec<OsString>>, watcher: &Mutex<notify::RecommendedWatcher>) {
     use notify::{RecursiveMode, Watcher};
     let links = chain(path);
-    *lock(names) = links
-        .iter()
-        .filter_map(|p| p.file_name().map(OsString::from))
-        .collect();
+    let mut dirs: Vec<PathBuf> = Vec::new();
     for dir in links.iter().filter_map(|p| p.parent()) {
         let dir = if dir.as_os_str().is_empty() {
             Path::new(".")
         } else {
             dir
         };
-        let key = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-        if watched.contains(&key) {
-            continue;
+        let real = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+        if !dirs.contains(&real) {
+            dirs.push(real);
         }
-        match lock(watcher).watch(dir, RecursiveMode::NonRecursive) {
-            Ok(()) => watched.push(key),
-            Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "cannot watch folder"),
+    }
+    *lock(names) = links
+        .iter()
+        .chain(&dirs)
+        .filter_map(|p| p.file_name().map(OsString::from))
+        .collect();
+    let mut watcher = lock(watcher);
+    for dir in &dirs {
+        if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch folder");
         }
     }
 }
 
 /// The paths whose change can change what `path` reads: `path` itself, each symlink met
-/// while resolving it (a Kubernetes ConfigMap's `switchyard.toml` and `..data`), and the
+/// while resolving it, component by component as the kernel does (a Kubernetes
+/// ConfigMap's `switchyard.toml` and `..data`, a release folder's `current`), and the
 /// file it resolves to.
 fn chain(path: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut p = path.to_path_buf();
+    use std::collections::VecDeque;
+    use std::path::Component;
+    let mut out = vec![path.to_path_buf()];
+    let mut pending: VecDeque<PathBuf> = path
+        .components()
+        .map(|c| PathBuf::from(c.as_os_str()))
+        .collect();
+    let mut at = PathBuf::new();
     // A loop of symlinks ends somewhere; so does this.
-    for _ in 0..40 {
-        out.push(p.clone());
-        for a in p.ancestors().skip(1) {
-            if a.file_name().is_some() && a.is_symlink() {
-                out.push(a.to_path_buf());
+    let mut hops = 0;
+    while let Some(part) = pending.pop_front() {
+        match part.components().next() {
+            Some(Component::CurDir) => continue,
+            Some(Component::ParentDir) if at.file_name().is_some() => {
+                at.pop();
+                continue;
             }
+            _ => at.push(&part),
         }
-        let Ok(target) = std::fs::read_link(&p) else {
-            break;
+        if hops >= 40 || !at.is_symlink() {
+            continue;
+        }
+        let Ok(target) = std::fs::read_link(&at) else {
+            continue;
         };
-        p = match p.parent() {
-            Some(dir) => dir.join(target),
-            None => target,
-        };
+        hops += 1;
+        out.push(at.clone());
+        at.pop();
+        for c in target.components().rev() {
+            pending.push_front(PathBuf::from(c.as_os_str()));
+        }
     }
-    if let Ok(real) = std::fs::canonicalize(path) {
-        out.push(real);
-    }
+    out.push(at);
     out
 }

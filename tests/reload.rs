@@ -228,6 +228,56 @@ async fn files_beside_the_configuration_neither_delay_nor_cause_a_reload() {
 }
 
 #[tokio::test]
+async fn links_and_folders_replaced_along_the_way_are_followed() {
+    let (a, b) = (named_backend("a").await, named_backend("b").await);
+    let dir = tempfile::tempdir().unwrap();
+    let release = |name: &str, text: &str| -> PathBuf {
+        let d = dir.path().join("releases").join(name).join("config");
+        std::fs::create_dir_all(&d).unwrap();
+        write(&d.join("switchyard.toml"), text);
+        d.join("switchyard.toml")
+    };
+    // A release layout: etc/sw -> ../current/config, current -> releases/v1.
+    release("v1", &one_pool(&[("a", a)], ""));
+    let v2 = release("v2", &one_pool(&[("b", b)], ""));
+    std::os::unix::fs::symlink("releases/v1", dir.path().join("current")).unwrap();
+    std::fs::create_dir(dir.path().join("etc")).unwrap();
+    std::os::unix::fs::symlink("../current/config", dir.path().join("etc/sw")).unwrap();
+    let (proxy, reloader) = TestProxy::start_file(&dir.path().join("etc/sw/switchyard.toml")).await;
+    let mut rx = reloader.subscribe();
+    assert_eq!(fetch(proxy.addr, get("/")).await.backend(), "a");
+    // `current` pointed at the next release, the old one deleted.
+    std::os::unix::fs::symlink("releases/v2", dir.path().join("tmp")).unwrap();
+    std::fs::rename(dir.path().join("tmp"), dir.path().join("current")).unwrap();
+    generation(&mut rx, 2).await;
+    assert_eq!(fetch(proxy.addr, get("/")).await.backend(), "b");
+    std::fs::remove_dir_all(dir.path().join("releases/v1")).unwrap();
+    // An edit in place in the release now served is seen.
+    write(&v2, &one_pool(&[("a", a)], ""));
+    generation(&mut rx, 3).await;
+    assert_eq!(fetch(proxy.addr, get("/")).await.backend(), "a");
+    drop(proxy);
+
+    // A folder replaced by renaming another over it.
+    let conf = dir.path().join("conf");
+    std::fs::create_dir(&conf).unwrap();
+    write(&conf.join("switchyard.toml"), &one_pool(&[("a", a)], ""));
+    let (proxy, reloader) = TestProxy::start_file(&conf.join("switchyard.toml")).await;
+    let mut rx = reloader.subscribe();
+    let next = dir.path().join("conf.next");
+    std::fs::create_dir(&next).unwrap();
+    write(&next.join("switchyard.toml"), &one_pool(&[("b", b)], ""));
+    std::fs::rename(&conf, dir.path().join("conf.old")).unwrap();
+    std::fs::rename(&next, &conf).unwrap();
+    generation(&mut rx, 2).await;
+    assert_eq!(fetch(proxy.addr, get("/")).await.backend(), "b");
+    // And the new folder is the one watched.
+    write(&conf.join("switchyard.toml"), &one_pool(&[("a", a)], ""));
+    generation(&mut rx, 3).await;
+    assert_eq!(fetch(proxy.addr, get("/")).await.backend(), "a");
+}
+
+#[tokio::test]
 async fn a_symlink_pointed_at_another_folder_is_followed_there() {
     let (a, b) = (named_backend("a").await, named_backend("b").await);
     let dir = tempfile::tempdir().unwrap();

@@ -617,7 +617,7 @@ fn answered(
                 resp.headers_mut().append(SET_COOKIE, v);
             }
         }
-        pool.learn_from(i, resp.headers(), plan);
+        pool.learn_from(i, resp.status(), resp.headers(), plan);
     }
 }
 
