@@ -51,6 +51,24 @@ async fn post_reload(proxy: &TestProxy) -> Got {
     fetch(proxy.admin.unwrap(), req).await
 }
 
+/// Starts the proxy on `switchyard.toml` in `dir`, written with `text`; also returns the
+/// file's path and a follower of the serving generation.
+async fn start_in(
+    dir: &Path,
+    text: &str,
+) -> (
+    PathBuf,
+    TestProxy,
+    Arc<switchyard::reload::Reloader>,
+    tokio::sync::watch::Receiver<u64>,
+) {
+    let path = dir.join("switchyard.toml");
+    write(&path, text);
+    let (proxy, reloader) = TestProxy::start_file(&path).await;
+    let rx = reloader.subscribe();
+    (path, proxy, reloader, rx)
+}
+
 /// Waits until the serving generation reaches `generation`.
 async fn generation(rx: &mut tokio::sync::watch::Receiver<u64>, generation: u64) {
     tokio::time::timeout(LIMIT, rx.wait_for(|g| *g >= generation))
@@ -196,10 +214,7 @@ async fn post_reload_applies_a_valid_file_and_refuses_an_invalid_one() {
 async fn files_beside_the_configuration_neither_delay_nor_cause_a_reload() {
     let (a, b) = (named_backend("a").await, named_backend("b").await);
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("switchyard.toml");
-    write(&path, &one_pool(&[("a", a)], ""));
-    let (proxy, reloader) = TestProxy::start_file(&path).await;
-    let mut rx = reloader.subscribe();
+    let (path, proxy, reloader, mut rx) = start_in(dir.path(), &one_pool(&[("a", a)], "")).await;
     // A log written beside the configuration every few milliseconds, faster than the
     // debounce period.
     let stop = Arc::new(AtomicBool::new(false));
@@ -314,10 +329,7 @@ async fn watcher_sees_in_place_writes_renames_and_symlink_swaps() {
     let dir = tempfile::tempdir().unwrap();
 
     // In place, then an editor's write-to-temp-and-rename.
-    let path = dir.path().join("switchyard.toml");
-    write(&path, &one_pool(&[("a", a)], ""));
-    let (proxy, reloader) = TestProxy::start_file(&path).await;
-    let mut rx = reloader.subscribe();
+    let (path, proxy, reloader, mut rx) = start_in(dir.path(), &one_pool(&[("a", a)], "")).await;
     write(&path, &one_pool(&[("b", b)], ""));
     generation(&mut rx, 2).await;
     assert_eq!(fetch(proxy.addr, get("/")).await.backend(), "b");
