@@ -282,9 +282,10 @@ pub fn diff(old: &Config, new: &Config) -> String {
 /// by renaming a temporary one over them, and Kubernetes swaps a `..data` symlink in the
 /// file's folder, both of which a watch on the file itself would miss. Only events on
 /// the names that lead to the file count ([`chain`]: the path, each symlink met while
-/// resolving it, the file it resolves to): other files in those folders (a log written
+/// resolving it, the file it resolves to, and the folders holding them), and events
+/// that say changes may have been missed: other files in those folders (a log written
 /// beside the configuration) neither delay a reload nor cause one. The chain is resolved
-/// again after each reload, so that a symlink pointed elsewhere has its new folder
+/// again before each reload, so that a symlink pointed elsewhere has its new folder
 /// watched. Events are debounced; identical content is a no-op.
 ///
 /// The watching stops when the returned guard is dropped.
