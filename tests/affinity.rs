@@ -575,6 +575,32 @@ async fn a_redispatched_session_stays_where_it_went() {
 }
 
 #[tokio::test]
+async fn a_session_is_not_bound_to_a_backend_that_answered_it_with_a_server_error() {
+    let mut x = Killable::start("x").await;
+    let failing = backend(|_| async {
+        let mut r = text("failing");
+        *r.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+        r
+    })
+    .await;
+    let cfg = learn_pool(&[x.addr, failing], "") + "[pools.s.outlier]\nconsecutive_failures = 1\n";
+    let proxy = TestProxy::start(&config(&cfg)).await;
+    let got = fetch(proxy.addr, get("/")).await;
+    assert_eq!(got.body, "x");
+    let session = pair(got.headers["set-cookie"].to_str().unwrap());
+    x.kill().await;
+    // The failed connect ejects x; from then on the session is redispatched each time,
+    // since the only other backend answers it with a 500.
+    for _ in 0..4 {
+        let got = fetch(proxy.addr, get_with_cookie("/", &session)).await;
+        assert_eq!(got.status, 500);
+    }
+    let s = status(&proxy).await;
+    assert_eq!(s["pools"][0]["affinity"]["redispatched"], 4, "{s}");
+    assert_eq!(s["pools"][0]["affinity"]["hit"], 0, "{s}");
+}
+
+#[tokio::test]
 async fn a_response_that_clears_the_session_cookie_forgets_the_session() {
     let a = backend(|req| async move {
         let mut r = session_answer("a", &req);
