@@ -489,12 +489,7 @@ pub fn strip_cookie(headers: &mut HeaderMap, name: &str) {
         return;
     }
     let mut kept = Vec::new();
-    let pairs = headers
-        .get_all(COOKIE)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b';'))
-        .map(<[u8]>::trim_ascii);
-    for pair in pairs {
+    for pair in key::cookie_crumbs(headers) {
         let ours = pair
             .iter()
             .position(|&b| b == b'=')

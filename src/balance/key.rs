@@ -80,16 +80,22 @@ pub fn is_cookie_name(s: &str) -> bool {
 
 /// The `name=value` pairs of the request's `Cookie` headers, in order, as bytes: a
 /// header with bytes outside ASCII (browsers send UTF-8 in cookie values) still yields
-/// its other cookies. The name comes trimmed, the value as sent.
+/// its other cookies. The name comes trimmed, the value as sent up to the next `;`.
 pub fn cookie_pairs(headers: &HeaderMap) -> impl Iterator<Item = (&[u8], &[u8])> {
+    cookie_crumbs(headers).filter_map(|pair| {
+        let eq = pair.iter().position(|&b| b == b'=')?;
+        Some((pair[..eq].trim_ascii(), &pair[eq + 1..]))
+    })
+}
+
+/// The `;`-separated parts of the request's `Cookie` headers, in order and trimmed, as
+/// bytes: `name=value` pairs, and whatever else a client sent.
+pub fn cookie_crumbs(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
     headers
         .get_all(COOKIE)
         .iter()
         .flat_map(|v| v.as_bytes().split(|&b| b == b';'))
-        .filter_map(|pair| {
-            let eq = pair.iter().position(|&b| b == b'=')?;
-            Some((pair[..eq].trim_ascii(), &pair[eq + 1..]))
-        })
+        .map(<[u8]>::trim_ascii)
 }
 
 /// Cookie `name`'s value in one pair from [`cookie_pairs`], as [`cookie_key`] gives it,
