@@ -69,6 +69,17 @@ async fn start_in(
     (path, proxy, reloader, rx)
 }
 
+/// Waits until `generation` serves, and checks that a request then goes to `backend`.
+async fn serves(
+    rx: &mut tokio::sync::watch::Receiver<u64>,
+    generation: u64,
+    proxy: &TestProxy,
+    backend: &str,
+) {
+    self::generation(rx, generation).await;
+    assert_eq!(fetch(proxy.addr, get("/")).await.backend(), backend);
+}
+
 /// Waits until the serving generation reaches `generation`.
 async fn generation(rx: &mut tokio::sync::watch::Receiver<u64>, generation: u64) {
     tokio::time::timeout(LIMIT, rx.wait_for(|g| *g >= generation))
@@ -236,8 +247,7 @@ async fn files_beside_the_configuration_neither_delay_nor_cause_a_reload() {
     assert_eq!(reloader.attempts.load(Ordering::Relaxed), attempts);
     // An edit of the configuration is applied while the log goes on.
     write(&path, &one_pool(&[("b", b)], ""));
-    generation(&mut rx, 2).await;
-    assert_eq!(fetch(proxy.addr, get("/")).await.backend(), "b");
+    serves(&mut rx, 2, &proxy, "b").await;
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();
 }
@@ -264,13 +274,11 @@ async fn links_and_folders_replaced_along_the_way_are_followed() {
     // `current` pointed at the next release, the old one deleted.
     std::os::unix::fs::symlink("releases/v2", dir.path().join("tmp")).unwrap();
     std::fs::rename(dir.path().join("tmp"), dir.path().join("current")).unwrap();
-    generation(&mut rx, 2).await;
-    assert_eq!(fetch(proxy.addr, get("/")).await.backend(), "b");
+    serves(&mut rx, 2, &proxy, "b").await;
     std::fs::remove_dir_all(dir.path().join("releases/v1")).unwrap();
     // An edit in place in the release now served is seen.
     write(&v2, &one_pool(&[("a", a)], ""));
-    generation(&mut rx, 3).await;
-    assert_eq!(fetch(proxy.addr, get("/")).await.backend(), "a");
+    serves(&mut rx, 3, &proxy, "a").await;
     drop(proxy);
 
     // A folder replaced by renaming another over it.
@@ -284,12 +292,10 @@ async fn links_and_folders_replaced_along_the_way_are_followed() {
     write(&next.join("switchyard.toml"), &one_pool(&[("b", b)], ""));
     std::fs::rename(&conf, dir.path().join("conf.old")).unwrap();
     std::fs::rename(&next, &conf).unwrap();
-    generation(&mut rx, 2).await;
-    assert_eq!(fetch(proxy.addr, get("/")).await.backend(), "b");
+    serves(&mut rx, 2, &proxy, "b").await;
     // And the new folder is the one watched.
     write(&conf.join("switchyard.toml"), &one_pool(&[("a", a)], ""));
-    generation(&mut rx, 3).await;
-    assert_eq!(fetch(proxy.addr, get("/")).await.backend(), "a");
+    serves(&mut rx, 3, &proxy, "a").await;
 }
 
 #[tokio::test]
@@ -315,12 +321,10 @@ async fn a_symlink_pointed_at_another_folder_is_followed_there() {
     // `ln -sfn`: a new link renamed over the old one.
     std::os::unix::fs::symlink(&second, links.join("tmp")).unwrap();
     std::fs::rename(links.join("tmp"), &path).unwrap();
-    generation(&mut rx, 2).await;
-    assert_eq!(fetch(proxy.addr, get("/")).await.backend(), "b");
+    serves(&mut rx, 2, &proxy, "b").await;
     // An edit in place in the new target's folder is seen.
     write(&second, &one_pool(&[("a", a)], ""));
-    generation(&mut rx, 3).await;
-    assert_eq!(fetch(proxy.addr, get("/")).await.backend(), "a");
+    serves(&mut rx, 3, &proxy, "a").await;
 }
 
 #[tokio::test]
@@ -331,8 +335,7 @@ async fn watcher_sees_in_place_writes_renames_and_symlink_swaps() {
     // In place, then an editor's write-to-temp-and-rename.
     let (path, proxy, reloader, mut rx) = start_in(dir.path(), &one_pool(&[("a", a)], "")).await;
     write(&path, &one_pool(&[("b", b)], ""));
-    generation(&mut rx, 2).await;
-    assert_eq!(fetch(proxy.addr, get("/")).await.backend(), "b");
+    serves(&mut rx, 2, &proxy, "b").await;
     // Reading the file to reload it is not a change: no reload may follow by itself.
     let attempts = reloader.attempts.load(Ordering::Relaxed);
     // What is under test is that nothing happens over several debounce periods.
@@ -345,8 +348,7 @@ async fn watcher_sees_in_place_writes_renames_and_symlink_swaps() {
     let tmp = dir.path().join(".switchyard.toml.swp");
     write(&tmp, &one_pool(&[("a", a)], ""));
     std::fs::rename(&tmp, &path).unwrap();
-    generation(&mut rx, 3).await;
-    assert_eq!(fetch(proxy.addr, get("/")).await.backend(), "a");
+    serves(&mut rx, 3, &proxy, "a").await;
     drop(proxy);
 
     // Kubernetes ConfigMap layout: file -> ..data/file, ..data -> ..v1; an update
@@ -369,8 +371,7 @@ async fn watcher_sees_in_place_writes_renames_and_symlink_swaps() {
     std::os::unix::fs::symlink("..v2", k8s.join("..data_tmp")).unwrap();
     std::fs::rename(k8s.join("..data_tmp"), k8s.join("..data")).unwrap();
     std::fs::remove_dir_all(k8s.join("..v1")).unwrap();
-    generation(&mut rx, 2).await;
-    assert_eq!(fetch(proxy.addr, get("/")).await.backend(), "b");
+    serves(&mut rx, 2, &proxy, "b").await;
 }
 
 #[tokio::test]
