@@ -225,6 +225,55 @@ async fn a_refusal_that_leaves_the_body_unread_says_the_connection_closes() {
 }
 
 #[tokio::test]
+async fn an_answer_before_the_upload_was_read_says_the_connection_closes() {
+    // Refuses the upload on its head alone, as a backend checking size or credentials
+    // does, and keeps its connection open without reading on.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let answer = "HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\n\r\ntoo large";
+        s.write_all(answer.as_bytes()).await.unwrap();
+        // Held open until the proxy lets go of it.
+        let _ = s.read_to_end(&mut head).await;
+    });
+    let proxy = TestProxy::start(&single_pool(a)).await;
+    // The rest of the upload never comes: the client can send nothing more on this
+    // connection, so the answer must say that the connection closes.
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\npart of it")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.ends_with(b"too large") {
+        let n = tokio::time::timeout(LIMIT, s.read(&mut buf))
+            .await
+            .expect("no answer")
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 413"), "{got}");
+    assert!(got.contains("\r\nconnection: close\r\n"), "{got}");
+    // And it does close, once the response is over: the rest of the upload is not
+    // waited for.
+    let rest = tokio::time::timeout(LIMIT, s.read(&mut buf))
+        .await
+        .expect("the proxy kept the connection open");
+    assert!(matches!(rest, Ok(0) | Err(_)), "{rest:?}");
+}
+
+#[tokio::test]
 async fn request_headers_follow_the_rules() {
     let a = named_backend("a").await;
     let proxy = TestProxy::start(&single_pool(a)).await;

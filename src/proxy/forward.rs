@@ -315,6 +315,7 @@ fn forward<'a>(
     if let Affinity::Cookie { cfg, .. } = &pool.affinity {
         strip_cookie(&mut parts.headers, &cfg.cookie);
     }
+    let http1 = parts.version <= http::Version::HTTP_11;
     let (upload, watch) = Upload::new(body);
     let req = Request::from_parts(parts, Either::Left(upload));
     let budget = pool.retries as usize + 1;
@@ -584,6 +585,14 @@ fn forward<'a>(
         // The proxy answers in its own HTTP version (RFC 9110 §6.2), whatever the
         // backend's; hyper writes `HTTP/1.0` to a client that spoke it.
         *resp.version_mut() = http::Version::HTTP_11;
+        if http1 && watch.as_ref().is_some_and(|w| !w.finished()) {
+            // An answer before the whole upload was read (a 413 or 401 on the head
+            // alone): what is left of the body may never be read, and hyper then
+            // closes the client's connection after the response, which the response
+            // must say, lest a pipelined request wait for an answer that never comes.
+            resp.headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
         // Until the response head: the affinity work below is not the backend's.
         if log.is_some() || pool.metrics {
             let elapsed = start.elapsed();
