@@ -3109,6 +3109,34 @@ async fn an_idle_http2_connection_is_closed_with_goaway() {
 }
 
 #[tokio::test]
+async fn pings_do_not_keep_an_idle_http2_connection_open() {
+    let a = named_backend("a").await;
+    let cfg = format!("[server.limits]\nidle_timeout = \"300ms\"\nheader_read_timeout = \"1h\"\n[pools.p]\nbackends = [\"{a}\"]\n");
+    let proxy = TestProxy::start(&config(&cfg)).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    s.write_all(&hello).await.unwrap();
+    // A PING every 100 ms, three times as often as the idle timeout, and no request:
+    // traffic, but no use of the connection.
+    let ping = [0, 0, 8, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
+    let (mut rd, mut wr) = s.into_split();
+    let pinger = tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            every.tick().await;
+            if wr.write_all(&ping).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut got = Vec::new();
+    let closed = tokio::time::timeout(LIMIT, rd.read_to_end(&mut got)).await;
+    pinger.abort();
+    assert!(closed.is_ok(), "PINGs kept the connection open");
+}
+
+#[tokio::test]
 async fn a_client_that_shuts_its_side_down_after_its_requests_gets_every_answer() {
     let a = named_backend("a").await;
     let proxy = TestProxy::start(&single_pool(a)).await;

@@ -20,7 +20,9 @@
 //! connection waits for its next request, which would cap keep-alive idling at the
 //! header timeout. HTTP/2 connections exchange control frames between requests, and
 //! clients open them ahead of need, so for them only the idle rule applies, from the
-//! preface on. The same holds for a connection upgraded to a tunnel (WebSocket), which
+//! preface on; and as those frames (PING above all) are no requests, an HTTP/2
+//! connection is idle from the end of its last stream, whatever passes after it, as in
+//! nginx. The same holds for a connection upgraded to a tunnel (WebSocket), which
 //! the tunnel's task watches.
 //!
 //! Nothing wakes the watchdog: it sleeps until the nearest deadline, but never longer
@@ -65,6 +67,9 @@ pub struct Activity {
     /// Only the idle rule applies: the connection speaks HTTP/2, or was upgraded to a
     /// tunnel.
     idle_rule_only: AtomicBool,
+    /// The connection speaks HTTP/2: it is idle from the end of its last stream (or from
+    /// its preface), whatever control frames (PING, SETTINGS) pass after that.
+    http2: AtomicBool,
     /// The server is shutting down: finish the request in progress, then close.
     stop: AtomicBool,
     /// Woken when `stop` is set: the task serving the connection.
@@ -89,6 +94,7 @@ impl Activity {
             active: AtomicUsize::new(0),
             write_blocked_ms: AtomicU64::new(NONE),
             idle_rule_only: AtomicBool::new(false),
+            http2: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             stop_waker: Mutex::new(None),
         })
@@ -162,8 +168,15 @@ impl Activity {
         !self.idle()
     }
 
+    /// Whether bytes moving now count as traffic for the idle rule: not while a request
+    /// is in progress (its own rules apply), nor on an HTTP/2 connection, whose client
+    /// (or hyper, answering it) may trade PINGs for as long as it likes.
+    fn io_counts(&self) -> bool {
+        self.idle() && !self.http2.load(Ordering::Relaxed)
+    }
+
     fn on_read(&self) {
-        if !self.idle() {
+        if !self.io_counts() {
             return;
         }
         let now = self.now_ms();
@@ -177,7 +190,7 @@ impl Activity {
         if self.write_blocked_ms.load(Ordering::Relaxed) != NONE {
             self.write_blocked_ms.store(NONE, Ordering::Relaxed);
         }
-        if self.idle() {
+        if self.io_counts() {
             self.last_io_ms.store(self.now_ms(), Ordering::Relaxed);
         }
     }
@@ -206,6 +219,7 @@ impl Activity {
     /// open HTTP/2 connections ahead of need.
     pub(crate) fn speaks_http2(&self) {
         self.idle_rule_only.store(true, Ordering::Relaxed);
+        self.http2.store(true, Ordering::Relaxed);
     }
 
     /// Marks a request as started (its head is complete); it ends when the guard drops.
