@@ -10,18 +10,20 @@ use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use serde_json::json;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::balance::key::client_ip_key;
+use crate::config::Limits;
 use crate::pool::{Affinity, Outcome};
 use crate::reload::Reloader;
 use crate::runtime::Runtime;
-use crate::server::stopped;
+use crate::server::idle::{Activity, TrackedIo};
+use crate::server::{sniff, stopped, Http};
 
 /// What the admin endpoints read.
 #[derive(Debug)]
@@ -36,13 +38,28 @@ pub struct AdminState {
     pub listeners: Vec<crate::metrics::ListenerGauge>,
 }
 
+/// Admin connections open at once; further ones wait to be accepted until one closes.
+/// Scrapers, probes and `curl` need a few; the cap keeps a flood of connections to the
+/// admin port from taking the file descriptors that client traffic needs.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// Serves the admin endpoints until `shutdown` turns true. Each connection keeps to the
+/// client connections' `header_read_timeout` and `idle_timeout` (as configured when it
+/// was accepted), so that none can be held open by sending nothing, or half a request.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AdminState>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = stopped(&mut shutdown) => return,
+        };
         let (stream, _) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(pair) => pair,
@@ -55,17 +72,51 @@ pub async fn serve(
             },
             _ = stopped(&mut shutdown) => return,
         };
+        let limits = state.runtime.load().config.server.limits.clone();
+        let activity = Activity::new();
+        let io = TrackedIo::new(stream, activity.clone(), permit);
+        tokio::spawn(serve_connection(state.clone(), io, activity, limits));
+    }
+}
+
+/// Serves one admin connection until it closes or one of its limits cuts it.
+async fn serve_connection(
+    state: Arc<AdminState>,
+    mut io: TrackedIo<TcpStream, OwnedSemaphorePermit>,
+    activity: Arc<Activity>,
+    limits: Limits,
+) {
+    let svc_activity = activity.clone();
+    let svc = service_fn(move |req| {
         let state = state.clone();
-        let svc = service_fn(move |req| {
-            let state = state.clone();
-            async move { Ok::<_, Infallible>(handle(&state, req).await) }
-        });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), svc)
-            .into_owned();
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let active = svc_activity.begin();
+        async move {
+            let resp = handle(&state, req).await;
+            drop(active);
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let served = async {
+        match sniff(&mut io).await {
+            Ok(Some(Http::One)) => {
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(io), svc)
+                    .await;
+            }
+            Ok(Some(Http::Two)) => {
+                activity.speaks_http2();
+                let _ = http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(io), svc)
+                    .await;
+            }
+            Ok(None) | Err(_) => {}
+        }
+    };
+    tokio::select! {
+        () = served => {}
+        why = activity.expired(limits.idle_timeout, limits.header_read_timeout) => {
+            tracing::debug!(?why, "closing admin connection");
+        }
     }
 }
 

@@ -302,3 +302,61 @@ async fn admin_endpoints_answer_get_and_head_and_name_the_methods_they_take() {
     }
     assert_eq!(fetch(admin, with("GET", "/nowhere")).await.status, 404);
 }
+
+#[tokio::test]
+async fn admin_connections_keep_to_the_header_timeout_and_a_cap() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    let a = named_backend("a").await;
+    let proxy = TestProxy::start(&config(&format!(
+        "[server.limits]\nheader_read_timeout = \"300ms\"\nidle_timeout = \"1h\"\n\
+         [pools.p]\nbackends = [\"{a}\"]\n"
+    )))
+    .await;
+    let admin = proxy.admin.unwrap();
+    let limit = std::time::Duration::from_secs(10);
+    // Half a request head, then nothing: cut off after the header timeout.
+    let mut half = TcpStream::connect(admin).await.unwrap();
+    half.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(limit, half.read_to_end(&mut rest)).await;
+    assert!(
+        read.is_ok(),
+        "half a request held the admin connection open"
+    );
+    // As many connections as the cap, idle: one more is not served until one closes.
+    let mut held = Vec::new();
+    for _ in 0..switchyard::admin::MAX_CONNECTIONS {
+        held.push(TcpStream::connect(admin).await.unwrap());
+    }
+    // Each is accepted (and takes its slot) as soon as its first request is answered.
+    for s in &mut held {
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let n = tokio::time::timeout(limit, s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    }
+    let mut extra = TcpStream::connect(admin).await.unwrap();
+    extra
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 512];
+    // Waiting for something not to happen can only be bounded in time: an answer within
+    // this long would mean that the cap let it in.
+    let early = tokio::time::timeout(std::time::Duration::from_millis(300), extra.read(&mut buf));
+    assert!(early.await.is_err(), "a connection over the cap was served");
+    drop(held.pop());
+    let n = tokio::time::timeout(limit, extra.read(&mut buf))
+        .await
+        .expect("the connection waiting for a slot was not served")
+        .unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+}

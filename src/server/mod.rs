@@ -120,7 +120,7 @@ const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// The HTTP version a cleartext connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Http {
+pub(crate) enum Http {
     One,
     Two,
 }
@@ -132,7 +132,7 @@ type ClientIo = TrackedIo<TcpStream, (OwnedSemaphorePermit, Open)>;
 
 /// Reads until the bytes either are the HTTP/2 preface or cannot be, then puts them back.
 /// `None` when the client closed first.
-async fn sniff<T: AsyncRead + Unpin, G: Unpin>(
+pub(crate) async fn sniff<T: AsyncRead + Unpin, G: Unpin>(
     io: &mut TrackedIo<T, G>,
 ) -> std::io::Result<Option<Http>> {
     let mut buf = [0u8; H2_PREFACE.len()];
