@@ -50,7 +50,14 @@ pub struct Plan {
     /// The first healthy candidate passed over for a preference (slow start, bounded
     /// load, a draining fallback): used if nothing else is.
     passed_over: Option<usize>,
+    /// Balancing orders drawn again (see [`Plan::draw_again`]).
+    redraws: u8,
 }
+
+/// How many times a request's balancing order is drawn again when its pick is passed
+/// over before any backend was tried. With a quarter of the pool out, the last draw
+/// still hits one of those with a chance of 4^-8; the order then goes on in list order.
+const MAX_REDRAWS: u8 = 8;
 
 #[derive(Debug)]
 enum Rest {
@@ -115,12 +122,15 @@ impl Plan {
             let ok = |i: usize| pool.usable(i) && (self.ignore_health || pool.healthy(i));
             let next = match &mut self.rest {
                 Rest::Balanced { order: c, .. } => {
-                    let c = c.get_or_insert_with(|| pool.selector_candidates());
+                    let c = c.get_or_insert_with(|| pool.selector_candidates(false));
                     let next = c.next().and_then(|k| pool.eligible.get(k).copied());
                     match next {
+                        // Drawn again after it was passed over: it stays the fallback.
+                        Some(i) if self.passed_over == Some(i) => continue,
                         // Slow start: pass a ramping backend over, by chance, once.
                         Some(i) if ok(i) && self.passed_over.is_none() && pool.ramping_skip(i) => {
                             self.passed_over = Some(i);
+                            self.draw_again(pool);
                             continue;
                         }
                         _ => next.map(|i| (i, ok(i))),
@@ -163,7 +173,10 @@ impl Plan {
                     self.offered += 1;
                     return Some(i);
                 }
-                Some(_) => continue,
+                Some(_) => {
+                    self.draw_again(pool);
+                    continue;
+                }
                 None if self.passed_over.is_some() && self.passed_over != self.pinned => {
                     self.offered += 1;
                     return self.passed_over.take();
@@ -187,6 +200,21 @@ impl Plan {
                     }
                 }
             }
+        }
+    }
+
+    /// Draws the balancing order again, if no balanced candidate was offered yet: the
+    /// share of a backend that is out (or passed over in slow start) then goes to the
+    /// others as they are balanced, rather than all to the one after it in the list.
+    /// Once a candidate was tried, the order goes on as it is, so that no backend is
+    /// offered twice.
+    fn draw_again(&mut self, pool: &Pool) {
+        if self.offered > 0 || self.redraws >= MAX_REDRAWS {
+            return;
+        }
+        if let Rest::Balanced { order, .. } = &mut self.rest {
+            self.redraws += 1;
+            *order = Some(pool.selector_candidates(true));
         }
     }
 
@@ -246,6 +274,7 @@ impl Pool {
             offered: 0,
             ignore_health: false,
             passed_over: None,
+            redraws: 0,
         };
         // Each policy's work is out of line: the request path of a pool without
         // affinity, or with another kind, then spans fewer cache lines.

@@ -387,12 +387,27 @@ impl Pool {
         self.selector.turn()
     }
 
-    /// Positions in `eligible`, in balancing order.
-    pub(crate) fn selector_candidates(&self) -> crate::balance::Candidates {
-        self.selector.candidates(|i| {
-            let m = &self.members[self.eligible[i]];
-            (m.backend.in_flight(), m.weight)
-        })
+    /// Positions in `eligible`, in balancing order; drawn `again` for a request whose
+    /// first pick was passed over.
+    pub(crate) fn selector_candidates(&self, again: bool) -> crate::balance::Candidates {
+        // A backend that is out counts as fully loaded: ejected or failing its checks,
+        // it has nothing in flight, and would otherwise win most comparisons it is
+        // drawn into, sending its share on to whichever backend comes next.
+        let load = |i: usize| {
+            let k = self.eligible[i];
+            let m = &self.members[k];
+            let in_flight = if self.healthy(k) {
+                m.backend.in_flight()
+            } else {
+                usize::MAX / 2
+            };
+            (in_flight, m.weight)
+        };
+        if again {
+            self.selector.candidates_again(load)
+        } else {
+            self.selector.candidates(load)
+        }
     }
 
     /// Whether member `i` may serve a client whose affinity points at it.

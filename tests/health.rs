@@ -245,10 +245,44 @@ async fn a_backend_added_by_reload_starts_slowly() {
             .entry(fetch(proxy.addr, get("/")).await.backend())
             .or_insert(0) += 1;
     }
-    // At the very start of an hour-long ramp, c takes almost nothing of its third.
+    // At the very start of an hour-long ramp, c takes almost nothing of its third, and
+    // what it does not take is shared (about 150 each), not left to its neighbour.
     let c_share = seen.get("c").copied().unwrap_or(0);
     assert!(c_share <= 5, "{seen:?}");
+    assert!(seen["a"] >= 120 && seen["b"] >= 120, "{seen:?}");
     assert_eq!(seen.values().sum::<usize>(), 300);
+}
+
+#[tokio::test]
+async fn the_share_of_a_backend_that_is_out_goes_to_all_the_others() {
+    for policy in ["round_robin", "least_request"] {
+        let ha = flag(true);
+        let a = switchable("a", ha.clone(), flag(false)).await;
+        let b = switchable("b", flag(true), flag(false)).await;
+        let c = switchable("c", flag(true), flag(false)).await;
+        let d = switchable("d", flag(true), flag(false)).await;
+        let proxy = TestProxy::start(&pool(
+            &[("a", a), ("b", b), ("c", c), ("d", d)],
+            &format!("policy = \"{policy}\"\n{CHECKS}"),
+        ))
+        .await;
+        ha.store(false, Ordering::SeqCst);
+        wait_health(&proxy, "a", false).await;
+        let mut seen = HashMap::<String, usize>::new();
+        for _ in 0..400 {
+            *seen
+                .entry(
+                    String::from_utf8_lossy(&fetch(proxy.addr, get("/")).await.body).into_owned(),
+                )
+                .or_insert(0) += 1;
+        }
+        // About 133 each. Handed to the next in the list, a's share would give b 200.
+        assert_eq!(seen.get("a"), None, "{policy}: {seen:?}");
+        for id in ["b", "c", "d"] {
+            let n = seen.get(id).copied().unwrap_or(0);
+            assert!((95..175).contains(&n), "{policy}: {seen:?}");
+        }
+    }
 }
 
 #[tokio::test]

@@ -51,8 +51,9 @@ impl LeastRequest {
                 }
                 let (fa, wa) = load(a);
                 let (fb, wb) = load(b);
-                // fa/wa <= fb/wb without division.
-                if (fa as u64) * u64::from(wb) <= (fb as u64) * u64::from(wa) {
+                // fa/wa <= fb/wb without division (nor overflow: a backend that is
+                // out counts as carrying half of all there is).
+                if (fa as u128) * u128::from(wb) <= (fb as u128) * u128::from(wa) {
                     a
                 } else {
                     b

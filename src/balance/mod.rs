@@ -51,6 +51,17 @@ impl Selector {
             Selector::LeastRequest(lr) => Candidates::new(lr.pick(load), lr.len()),
         }
     }
+
+    /// Another order, for a request whose first pick was passed over (down, or in slow
+    /// start): round robin draws at random by weight, rather than taking the next turn,
+    /// which would be the same backend's for each request so passed over; least request
+    /// samples again.
+    pub fn candidates_again(&self, load: impl Fn(usize) -> (usize, u32)) -> Candidates {
+        match self {
+            Selector::RoundRobin(rr) => Candidates::new(rr.random(), rr.len()),
+            Selector::LeastRequest(lr) => Candidates::new(lr.pick(load), lr.len()),
+        }
+    }
 }
 
 /// Indices into a pool's backend list: the selected one first, then each other backend

@@ -45,6 +45,15 @@ impl RoundRobin {
         self.len == 0
     }
 
+    /// A backend drawn at random, each with the chance of its weight; the rotation
+    /// stays where it is.
+    pub fn random(&self) -> usize {
+        if self.schedule.len() <= 1 {
+            return 0;
+        }
+        self.schedule[fastrand::usize(..self.schedule.len())] as usize
+    }
+
     /// Index of the next backend.
     pub fn next(&self) -> usize {
         if self.schedule.len() <= 1 {
