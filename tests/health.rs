@@ -316,3 +316,80 @@ async fn a_pool_whose_backends_all_drain_does_not_fail_open() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn a_check_under_way_when_checks_are_switched_off_decides_nothing() {
+    let a = named_backend("a").await;
+    // b answers its check only when told to, with a failure; and says when the check's
+    // connection has closed, by which time the checker has taken the result.
+    let probed = Arc::new(tokio::sync::Notify::new());
+    let release = Arc::new(tokio::sync::Notify::new());
+    let closed = Arc::new(tokio::sync::Notify::new());
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let b = l.local_addr().unwrap();
+    {
+        let (probed, release, closed) = (probed.clone(), release.clone(), closed.clone());
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if !head.starts_with(b"GET /healthz ") {
+                    let _ = s
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\nb",
+                        )
+                        .await;
+                    continue;
+                }
+                probed.notify_one();
+                release.notified().await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 500 Oops\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+                let _ = s.read_to_end(&mut head).await;
+                closed.notify_one();
+            }
+        });
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchyard.toml");
+    let checks = "[pools.p.health]\ninterval = \"2s\"\ntimeout = \"2s\"\nunhealthy_threshold = 1\n";
+    std::fs::write(&path, pool(&[("a", a), ("b", b)], checks)).unwrap();
+    let (proxy, reloader) = TestProxy::start_file(&path).await;
+    tokio::time::timeout(Duration::from_secs(10), probed.notified())
+        .await
+        .expect("no check came");
+    // Checks off while that one is under way; then it fails.
+    std::fs::write(&path, pool(&[("a", a), ("b", b)], "")).unwrap();
+    reloader.reload_async().await.unwrap();
+    release.notify_one();
+    tokio::time::timeout(Duration::from_secs(10), closed.notified())
+        .await
+        .expect("the check's connection stayed open");
+    let s = status(&proxy).await;
+    assert_eq!(s["pools"][0]["backends"][1]["healthy"], true, "{s}");
+}
+
+#[tokio::test]
+async fn a_shorter_interval_applies_at_once() {
+    let a = switchable("a", flag(true), flag(false)).await;
+    let b = switchable("b", flag(false), flag(false)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchyard.toml");
+    let hourly = "[pools.p.health]\ninterval = \"1h\"\nunhealthy_threshold = 1\n";
+    std::fs::write(&path, pool(&[("a", a), ("b", b)], hourly)).unwrap();
+    let (proxy, reloader) = TestProxy::start_file(&path).await;
+    let s = status(&proxy).await;
+    assert_eq!(s["pools"][0]["backends"][1]["healthy"], true, "{s}");
+    // Not an hour from now: b is found failing within moments.
+    std::fs::write(&path, pool(&[("a", a), ("b", b)], CHECKS)).unwrap();
+    reloader.reload_async().await.unwrap();
+    wait_health(&proxy, "b", false).await;
+}

@@ -35,6 +35,9 @@ pub struct Backend {
     health_cfg: ArcSwapOption<HealthConfig>,
     /// The active checker, started with the first health settings.
     checker: OnceLock<tokio::task::AbortHandle>,
+    /// Told when the settings change, so that the checker starts over with them rather
+    /// than wait out an interval of the old ones.
+    health_changed: Arc<tokio::sync::Notify>,
 }
 
 impl Drop for Backend {
@@ -80,6 +83,7 @@ impl Backend {
             health: Health::default(),
             health_cfg: ArcSwapOption::empty(),
             checker: OnceLock::new(),
+            health_changed: Arc::default(),
         });
         if tokio::runtime::Handle::try_current().is_ok() {
             let task = tokio::spawn(reap_idle(Arc::downgrade(&backend)));
@@ -97,6 +101,11 @@ impl Backend {
         self.stats.total_responses()
     }
 
+    /// Told each time the active check settings change.
+    pub fn health_changed(&self) -> Arc<tokio::sync::Notify> {
+        self.health_changed.clone()
+    }
+
     /// The active check settings in force, if any.
     pub fn health_config(&self) -> Option<Arc<HealthConfig>> {
         self.health_cfg.load_full()
@@ -104,10 +113,13 @@ impl Backend {
 
     /// Applies a snapshot's active check settings; starts the checker on first use.
     pub fn set_health_config(self: &Arc<Self>, cfg: Option<&HealthConfig>) {
-        self.health_cfg.store(cfg.map(|c| Arc::new(c.clone())));
-        if cfg.is_none() {
-            // Checks switched off: their last verdict no longer applies.
-            self.health.reset_active();
+        if self.health_cfg.load().as_deref() != cfg {
+            self.health_cfg.store(cfg.map(|c| Arc::new(c.clone())));
+            if cfg.is_none() {
+                // Checks switched off: their last verdict no longer applies.
+                self.health.reset_active();
+            }
+            self.health_changed.notify_one();
         }
         if cfg.is_some()
             && self.checker.get().is_none()

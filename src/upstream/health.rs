@@ -148,22 +148,39 @@ impl Health {
 }
 
 /// Runs active checks for `backend` while it exists, with the pool's current settings.
+/// A reload that changes the settings starts the wait over with the new ones (a shorter
+/// interval applies at once), and the result of a check made with settings no longer in
+/// force is dropped: after checks were switched off, a late failure must not take the
+/// backend out with nothing left to bring it back.
 pub async fn check_loop(backend: Weak<Backend>) {
+    let changed = match backend.upgrade() {
+        None => return,
+        Some(b) => b.health_changed(),
+    };
     loop {
         let (cfg, addr) = match backend.upgrade() {
             None => return,
             Some(b) => (b.health_config(), b.address.clone()),
         };
         let Some(cfg) = cfg else {
-            // Checks switched off by a reload: look again later.
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            // Checks switched off by a reload, until one switches them on again.
+            changed.notified().await;
             continue;
         };
         // Up to 10% jitter so the checks of many backends do not align.
         let jitter = cfg.interval.mul_f64(fastrand::f64() * 0.1);
-        tokio::time::sleep(cfg.interval + jitter).await;
+        tokio::select! {
+            () = tokio::time::sleep(cfg.interval + jitter) => {}
+            () = changed.notified() => continue,
+        }
         let ok = probe(&addr, &cfg).await;
         let Some(b) = backend.upgrade() else { return };
+        if !b
+            .health_config()
+            .is_some_and(|now| std::sync::Arc::ptr_eq(&now, &cfg))
+        {
+            continue;
+        }
         if b.health.record_check(ok, &cfg) {
             if ok {
                 tracing::info!(backend = %b.id, "backend is healthy again");
