@@ -1112,6 +1112,10 @@ async fn requests_without_one_valid_host_get_400_and_never_reach_a_backend() {
         b"GET b.example:80 HTTP/1.1\r\nHost: a.example\r\n\r\n",
         // Asterisk form is OPTIONS's.
         b"GET * HTTP/1.1\r\nHost: a.example\r\n\r\n",
+        // A target in absolute form does not stand in for the field.
+        b"GET http://a.example/ HTTP/1.1\r\n\r\n",
+        // Not a scheme served here.
+        b"GET ftp://a.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n",
     ] {
         let got = raw_exchange(proxy.addr, bad).await;
         assert!(
@@ -1124,6 +1128,17 @@ async fn requests_without_one_valid_host_get_400_and_never_reach_a_backend() {
     let (mut h2, _conn) = h2_connect(proxy.addr).await;
     let req = Request::get("http://a.example/")
         .header("host", "b.example")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(h2.send_request(req).await.unwrap().status(), 400);
+    // HTTP/2: a field value with whitespace around it, which a backend would trim.
+    let req = Request::get("http://a.example/")
+        .header("x-padded", " a ")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(h2.send_request(req).await.unwrap().status(), 400);
+    // HTTP/2: a `:scheme` other than http or https.
+    let req = Request::get("ftp://a.example/")
         .body(Full::new(Bytes::new()))
         .unwrap();
     assert_eq!(h2.send_request(req).await.unwrap().status(), 400);

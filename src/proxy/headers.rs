@@ -256,17 +256,15 @@ fn hop_by_hop_index(name: &[u8]) -> Option<usize> {
     Some(i)
 }
 
-/// The comma-separated tokens of a list-valued field, trimmed; none if the value is not
-/// visible ASCII.
+/// The comma-separated tokens of a list-valued field, trimmed. A value with bytes
+/// outside ASCII still yields its tokens: a `Connection` field naming `x-secret` beside
+/// such a byte names `x-secret` all the same; a token that is no field name matches
+/// none.
 fn value_tokens(value: &HeaderValue) -> impl Iterator<Item = &[u8]> {
     // Bytes, not `str::split`: several times cheaper, and this runs on most responses
     // (`Connection: keep-alive`).
-    let bytes = if value.to_str().is_ok() {
-        value.as_bytes()
-    } else {
-        b""
-    };
-    bytes
+    value
+        .as_bytes()
         .split(|&b| b == b',')
         .map(<[u8]>::trim_ascii)
         .filter(|t| !t.is_empty())
@@ -369,6 +367,9 @@ fn settle_host(
         {
             return Err("Host differs from :authority");
         }
+        // An HTTP/1.1 request needs its `Host` field even with a target in absolute
+        // form (RFC 9112 §3.2).
+        (Some(_), None) if version == Version::HTTP_11 => return Err("no Host field"),
         (Some(a), h) => {
             if h.as_ref() != Some(&a) {
                 headers.insert(header::HOST, a.clone());
@@ -405,6 +406,12 @@ pub fn prepare_request<B: Body>(
         .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
     let version = req.version();
     let req_scheme_missing = req.uri().scheme().is_none();
+    // A target in absolute form, or HTTP/2's `:scheme`, names a scheme this proxy
+    // serves or none.
+    let odd_scheme = req
+        .uri()
+        .scheme_str()
+        .is_some_and(|s| !s.eq_ignore_ascii_case("http") && !s.eq_ignore_ascii_case("https"));
     // The asterisk form is for `OPTIONS` only (RFC 9112 §3.2.4).
     let stray_asterisk = req.uri().path() == "*" && req.method() != Method::OPTIONS;
     // A body of unknown length (chunked, or HTTP/2 without Content-Length) on a method
@@ -420,8 +427,17 @@ pub fn prepare_request<B: Body>(
             HeaderValue::from_static("chunked"),
         );
     }
+    // HTTP/1.1's parser trims field values; HTTP/2 forbids the whitespace it would trim
+    // (RFC 9113 §8.2.1), and a backend that trims would read another value than the
+    // proxy did.
+    let mut padded = false;
     if version == Version::HTTP_2 {
         join_cookies(headers);
+        padded = headers.values().any(|v| {
+            let v = v.as_bytes();
+            let blank = |b: Option<&u8>| matches!(b, Some(b' ' | b'\t'));
+            blank(v.first()) || blank(v.last())
+        });
     }
     // Authority-form (`GET a.example:80 HTTP/1.1`) is for CONNECT only (RFC 9112
     // §3.2.3); taken as a host, it would override `Host` with the request line's word.
@@ -474,6 +490,10 @@ pub fn prepare_request<B: Body>(
     };
     if stray_asterisk {
         origin_form = Err("an asterisk target outside OPTIONS");
+    } else if odd_scheme {
+        origin_form = Err("a scheme other than http or https");
+    } else if padded {
+        origin_form = Err("a field value with whitespace around it");
     }
     let refusal = match (framing, bad_host, origin_form) {
         _ if too_many => Some(ProxyError::TooManyFields),
@@ -716,6 +736,16 @@ mod tests {
         strip_hop_by_hop(&mut h, false).unwrap();
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+        // A byte outside ASCII in the same value hides no name from it.
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"x-secret, \xe9").unwrap(),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false).unwrap();
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["x-kept"]);
     }
 
     #[test]
