@@ -360,3 +360,40 @@ async fn admin_connections_keep_to_the_header_timeout_and_a_cap() {
         .unwrap();
     assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
 }
+
+#[tokio::test]
+async fn requests_refused_after_routing_count_for_their_pool() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (a, hits) = counting_backend().await;
+    let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
+    for (request, status) in [
+        // An unknown transfer coding (501), CONNECT (405), an asterisk target (400).
+        (
+            &b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"[..],
+            "501",
+        ),
+        (b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n", "405"),
+        (b"GET * HTTP/1.1\r\nHost: x\r\n\r\n", "400"),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(request).await.unwrap();
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut got))
+            .await
+            .expect("the proxy kept the connection open");
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.starts_with(&format!("HTTP/1.1 {status}")), "{got}");
+    }
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let text = scrape(&proxy).await;
+    assert_sample(
+        &text,
+        "switchyard_requests_total{backend=\"\",code=\"4xx\",pool=\"p\"}",
+        2.0,
+    );
+    assert_sample(
+        &text,
+        "switchyard_requests_total{backend=\"\",code=\"5xx\",pool=\"p\"}",
+        1.0,
+    );
+}

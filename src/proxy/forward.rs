@@ -125,8 +125,10 @@ impl Proxy {
                 // A tunnel to wherever the client names is a forward proxy's job; and sent
                 // on, the target (rewritten to a path) would mean something else to the
                 // backend.
-                _ if req.method() == Method::CONNECT => Err(ProxyError::MethodNotAllowed),
-                (_, Some(e)) => Err(e),
+                (pool, _) if req.method() == Method::CONNECT => {
+                    Err(refused_in(pool, ProxyError::MethodNotAllowed))
+                }
+                (pool, Some(e)) => Err(refused_in(pool, e)),
                 (None, None) => Err(ProxyError::NoRoute),
                 (Some(pool), None) => {
                     if let Some(l) = log {
@@ -664,6 +666,16 @@ fn count_reset(pool: &Pool, backend: &Backend, e: &hyper::Error) {
     tracing::warn!(pool = %pool.name, backend = %backend.id, error = %e,
         "backend closed the connection before answering");
     backend.stats.count_reset();
+}
+
+/// A request refused before it was sent anywhere, counted for the pool it was routed
+/// to, if any (a request that matches no route counts nowhere).
+#[cold]
+fn refused_in(pool: Option<&Pool>, e: ProxyError) -> ProxyError {
+    match pool {
+        Some(pool) => failed(pool, None, e),
+        None => e,
+    }
 }
 
 /// Counts the error response a failure turns into, on the backend it concerns or, when no
