@@ -338,7 +338,7 @@ pub fn status(rt: &Runtime, reloader: &Reloader) -> serde_json::Value {
                     .collect();
                 doc["affinity"] = json!(outcomes);
             }
-            if let Some(l) = p.state.learned() {
+            if let (Affinity::Learn { .. }, Some(l)) = (&p.affinity, p.state.learned()) {
                 doc["sessions_learned"] = json!(l.len());
             }
             doc

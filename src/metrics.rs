@@ -200,7 +200,7 @@ pub fn render(
                     .inc_by(p.state.stats.get(o));
             }
         }
-        if let Some(l) = p.state.learned() {
+        if let (Affinity::Learn { .. }, Some(l)) = (&p.affinity, p.state.learned()) {
             learned.with_label_values(&[&*p.name]).set(l.len() as i64);
         }
     }

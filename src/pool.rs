@@ -354,6 +354,12 @@ impl Pool {
                 }
             }
         };
+        if !matches!(affinity, Affinity::Learn { .. }) {
+            // Learned sessions of a policy no longer in force: neither kept, nor shown.
+            if let Some(l) = state.learned() {
+                l.clear();
+            }
+        }
         Pool {
             name: Arc::from(pc.name.as_str()),
             policy: pc.policy,

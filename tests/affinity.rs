@@ -882,3 +882,33 @@ async fn a_quoted_session_value_is_learned_as_it_comes_back() {
     }
     assert_eq!(status(&proxy).await["pools"][0]["affinity"]["hit"], 10);
 }
+
+#[tokio::test]
+async fn a_pool_that_stops_learning_forgets_its_sessions_and_shows_none() {
+    let x = Killable::start("x").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchyard.toml");
+    let learning = config(&learn_pool(&[x.addr], ""));
+    std::fs::write(&path, &learning).unwrap();
+    let (proxy, reloader) = TestProxy::start_file(&path).await;
+    assert!(fetch(proxy.addr, get("/"))
+        .await
+        .headers
+        .contains_key("set-cookie"));
+    assert_eq!(status(&proxy).await["pools"][0]["sessions_learned"], 1);
+    let plain = config(&format!(
+        "[pools.s]\nbackends = [{{ address = \"{}\", id = \"s1\" }}]\n",
+        x.addr
+    ));
+    std::fs::write(&path, plain).unwrap();
+    reloader.reload_async().await.unwrap();
+    let s = status(&proxy).await;
+    assert!(s["pools"][0].get("sessions_learned").is_none(), "{s}");
+    let text = metrics_text(&proxy).await;
+    assert!(!text.contains("switchyard_learned_sessions{"), "{text}");
+    // Learning again starts from nothing: the sessions of before were not kept.
+    std::fs::write(&path, &learning).unwrap();
+    reloader.reload_async().await.unwrap();
+    assert_eq!(status(&proxy).await["pools"][0]["sessions_learned"], 0);
+    drop(x);
+}

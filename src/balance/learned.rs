@@ -104,6 +104,16 @@ impl Learned {
         }
     }
 
+    /// Forgets every session.
+    pub fn clear(&self) {
+        let mut n = 0;
+        self.map.retain(|_, _| {
+            n += 1;
+            false
+        });
+        self.removed(n);
+    }
+
     pub fn len(&self) -> usize {
         self.len.load(Ordering::Relaxed).max(0) as usize
     }
