@@ -287,6 +287,24 @@ impl Pool {
         plan
     }
 
+    /// Whether a client pinned to member `i` goes there: it is healthy, or, with no
+    /// backend of the pool healthy and the pool failing open, it is usable still. Failing
+    /// open routes as if all were healthy, pinned clients included: with every health
+    /// check failing at once (the case failing open is for), they stay where they are,
+    /// rather than get `503` or scatter (and count in `switchyard_pool_fail_open_total`).
+    fn pinnable(&self, i: usize) -> bool {
+        if self.healthy(i) {
+            return true;
+        }
+        let open = self.usable(i)
+            && self.all_down == AllDown::FailOpen
+            && !self.eligible.iter().any(|&k| self.healthy(k));
+        if open {
+            self.state.fail_open.fetch_add(1, Ordering::Relaxed);
+        }
+        open
+    }
+
     #[inline(never)]
     fn plan_cookie(&self, plan: &mut Plan, req: &Parts) {
         let Affinity::Cookie { cfg, codec, tags } = &self.affinity else {
@@ -305,7 +323,7 @@ impl Pool {
                         cfg.on_unavailable == OnUnavailable::Reject && !self.members[i].removed
                     };
                     match tags[key].get(&tag).copied().filter(|&i| self.usable(i)) {
-                        Some(i) if !self.healthy(i) => {
+                        Some(i) if !self.pinnable(i) => {
                             if reject(i) {
                                 plan.reject_now = true;
                                 outcome = Outcome::Rejected;
@@ -340,7 +358,7 @@ impl Pool {
         {
             match table.lookup(value, unix_now()) {
                 Lookup::Hit(id) => {
-                    let pinned = self.by_id.get(&id).copied().filter(|&i| self.healthy(i));
+                    let pinned = self.by_id.get(&id).copied().filter(|&i| self.pinnable(i));
                     if let Rest::Balanced {
                         session, rebind, ..
                     } = &mut plan.rest

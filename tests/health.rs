@@ -393,3 +393,38 @@ async fn a_shorter_interval_applies_at_once() {
     reloader.reload_async().await.unwrap();
     wait_health(&proxy, "b", false).await;
 }
+
+#[tokio::test]
+async fn with_every_backend_down_a_pool_failing_open_keeps_pinned_clients_where_they_are() {
+    let (ha, hb) = (flag(true), flag(true));
+    let a = switchable("a", ha.clone(), flag(false)).await;
+    let b = switchable("b", hb.clone(), flag(false)).await;
+    let sticky = format!(
+        "policy = \"sticky_cookie\"\n{CHECKS}[pools.p.sticky]\non_unavailable = \"reject\"\n"
+    );
+    let proxy = TestProxy::start(&pool(&[("a", a), ("b", b)], &sticky)).await;
+    let mut pins = HashMap::new();
+    while pins.len() < 2 {
+        let got = fetch(proxy.addr, get("/")).await;
+        let cookie = got.headers["set-cookie"].to_str().unwrap();
+        let pair = cookie.split(';').next().unwrap().to_owned();
+        pins.insert(String::from_utf8_lossy(&got.body).into_owned(), pair);
+    }
+    // Every health check fails: the pool fails open, for pinned clients too.
+    ha.store(false, Ordering::SeqCst);
+    hb.store(false, Ordering::SeqCst);
+    wait_health(&proxy, "a", false).await;
+    wait_health(&proxy, "b", false).await;
+    for (owner, pair) in &pins {
+        for _ in 0..10 {
+            let got = fetch(proxy.addr, get_with_cookie("/", pair)).await;
+            assert_eq!(got.status, 200, "{owner}");
+            assert_eq!(String::from_utf8_lossy(&got.body), *owner);
+        }
+    }
+    let text = metrics_text(&proxy).await;
+    assert!(
+        text.contains("switchyard_pool_fail_open_total{pool=\"p\"} 20"),
+        "{text}"
+    );
+}
