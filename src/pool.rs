@@ -35,6 +35,8 @@ pub struct PoolState {
     retry_tokens: AtomicU64,
     /// Retries refused because the budget was spent.
     pub retries_refused: AtomicU64,
+    /// Held while deciding whether to eject a backend (see `Health::record_failure`).
+    pub ejecting: std::sync::Mutex<()>,
 }
 
 /// Retry tokens a pool can save up, in thousandths.
@@ -57,6 +59,7 @@ impl Default for PoolState {
             sweeper: OnceLock::new(),
             unattributed: Default::default(),
             fail_open: AtomicU64::new(0),
+            ejecting: std::sync::Mutex::new(()),
             retry_tokens: AtomicU64::new(RETRY_RESERVE),
             retries_refused: AtomicU64::new(0),
         }

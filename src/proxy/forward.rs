@@ -641,7 +641,7 @@ fn passive(pool: &Pool, backend: &Arc<Backend>, ok: bool) {
         backend.health.record_success();
     } else if backend
         .health
-        .record_failure(&pool.outlier, || pool.may_eject())
+        .record_failure(&pool.outlier, &pool.state.ejecting, || pool.may_eject())
     {
         ejected(pool, backend);
     }

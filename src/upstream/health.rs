@@ -8,7 +8,7 @@
 //! requests in flight.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::Weak;
+use std::sync::{Mutex, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -130,8 +130,28 @@ impl Health {
     /// A request failed (connect failure or 5xx). Ejects the backend when the failures in
     /// a row reach the limit and `may_eject` (the pool's ejection cap) allows; returns
     /// true when it ejected.
-    pub fn record_failure(&self, cfg: &OutlierConfig, may_eject: impl FnOnce() -> bool) -> bool {
+    ///
+    /// The decision to eject is taken under `decisions`, the pool's: two backends that
+    /// reach their limit at once cannot both pass `max_ejected_percent`, nor can one
+    /// backend be ejected twice over (which would lengthen its next ejection).
+    pub fn record_failure(
+        &self,
+        cfg: &OutlierConfig,
+        decisions: &Mutex<()>,
+        may_eject: impl FnOnce() -> bool,
+    ) -> bool {
+        // Failures while ejected (of requests it still takes, as a pinned client's
+        // backend or when the pool fails open) do not count towards the next ejection.
+        if self.is_ejected() {
+            return false;
+        }
         let n = self.passive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n < cfg.consecutive_failures {
+            return false;
+        }
+        // A lock that guards no data cannot be left inconsistent by a panic.
+        let _decision = decisions.lock().unwrap_or_else(|e| e.into_inner());
+        let n = self.passive_failures.load(Ordering::Relaxed);
         if n < cfg.consecutive_failures || self.is_ejected() || !may_eject() {
             return false;
         }
@@ -268,41 +288,79 @@ mod tests {
         assert!(h.is_up());
     }
 
-    #[test]
-    fn ejection_needs_consecutive_failures_and_grows() {
-        let h = Health::default();
-        let o = OutlierConfig {
+    fn outlier() -> OutlierConfig {
+        OutlierConfig {
             consecutive_failures: 3,
             base_ejection: Duration::from_secs(10),
             max_ejection: Duration::from_secs(25),
             max_ejected_percent: 50,
-        };
-        assert!(!h.record_failure(&o, || true));
+        }
+    }
+
+    #[test]
+    fn ejection_needs_consecutive_failures_and_grows() {
+        let h = Health::default();
+        let o = outlier();
+        assert!(!h.record_failure(&o, &Mutex::new(()), || true));
         h.record_success();
-        assert!(!h.record_failure(&o, || true));
-        assert!(!h.record_failure(&o, || true));
-        assert!(h.record_failure(&o, || true));
+        assert!(!h.record_failure(&o, &Mutex::new(()), || true));
+        assert!(!h.record_failure(&o, &Mutex::new(()), || true));
+        assert!(h.record_failure(&o, &Mutex::new(()), || true));
         assert!(h.is_ejected() && !h.is_up());
         let until = h.ejected_until_ms.load(Ordering::Relaxed);
         assert!(until >= clock_ms() + 9_000 && until <= clock_ms() + 10_000);
         // The cap refuses: not ejected.
         let h2 = Health::default();
         for _ in 0..5 {
-            assert!(!h2.record_failure(&o, || false));
+            assert!(!h2.record_failure(&o, &Mutex::new(()), || false));
         }
         assert!(h2.is_up());
         // Second and third ejections last longer, up to the maximum.
         h.ejected_until_ms.store(0, Ordering::Relaxed);
         for _ in 0..3 {
-            h.record_failure(&o, || true);
+            h.record_failure(&o, &Mutex::new(()), || true);
         }
         let second = h.ejected_until_ms.load(Ordering::Relaxed) - clock_ms();
         assert!(second > 19_000 && second <= 20_000, "{second}");
         h.ejected_until_ms.store(0, Ordering::Relaxed);
         for _ in 0..3 {
-            h.record_failure(&o, || true);
+            h.record_failure(&o, &Mutex::new(()), || true);
         }
         let third = h.ejected_until_ms.load(Ordering::Relaxed) - clock_ms();
         assert!(third > 24_000 && third <= 25_000, "{third}");
+    }
+
+    #[test]
+    fn failures_while_ejected_do_not_count_towards_the_next_ejection() {
+        let o = outlier();
+        let h = Health::default();
+        let lock = Mutex::new(());
+        for _ in 0..3 {
+            h.record_failure(&o, &lock, || true);
+        }
+        assert!(h.is_ejected());
+        for _ in 0..5 {
+            assert!(!h.record_failure(&o, &lock, || true));
+        }
+        // Back: it takes `consecutive_failures` new failures to go again.
+        h.ejected_until_ms.store(0, Ordering::Relaxed);
+        assert!(!h.record_failure(&o, &lock, || true));
+        assert!(!h.record_failure(&o, &lock, || true));
+        assert!(h.record_failure(&o, &lock, || true));
+    }
+
+    #[test]
+    fn the_pool_s_cap_is_asked_under_its_lock() {
+        let o = outlier();
+        let h = Health::default();
+        let lock = Mutex::new(());
+        for _ in 0..3 {
+            h.record_failure(&o, &lock, || {
+                // Held by this decision: another backend's must wait for it.
+                assert!(lock.try_lock().is_err());
+                true
+            });
+        }
+        assert!(h.is_ejected());
     }
 }
