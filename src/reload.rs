@@ -34,6 +34,8 @@ pub enum ReloadError {
     Load(#[from] LoadError),
     #[error("{file}: {key} changed: applying it needs a restart; revert it to reload the rest")]
     NeedsRestart { file: String, key: &'static str },
+    #[error("the reload did not run: the process is shutting down")]
+    ShuttingDown,
 }
 
 /// What a successful reload did.
@@ -150,7 +152,9 @@ impl Reloader {
         let me = self.clone();
         match tokio::task::spawn_blocking(move || me.reload()).await {
             Ok(r) => r,
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // Cancelled before it ran: the runtime is shutting down.
+            Err(_) => Err(ReloadError::ShuttingDown),
         }
     }
 
