@@ -717,6 +717,60 @@ async fn a_websocket_is_logged_when_its_tunnel_closes() {
 }
 
 #[tokio::test]
+async fn an_upgrade_whose_client_left_before_its_101_is_logged_as_499() {
+    // Answers 101 only once the client has gone.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    let asked = Arc::new(Notify::new());
+    let gone = Arc::new(Notify::new());
+    {
+        let (asked, gone) = (asked.clone(), gone.clone());
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            asked.notify_one();
+            gone.notified().await;
+            let _ = s
+                .write_all(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n")
+                .await;
+            let _ = s.read_to_end(&mut head).await;
+        });
+    }
+    let toml = format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\naccess_log = \"json\"\n\
+         [pools.ws]\nbackends = [{{ address = \"{a}\", id = \"ws-1\" }}]\n"
+    );
+    let (proxy, mut lines) = TestProxy::start_logging(&toml).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(
+        b"GET /chat HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    tokio::time::timeout(LIMIT, asked.notified())
+        .await
+        .expect("the request reached the backend");
+    // Closed with a reset, so that the 101 cannot be written to it.
+    s.set_linger(Some(Duration::ZERO)).unwrap();
+    drop(s);
+    gone.notify_one();
+    let line = tokio::time::timeout(LIMIT, lines.recv())
+        .await
+        .expect("an access log line")
+        .expect("the proxy is running");
+    let v: serde_json::Value = serde_json::from_str(&line).expect(&line);
+    assert_eq!(v["status"], 499, "{v}");
+    assert_eq!(v["backend"], "ws-1", "{v}");
+}
+
+#[tokio::test]
 async fn a_websocket_tunnel_keeps_its_connection_slot() {
     let (a, web) = (ws_echo_backend().await, named_backend("web").await);
     let proxy = TestProxy::start(&format!(

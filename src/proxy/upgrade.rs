@@ -4,7 +4,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -66,6 +66,8 @@ impl Tunnels {
             let id = &in_flight.backend().id;
             // Counted as they go: the tunnel may be dropped half-way (idle, shutdown).
             let down = AtomicU64::new(0);
+            // Whether the client's side of the upgrade completed: the 101 went out to it.
+            let reached = AtomicBool::new(false);
             let idle_expired = async {
                 match &activity {
                     Some(a) => a.expired(idle, idle).await,
@@ -73,7 +75,7 @@ impl Tunnels {
                 }
             };
             tokio::select! {
-                r = tunnel(client, backend, &down) => match r {
+                r = tunnel(client, backend, &down, &reached) => match r {
                     Ok((up, down)) => {
                         tracing::debug!(backend = %id, up, down, "upgraded connection closed")
                     }
@@ -91,6 +93,10 @@ impl Tunnels {
             drop(in_flight);
             if let Some(mut l) = log {
                 l.bytes = down.load(Ordering::Relaxed);
+                if !reached.load(Ordering::Relaxed) {
+                    // The client was gone before its 101 could be written.
+                    l.status = 499;
+                }
                 (*l).emit();
             }
         });
@@ -99,8 +105,18 @@ impl Tunnels {
 
 /// Completes both upgrades, then copies both ways until both sides have closed; returns
 /// the bytes sent up and down. The bytes written to the client are also added to `down`
-/// as they go.
-async fn tunnel(client: OnUpgrade, backend: OnUpgrade, down: &AtomicU64) -> io::Result<(u64, u64)> {
+/// as they go; `reached` is set once the client's upgrade completed.
+async fn tunnel(
+    client: OnUpgrade,
+    backend: OnUpgrade,
+    down: &AtomicU64,
+    reached: &AtomicBool,
+) -> io::Result<(u64, u64)> {
+    let client = async {
+        let c = client.await?;
+        reached.store(true, Ordering::Relaxed);
+        Ok(c)
+    };
     let (client, backend) = tokio::try_join!(client, backend).map_err(io::Error::other)?;
     let mut client = Counted {
         io: TokioIo::new(client),
