@@ -50,7 +50,7 @@ impl KeySource {
                 .get(name)
                 .map(|v| Cow::Borrowed(v.as_bytes()))
                 .filter(|v| !v.is_empty()),
-            KeySource::Cookie(name) => cookie_value(req, name).map(|v| Cow::Borrowed(v.as_bytes())),
+            KeySource::Cookie(name) => cookie_bytes(req, name).map(Cow::Borrowed),
             KeySource::Query(name) => req.uri.query().and_then(|q| {
                 form_urlencoded::parse(q.as_bytes())
                     .find(|(k, v)| k == name && !v.is_empty())
@@ -120,6 +120,25 @@ pub fn cookie_value<'a>(req: &'a Parts, name: &str) -> Option<&'a str> {
     cookie_pairs(&req.headers).find_map(|pair| matching(pair, name))
 }
 
+/// The first non-empty value of cookie `name` as bytes, without surrounding whitespace
+/// or double quotes: a hash key, which needs no text (a value outside UTF-8 is a key
+/// all the same).
+fn cookie_bytes<'a>(req: &'a Parts, name: &str) -> Option<&'a [u8]> {
+    cookie_pairs(&req.headers).find_map(|(k, v)| {
+        if k != name.as_bytes() {
+            return None;
+        }
+        let mut v = v.trim_ascii();
+        while let [b'"', rest @ ..] = v {
+            v = rest;
+        }
+        while let [rest @ .., b'"'] = v {
+            v = rest;
+        }
+        (!v.is_empty()).then_some(v)
+    })
+}
+
 /// A cookie value as affinity compares it, whether read from a request's `Cookie` or
 /// learned from a response's `Set-Cookie`: without surrounding whitespace or the double
 /// quotes that RFC 6265 allows around it.
@@ -184,6 +203,12 @@ mod tests {
         assert_eq!(
             extract(&c, &p, "::1".parse().unwrap()).unwrap().as_ref(),
             b"u1"
+        );
+        // A hash key needs no text: a value outside UTF-8 is a key, as it is.
+        let c = chain(&["cookie:latin", "client_ip"]);
+        assert_eq!(
+            extract(&c, &p, "::1".parse().unwrap()).unwrap().as_ref(),
+            b"\xe9"
         );
     }
 
