@@ -758,7 +758,7 @@ async fn an_upgrade_whose_client_left_before_its_101_is_logged_as_499() {
         .await
         .expect("the request reached the backend");
     // Closed with a reset, so that the 101 cannot be written to it.
-    s.set_linger(Some(Duration::ZERO)).unwrap();
+    s.set_zero_linger().unwrap();
     drop(s);
     gone.notify_one();
     let line = tokio::time::timeout(LIMIT, lines.recv())
