@@ -1,5 +1,5 @@
-//! The admin listener: `/healthz`, `/readyz`, `/status`. Metrics and reload endpoints
-//! join here.
+//! The admin listener: `/healthz`, `/readyz`, `/status`, `/metrics`,
+//! `/pools/NAME/owner` and `POST /reload`.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
