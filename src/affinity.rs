@@ -119,14 +119,18 @@ impl Plan {
             }
         }
         loop {
-            let ok = |i: usize| pool.usable(i) && (self.ignore_health || pool.healthy(i));
+            let ignore_health = self.ignore_health;
+            let ok = |i: usize| pool.usable(i) && (ignore_health || pool.healthy(i));
             let next = match &mut self.rest {
                 Rest::Balanced { order: c, .. } => {
-                    let c = c.get_or_insert_with(|| pool.selector_candidates(false));
+                    let c = c.get_or_insert_with(|| pool.selector_candidates(false, ignore_health));
                     let next = c.next().and_then(|k| pool.eligible.get(k).copied());
                     match next {
                         // Drawn again after it was passed over: it stays the fallback.
-                        Some(i) if self.passed_over == Some(i) => continue,
+                        Some(i) if self.passed_over == Some(i) => {
+                            self.draw_again(pool);
+                            continue;
+                        }
                         // Slow start: pass a ramping backend over, by chance, once.
                         Some(i) if ok(i) && self.passed_over.is_none() && pool.ramping_skip(i) => {
                             self.passed_over = Some(i);
@@ -195,7 +199,12 @@ impl Plan {
                     self.ignore_health = true;
                     pool.state.fail_open.fetch_add(1, Ordering::Relaxed);
                     match &mut self.rest {
-                        Rest::Balanced { order, .. } => *order = None,
+                        // Drawn afresh: a round robin's next turn would be the next
+                        // request's too, and with an even cycle one backend would take
+                        // them all.
+                        Rest::Balanced { order, .. } => {
+                            *order = Some(pool.selector_candidates(true, true));
+                        }
                         Rest::Ranked { pos, .. } => *pos = 0,
                     }
                 }
@@ -214,7 +223,7 @@ impl Plan {
         }
         if let Rest::Balanced { order, .. } = &mut self.rest {
             self.redraws += 1;
-            *order = Some(pool.selector_candidates(true));
+            *order = Some(pool.selector_candidates(true, self.ignore_health));
         }
     }
 
@@ -291,8 +300,10 @@ impl Pool {
     /// backend of the pool healthy and the pool failing open, it is usable still. Failing
     /// open routes as if all were healthy, pinned clients included: with every health
     /// check failing at once (the case failing open is for), they stay where they are,
-    /// rather than get `503` or scatter (and count in `switchyard_pool_fail_open_total`).
-    fn pinnable(&self, i: usize) -> bool {
+    /// rather than get `503` or scatter. The plan then fails open (and counts in
+    /// `switchyard_pool_fail_open_total`): should the pinned backend fail, the client
+    /// is redispatched as if all were healthy.
+    fn pinnable(&self, i: usize, plan: &mut Plan) -> bool {
         if self.healthy(i) {
             return true;
         }
@@ -300,6 +311,7 @@ impl Pool {
             && self.all_down == AllDown::FailOpen
             && !self.eligible.iter().any(|&k| self.healthy(k));
         if open {
+            plan.ignore_health = true;
             self.state.fail_open.fetch_add(1, Ordering::Relaxed);
         }
         open
@@ -323,7 +335,7 @@ impl Pool {
                         cfg.on_unavailable == OnUnavailable::Reject && !self.members[i].removed
                     };
                     match tags[key].get(&tag).copied().filter(|&i| self.usable(i)) {
-                        Some(i) if !self.pinnable(i) => {
+                        Some(i) if !self.pinnable(i, plan) => {
                             if reject(i) {
                                 plan.reject_now = true;
                                 outcome = Outcome::Rejected;
@@ -358,7 +370,11 @@ impl Pool {
         {
             match table.lookup(value, unix_now()) {
                 Lookup::Hit(id) => {
-                    let pinned = self.by_id.get(&id).copied().filter(|&i| self.pinnable(i));
+                    let pinned = self
+                        .by_id
+                        .get(&id)
+                        .copied()
+                        .filter(|&i| self.pinnable(i, plan));
                     if let Rest::Balanced {
                         session, rebind, ..
                     } = &mut plan.rest

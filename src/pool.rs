@@ -398,14 +398,19 @@ impl Pool {
 
     /// Positions in `eligible`, in balancing order; drawn `again` for a request whose
     /// first pick was passed over.
-    pub(crate) fn selector_candidates(&self, again: bool) -> crate::balance::Candidates {
-        // A backend that is out counts as fully loaded: ejected or failing its checks,
-        // it has nothing in flight, and would otherwise win most comparisons it is
-        // drawn into, sending its share on to whichever backend comes next.
+    pub(crate) fn selector_candidates(
+        &self,
+        again: bool,
+        ignore_health: bool,
+    ) -> crate::balance::Candidates {
+        // A backend that is out counts as fully loaded (unless the pool fails open):
+        // ejected or failing its checks, it has nothing in flight, and would otherwise
+        // win most comparisons it is drawn into, sending its share on to whichever
+        // backend comes next.
         let load = |i: usize| {
             let k = self.eligible[i];
             let m = &self.members[k];
-            let in_flight = if self.healthy(k) {
+            let in_flight = if ignore_health || self.healthy(k) {
                 m.backend.in_flight()
             } else {
                 usize::MAX / 2

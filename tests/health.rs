@@ -428,3 +428,35 @@ async fn with_every_backend_down_a_pool_failing_open_keeps_pinned_clients_where_
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn failing_open_a_pinned_client_whose_backend_is_gone_goes_elsewhere() {
+    let mut k = Killable::start("k").await;
+    let b = switchable("b", flag(true), flag(false)).await;
+    // Both answer their checks, neither with the one status that passes: all down.
+    let extra = format!("policy = \"sticky_cookie\"\n{CHECKS}expect_status = \"204\"\n");
+    let proxy = TestProxy::start(&pool(&[("b", b), ("k", k.addr)], &extra)).await;
+    wait_health(&proxy, "k", false).await;
+    wait_health(&proxy, "b", false).await;
+    // Failing open, round robin still takes turns (it once sent every request to one).
+    let mut seen = HashMap::<String, usize>::new();
+    let mut pair = None;
+    for _ in 0..40 {
+        let got = fetch(proxy.addr, get("/")).await;
+        let body = String::from_utf8_lossy(&got.body).into_owned();
+        if body == "k" {
+            let cookie = got.headers["set-cookie"].to_str().unwrap();
+            pair = Some(cookie.split(';').next().unwrap().to_owned());
+        }
+        *seen.entry(body).or_insert(0) += 1;
+    }
+    assert!(
+        seen.get("b") >= Some(&10) && seen.get("k") >= Some(&10),
+        "{seen:?}"
+    );
+    // k goes away: its client goes to b, as the pool fails open, rather than get 503.
+    k.kill().await;
+    let got = fetch(proxy.addr, get_with_cookie("/", &pair.unwrap())).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.body, "b");
+}
