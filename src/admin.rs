@@ -43,9 +43,14 @@ pub struct AdminState {
 /// admin port from taking the file descriptors that client traffic needs.
 pub const MAX_CONNECTIONS: usize = 64;
 
+/// The longest an admin connection may idle (less if the client connections'
+/// `idle_timeout` is shorter): an idle connection holds one of the few slots.
+const MAX_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves the admin endpoints until `shutdown` turns true. Each connection keeps to the
 /// client connections' `header_read_timeout` and `idle_timeout` (as configured when it
-/// was accepted), so that none can be held open by sending nothing, or half a request.
+/// was accepted; the idle timeout at most [`MAX_IDLE`]), so that none can be held open
+/// by sending nothing, or half a request.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AdminState>,
@@ -114,7 +119,7 @@ async fn serve_connection(
     };
     tokio::select! {
         () = served => {}
-        why = activity.expired(limits.idle_timeout, limits.header_read_timeout) => {
+        why = activity.expired(limits.idle_timeout.min(MAX_IDLE), limits.header_read_timeout) => {
             tracing::debug!(?why, "closing admin connection");
         }
     }

@@ -587,7 +587,7 @@ fn forward<'a>(
         // The proxy answers in its own HTTP version (RFC 9110 §6.2), whatever the
         // backend's; hyper writes `HTTP/1.0` to a client that spoke it.
         *resp.version_mut() = http::Version::HTTP_11;
-        if http1 && watch.as_ref().is_some_and(|w| !w.finished()) {
+        if http1 && !switching && watch.as_ref().is_some_and(|w| !w.finished()) {
             // An answer before the whole upload was read (a 413 or 401 on the head
             // alone): what is left of the body may never be read, and hyper then
             // closes the client's connection after the response, which the response

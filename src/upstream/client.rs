@@ -13,7 +13,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -152,8 +152,6 @@ struct ConnState {
     /// copied: whether a backend that closed the connection had begun to answer.
     reads: AtomicU64,
     reads_at_head: AtomicU64,
-    /// The connection's task, to end it when the connection is given up.
-    task: OnceLock<AbortHandle>,
 }
 
 impl ConnState {
@@ -561,7 +559,6 @@ impl ConnPool {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }
         });
-        let _ = state.task.set(task.abort_handle());
         tokio::spawn(watch(state.clone(), task.abort_handle(), done));
         self.stats.count_connection_opened();
         // Set for each request before it is polled.
@@ -578,17 +575,12 @@ impl ConnPool {
     /// instead if the request's body was not uploaded whole: a backend may answer before
     /// it read the body (an early 401 or 413), and the connection then stays busy with
     /// the rest of the upload, perhaps for good, as the backend may never read it (so
-    /// nginx, too, keeps a connection only once the request was sent whole). Such a
-    /// connection is closed at once, which ends the upload: the client, told that its
-    /// connection closes after the response, is not kept waiting while it sends the rest.
+    /// nginx, too, keeps a connection only once the request was sent whole). The upload
+    /// goes on while the client sends it and the backend takes it: the client, told that
+    /// its connection closes after the response, may still be sending, and a connection
+    /// closed on unread bytes is reset, which can lose the response it has yet to read.
     pub fn checkin(&self, mut tx: Sender) {
-        if tx.upload.take().is_some_and(|w| !w.finished()) {
-            if let Some(task) = tx.state.task.get() {
-                task.abort();
-            }
-            return;
-        }
-        if tx.tx.is_closed() {
+        if tx.tx.is_closed() || tx.upload.take().is_some_and(|w| !w.finished()) {
             return;
         }
         let now = Instant::now();
