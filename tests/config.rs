@@ -1894,7 +1894,13 @@ fn the_documented_example_says_what_it_shows() {
         .collect();
     assert_eq!(
         pools,
-        [("api", Policy::LeastRequest), ("web", Policy::RoundRobin)]
+        [
+            ("api", Policy::LeastRequest),
+            ("cache", Policy::ConsistentHash),
+            ("carts", Policy::StickyCookie),
+            ("sessions", Policy::StickyLearn),
+            ("web", Policy::RoundRobin),
+        ]
     );
     assert!(
         c.routes
