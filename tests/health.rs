@@ -332,14 +332,7 @@ async fn a_check_under_way_when_checks_are_switched_off_decides_nothing() {
         tokio::spawn(async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             while let Ok((mut s, _)) = l.accept().await {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
+                let mut head = read_head(&mut s).await.unwrap_or_default();
                 if !head.starts_with(b"GET /healthz ") {
                     let _ = s
                         .write_all(

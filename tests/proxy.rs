@@ -232,14 +232,9 @@ async fn an_answer_before_the_upload_was_read_says_the_connection_closes() {
     let a = l.local_addr().unwrap();
     tokio::spawn(async move {
         let (mut s, _) = l.accept().await.unwrap();
-        let mut head = Vec::new();
-        let mut buf = [0u8; 1024];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => head.extend_from_slice(&buf[..n]),
-            }
-        }
+        let Some(mut head) = read_head(&mut s).await else {
+            return;
+        };
         let answer = "HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\n\r\ntoo large";
         s.write_all(answer.as_bytes()).await.unwrap();
         // Held open until the proxy lets go of it.
@@ -721,14 +716,9 @@ async fn an_upgrade_whose_client_left_before_its_101_is_logged_as_499() {
         let (asked, gone) = (asked.clone(), gone.clone());
         tokio::spawn(async move {
             let (mut s, _) = l.accept().await.unwrap();
-            let mut head = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => head.extend_from_slice(&buf[..n]),
-                }
-            }
+            let Some(mut head) = read_head(&mut s).await else {
+                return;
+            };
             asked.notify_one();
             gone.notified().await;
             let _ = s

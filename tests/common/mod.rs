@@ -188,19 +188,28 @@ pub async fn resetting_backend() -> (SocketAddr, Arc<std::sync::atomic::AtomicUs
         while let Ok((mut s, _)) = l.accept().await {
             let h = h.clone();
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tokio::io::AsyncReadExt::read(&mut s, &mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
+                if read_head(&mut s).await.is_none() {
+                    return;
                 }
                 h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             });
         }
     });
     (a, hits)
+}
+
+/// Reads from a raw connection until a whole HTTP/1.1 head (through its blank line) has
+/// come; the bytes read, or `None` if the connection ended first.
+pub async fn read_head(s: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tokio::io::AsyncReadExt::read(s, &mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(head)
 }
 
 /// The built-in demo backend, named `name`.
