@@ -589,9 +589,9 @@ fn forward<'a>(
         *resp.version_mut() = http::Version::HTTP_11;
         if http1 && !switching && watch.as_ref().is_some_and(|w| !w.finished()) {
             // An answer before the whole upload was read (a 413 or 401 on the head
-            // alone): what is left of the body may never be read, and hyper then
-            // closes the client's connection after the response, which the response
-            // must say, lest a pipelined request wait for an answer that never comes.
+            // alone): what is left of the body may never be read, so the connection
+            // cannot be trusted to carry another request. The response says that it
+            // closes, lest a pipelined request wait for an answer that never comes.
             resp.headers_mut()
                 .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
         }

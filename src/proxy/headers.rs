@@ -406,8 +406,8 @@ pub fn prepare_request<B: Body>(
         .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
     let version = req.version();
     let req_scheme_missing = req.uri().scheme().is_none();
-    // A target in absolute form, or HTTP/2's `:scheme`, names a scheme this proxy
-    // serves or none.
+    // A target in absolute form, or HTTP/2's `:scheme`, must name a scheme this proxy
+    // serves.
     let odd_scheme = req
         .uri()
         .scheme_str()
