@@ -490,6 +490,9 @@ impl Pool {
         let (Affinity::Learn { cfg }, Some(table)) = (&self.affinity, self.state.learned()) else {
             return;
         };
+        if !self.state.learning.load(Ordering::Relaxed) {
+            return;
+        }
         let backend = &self.members[i].backend.id;
         let mut set: Vec<String> = Vec::new();
         let mut clears: Vec<String> = Vec::new();

@@ -37,6 +37,10 @@ pub struct PoolState {
     pub retries_refused: AtomicU64,
     /// Held while deciding whether to eject a backend (see `Health::record_failure`).
     pub ejecting: std::sync::Mutex<()>,
+    /// Whether the pool's current policy learns sessions: a response to a request of
+    /// an older snapshot, when the pool has turned to another policy since, learns
+    /// nothing.
+    pub learning: std::sync::atomic::AtomicBool,
 }
 
 /// Retry tokens a pool can save up, in thousandths.
@@ -60,6 +64,7 @@ impl Default for PoolState {
             unattributed: Default::default(),
             fail_open: AtomicU64::new(0),
             ejecting: std::sync::Mutex::new(()),
+            learning: std::sync::atomic::AtomicBool::new(false),
             retry_tokens: AtomicU64::new(RETRY_RESERVE),
             retries_refused: AtomicU64::new(0),
         }
@@ -357,7 +362,9 @@ impl Pool {
                 }
             }
         };
-        if !matches!(affinity, Affinity::Learn { .. }) {
+        let learning = matches!(affinity, Affinity::Learn { .. });
+        state.learning.store(learning, Ordering::Relaxed);
+        if !learning {
             // Learned sessions of a policy no longer in force: neither kept, nor shown.
             if let Some(l) = state.learned() {
                 l.clear();

@@ -4,6 +4,7 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE, URL_SAFE_NO_PAD};
@@ -911,4 +912,51 @@ async fn a_pool_that_stops_learning_forgets_its_sessions_and_shows_none() {
     reloader.reload_async().await.unwrap();
     assert_eq!(status(&proxy).await["pools"][0]["sessions_learned"], 0);
     drop(x);
+}
+
+#[tokio::test]
+async fn a_response_that_crosses_the_turn_to_another_policy_learns_nothing() {
+    let arrived = Arc::new(tokio::sync::Notify::new());
+    let release = Arc::new(tokio::sync::Notify::new());
+    let x = {
+        let (arrived, release) = (arrived.clone(), release.clone());
+        backend(move |req| {
+            let (arrived, release) = (arrived.clone(), release.clone());
+            async move {
+                if req.uri().path() == "/slow" {
+                    arrived.notify_one();
+                    release.notified().await;
+                }
+                let mut r = text("x");
+                r.headers_mut().insert(
+                    http::header::SET_COOKIE,
+                    http::HeaderValue::from_static("JSESSIONID=late; Path=/"),
+                );
+                r
+            }
+        })
+        .await
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchyard.toml");
+    let learning = config(&learn_pool(&[x], ""));
+    std::fs::write(&path, &learning).unwrap();
+    let (proxy, reloader) = TestProxy::start_file(&path).await;
+    let addr = proxy.addr;
+    let slow = tokio::spawn(async move { fetch(addr, get("/slow")).await });
+    tokio::time::timeout(Duration::from_secs(10), arrived.notified())
+        .await
+        .expect("the request reached the backend");
+    // The pool stops learning while that request waits for its answer.
+    let plain = config(&format!(
+        "[pools.s]\nbackends = [{{ address = \"{x}\", id = \"s1\" }}]\n"
+    ));
+    std::fs::write(&path, plain).unwrap();
+    reloader.reload_async().await.unwrap();
+    release.notify_one();
+    assert_eq!(slow.await.unwrap().status, 200);
+    // Learning again: the answer that came under the other policy was not learned.
+    std::fs::write(&path, &learning).unwrap();
+    reloader.reload_async().await.unwrap();
+    assert_eq!(status(&proxy).await["pools"][0]["sessions_learned"], 0);
 }
