@@ -60,8 +60,12 @@ impl Health {
 
     pub fn is_ejected(&self) -> bool {
         // Never ejected (the usual case): no need to read the clock.
+        self.ejected_until_ms.load(Ordering::Relaxed) != 0 && self.is_ejected_at(clock_ms())
+    }
+
+    fn is_ejected_at(&self, now_ms: u64) -> bool {
         let until = self.ejected_until_ms.load(Ordering::Relaxed);
-        until != 0 && until > clock_ms()
+        until != 0 && until > now_ms
     }
 
     pub fn active_up(&self) -> bool {
@@ -134,15 +138,28 @@ impl Health {
     /// The decision to eject is taken under `decisions`, the pool's: two backends that
     /// reach their limit at once cannot both pass `max_ejected_percent`, nor can one
     /// backend be ejected twice over (which would lengthen its next ejection).
+    ///
+    /// Ejections grow longer while they come close together: a backend that has been
+    /// back for longer than the longest ejection starts again from `base_ejection`.
     pub fn record_failure(
         &self,
         cfg: &OutlierConfig,
         decisions: &Mutex<()>,
         may_eject: impl FnOnce() -> bool,
     ) -> bool {
+        self.record_failure_at(cfg, decisions, may_eject, clock_ms())
+    }
+
+    fn record_failure_at(
+        &self,
+        cfg: &OutlierConfig,
+        decisions: &Mutex<()>,
+        may_eject: impl FnOnce() -> bool,
+        now_ms: u64,
+    ) -> bool {
         // Failures while ejected (of requests it still takes, as a pinned client's
         // backend or when the pool fails open) do not count towards the next ejection.
-        if self.is_ejected() {
+        if self.is_ejected_at(now_ms) {
             return false;
         }
         let n = self.passive_failures.fetch_add(1, Ordering::Relaxed) + 1;
@@ -152,17 +169,19 @@ impl Health {
         // A lock that guards no data cannot be left inconsistent by a panic.
         let _decision = decisions.lock().unwrap_or_else(|e| e.into_inner());
         let n = self.passive_failures.load(Ordering::Relaxed);
-        if n < cfg.consecutive_failures || self.is_ejected() || !may_eject() {
+        if n < cfg.consecutive_failures || self.is_ejected_at(now_ms) || !may_eject() {
             return false;
         }
         self.passive_failures.store(0, Ordering::Relaxed);
+        let longest = cfg.max_ejection.max(cfg.base_ejection);
+        let last_end = self.ejected_until_ms.load(Ordering::Relaxed);
+        if last_end != 0 && now_ms.saturating_sub(last_end) > longest.as_millis() as u64 {
+            self.ejections.store(0, Ordering::Relaxed);
+        }
         let k = self.ejections.fetch_add(1, Ordering::Relaxed) + 1;
-        let time = cfg
-            .base_ejection
-            .saturating_mul(k)
-            .min(cfg.max_ejection.max(cfg.base_ejection));
+        let time = cfg.base_ejection.saturating_mul(k).min(longest);
         self.ejected_until_ms
-            .store(clock_ms() + time.as_millis() as u64, Ordering::Relaxed);
+            .store(now_ms + time.as_millis() as u64, Ordering::Relaxed);
         true
     }
 }
@@ -347,6 +366,24 @@ mod tests {
         assert!(!h.record_failure(&o, &lock, || true));
         assert!(!h.record_failure(&o, &lock, || true));
         assert!(h.record_failure(&o, &lock, || true));
+    }
+
+    #[test]
+    fn ejections_long_apart_start_again_from_the_base() {
+        let o = outlier();
+        let h = Health::default();
+        let lock = Mutex::new(());
+        let eject_at = |now: u64| {
+            for _ in 0..3 {
+                h.record_failure_at(&o, &lock, || true, now);
+            }
+            h.ejected_until_ms.load(Ordering::Relaxed) - now
+        };
+        // 10 s, then 20 s when the next comes soon after the first ended.
+        assert_eq!(eject_at(1_000_000), 10_000);
+        assert_eq!(eject_at(1_011_000), 20_000);
+        // Back for longer than the longest ejection (25 s): the base again.
+        assert_eq!(eject_at(1_031_000 + 25_001), 10_000);
     }
 
     #[test]
