@@ -60,7 +60,8 @@ impl Health {
 
     pub fn is_ejected(&self) -> bool {
         // Never ejected (the usual case): no need to read the clock.
-        self.ejected_until_ms.load(Ordering::Relaxed) != 0 && self.is_ejected_at(clock_ms())
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        until != 0 && until > clock_ms()
     }
 
     fn is_ejected_at(&self, now_ms: u64) -> bool {
