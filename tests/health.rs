@@ -453,3 +453,36 @@ async fn failing_open_a_pinned_client_whose_backend_is_gone_goes_elsewhere() {
     assert_eq!(got.status, 200);
     assert_eq!(got.body, "b");
 }
+
+#[tokio::test]
+async fn with_every_backend_down_learned_sessions_stay_where_they_are() {
+    let (x, y) = (Killable::start("x").await, Killable::start("y").await);
+    // Both answer their checks, neither with the one status that passes: all down.
+    let extra = format!(
+        "policy = \"sticky_learn\"\n{CHECKS}expect_status = \"204\"\n\
+         [pools.p.learn]\ncookie = \"JSESSIONID\"\n"
+    );
+    let proxy = TestProxy::start(&pool(&[("x", x.addr), ("y", y.addr)], &extra)).await;
+    wait_health(&proxy, "x", false).await;
+    wait_health(&proxy, "y", false).await;
+    let mut sessions = HashMap::new();
+    for _ in 0..40 {
+        let got = fetch(proxy.addr, get("/")).await;
+        let cookie = got.headers["set-cookie"].to_str().unwrap();
+        let pair = cookie.split(';').next().unwrap().to_owned();
+        sessions.insert(String::from_utf8_lossy(&got.body).into_owned(), pair);
+    }
+    assert_eq!(sessions.len(), 2, "{sessions:?}");
+    for (owner, pair) in &sessions {
+        for _ in 0..10 {
+            let got = fetch(proxy.addr, get_with_cookie("/", pair)).await;
+            assert_eq!(String::from_utf8_lossy(&got.body), *owner);
+        }
+    }
+    // Each went to its own backend as a hit, not by way of a redispatch that bound it
+    // there again.
+    let s = status(&proxy).await;
+    assert_eq!(s["pools"][0]["affinity"]["redispatched"], 0, "{s}");
+    assert_eq!(s["pools"][0]["affinity"]["hit"], 20, "{s}");
+    drop((x, y));
+}
