@@ -857,3 +857,61 @@ async fn round_robin_goes_on_where_it_was_across_reloads() {
     }
     assert_eq!(seen, ["a", "b", "c", "a"]);
 }
+
+#[tokio::test]
+async fn a_request_on_a_former_address_stays_in_flight_until_it_ends() {
+    // The backend at the old address holds its request until told to answer.
+    let (arrived_tx, arrived_rx) = tokio::sync::oneshot::channel::<()>();
+    let arrived = Arc::new(std::sync::Mutex::new(Some(arrived_tx)));
+    let release = Arc::new(tokio::sync::Notify::new());
+    let gate = release.clone();
+    let old = backend(move |_req| {
+        let arrived = arrived.lock().unwrap().take();
+        let gate = gate.clone();
+        async move {
+            if let Some(tx) = arrived {
+                let _ = tx.send(());
+            }
+            gate.notified().await;
+            text("old")
+        }
+    })
+    .await;
+    let new = named_backend("new").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (path, proxy, _reloader, mut rx) = start_in(dir.path(), &one_pool(&[("a", old)], "")).await;
+    let addr = proxy.addr;
+    let slow = tokio::spawn(async move { fetch(addr, get("/")).await });
+    tokio::time::timeout(LIMIT, arrived_rx)
+        .await
+        .expect("request reached the old address")
+        .unwrap();
+
+    // Same id, another address.
+    write(&path, &one_pool(&[("a", new)], ""));
+    assert_eq!(post_reload(&proxy).await.status, 200);
+    serves(&mut rx, 2, &proxy, "new").await;
+    let in_flight = |s: &serde_json::Value| s["pools"][0]["backends"][0]["in_flight"].clone();
+    let s = status(&proxy).await;
+    assert_eq!(
+        in_flight(&s),
+        1,
+        "the request on the old address dropped out: {s}"
+    );
+
+    release.notify_one();
+    let got = tokio::time::timeout(LIMIT, slow).await.unwrap().unwrap();
+    assert_eq!(got.status, 200);
+    assert_eq!(got.body, "old");
+    // The count drops when the proxy is done with the body, which may be just after
+    // the client has it all.
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let s = status(&proxy).await;
+        if in_flight(&s) == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{s}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -1,6 +1,6 @@
 //! A backend and the state that must outlive any one configuration snapshot.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -18,10 +18,8 @@ pub struct Backend {
     /// Stable identity from the config (`id`, else the address as written).
     pub id: Arc<str>,
     pub address: BackendAddr,
-    /// Requests sent and not yet finished (the response body included); read by
-    /// least-request selection.
-    in_flight: AtomicUsize,
-    /// Counters that survive reloads, even an address change.
+    /// Counters that survive reloads, even an address change; the in-flight count among
+    /// them, so that requests still running on a former address stay counted.
     pub stats: Arc<BackendStats>,
     /// Idle keep-alive connections to this backend.
     pub pool: ConnPool,
@@ -75,7 +73,6 @@ impl Backend {
         let backend = Arc::new(Backend {
             id: Arc::from(cfg.id.as_str()),
             address: cfg.address.clone(),
-            in_flight: AtomicUsize::new(0),
             pool: ConnPool::new(cfg.address.clone(), pool, limits, stats.clone()),
             stats,
             drain_started_ms: AtomicU64::new(NOT_DRAINING),
@@ -92,8 +89,10 @@ impl Backend {
         backend
     }
 
+    /// Requests sent and not yet finished (the response body included), on this address
+    /// or a former one of the same id; read by least-request selection.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
+        self.stats.in_flight.load(Ordering::Relaxed)
     }
 
     /// Responses counted for this backend (its own and the proxy's error responses).
@@ -159,7 +158,7 @@ impl Backend {
 
     /// Marks a request as in flight until the returned guard drops.
     pub fn start_request(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
     }
 }
@@ -191,6 +190,6 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }

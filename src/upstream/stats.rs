@@ -1,7 +1,7 @@
 //! Per-backend counters that must never reset: carried across reloads by backend id,
 //! even when the backend's address (and so its connection pool) changes.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use prometheus::{Histogram, HistogramOpts};
 
@@ -18,6 +18,8 @@ pub fn status_class(status: u16) -> usize {
 
 #[derive(Debug)]
 pub struct BackendStats {
+    /// Requests sent and not yet finished, the response body included.
+    pub(super) in_flight: AtomicUsize,
     /// Responses by status class: index 1 = 1xx … 5 = 5xx (index 0 unused).
     responses: [AtomicU64; 6],
     /// Time until the response headers, labelled with pool and backend.
@@ -38,6 +40,7 @@ impl BackendStats {
         .const_label("backend", backend)
         .buckets(DURATION_BUCKETS.to_vec());
         BackendStats {
+            in_flight: AtomicUsize::new(0),
             responses: Default::default(),
             duration: Histogram::with_opts(opts).expect("valid histogram options"),
             connect_errors: AtomicU64::new(0),
