@@ -253,6 +253,12 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// Whether the pool keeps clients on a backend (cookie, learned session or hash
+    /// key), so that a backend leaving it has clients to keep for a while.
+    pub fn pins_clients(&self) -> bool {
+        !matches!(self.affinity, Affinity::None)
+    }
+
     /// Builds the snapshot view of a pool from its config, its backends (carried or new)
     /// and its lasting state.
     /// `removed` are members of the previous snapshot that left the config and still

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crate::config::{Config, HostMatch};
+use crate::config::{AffinityConfig, Config, HostMatch};
 use crate::pool::Pool;
 use crate::upstream::Backend;
 
@@ -77,7 +77,10 @@ impl Runtime {
                     p.members
                         .iter()
                         .filter(|m| !pc.backends.iter().any(|b| *b.id == *m.backend.id))
-                        .filter(|m| !m.backend.drain_expired(pc.drain_timeout))
+                        .filter(|m| {
+                            let pins = !matches!(pc.affinity, AffinityConfig::None);
+                            !drained(&m.backend, pc.drain_timeout, pins)
+                        })
                         .cloned()
                         .collect()
                 });
@@ -147,9 +150,15 @@ impl Runtime {
         self.pools.iter().any(|p| {
             p.members
                 .iter()
-                .any(|m| m.removed && m.backend.drain_expired(p.drain_timeout))
+                .any(|m| m.removed && drained(&m.backend, p.drain_timeout, p.pins_clients()))
         })
     }
+}
+
+/// Whether a backend that left the configuration is done draining: its drain time is
+/// up, or, in a pool that pins no clients to backends, nothing runs on it any more.
+fn drained(backend: &Backend, drain_timeout: std::time::Duration, pins_clients: bool) -> bool {
+    backend.drain_expired(drain_timeout) || (!pins_clients && backend.in_flight() == 0)
 }
 
 /// Snapshots alive in this process: old ones must be freed once no request holds them.

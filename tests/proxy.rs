@@ -1972,6 +1972,33 @@ async fn response_heads_that_cannot_be_passed_on_are_502() {
 }
 
 #[tokio::test]
+async fn a_response_head_larger_than_max_header_bytes_is_502() {
+    let cfg = |a| {
+        config(&format!(
+            "[server.limits]\nmax_header_bytes = 8192\n[pools.p]\nbackends = [\"{a}\"]\n"
+        ))
+    };
+    let answer = |field: usize| -> &'static [u8] {
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nX-Big: {}\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+            "a".repeat(field)
+        );
+        Box::leak(head.into_bytes().into_boxed_slice())
+    };
+    let request = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let small = TestProxy::start(&cfg(canned_backend(answer(4096)).await)).await;
+    let got = raw_exchange(small.addr, request).await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{}", &got[..64]);
+    let big = TestProxy::start(&cfg(canned_backend(answer(16 * 1024)).await)).await;
+    let got = raw_exchange(big.addr, request).await;
+    assert!(
+        got.starts_with("HTTP/1.1 502"),
+        "{}",
+        &got[..got.len().min(64)]
+    );
+}
+
+#[tokio::test]
 async fn a_204_reaches_an_http2_client_without_a_length() {
     let a = canned_backend(b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n").await;
     let proxy = TestProxy::start(&single_pool(a)).await;

@@ -716,33 +716,62 @@ async fn a_thousand_reloads_leave_nothing_behind() {
 }
 
 #[tokio::test]
-async fn removed_backend_drains_then_disappears() {
-    let (a, b) = (named_backend("a").await, named_backend("b").await);
+async fn a_backend_removed_from_a_stateless_pool_stays_until_its_requests_end() {
+    // b holds its first request until told to answer.
+    let (arrived_tx, arrived_rx) = tokio::sync::oneshot::channel::<()>();
+    let arrived = Arc::new(std::sync::Mutex::new(Some(arrived_tx)));
+    let release = Arc::new(tokio::sync::Notify::new());
+    let gate = release.clone();
+    let b = backend(move |_req| {
+        let arrived = arrived.lock().unwrap().take();
+        let gate = gate.clone();
+        async move {
+            if let Some(tx) = arrived {
+                let _ = tx.send(());
+                gate.notified().await;
+            }
+            text("b")
+        }
+    })
+    .await;
+    let (a, c) = (named_backend("a").await, named_backend("c").await);
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("switchyard.toml");
-    write(
-        &path,
-        &one_pool(&[("a", a), ("b", b)], "drain_timeout = \"100ms\""),
-    );
-    let (proxy, reloader) = TestProxy::start_file(&path).await;
+    // The drain timeout is not what ends the drain of a pool that pins no clients.
+    let extra = "drain_timeout = \"1h\"";
+    let (path, proxy, reloader, _rx) = start_in(
+        dir.path(),
+        &one_pool(&[("a", a), ("b", b), ("c", c)], extra),
+    )
+    .await;
+    let addr = proxy.addr;
     let mut client = Client::connect(proxy.addr).await;
-    for _ in 0..4 {
-        client.get("/").await;
-    }
-    write(&path, &one_pool(&[("a", a)], "drain_timeout = \"100ms\""));
+    assert_eq!(client.get("/").await.backend(), "a");
+    let slow = tokio::spawn(async move { fetch(addr, get("/")).await });
+    tokio::time::timeout(LIMIT, arrived_rx)
+        .await
+        .expect("a request reached b")
+        .unwrap();
+
+    // b and c leave; c has nothing in flight and goes at once, b drains.
+    write(&path, &one_pool(&[("a", a)], extra));
     assert_eq!(post_reload(&proxy).await.status, 200);
-    let b_status = |s: &serde_json::Value| {
+    let entry = |s: &serde_json::Value, id: &str| {
         s["pools"][0]["backends"]
             .as_array()
             .unwrap()
             .iter()
-            .find(|x| x["id"] == "b")
+            .find(|x| x["id"] == id)
             .cloned()
     };
     let s = status(&proxy).await;
-    let b_entry = b_status(&s).expect("b listed while it drains");
+    assert!(
+        entry(&s, "c").is_none(),
+        "c listed with nothing to drain: {s}"
+    );
+    let b_entry = entry(&s, "b").expect("b listed while its request runs");
     assert_eq!(b_entry["draining"], true);
     assert_eq!(b_entry["removed"], true);
+    assert_eq!(b_entry["in_flight"], 1);
     for _ in 0..10 {
         assert_eq!(
             client.get("/").await.backend(),
@@ -751,16 +780,28 @@ async fn removed_backend_drains_then_disappears() {
         );
     }
     let weak_b = Arc::downgrade(&proxy.runtime.load().pools[0].members[1].backend);
-    // What is under test is the drain timeout running out.
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    let r = reloader.clone();
-    tokio::task::spawn_blocking(move || r.compact())
-        .await
-        .unwrap();
-    assert!(
-        b_status(&status(&proxy).await).is_none(),
-        "b still listed after draining"
-    );
+
+    release.notify_one();
+    let got = tokio::time::timeout(LIMIT, slow).await.unwrap().unwrap();
+    assert_eq!((got.status, &got.body[..]), (200, &b"b"[..]));
+    // The count drops when the proxy is done with the body, which may be just after
+    // the client has it all; the next compaction then drops b.
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let r = reloader.clone();
+        tokio::task::spawn_blocking(move || r.compact())
+            .await
+            .unwrap();
+        let s = status(&proxy).await;
+        if entry(&s, "b").is_none() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "b still listed: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     // Nothing holds b any more: its idle upstream connections are closed with it.
     assert_eq!(weak_b.strong_count(), 0);
 }

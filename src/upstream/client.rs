@@ -394,6 +394,8 @@ pub struct ConnPool {
     idle: Mutex<Slots>,
     /// How long a response body may go untaken before its connection is closed.
     body_stall: Duration,
+    /// The largest response head taken (`max_header_bytes`, as for requests).
+    max_head: usize,
     /// Counts connections opened: against the request count it shows reuse.
     stats: Arc<BackendStats>,
 }
@@ -412,7 +414,8 @@ pub struct PooledConn {
 
 impl ConnPool {
     /// `limits`, the client connections': a response body untaken for their idle
-    /// timeout is let go (see [`watch`]).
+    /// timeout is let go (see [`watch`]), and a response head is held to the size of a
+    /// request head.
     pub fn new(
         addr: BackendAddr,
         pool: &PoolConfig,
@@ -422,6 +425,7 @@ impl ConnPool {
         ConnPool {
             addr,
             body_stall: limits.idle_timeout,
+            max_head: limits.max_header_bytes,
             idle: Mutex::new(Slots {
                 conns: Vec::new(),
                 settings: Settings::of(pool),
@@ -540,8 +544,11 @@ impl ConnPool {
         // largest size while the connection idles in the pool. And `HeadCopy` relies on
         // them: hyper then puts a request head in a buffer of its own, never after bytes
         // of an earlier body still to be written.
+        // A larger head is a bad response (`502`): without the cap, hyper would buffer
+        // some 400 KiB of it, and pass on a head that most clients refuse.
         let (tx, conn) = http1::Builder::new()
             .writev(true)
+            .max_buf_size(self.max_head)
             .handshake(TokioIo::new(HeadCopy {
                 inner: stream,
                 state: state.clone(),
