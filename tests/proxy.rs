@@ -263,6 +263,54 @@ async fn an_answer_before_the_upload_was_read_says_the_connection_closes() {
 }
 
 #[tokio::test]
+async fn an_http2_client_gets_an_answer_before_its_upload_was_read() {
+    // Refuses every upload on its head alone and reads on no further.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let Some(mut head) = read_head(&mut s).await else {
+                    return;
+                };
+                let answer = "HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\n\r\ntoo large";
+                s.write_all(answer.as_bytes()).await.unwrap();
+                let _ = s.read_to_end(&mut head).await;
+            });
+        }
+    });
+    let proxy = TestProxy::start(&single_pool(a)).await;
+    let (mut h2, _conn) = h2_connect(proxy.addr).await;
+    for _ in 0..2 {
+        // An upload that never ends: the sender stays open.
+        let (tx, mut rx) = mpsc::channel::<Result<http_body::Frame<Bytes>, std::io::Error>>(1);
+        tx.send(Ok(http_body::Frame::data(Bytes::from_static(
+            b"part of it",
+        ))))
+        .await
+        .unwrap();
+        let req = Request::post("http://a.example/")
+            .body(StreamBody::new(futures_util::stream::poll_fn(move |cx| {
+                rx.poll_recv(cx)
+            })))
+            .unwrap();
+        let resp = tokio::time::timeout(LIMIT, h2.send_request(req))
+            .await
+            .expect("no answer")
+            .unwrap();
+        assert_eq!(resp.status(), 413);
+        let body = tokio::time::timeout(LIMIT, resp.into_body().collect())
+            .await
+            .expect("body did not end")
+            .unwrap()
+            .to_bytes();
+        assert_eq!(body, "too large");
+        // Only the stream ends: the connection serves the next request.
+        drop(tx);
+    }
+}
+
+#[tokio::test]
 async fn request_headers_follow_the_rules() {
     let a = named_backend("a").await;
     let proxy = TestProxy::start(&single_pool(a)).await;
