@@ -310,6 +310,139 @@ async fn an_http2_client_gets_an_answer_before_its_upload_was_read() {
     }
 }
 
+/// A backend that reads request heads and never a byte of a body: it answers each
+/// with `answer`, if any, and tells `closed` when the proxy has closed the connection.
+async fn unread_upload_backend(
+    answer: Option<&'static str>,
+) -> (std::net::SocketAddr, mpsc::UnboundedReceiver<()>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    let (closed_tx, closed) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let closed_tx = closed_tx.clone();
+            tokio::spawn(async move {
+                if read_head(&mut s).await.is_none() {
+                    return;
+                }
+                if let Some(answer) = answer {
+                    s.write_all(answer.as_bytes()).await.unwrap();
+                }
+                // The end of the connection shows without reading the body before it:
+                // the peer's FIN (or reset) marks the socket read-closed.
+                loop {
+                    let ready = s.ready(tokio::io::Interest::READABLE).await.unwrap();
+                    if ready.is_read_closed() {
+                        let _ = closed_tx.send(());
+                        return;
+                    }
+                    // Readable with the unread body: no edge to wait for until the FIN.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            });
+        }
+    });
+    (a, closed)
+}
+
+/// Sends the head of a 256 MiB upload, then its bytes for as long as the connection
+/// takes them (bounded by the length); returns the reading half.
+async fn upload_without_end(
+    proxy: std::net::SocketAddr,
+) -> (tokio::net::tcp::OwnedReadHalf, tokio::task::JoinHandle<()>) {
+    let s = TcpStream::connect(proxy).await.unwrap();
+    let (r, mut w) = s.into_split();
+    let sending = tokio::spawn(async move {
+        let head = format!(
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            256 << 20
+        );
+        if w.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        let part = vec![b'u'; 64 << 10];
+        for _ in 0..(256 << 20) / part.len() {
+            if w.write_all(&part).await.is_err() {
+                return;
+            }
+        }
+    });
+    (r, sending)
+}
+
+#[tokio::test]
+async fn a_backend_that_stops_reading_an_upload_loses_its_connection() {
+    // Given up on (504): at once, not when the backend gets round to it.
+    let (a, mut closed) = unread_upload_backend(None).await;
+    let cfg =
+        format!("[pools.p]\nresponse_timeout = \"200ms\"\nretries = 0\nbackends = [\"{a}\"]\n");
+    let proxy = TestProxy::start(&config(&cfg)).await;
+    let (mut r, sending) = upload_without_end(proxy.addr).await;
+    let mut head = [0u8; 12];
+    tokio::time::timeout(LIMIT, r.read_exact(&mut head))
+        .await
+        .expect("no answer")
+        .unwrap();
+    assert_eq!(&head, b"HTTP/1.1 504");
+    tokio::time::timeout(LIMIT, closed.recv())
+        .await
+        .expect("the backend connection outlived the 504");
+    sending.abort();
+
+    // Answered early: the rest of the upload goes on while it moves, then the
+    // connection goes (within 1.5 times the idle timeout of it stopping).
+    let answer = "HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\n\r\ntoo large";
+    let (a, mut closed) = unread_upload_backend(Some(answer)).await;
+    let cfg =
+        format!("[server.limits]\nidle_timeout = \"300ms\"\n[pools.p]\nbackends = [\"{a}\"]\n");
+    let proxy = TestProxy::start(&config(&cfg)).await;
+    let (mut r, sending) = upload_without_end(proxy.addr).await;
+    let mut head = [0u8; 12];
+    tokio::time::timeout(LIMIT, r.read_exact(&mut head))
+        .await
+        .expect("no answer")
+        .unwrap();
+    assert_eq!(&head, b"HTTP/1.1 413");
+    tokio::time::timeout(LIMIT, closed.recv())
+        .await
+        .expect("the backend connection outlived an upload that stopped moving");
+    sending.abort();
+}
+
+#[tokio::test]
+async fn a_chunked_upload_with_trailers_keeps_both_connections() {
+    let a = named_backend("a").await;
+    let proxy = TestProxy::start(&single_pool(a)).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    for _ in 0..3 {
+        s.write_all(
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+              5\r\nhello\r\n0\r\nX-T: 1\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let got = tokio::time::timeout(LIMIT, read_head(&mut s))
+            .await
+            .expect("no answer")
+            .expect("closed");
+        let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(!head.contains("connection: close"), "{head}");
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .expect("a length")
+            .trim()
+            .parse()
+            .unwrap();
+        let mut body = vec![0u8; length - (got.len() - end)];
+        s.read_exact(&mut body).await.unwrap();
+    }
+    let rt = proxy.runtime.load();
+    assert_eq!(rt.pools[0].members[0].backend.pool.connections_opened(), 1);
+}
+
 #[tokio::test]
 async fn request_headers_follow_the_rules() {
     let a = named_backend("a").await;

@@ -410,9 +410,15 @@ fn forward<'a>(
                         let sent =
                             upload::within(send, wait, watch.as_deref(), timeout, sending_at).await;
                         let mut e = match sent {
-                            Err(Late::Backend) => break Some(Err(SendError::Timeout(timeout))),
+                            // Given up on: the connection goes, with whatever of the
+                            // upload it was still busy with.
+                            Err(Late::Backend) => {
+                                tx.abort();
+                                break Some(Err(SendError::Timeout(timeout)));
+                            }
                             Err(Late::Client) => {
-                                break Some(Err(SendError::ClientStalled(timeout)))
+                                tx.abort();
+                                break Some(Err(SendError::ClientStalled(timeout)));
                             }
                             Ok(Ok(resp)) => break Some(Ok(resp)),
                             Ok(Err(e)) => e,

@@ -51,9 +51,29 @@ pub struct Sender {
     state: Arc<ConnState>,
     /// The body of the request last sent on this connection, if it had one.
     upload: Option<Arc<UploadWatch>>,
+    /// The connection's task.
+    conn: AbortHandle,
+}
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        if self.upload.as_ref().is_some_and(|w| !w.finished()) {
+            // Let go with an upload under way (after an early answer, or a response
+            // cut short): nobody waits on the connection any more, and its task stays
+            // busy with the upload for as long as that takes, for good if the backend
+            // never reads it. The watchdog closes it once the upload stops moving.
+            self.state.orphaned.store(true, Ordering::Release);
+        }
+    }
 }
 
 impl Sender {
+    /// Closes the connection at once, whatever it was busy with: for a request that
+    /// was given up on (`504`, `408`), whose upload may otherwise hold it for good.
+    pub fn abort(&self) {
+        self.state.abort(&self.conn);
+    }
+
     /// Notes that the request sent next has a body, uploaded as `watch` tells.
     pub fn sending_body(&mut self, watch: &Arc<UploadWatch>) {
         self.upload = Some(watch.clone());
@@ -152,6 +172,10 @@ struct ConnState {
     /// copied: whether a backend that closed the connection had begun to answer.
     reads: AtomicU64,
     reads_at_head: AtomicU64,
+    /// Set when the `Sender` was let go while its request's upload was under way.
+    orphaned: AtomicBool,
+    /// Set when the connection is given up on: its socket is reset when dropped.
+    reset: AtomicBool,
 }
 
 impl ConnState {
@@ -160,6 +184,21 @@ impl ConnState {
             return None;
         }
         Some(std::mem::take(&mut *lock(&self.head)))
+    }
+
+    /// Ends the connection's task, resetting the socket: closed plainly, it would keep
+    /// what is left to send (an upload the backend stopped reading) and send its FIN
+    /// after that, which would leave the backend's end open until the kernel gave up.
+    fn abort(&self, conn: &AbortHandle) {
+        self.reset.store(true, Ordering::Relaxed);
+        conn.abort();
+    }
+
+    /// Counts the reads and writes that moved bytes.
+    fn moved(&self) -> u64 {
+        self.writes
+            .count()
+            .wrapping_add(self.reads.load(Ordering::Relaxed))
     }
 
     fn took(&self) {
@@ -197,12 +236,31 @@ fn lock(head: &Mutex<Vec<u8>>) -> std::sync::MutexGuard<'_, Vec<u8>> {
 /// the bytes hyper writes anyway). A request is written on an idle connection, and
 /// hyper's first write for it starts with the whole head, encoded in one buffer.
 #[derive(Debug)]
-struct HeadCopy<T> {
+struct HeadCopy<T: Reset> {
     inner: T,
     state: Arc<ConnState>,
 }
 
-impl<T> HeadCopy<T> {
+/// A socket that can be told to reset, rather than close, when it is dropped.
+trait Reset {
+    fn reset_when_dropped(&self);
+}
+
+impl Reset for TcpStream {
+    fn reset_when_dropped(&self) {
+        let _ = self.set_zero_linger();
+    }
+}
+
+impl<T: Reset> Drop for HeadCopy<T> {
+    fn drop(&mut self) {
+        if self.state.reset.load(Ordering::Relaxed) {
+            self.inner.reset_when_dropped();
+        }
+    }
+}
+
+impl<T: Reset> HeadCopy<T> {
     /// Counts a write that the socket took bytes from.
     #[inline]
     fn wrote(&self, n: &io::Result<usize>) {
@@ -235,7 +293,7 @@ impl<T> HeadCopy<T> {
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for HeadCopy<T> {
+impl<T: AsyncRead + Reset + Unpin> AsyncRead for HeadCopy<T> {
     #[inline]
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -251,7 +309,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for HeadCopy<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for HeadCopy<T> {
+impl<T: AsyncWrite + Reset + Unpin> AsyncWrite for HeadCopy<T> {
     #[inline]
     fn poll_write(
         mut self: Pin<&mut Self>,
@@ -302,6 +360,12 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for HeadCopy<T> {
 /// body hands on parts of at most 16 KiB, so a client that reads slowly but steadily is
 /// not taken for one that reads nothing.
 ///
+/// Also closes a connection let go with its request's upload under way (see
+/// [`Sender`]'s `Drop`) once its socket has moved no bytes either way for `limit`: a
+/// backend that answered early and reads no further would otherwise hold it for good.
+/// (Reads count too: the response to a request whose connection cannot be reused may
+/// still be coming.)
+///
 /// Looks every `limit / 2`, so it acts within 1.5 × `limit`; ends when `done` does
 /// (the connection's task ended). The body's reader then gets an error, not an early
 /// end: hyper fails a response body whose connection is dropped under it.
@@ -310,11 +374,32 @@ async fn watch(state: Arc<ConnState>, conn: AbortHandle, mut done: oneshot::Rece
     let period = (limit / 2).max(Duration::from_millis(10));
     let mut last = state.taken.load(Ordering::Relaxed);
     let mut quiet = Duration::ZERO;
+    let mut last_moved = state.moved();
+    let mut still = Duration::ZERO;
     loop {
         tokio::select! {
             _ = &mut done => return,
             () = tokio::time::sleep(period) => {}
         }
+        if state.orphaned.load(Ordering::Acquire) {
+            let moved = state.moved();
+            if moved != last_moved {
+                last_moved = moved;
+                still = Duration::ZERO;
+            } else {
+                still += period;
+                if still >= limit {
+                    state.abort(&conn);
+                    tracing::debug!(
+                        after = ?limit,
+                        "closed a backend connection: the rest of its upload stopped moving"
+                    );
+                    return;
+                }
+            }
+            continue;
+        }
+        last_moved = state.moved();
         // The phase first: its acquire orders the count after it.
         let held_up = state.held_up();
         let taken = state.taken.load(Ordering::Relaxed);
@@ -566,7 +651,8 @@ impl ConnPool {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }
         });
-        tokio::spawn(watch(state.clone(), task.abort_handle(), done));
+        let conn = task.abort_handle();
+        tokio::spawn(watch(state.clone(), conn.clone(), done));
         self.stats.count_connection_opened();
         // Set for each request before it is polled.
         let timer = Box::pin(tokio::time::sleep(Duration::ZERO));
@@ -575,6 +661,7 @@ impl ConnPool {
             timer,
             state,
             upload: None,
+            conn,
         })
     }
 
@@ -586,10 +673,12 @@ impl ConnPool {
     /// goes on while the client sends it and the backend takes it: the client, told that
     /// its connection closes after the response, may still be sending, and a connection
     /// closed on unread bytes is reset, which can lose the response it has yet to read.
+    /// Once the upload stops moving, the watchdog closes the connection (see [`watch`]).
     pub fn checkin(&self, mut tx: Sender) {
-        if tx.tx.is_closed() || tx.upload.take().is_some_and(|w| !w.finished()) {
+        if tx.tx.is_closed() || tx.upload.as_ref().is_some_and(|w| !w.finished()) {
             return;
         }
+        tx.upload = None;
         let now = Instant::now();
         let mut slots = self.lock();
         let Settings {
@@ -652,6 +741,10 @@ mod tests {
     use super::*;
     use std::io::IoSlice;
     use tokio::io::AsyncWriteExt;
+
+    impl Reset for tokio::io::DuplexStream {
+        fn reset_when_dropped(&self) {}
+    }
 
     fn socket(capacity: usize) -> (HeadCopy<tokio::io::DuplexStream>, tokio::io::DuplexStream) {
         let (near, far) = tokio::io::duplex(capacity);

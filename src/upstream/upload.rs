@@ -56,7 +56,11 @@ impl Body for Upload {
         if let Some(watch) = &this.watch {
             let phase = match &frame {
                 Poll::Pending => Phase::Client,
-                Poll::Ready(Some(Ok(_))) if !ended(&this.body) => Phase::Backend,
+                // Trailers end the body, whatever the body says: hyper's HTTP/1 client
+                // polls no further once it has them.
+                Poll::Ready(Some(Ok(f))) if !f.is_trailers() && !ended(&this.body) => {
+                    Phase::Backend
+                }
                 Poll::Ready(_) => Phase::Done,
             };
             watch.enter(phase);
@@ -164,6 +168,11 @@ impl WriteProgress {
     pub fn wrote(&self) {
         let w = &self.writes;
         w.store(w.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+    }
+
+    /// The writes counted so far.
+    pub fn count(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
     }
 
     /// A new wait starts: writes before it do not count.
