@@ -48,6 +48,9 @@ struct SinkInner {
     queue: usize,
     /// Lines lost: the queue was full, the writer is not running, or the output failed.
     dropped: Arc<AtomicU64>,
+    /// Set when a flush found the output taking nothing for [`FINAL_WRITE_LIMIT`]: the
+    /// final write then waits no longer, so that a process stops within that limit.
+    stuck: std::sync::atomic::AtomicBool,
 }
 
 struct Writer {
@@ -71,6 +74,9 @@ impl Drop for SinkInner {
         // Closing the queue ends the writer once it has written what is queued.
         if let Some(Some(Writer { tx, ended })) = self.writer.take() {
             drop(tx);
+            if self.stuck.load(Ordering::Relaxed) {
+                return;
+            }
             if let Ok(ended) = ended.lock() {
                 let _ = ended.recv_timeout(FINAL_WRITE_LIMIT);
             }
@@ -98,6 +104,7 @@ impl AccessLogSink {
                 out: Mutex::new(Some(Box::new(out))),
                 queue,
                 dropped: Arc::new(AtomicU64::new(0)),
+                stuck: Default::default(),
             }),
         }
     }
@@ -160,10 +167,17 @@ impl AccessLogSink {
                     message = m;
                     std::thread::sleep(WRITE_EVERY / 5);
                 }
+                Err(TrySendError::Full(_)) => {
+                    self.inner.stuck.store(true, Ordering::Relaxed);
+                    return;
+                }
                 Err(_) => return,
             }
         }
-        let _ = wait.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+        let left = deadline.saturating_duration_since(Instant::now());
+        if let Err(mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(left) {
+            self.inner.stuck.store(true, Ordering::Relaxed);
+        }
     }
 }
 
@@ -413,6 +427,30 @@ mod tests {
         assert!(matches!(sink.inner.writer.get(), Some(Some(_))));
         sink.flush();
         assert_eq!(sink.dropped(), 0);
+    }
+
+    // Real time: how long stopping takes is what is under test.
+    #[test]
+    fn a_stuck_output_holds_up_the_stop_once_not_twice() {
+        let (entered_tx, entered) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel();
+        let (out_tx, _out) = mpsc::channel();
+        let writer = Stalled {
+            entered: Some(entered_tx),
+            release: release_rx,
+            out: out_tx,
+        };
+        let sink = AccessLogSink::to_writer(writer, 4);
+        sink.send("one".into());
+        entered.recv().unwrap();
+        let began = Instant::now();
+        // The flush gives up after the limit; the final write then does not wait again.
+        sink.flush();
+        drop(sink);
+        let took = began.elapsed();
+        assert!(took >= FINAL_WRITE_LIMIT, "{took:?}");
+        assert!(took < FINAL_WRITE_LIMIT * 3 / 2, "{took:?}");
+        let _ = release.send(());
     }
 
     struct Failing;

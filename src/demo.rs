@@ -122,16 +122,18 @@ async fn answer(state: &BackendState, req: Request<Incoming>) -> Response<AnyBod
             }
         }
     };
-    let headers: serde_json::Map<String, serde_json::Value> = parts
-        .headers
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.as_str().to_owned(),
-                json!(String::from_utf8_lossy(v.as_bytes())),
-            )
-        })
-        .collect();
+    // A field that came more than once shows all its values, in order, joined as a
+    // list (RFC 9110 §5.3).
+    let mut headers = serde_json::Map::new();
+    for name in parts.headers.keys() {
+        let values: Vec<_> = parts
+            .headers
+            .get_all(name)
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()))
+            .collect();
+        headers.insert(name.as_str().to_owned(), json!(values.join(", ")));
+    }
     let doc = json!({
         "backend": state.name,
         "method": parts.method.as_str(),
@@ -219,38 +221,86 @@ ttl = "1h"
     )
 }
 
-/// Runs three stateless and two stateful built-in backends and the proxy in front of
-/// them until `shutdown` resolves.
-pub async fn demo(shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut addrs = Vec::new();
-    for name in ["web-1", "web-2", "web-3", "cart-1", "cart-2"] {
-        let l = TcpListener::bind("127.0.0.1:0").await?;
-        addrs.push(l.local_addr()?);
-        let mut rx = stop_rx.clone();
-        tokio::spawn(backend(l, name.to_owned(), async move {
-            crate::server::stopped(&mut rx).await;
-        }));
+/// The demo bound and ready: three stateless and two stateful built-in backends, and
+/// the proxy in front of them.
+pub struct Demo {
+    server: crate::Server,
+    /// Stops the backends when sent, or dropped.
+    stop: tokio::sync::watch::Sender<bool>,
+    /// Where the proxy and its admin listener are.
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl Demo {
+    /// Starts the backends on free ports and binds the proxy on `listen` and the admin
+    /// listener on `admin`, or on free ports of the same address for those taken.
+    pub async fn bind(listen: SocketAddr, admin: SocketAddr) -> anyhow::Result<Demo> {
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let mut addrs = Vec::new();
+        for name in ["web-1", "web-2", "web-3", "cart-1", "cart-2"] {
+            let l = TcpListener::bind("127.0.0.1:0").await?;
+            addrs.push(l.local_addr()?);
+            let mut rx = stop_rx.clone();
+            tokio::spawn(backend(l, name.to_owned(), async move {
+                crate::server::stopped(&mut rx).await;
+            }));
+        }
+        // The preferred ports if free, but never fail because they are taken.
+        let listen = bind_or_any(listen).await?.local_addr()?;
+        let admin = bind_or_any(admin).await?.local_addr()?;
+        let config = |listen, admin| {
+            crate::config::parse(
+                &demo_config(listen, admin, &addrs[..3], &addrs[3..]),
+                "<demo>",
+            )
+        };
+        let server = match crate::Server::bind(config(listen, admin)?).await {
+            Ok(server) => server,
+            // Taken between the look above and now (another demo starting at once): any
+            // free ports, which nothing can take first.
+            Err(crate::RunError::Bind { .. }) => {
+                let any = |a: SocketAddr| SocketAddr::new(a.ip(), 0);
+                crate::Server::bind(config(any(listen), any(admin))?).await?
+            }
+        };
+        let proxy = server.local_addrs()[0];
+        let admin = server.admin_addr().unwrap_or(admin);
+        Ok(Demo {
+            server,
+            stop,
+            proxy,
+            admin,
+        })
     }
-    // Prefer the well-known ports, but never fail because they are taken.
-    let listen = bind_or_any("127.0.0.1:8080".parse()?).await?.local_addr()?;
-    let admin = bind_or_any("127.0.0.1:9090".parse()?).await?.local_addr()?;
-    let text = demo_config(listen, admin, &addrs[..3], &addrs[3..]);
-    let config = crate::config::parse(&text, "<demo>")?;
-    let server = crate::Server::bind(config).await?;
-    let p = server.local_addrs()[0];
-    let a = server.admin_addr().unwrap_or(admin);
-    println!(
-        "Switchyard demo: proxy on http://{p}, admin on http://{a}\n\
-         \n  stateless pool \"web\" (round robin over web-1, web-2, web-3):\n\
-         \x20   for i in 1 2 3 4 5 6; do curl -s http://{p}/ | grep '\"backend\"'; done\n\
-         \n  stateful pool \"carts\" (sticky cookie; the per-session visit counter counts up, cookie jar kept by curl):\n\
-         \x20   for i in 1 2 3 4; do curl -s -b /tmp/sy.jar -c /tmp/sy.jar http://{p}/cart | grep -E '\"(backend|visits)\"'; done\n\
-         \n  status:    curl -s http://{a}/status\n\
-         \x20 h2c:       curl -s --http2-prior-knowledge http://{p}/\n\
-         \nCtrl-C to stop."
-    );
-    server.run(shutdown).await;
-    let _ = stop_tx.send(true);
+
+    /// What to try: the commands the demo prints.
+    pub fn instructions(&self) -> String {
+        let (p, a) = (self.proxy, self.admin);
+        format!(
+            "Switchyard demo: proxy on http://{p}, admin on http://{a}\n\
+             \n  stateless pool \"web\" (round robin over web-1, web-2, web-3):\n\
+             \x20   for i in 1 2 3 4 5 6; do curl -s http://{p}/ | grep '\"backend\"'; done\n\
+             \n  stateful pool \"carts\" (sticky cookie; the per-session visit counter counts up, cookie jar kept by curl):\n\
+             \x20   for i in 1 2 3 4; do curl -s -b /tmp/sy.jar -c /tmp/sy.jar http://{p}/cart | grep -E '\"(backend|visits)\"'; done\n\
+             \n  status:    curl -s http://{a}/status\n\
+             \x20 h2c:       curl -s --http2-prior-knowledge http://{p}/\n\
+             \nCtrl-C to stop."
+        )
+    }
+
+    /// Serves until `shutdown` resolves, then stops the backends.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        self.server.run(shutdown).await;
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Runs the demo on the well-known ports (8080 and 9090, or free ones if those are
+/// taken), with what to try printed, until `shutdown` resolves.
+pub async fn demo(shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let demo = Demo::bind("127.0.0.1:8080".parse()?, "127.0.0.1:9090".parse()?).await?;
+    println!("{}", demo.instructions());
+    demo.run(shutdown).await;
     Ok(())
 }

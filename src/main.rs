@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 #[global_allocator]
@@ -40,7 +41,19 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    // The built-in servers read no configuration: a `--config` given to them is a
+    // mistake worth saying (the variable, set for a whole environment, is not).
+    if matches!(cli.command, Some(Command::Demo | Command::Backend { .. }))
+        && matches.value_source("config") == Some(ValueSource::CommandLine)
+    {
+        eprintln!("error: demo and backend take no --config: they run a built-in setup");
+        return ExitCode::from(2);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -67,7 +80,9 @@ fn main() -> ExitCode {
         }
         Some(Command::Demo) => block_on(0, switchyard::demo::demo(switchyard::shutdown_signal())),
         Some(Command::Backend { listen, name }) => block_on(0, async move {
-            let l = tokio::net::TcpListener::bind(listen).await?;
+            let l = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
             tracing::info!(listen = %l.local_addr()?, %name, "built-in backend");
             switchyard::demo::backend(l, name, switchyard::shutdown_signal()).await;
             Ok(())
@@ -108,7 +123,13 @@ fn block_on(workers: usize, f: impl std::future::Future<Output = anyhow::Result<
         b.worker_threads(workers);
     }
     let result = match b.build() {
-        Ok(rt) => rt.block_on(f),
+        Ok(rt) => {
+            let result = rt.block_on(f);
+            // Not held up by blocking work still under way (a reload reading a file
+            // from a mount that hangs): dropped, the runtime would wait for it.
+            rt.shutdown_timeout(std::time::Duration::from_secs(1));
+            result
+        }
         Err(e) => Err(e.into()),
     };
     match result {

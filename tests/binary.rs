@@ -175,3 +175,33 @@ async fn a_second_signal_ends_the_drain_at_once() {
     let _ = held.read_to_end(&mut answer).await;
     assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
 }
+
+#[tokio::test]
+async fn a_reload_stuck_reading_its_file_does_not_keep_the_process_alive() {
+    let a = named_backend("a").await;
+    let mut p = Proc::start("", &format!("[pools.p]\nbackends = [\"{a}\"]\n"));
+    // A file that blocks its reader, as one on a mount that hangs does.
+    let path = p._dir.path().join("switchyard.toml");
+    let fifo = p._dir.path().join("fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    std::fs::rename(&fifo, &path).unwrap();
+    p.signal("HUP");
+    p.wait_for("SIGHUP");
+    p.signal("TERM");
+    p.wait_for("stopped");
+    // Polled, so that a process that never ends is still killed when the test fails.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = p.child.as_mut().unwrap().try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the process outlived its stop"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    p.child = None;
+    assert!(status.success(), "exit status {status:?}");
+}

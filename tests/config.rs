@@ -560,6 +560,22 @@ fn empty_backend_id() {
     );
 }
 
+#[test]
+fn backend_id_with_a_space_or_a_line_break() {
+    for id in ["be x", "be\\nGET /forged 200", "tab\\there"] {
+        let text = second_backend(&format!(
+            "{{ address = \"127.0.0.1:9002\", id = \"{id}\" }}"
+        ));
+        assert_err(
+            &text,
+            "pools.x.backends[1].id",
+            4,
+            None,
+            "has a space or control character",
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Enumerations and features of later versions
 
@@ -2068,6 +2084,29 @@ fn check_reads_the_config_from_the_environment() {
         Some(0),
         "stderr: {}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_built_in_servers_refuse_a_config_flag_and_say_where_they_cannot_listen() {
+    let out = switchyard()
+        .args(["demo", "--config", "/nonexistent.toml"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert!(stderr.contains("no --config"), "stderr: {stderr}");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = switchyard()
+        .args(["backend", "--listen", &addr, "--name", "x"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}")),
+        "stderr: {stderr}"
     );
 }
 

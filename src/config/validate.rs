@@ -422,6 +422,23 @@ fn pool(cx: &Ctx, n: &str, raw: &Spanned<RawPool>) -> Result<PoolConfig, ConfigE
                     "a backend id must not be empty",
                 ))
             }
+            // Ids go into log lines, labels and `/status`: one word, nothing that could
+            // end a line or a field.
+            Some(id)
+                if id
+                    .get_ref()
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control()) =>
+            {
+                return Err(cx.err(
+                    Some(id.span()),
+                    format!("{bkey}.id"),
+                    format!(
+                        "backend id {:?} has a space or control character; ids are one word",
+                        id.get_ref()
+                    ),
+                ))
+            }
             Some(id) => (id.get_ref().clone(), Some(id.span())),
             None => (rb.address.trim().to_owned(), address_span),
         };
