@@ -36,6 +36,8 @@ pub struct AdminState {
     pub ready: AtomicBool,
     /// Open client connections per listener, for `/metrics`.
     pub listeners: Vec<crate::metrics::ListenerGauge>,
+    /// Responses that belong to no pool, for `/metrics`.
+    pub unrouted: Arc<crate::upstream::stats::ByClass>,
 }
 
 /// Admin connections open at once; further ones wait to be accepted until one closes.
@@ -162,6 +164,7 @@ async fn handle(state: &Arc<AdminState>, req: Request<Incoming>) -> Response<Ful
                     &s.runtime.load(),
                     &s.reloader,
                     &s.listeners,
+                    &s.unrouted,
                     s.access_log.dropped(),
                 )
             })

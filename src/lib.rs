@@ -164,6 +164,7 @@ impl Server {
             reloader: self.reloader.clone(),
             access_log: self.access_log.clone(),
             ready: AtomicBool::new(false),
+            unrouted: proxy.unrouted(),
             listeners: self
                 .listeners
                 .iter()

@@ -17,6 +17,7 @@ use prometheus::{
 use crate::pool::{Affinity, Outcome};
 use crate::reload::Reloader;
 use crate::runtime::Runtime;
+use crate::upstream::stats::ByClass;
 
 /// Open client connections of one listener.
 #[derive(Debug)]
@@ -54,13 +55,14 @@ pub fn render(
     rt: &Runtime,
     reloader: &Reloader,
     listeners: &[ListenerGauge],
+    unrouted: &ByClass,
     access_log_dropped: u64,
 ) -> prometheus::Result<String> {
     let r = Registry::new();
     let requests = counter_vec(
         &r,
         "switchyard_requests_total",
-        "Responses sent, by pool, backend and status class; backend is empty when no backend was involved.",
+        "Responses sent, by pool, backend and status class; backend is empty when no backend was involved, pool when the request belonged to no pool.",
         &["pool", "backend", "code"],
     )?;
     let connect_errors = counter_vec(
@@ -202,6 +204,15 @@ pub fn render(
         }
         if let (Affinity::Learn { .. }, Some(l)) = (&p.affinity, p.state.learned()) {
             learned.with_label_values(&[&*p.name]).set(l.len() as i64);
+        }
+    }
+    // Responses outside any pool: no route matched, or the head could not be read.
+    if rt.config.server.metrics {
+        for (class, code) in CLASSES.iter().enumerate().skip(1) {
+            let n = unrouted.get(class);
+            if n > 0 {
+                requests.with_label_values(&["", "", code]).inc_by(n);
+            }
         }
     }
     for l in listeners {

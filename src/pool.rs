@@ -28,7 +28,7 @@ pub struct PoolState {
     /// The task tending the learned-session table, stopped when the pool goes away.
     sweeper: OnceLock<tokio::task::AbortHandle>,
     /// Error responses of requests that reached no backend, by status class.
-    unattributed: [AtomicU64; 6],
+    unattributed: crate::upstream::stats::ByClass,
     /// Requests routed as if all backends were healthy because none was.
     pub fail_open: AtomicU64,
     /// Retry tokens in thousandths; see [`PoolState::take_retry`].
@@ -101,13 +101,12 @@ impl PoolState {
     }
 
     pub fn count_unattributed(&self, status: u16) {
-        self.unattributed[crate::upstream::stats::status_class(status)]
-            .fetch_add(1, Ordering::Relaxed);
+        self.unattributed.count(status);
     }
 
     /// Responses of class `class` (1 to 5) that no backend is accountable for.
     pub fn unattributed(&self, class: usize) -> u64 {
-        self.unattributed[class].load(Ordering::Relaxed)
+        self.unattributed.get(class)
     }
 }
 

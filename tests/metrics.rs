@@ -397,3 +397,54 @@ async fn requests_refused_after_routing_count_for_their_pool() {
         1.0,
     );
 }
+
+#[tokio::test]
+async fn requests_outside_any_pool_are_counted_and_logged() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (a, hits) = counting_backend().await;
+    let toml = format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\naccess_log = \"json\"\n\
+         [server.limits]\nmax_header_bytes = 8192\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[routes]]\nhost = \"only.example\"\npool = \"p\"\n[pools.p]\nbackends = [\"{a}\"]\n"
+    );
+    let (proxy, mut lines) = TestProxy::start_logging(&toml).await;
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(16384)
+    );
+    for (request, status) in [
+        // No route for this host (404); refused by the parser (400, 431).
+        (
+            &b"GET /nowhere HTTP/1.1\r\nHost: elsewhere\r\nConnection: close\r\n\r\n"[..],
+            404,
+        ),
+        (b"GET /a\x01 HTTP/1.1\r\nHost: only.example\r\n\r\n", 400),
+        (big.as_bytes(), 431),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(request).await.unwrap();
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut got))
+            .await
+            .expect("the proxy kept the connection open");
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.starts_with(&format!("HTTP/1.1 {status}")), "{got}");
+        let line = tokio::time::timeout(std::time::Duration::from_secs(10), lines.recv())
+            .await
+            .expect("no access log line")
+            .unwrap();
+        let line: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(line["status"], status, "{line}");
+        assert_eq!(line["pool"], serde_json::Value::Null, "{line}");
+        if status != 404 {
+            assert_eq!((&line["method"], &line["path"]), (&"-".into(), &"-".into()));
+        }
+    }
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let text = scrape(&proxy).await;
+    assert_sample(
+        &text,
+        "switchyard_requests_total{backend=\"\",code=\"4xx\",pool=\"\"}",
+        3.0,
+    );
+}

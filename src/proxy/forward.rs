@@ -22,6 +22,7 @@ use crate::pool::{Affinity, Outcome, Pool};
 use crate::runtime::Runtime;
 use crate::server::idle::ActiveRequest;
 use crate::upstream::client::{Sender, UpstreamBody};
+use crate::upstream::stats::ByClass;
 use crate::upstream::upload::{self, Late, Upload};
 use crate::upstream::{Backend, InFlight, PooledConn, UpstreamError};
 
@@ -49,6 +50,9 @@ struct Shared {
     runtime: Arc<ArcSwap<Runtime>>,
     tunnels: Tunnels,
     access_log: AccessLogSink,
+    /// Responses that belong to no pool: to requests that matched no route, or that
+    /// were refused before they could be routed.
+    unrouted: Arc<ByClass>,
 }
 
 impl Proxy {
@@ -65,7 +69,37 @@ impl Proxy {
                 runtime,
                 tunnels: Tunnels::new(close),
                 access_log,
+                unrouted: Arc::default(),
             }),
+        }
+    }
+
+    /// Responses that belong to no pool, by status class.
+    pub fn unrouted(&self) -> Arc<ByClass> {
+        self.shared.unrouted.clone()
+    }
+
+    /// Accounts for a request that hyper's parser refused (answering `status` itself),
+    /// which never came to [`Self::handle`]: counted outside any pool, and logged with
+    /// no method, path or id, as none could be read.
+    #[cold]
+    pub fn refused_unparsed(&self, status: u16) {
+        let rt = self.shared.runtime.load();
+        if rt.config.server.metrics {
+            self.shared.unrouted.count(status);
+        }
+        let record = AccessRecord::new(
+            rt.config.server.access_log,
+            &self.shared.access_log,
+            Instant::now(),
+            &Method::GET,
+            "-",
+            None,
+        );
+        if let Some(mut r) = record {
+            r.method = "-".to_owned();
+            r.status = status;
+            r.emit();
         }
     }
 
@@ -126,10 +160,10 @@ impl Proxy {
                 // on, the target (rewritten to a path) would mean something else to the
                 // backend.
                 (pool, _) if req.method() == Method::CONNECT => {
-                    Err(refused_in(pool, ProxyError::MethodNotAllowed))
+                    Err(self.refused_in(&rt, pool, ProxyError::MethodNotAllowed))
                 }
-                (pool, Some(e)) => Err(refused_in(pool, e)),
-                (None, None) => Err(ProxyError::NoRoute),
+                (pool, Some(e)) => Err(self.refused_in(&rt, pool, e)),
+                (None, None) => Err(self.refused_in(&rt, None, ProxyError::NoRoute)),
                 (Some(pool), None) => {
                     if let Some(l) = log {
                         l.pool = Some(pool.name.to_string());
@@ -674,13 +708,20 @@ fn count_reset(pool: &Pool, backend: &Backend, e: &hyper::Error) {
     backend.stats.count_reset();
 }
 
-/// A request refused before it was sent anywhere, counted for the pool it was routed
-/// to, if any (a request that matches no route counts nowhere).
-#[cold]
-fn refused_in(pool: Option<&Pool>, e: ProxyError) -> ProxyError {
-    match pool {
-        Some(pool) => failed(pool, None, e),
-        None => e,
+impl Proxy {
+    /// A request refused before it was sent anywhere, counted for the pool it was
+    /// routed to, or outside any pool if none.
+    #[cold]
+    fn refused_in(&self, rt: &Runtime, pool: Option<&Pool>, e: ProxyError) -> ProxyError {
+        match pool {
+            Some(pool) => failed(pool, None, e),
+            None => {
+                if rt.config.server.metrics {
+                    self.shared.unrouted.count(e.status().as_u16());
+                }
+                e
+            }
+        }
     }
 }
 

@@ -164,6 +164,7 @@ async fn serve_connection<S, F>(
     activity: Arc<Activity>,
     svc: S,
     peer: SocketAddr,
+    refused: impl FnOnce(u16),
 ) where
     S: hyper::service::Service<Request<Incoming>, Response = Response<ProxyBody>, Future = F>,
     S::Error: Into<BoxError>,
@@ -192,6 +193,26 @@ async fn serve_connection<S, F>(
     activity.clear_stop_waker();
     if let Err(e) = result {
         tracing::debug!(client = %peer, error = %e, "client connection error");
+        if let Some(status) = e.downcast_ref::<hyper::Error>().and_then(parser_refusal) {
+            refused(status);
+        }
+    }
+}
+
+/// The status hyper's HTTP/1 server answered a request head with that its parser
+/// refused (see hyper's `Server::on_error`), if it did.
+fn parser_refusal(e: &hyper::Error) -> Option<u16> {
+    if e.is_parse_too_large() {
+        // Too large a head, or a request target too long for the parser.
+        Some(if e.to_string().contains("URI") {
+            414
+        } else {
+            431
+        })
+    } else if e.is_parse() && !e.is_parse_status() && !e.is_parse_version_h2() {
+        Some(400)
+    } else {
+        None
     }
 }
 
@@ -259,6 +280,8 @@ pub async fn serve(
         let activity = Activity::new();
         let io = TrackedIo::new(stream, activity.clone(), guard);
         let info = ClientInfo { addr: peer, tls };
+        let refusing = proxy.clone();
+        let refused = move |status| refusing.refused_unparsed(status);
         let proxy = proxy.clone();
         let svc_activity = activity.clone();
         let svc = service_fn(move |req| {
@@ -273,6 +296,7 @@ pub async fn serve(
             activity.clone(),
             svc,
             peer,
+            refused,
         ));
         // The timers, shutdown and the end of the grace period watch from a task of
         // their own: polled with the connection, they would be polled on every wake-up

@@ -16,12 +16,28 @@ pub fn status_class(status: u16) -> usize {
     usize::from(status / 100).clamp(1, 5)
 }
 
+/// Responses counted by status class.
+#[derive(Debug, Default)]
+pub struct ByClass([AtomicU64; 6]);
+
+impl ByClass {
+    /// Counts a response with `status`.
+    pub fn count(&self, status: u16) {
+        self.0[status_class(status)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Responses of class `class` (1 to 5).
+    pub fn get(&self, class: usize) -> u64 {
+        self.0[class].load(Ordering::Relaxed)
+    }
+}
+
 #[derive(Debug)]
 pub struct BackendStats {
     /// Requests sent and not yet finished, the response body included.
     pub(super) in_flight: AtomicUsize,
-    /// Responses by status class: index 1 = 1xx … 5 = 5xx (index 0 unused).
-    responses: [AtomicU64; 6],
+    /// Responses by status class.
+    responses: ByClass,
     /// Time until the response headers, labelled with pool and backend.
     pub duration: Histogram,
     connect_errors: AtomicU64,
@@ -51,12 +67,12 @@ impl BackendStats {
 
     /// Counts a response with `status` (an error response made by the proxy included).
     pub fn count_response(&self, status: u16) {
-        self.responses[status_class(status)].fetch_add(1, Ordering::Relaxed);
+        self.responses.count(status);
     }
 
     /// Responses of class `class` (1 to 5).
     pub fn responses(&self, class: usize) -> u64 {
-        self.responses[class].load(Ordering::Relaxed)
+        self.responses.get(class)
     }
 
     pub fn total_responses(&self) -> u64 {
