@@ -2501,6 +2501,96 @@ async fn narrow_h2_get(
 }
 
 #[tokio::test]
+async fn an_http2_client_that_grants_no_window_is_cut_off_after_the_idle_timeout() {
+    let a = named_backend("a").await;
+    let proxy = TestProxy::start(&idle_limited(a, "300ms")).await;
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut h2, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(0)
+            .adaptive_window(false)
+            .handshake::<_, Full<Bytes>>(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let resp = tokio::time::timeout(LIMIT, h2.send_request(get("/")))
+        .await
+        .expect("a response head in time")
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // No room for a byte of the body, ever: the connection is cut, and with it the
+    // request's hold on the backend.
+    let _ = tokio::time::timeout(LIMIT, conn)
+        .await
+        .expect("the connection outlived its stalled response");
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while proxy.runtime.load().pools[0].members[0].backend.in_flight() != 0 {
+        assert!(tokio::time::Instant::now() < deadline, "still in flight");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(resp);
+}
+
+#[tokio::test]
+async fn an_http2_client_that_resets_every_stream_it_opens_is_sent_away() {
+    // Holds every request, and says when one arrives.
+    let (arrived_tx, mut arrived) = mpsc::unbounded_channel::<()>();
+    let a = backend(move |_req| {
+        let arrived_tx = arrived_tx.clone();
+        async move {
+            let _ = arrived_tx.send(());
+            std::future::pending::<()>().await;
+            text("never")
+        }
+    })
+    .await;
+    let proxy = TestProxy::start(&single_pool(a)).await;
+    let (h2, conn) = h2_connect::<Full<Bytes>>(proxy.addr).await;
+    let mut reached = 0;
+    for _ in 0..400 {
+        let mut h2 = h2.clone();
+        let request = tokio::spawn(async move { h2.send_request(get("/")).await });
+        // Taken up and sent to the backend, then reset (the request dropped).
+        match tokio::time::timeout(LIMIT, arrived.recv()).await {
+            Ok(Some(())) => reached += 1,
+            _ => panic!("a request did not reach the backend"),
+        }
+        request.abort();
+        let _ = request.await;
+        if conn.is_finished() {
+            break;
+        }
+        if reached > unanswered_limit() {
+            // Sent away: the next request finds the connection closing.
+            break;
+        }
+    }
+    let _ = tokio::time::timeout(LIMIT, conn)
+        .await
+        .expect("the connection stayed open");
+    assert!(
+        reached <= unanswered_limit() + 1,
+        "{reached} requests reached the backend"
+    );
+    // Other clients are served as before.
+    let (mut other, _c) = h2_connect::<Full<Bytes>>(proxy.addr).await;
+    let req = Request::get("http://a.example/healthz")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let pending = tokio::spawn(async move { other.send_request(req).await });
+    tokio::time::timeout(LIMIT, arrived.recv())
+        .await
+        .expect("a new connection is served")
+        .unwrap();
+    pending.abort();
+}
+
+/// The requests a connection may see end unanswered before it is sent away.
+fn unanswered_limit() -> usize {
+    switchyard::server::idle::MAX_UNANSWERED as usize
+}
+
+#[tokio::test]
 async fn an_http2_stream_read_slowly_but_steadily_keeps_its_backend() {
     let (a, mut failed) = gigabyte_backend(false).await;
     let proxy = TestProxy::start(&idle_limited(a, "600ms")).await;

@@ -35,7 +35,7 @@ pub struct ProxyBody {
     /// Emitted when the body is dropped, with the bytes sent by then.
     log: Option<Box<AccessRecord>>,
     /// Keeps the client connection counted as busy until the response is over.
-    _active: Option<ActiveRequest>,
+    active: Option<ActiveRequest>,
 }
 
 #[derive(Debug)]
@@ -75,7 +75,7 @@ impl ProxyBody {
         ProxyBody {
             inner: Inner::Full((!data.is_empty()).then_some(data)),
             log: None,
-            _active: None,
+            active: None,
         }
     }
 
@@ -96,7 +96,7 @@ impl ProxyBody {
                 rest: None,
             },
             log: None,
-            _active: None,
+            active: None,
         };
         if let Inner::Upstream { body, conn, .. } = &b.inner {
             if body.is_end_stream() {
@@ -113,8 +113,11 @@ impl ProxyBody {
         self
     }
 
-    pub fn with_active(mut self, active: Option<ActiveRequest>) -> Self {
-        self._active = active;
+    pub fn with_active(mut self, mut active: Option<ActiveRequest>) -> Self {
+        if let Some(a) = &mut active {
+            a.responding();
+        }
+        self.active = active;
         self
     }
 
@@ -132,9 +135,13 @@ impl ProxyBody {
         }
     }
 
+    /// Notes a part of the body handed on.
     fn count(&mut self, n: usize) {
         if let Some(log) = &mut self.log {
             log.bytes += n as u64;
+        }
+        if let Some(a) = &mut self.active {
+            a.handed();
         }
     }
 }
@@ -148,6 +155,9 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
+        if let Some(a) = &mut this.active {
+            a.polled();
+        }
         match &mut this.inner {
             Inner::Full(data) => {
                 let frame = data.take().map(|d| Ok(Frame::data(d)));

@@ -447,7 +447,11 @@ fn forward<'a>(
                             // Given up on: the connection goes, with whatever of the
                             // upload it was still busy with.
                             Err(Late::Backend) => {
-                                tx.abort();
+                                // Bodyless, the connection closes as hyper lets go
+                                // of it.
+                                if watch.is_some() {
+                                    tx.abort();
+                                }
                                 break Some(Err(SendError::Timeout(timeout)));
                             }
                             Err(Late::Client) => {
@@ -627,13 +631,18 @@ fn forward<'a>(
         // The proxy answers in its own HTTP version (RFC 9110 §6.2), whatever the
         // backend's; hyper writes `HTTP/1.0` to a client that spoke it.
         *resp.version_mut() = http::Version::HTTP_11;
-        if http1 && !switching && watch.as_ref().is_some_and(|w| !w.finished()) {
+        if !switching && watch.as_ref().is_some_and(|w| !w.finished()) {
             // An answer before the whole upload was read (a 413 or 401 on the head
             // alone): what is left of the body may never be read, so the connection
-            // cannot be trusted to carry another request. The response says that it
-            // closes, lest a pipelined request wait for an answer that never comes.
-            resp.headers_mut()
-                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            // cannot be trusted to carry another request, even should the rest of the
+            // upload be taken by the end of the response (hyper may hold its tail).
+            tx.retire();
+            // The response says that the client's connection closes too, lest a
+            // pipelined request wait for an answer that never comes.
+            if http1 {
+                resp.headers_mut()
+                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            }
         }
         // Until the response head: the affinity work below is not the backend's.
         if log.is_some() || pool.metrics {

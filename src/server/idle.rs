@@ -61,6 +61,17 @@ pub struct Activity {
     head_started_ms: AtomicU64,
     /// Requests whose response is not over yet.
     active: AtomicUsize,
+    /// HTTP/2: responses whose body has a part handed to hyper that the client has not
+    /// taken yet (hyper polls a body again once its last part is on its way).
+    held: AtomicUsize,
+    /// HTTP/2: milliseconds after `opened` when a response body last had a part handed
+    /// on or taken.
+    progress_ms: AtomicU64,
+    /// Requests begun on the connection, and those that ended before their response
+    /// began (an HTTP/2 client reset the stream): a client that opens streams only to
+    /// reset them is sent away (see [`ActiveRequest`]'s `Drop`).
+    begun: AtomicU64,
+    unanswered: AtomicU64,
     /// Milliseconds after `opened` since when a write has found the socket full and no
     /// byte has been written, or `NONE`.
     write_blocked_ms: AtomicU64,
@@ -92,6 +103,10 @@ impl Activity {
             last_io_ms: AtomicU64::new(0),
             head_started_ms: AtomicU64::new(NONE),
             active: AtomicUsize::new(0),
+            held: AtomicUsize::new(0),
+            progress_ms: AtomicU64::new(0),
+            begun: AtomicU64::new(0),
+            unanswered: AtomicU64::new(0),
             write_blocked_ms: AtomicU64::new(NONE),
             idle_rule_only: AtomicBool::new(false),
             http2: AtomicBool::new(false),
@@ -225,8 +240,13 @@ impl Activity {
     /// Marks a request as started (its head is complete); it ends when the guard drops.
     pub fn begin(self: &Arc<Self>) -> ActiveRequest {
         self.active.fetch_add(1, Ordering::Relaxed);
+        self.begun.fetch_add(1, Ordering::Relaxed);
         self.head_started_ms.store(NONE, Ordering::Relaxed);
-        ActiveRequest(self.clone())
+        ActiveRequest {
+            activity: self.clone(),
+            responding: false,
+            held: false,
+        }
     }
 
     /// Resolves when the connection has been idle for `idle`, a request head has been
@@ -257,7 +277,22 @@ impl Activity {
     fn deadline(&self, idle_ms: u64, header_ms: u64) -> Option<(u64, Expiry)> {
         if !self.idle() {
             let blocked = self.write_blocked_ms.load(Ordering::Relaxed);
-            return (blocked != NONE).then(|| (blocked.saturating_add(idle_ms), Expiry::Unread));
+            let blocked = (blocked != NONE).then(|| blocked.saturating_add(idle_ms));
+            // HTTP/2: a client that grants no flow-control window takes nothing, and
+            // fills no socket either; the response parts it takes are what shows.
+            // (Acquire: a part just handed on has stamped the time before.)
+            let stalled = (self.http2.load(Ordering::Relaxed)
+                && self.held.load(Ordering::Acquire) > 0)
+                .then(|| {
+                    self.progress_ms
+                        .load(Ordering::Relaxed)
+                        .saturating_add(idle_ms)
+                });
+            let deadline = match (blocked, stalled) {
+                (Some(b), Some(s)) => Some(b.min(s)),
+                (b, s) => b.or(s),
+            };
+            return deadline.map(|d| (d, Expiry::Unread));
         }
         let head = self.head_started_ms.load(Ordering::Relaxed);
         Some(
@@ -275,25 +310,98 @@ impl Activity {
     }
 }
 
+/// Requests of one connection that may end before their response began, and the
+/// share of its requests they may be, before the connection is asked to close: a client
+/// that opens HTTP/2 streams only to reset them once the proxy has taken them up (and
+/// sent each to a backend) would otherwise cost that work without end ("rapid reset",
+/// CVE-2023-44487; hyper bounds only resets of streams not yet taken up). Clients that
+/// cancel requests now and then stay far below.
+pub const MAX_UNANSWERED: u64 = 200;
+
 /// Holds a connection busy while a response is under way.
 #[derive(Debug)]
-pub struct ActiveRequest(Arc<Activity>);
+pub struct ActiveRequest {
+    activity: Arc<Activity>,
+    /// Its response has begun.
+    responding: bool,
+    /// Counted in [`Activity::held`].
+    held: bool,
+}
 
 impl ActiveRequest {
     /// Ends the request whose connection becomes a tunnel: from now on only the idle rule
     /// applies to it, watched through the returned activity.
-    pub fn into_tunnel(self) -> Arc<Activity> {
-        self.0.idle_rule_only.store(true, Ordering::Relaxed);
-        self.0.clone()
+    pub fn into_tunnel(mut self) -> Arc<Activity> {
+        // Answered (101), not cut short.
+        self.responding();
+        self.activity.idle_rule_only.store(true, Ordering::Relaxed);
+        self.activity.clone()
+    }
+
+    /// The response begins: its head is handed over, its body is to follow.
+    pub fn responding(&mut self) {
+        self.responding = true;
+    }
+
+    /// The body is polled: the part handed on last, if any, is on its way.
+    #[inline]
+    pub fn polled(&mut self) {
+        let a = &self.activity;
+        if !a.http2.load(Ordering::Relaxed) {
+            return;
+        }
+        a.progress_ms.store(a.now_ms(), Ordering::Relaxed);
+        if std::mem::take(&mut self.held) {
+            a.held.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A part of the body is handed on: on HTTP/2, hyper polls the body again only once
+    /// the client has granted room for it.
+    #[inline]
+    pub fn handed(&mut self) {
+        let a = &self.activity;
+        if !a.http2.load(Ordering::Relaxed) {
+            return;
+        }
+        a.progress_ms.store(a.now_ms(), Ordering::Relaxed);
+        if !self.held {
+            self.held = true;
+            // Release: a watchdog that counts this part sees the stamp above.
+            a.held.fetch_add(1, Ordering::Release);
+        }
     }
 }
 
 impl Drop for ActiveRequest {
     fn drop(&mut self) {
-        let a = &self.0;
+        let a = &self.activity;
         a.last_io_ms.store(a.now_ms(), Ordering::Relaxed);
         a.head_started_ms.store(NONE, Ordering::Relaxed);
+        if self.held {
+            a.held.fetch_sub(1, Ordering::Relaxed);
+        }
+        if !self.responding {
+            unanswered(a);
+        }
         a.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts a request that ended before its response began; asks the connection to close
+/// once they are too many (see [`MAX_UNANSWERED`]).
+#[cold]
+fn unanswered(a: &Activity) {
+    let n = a.unanswered.fetch_add(1, Ordering::Relaxed) + 1;
+    if n >= MAX_UNANSWERED
+        && n * 2 > a.begun.load(Ordering::Relaxed)
+        && !a.stop.load(Ordering::Relaxed)
+    {
+        tracing::warn!(
+            unanswered = n,
+            "closing a client connection: most of its requests ended before their response"
+        );
+        a.request_stop();
     }
 }
 

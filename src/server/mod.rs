@@ -209,7 +209,12 @@ fn parser_refusal(e: &hyper::Error) -> Option<u16> {
         } else {
             431
         })
-    } else if e.is_parse() && !e.is_parse_status() && !e.is_parse_version_h2() {
+    } else if e.is_parse()
+        && !e.is_parse_status()
+        && !e.is_parse_version_h2()
+        // hyper's own failure, answered with nothing.
+        && !e.to_string().starts_with("internal error")
+    {
         Some(400)
     } else {
         None

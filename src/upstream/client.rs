@@ -51,17 +51,15 @@ pub struct Sender {
     state: Arc<ConnState>,
     /// The body of the request last sent on this connection, if it had one.
     upload: Option<Arc<UploadWatch>>,
-    /// The connection's task.
-    conn: AbortHandle,
 }
 
 impl Drop for Sender {
     fn drop(&mut self) {
-        if self.upload.as_ref().is_some_and(|w| !w.finished()) {
-            // Let go with an upload under way (after an early answer, or a response
-            // cut short): nobody waits on the connection any more, and its task stays
-            // busy with the upload for as long as that takes, for good if the backend
-            // never reads it. The watchdog closes it once the upload stops moving.
+        if !self.tx.is_closed() {
+            // Nobody will send on the connection again. An idle one closes at once; one
+            // still busy with an upload (after an early answer, or a response cut short)
+            // stays busy for as long as that takes, for good if the backend never reads
+            // it. The watchdog closes it once it stops moving.
             self.state.orphaned.store(true, Ordering::Release);
         }
     }
@@ -71,7 +69,13 @@ impl Sender {
     /// Closes the connection at once, whatever it was busy with: for a request that
     /// was given up on (`504`, `408`), whose upload may otherwise hold it for good.
     pub fn abort(&self) {
-        self.state.abort(&self.conn);
+        self.state.abort();
+    }
+
+    /// Marks the connection as carrying no further request: it is closed rather than
+    /// pooled when its response is over.
+    pub fn retire(&self) {
+        self.state.retired.store(true, Ordering::Relaxed);
     }
 
     /// Notes that the request sent next has a body, uploaded as `watch` tells.
@@ -172,10 +176,15 @@ struct ConnState {
     /// copied: whether a backend that closed the connection had begun to answer.
     reads: AtomicU64,
     reads_at_head: AtomicU64,
-    /// Set when the `Sender` was let go while its request's upload was under way.
+    /// Set when the `Sender` was let go while the connection was open.
     orphaned: AtomicBool,
+    /// Set when the connection may carry no further request.
+    retired: AtomicBool,
     /// Set when the connection is given up on: its socket is reset when dropped.
     reset: AtomicBool,
+    /// The connection's task (kept here rather than in the `Sender`, which requests
+    /// move around several times over).
+    task: std::sync::OnceLock<AbortHandle>,
 }
 
 impl ConnState {
@@ -189,9 +198,11 @@ impl ConnState {
     /// Ends the connection's task, resetting the socket: closed plainly, it would keep
     /// what is left to send (an upload the backend stopped reading) and send its FIN
     /// after that, which would leave the backend's end open until the kernel gave up.
-    fn abort(&self, conn: &AbortHandle) {
+    fn abort(&self) {
         self.reset.store(true, Ordering::Relaxed);
-        conn.abort();
+        if let Some(task) = self.task.get() {
+            task.abort();
+        }
     }
 
     /// Counts the reads and writes that moved bytes.
@@ -360,9 +371,10 @@ impl<T: AsyncWrite + Reset + Unpin> AsyncWrite for HeadCopy<T> {
 /// body hands on parts of at most 16 KiB, so a client that reads slowly but steadily is
 /// not taken for one that reads nothing.
 ///
-/// Also closes a connection let go with its request's upload under way (see
-/// [`Sender`]'s `Drop`) once its socket has moved no bytes either way for `limit`: a
-/// backend that answered early and reads no further would otherwise hold it for good.
+/// Also closes a connection whose `Sender` was let go while it was open (see
+/// [`Sender`]'s `Drop`) once its socket has moved no bytes either way for `limit`: one
+/// busy with an upload that a backend which answered early reads no further would
+/// otherwise stay open for good.
 /// (Reads count too: the response to a request whose connection cannot be reused may
 /// still be coming.)
 ///
@@ -389,7 +401,7 @@ async fn watch(state: Arc<ConnState>, conn: AbortHandle, mut done: oneshot::Rece
             } else {
                 still += period;
                 if still >= limit {
-                    state.abort(&conn);
+                    state.abort();
                     tracing::debug!(
                         after = ?limit,
                         "closed a backend connection: the rest of its upload stopped moving"
@@ -630,7 +642,10 @@ impl ConnPool {
         // them: hyper then puts a request head in a buffer of its own, never after bytes
         // of an earlier body still to be written.
         // A larger head is a bad response (`502`): without the cap, hyper would buffer
-        // some 400 KiB of it, and pass on a head that most clients refuse.
+        // some 400 KiB of it, and pass on a head that most clients refuse. The cap is
+        // hyper's buffer size, so it also bounds each read of a response body (the
+        // body is handed on in parts of 16 KiB anyway) and the upload bytes hyper
+        // queues for writing.
         let (tx, conn) = http1::Builder::new()
             .writev(true)
             .max_buf_size(self.max_head)
@@ -651,8 +666,8 @@ impl ConnPool {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }
         });
-        let conn = task.abort_handle();
-        tokio::spawn(watch(state.clone(), conn.clone(), done));
+        let _ = state.task.set(task.abort_handle());
+        tokio::spawn(watch(state.clone(), task.abort_handle(), done));
         self.stats.count_connection_opened();
         // Set for each request before it is polled.
         let timer = Box::pin(tokio::time::sleep(Duration::ZERO));
@@ -661,7 +676,6 @@ impl ConnPool {
             timer,
             state,
             upload: None,
-            conn,
         })
     }
 
@@ -675,7 +689,10 @@ impl ConnPool {
     /// closed on unread bytes is reset, which can lose the response it has yet to read.
     /// Once the upload stops moving, the watchdog closes the connection (see [`watch`]).
     pub fn checkin(&self, mut tx: Sender) {
-        if tx.tx.is_closed() || tx.upload.as_ref().is_some_and(|w| !w.finished()) {
+        if tx.tx.is_closed()
+            || tx.state.retired.load(Ordering::Relaxed)
+            || tx.upload.as_ref().is_some_and(|w| !w.finished())
+        {
             return;
         }
         tx.upload = None;
