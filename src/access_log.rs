@@ -279,6 +279,7 @@ pub struct AccessRecord {
 }
 
 impl AccessRecord {
+    #[inline]
     pub fn new(
         format: AccessLog,
         sink: &AccessLogSink,

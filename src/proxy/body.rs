@@ -40,7 +40,11 @@ pub struct ProxyBody {
 
 #[derive(Debug)]
 enum Inner {
-    Full(Option<Bytes>),
+    Full {
+        data: Option<Bytes>,
+        /// See [`ActiveRequest::handed`].
+        held: bool,
+    },
     Upstream {
         body: Incoming,
         /// Returned to the pool when `body` ends.
@@ -49,10 +53,21 @@ enum Inner {
         in_flight: Option<InFlight>,
         /// Whether the connection's timer is set for the current wait.
         waiting: bool,
+        /// See [`ActiveRequest::handed`].
+        held: bool,
         /// What is left of a data frame larger than [`PART`]; boxed, as it is rare and
         /// the body is moved whole several times per request.
         rest: Option<Box<Bytes>>,
     },
+}
+
+impl Inner {
+    /// The body's note that a part it handed on is yet to be taken.
+    fn held(&mut self) -> &mut bool {
+        match self {
+            Inner::Full { held, .. } | Inner::Upstream { held, .. } => held,
+        }
+    }
 }
 
 /// The most of a backend's body handed on at once. One read from the backend can be
@@ -73,7 +88,10 @@ impl ProxyBody {
     pub fn full(data: impl Into<Bytes>) -> Self {
         let data: Bytes = data.into();
         ProxyBody {
-            inner: Inner::Full((!data.is_empty()).then_some(data)),
+            inner: Inner::Full {
+                data: (!data.is_empty()).then_some(data),
+                held: false,
+            },
             log: None,
             active: None,
         }
@@ -93,6 +111,7 @@ impl ProxyBody {
                 conn,
                 in_flight: Some(in_flight),
                 waiting: false,
+                held: false,
                 rest: None,
             },
             log: None,
@@ -113,9 +132,9 @@ impl ProxyBody {
         self
     }
 
-    pub fn with_active(mut self, mut active: Option<ActiveRequest>) -> Self {
-        if let Some(a) = &mut active {
-            a.responding();
+    pub fn with_active(mut self, active: Option<ActiveRequest>) -> Self {
+        if let Some(a) = &active {
+            a.answered();
         }
         self.active = active;
         self
@@ -140,8 +159,8 @@ impl ProxyBody {
         if let Some(log) = &mut self.log {
             log.bytes += n as u64;
         }
-        if let Some(a) = &mut self.active {
-            a.handed();
+        if let Some(a) = &self.active {
+            a.handed(self.inner.held());
         }
     }
 }
@@ -155,11 +174,11 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
-        if let Some(a) = &mut this.active {
-            a.polled();
+        if let Some(a) = &this.active {
+            a.polled(this.inner.held());
         }
         match &mut this.inner {
-            Inner::Full(data) => {
+            Inner::Full { data, .. } => {
                 let frame = data.take().map(|d| Ok(Frame::data(d)));
                 if let Some(Ok(f)) = &frame {
                     let n = f.data_ref().map_or(0, Bytes::len);
@@ -173,6 +192,7 @@ impl Body for ProxyBody {
                 in_flight,
                 waiting,
                 rest,
+                ..
             } => {
                 if let Some(left) = rest.as_deref_mut() {
                     let part = left.split_to(left.len().min(PART));
@@ -250,15 +270,15 @@ impl Body for ProxyBody {
 
     fn is_end_stream(&self) -> bool {
         match &self.inner {
-            Inner::Full(d) => d.is_none(),
+            Inner::Full { data, .. } => data.is_none(),
             Inner::Upstream { body, rest, .. } => rest.is_none() && body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
-            Inner::Full(None) => SizeHint::with_exact(0),
-            Inner::Full(Some(d)) => SizeHint::with_exact(d.len() as u64),
+            Inner::Full { data: None, .. } => SizeHint::with_exact(0),
+            Inner::Full { data: Some(d), .. } => SizeHint::with_exact(d.len() as u64),
             Inner::Upstream { body, rest, .. } => {
                 let (body, rest) = (
                     body.size_hint(),
@@ -288,6 +308,9 @@ fn stalled(in_flight: Option<&InFlight>, after: Duration) {
 
 impl Drop for ProxyBody {
     fn drop(&mut self) {
+        if let Some(a) = self.active.take() {
+            a.release(self.inner.held());
+        }
         if let Some(log) = self.log.take() {
             (*log).emit();
         }

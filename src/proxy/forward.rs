@@ -221,7 +221,10 @@ impl Proxy {
             client_upgrade,
             backend_upgrade,
             in_flight,
-            active.map(ActiveRequest::into_tunnel),
+            active.map(|a| {
+                a.answered();
+                a.into_tunnel()
+            }),
             idle_timeout,
             log,
         );

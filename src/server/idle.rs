@@ -67,11 +67,11 @@ pub struct Activity {
     /// HTTP/2: milliseconds after `opened` when a response body last had a part handed
     /// on or taken.
     progress_ms: AtomicU64,
-    /// Requests begun on the connection, and those that ended before their response
-    /// began (an HTTP/2 client reset the stream): a client that opens streams only to
-    /// reset them is sent away (see [`ActiveRequest`]'s `Drop`).
+    /// Requests begun on the connection, and those answered (their response began),
+    /// counted on HTTP/2 only: a client that opens streams only to reset them is sent
+    /// away (see [`ActiveRequest`]'s `Drop`).
     begun: AtomicU64,
-    unanswered: AtomicU64,
+    answered: AtomicU64,
     /// Milliseconds after `opened` since when a write has found the socket full and no
     /// byte has been written, or `NONE`.
     write_blocked_ms: AtomicU64,
@@ -106,7 +106,7 @@ impl Activity {
             held: AtomicUsize::new(0),
             progress_ms: AtomicU64::new(0),
             begun: AtomicU64::new(0),
-            unanswered: AtomicU64::new(0),
+            answered: AtomicU64::new(0),
             write_blocked_ms: AtomicU64::new(NONE),
             idle_rule_only: AtomicBool::new(false),
             http2: AtomicBool::new(false),
@@ -240,13 +240,11 @@ impl Activity {
     /// Marks a request as started (its head is complete); it ends when the guard drops.
     pub fn begin(self: &Arc<Self>) -> ActiveRequest {
         self.active.fetch_add(1, Ordering::Relaxed);
-        self.begun.fetch_add(1, Ordering::Relaxed);
-        self.head_started_ms.store(NONE, Ordering::Relaxed);
-        ActiveRequest {
-            activity: self.clone(),
-            responding: false,
-            held: false,
+        if self.http2.load(Ordering::Relaxed) {
+            self.begun.fetch_add(1, Ordering::Relaxed);
         }
+        self.head_started_ms.store(NONE, Ordering::Relaxed);
+        ActiveRequest(self.clone())
     }
 
     /// Resolves when the connection has been idle for `idle`, a request head has been
@@ -318,87 +316,90 @@ impl Activity {
 /// cancel requests now and then stay far below.
 pub const MAX_UNANSWERED: u64 = 200;
 
-/// Holds a connection busy while a response is under way.
+/// Holds a connection busy while a request is in progress, until its response is over.
 #[derive(Debug)]
-pub struct ActiveRequest {
-    activity: Arc<Activity>,
-    /// Its response has begun.
-    responding: bool,
-    /// Counted in [`Activity::held`].
-    held: bool,
-}
+pub struct ActiveRequest(Arc<Activity>);
 
 impl ActiveRequest {
+    /// The response begins: its head is handed over, its body is to follow. (Counted
+    /// for HTTP/2 only, where clients can end requests before their response.)
+    pub fn answered(&self) {
+        let a = &self.0;
+        if a.http2.load(Ordering::Relaxed) {
+            a.answered.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Ends the request whose connection becomes a tunnel: from now on only the idle rule
     /// applies to it, watched through the returned activity.
-    pub fn into_tunnel(mut self) -> Arc<Activity> {
-        // Answered (101), not cut short.
-        self.responding();
-        self.activity.idle_rule_only.store(true, Ordering::Relaxed);
-        self.activity.clone()
+    pub fn into_tunnel(self) -> Arc<Activity> {
+        self.0.idle_rule_only.store(true, Ordering::Relaxed);
+        self.0.clone()
     }
 
-    /// The response begins: its head is handed over, its body is to follow.
-    pub fn responding(&mut self) {
-        self.responding = true;
-    }
-
-    /// The body is polled: the part handed on last, if any, is on its way.
+    /// The body is polled: the part handed on last (`held`), if any, is on its way.
     #[inline]
-    pub fn polled(&mut self) {
-        let a = &self.activity;
+    pub fn polled(&self, held: &mut bool) {
+        let a = &self.0;
         if !a.http2.load(Ordering::Relaxed) {
             return;
         }
         a.progress_ms.store(a.now_ms(), Ordering::Relaxed);
-        if std::mem::take(&mut self.held) {
-            a.held.fetch_sub(1, Ordering::Relaxed);
-        }
+        self.release(held);
     }
 
     /// A part of the body is handed on: on HTTP/2, hyper polls the body again only once
-    /// the client has granted room for it.
+    /// the client has granted room for it. `held` is the body's own note of it.
     #[inline]
-    pub fn handed(&mut self) {
-        let a = &self.activity;
+    pub fn handed(&self, held: &mut bool) {
+        let a = &self.0;
         if !a.http2.load(Ordering::Relaxed) {
             return;
         }
         a.progress_ms.store(a.now_ms(), Ordering::Relaxed);
-        if !self.held {
-            self.held = true;
+        if !*held {
+            *held = true;
             // Release: a watchdog that counts this part sees the stamp above.
             a.held.fetch_add(1, Ordering::Release);
+        }
+    }
+
+    /// Forgets the body's part held, if any: the body is done.
+    #[inline]
+    pub fn release(&self, held: &mut bool) {
+        if std::mem::take(held) {
+            self.0.held.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
 
 impl Drop for ActiveRequest {
     fn drop(&mut self) {
-        let a = &self.activity;
+        let a = &self.0;
         a.last_io_ms.store(a.now_ms(), Ordering::Relaxed);
         a.head_started_ms.store(NONE, Ordering::Relaxed);
-        if self.held {
-            a.held.fetch_sub(1, Ordering::Relaxed);
+        let active = a.active.fetch_sub(1, Ordering::Relaxed) - 1;
+        if a.http2.load(Ordering::Relaxed) {
+            // Requests over, less those answered: those that ended unanswered.
+            let over = a
+                .begun
+                .load(Ordering::Relaxed)
+                .saturating_sub(active as u64);
+            let unanswered = over.saturating_sub(a.answered.load(Ordering::Relaxed));
+            if unanswered >= MAX_UNANSWERED {
+                too_many_unanswered(a, unanswered);
+            }
         }
-        if !self.responding {
-            unanswered(a);
-        }
-        a.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
-/// Counts a request that ended before its response began; asks the connection to close
-/// once they are too many (see [`MAX_UNANSWERED`]).
+/// Asks the connection to close once most of its requests ended before their response
+/// began (see [`MAX_UNANSWERED`]).
 #[cold]
-fn unanswered(a: &Activity) {
-    let n = a.unanswered.fetch_add(1, Ordering::Relaxed) + 1;
-    if n >= MAX_UNANSWERED
-        && n * 2 > a.begun.load(Ordering::Relaxed)
-        && !a.stop.load(Ordering::Relaxed)
-    {
+fn too_many_unanswered(a: &Activity, unanswered: u64) {
+    if unanswered * 2 > a.begun.load(Ordering::Relaxed) && !a.stop.load(Ordering::Relaxed) {
         tracing::warn!(
-            unanswered = n,
+            unanswered,
             "closing a client connection: most of its requests ended before their response"
         );
         a.request_stop();
