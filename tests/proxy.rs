@@ -372,41 +372,36 @@ async fn upload_without_end(
 
 #[tokio::test]
 async fn a_backend_that_stops_reading_an_upload_loses_its_connection() {
-    // Given up on (504): at once, not when the backend gets round to it.
-    let (a, mut closed) = unread_upload_backend(None).await;
-    let cfg =
-        format!("[pools.p]\nresponse_timeout = \"200ms\"\nretries = 0\nbackends = [\"{a}\"]\n");
-    let proxy = TestProxy::start(&config(&cfg)).await;
-    let (mut r, sending) = upload_without_end(proxy.addr).await;
-    let mut head = [0u8; 12];
-    tokio::time::timeout(LIMIT, r.read_exact(&mut head))
-        .await
-        .expect("no answer")
-        .unwrap();
-    assert_eq!(&head, b"HTTP/1.1 504");
-    tokio::time::timeout(LIMIT, closed.recv())
-        .await
-        .expect("the backend connection outlived the 504");
-    sending.abort();
-
-    // Answered early: the rest of the upload goes on while it moves, then the
-    // connection goes (within 1.5 times the idle timeout of it stopping).
     let answer = "HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\n\r\ntoo large";
-    let (a, mut closed) = unread_upload_backend(Some(answer)).await;
-    let cfg =
-        format!("[server.limits]\nidle_timeout = \"300ms\"\n[pools.p]\nbackends = [\"{a}\"]\n");
-    let proxy = TestProxy::start(&config(&cfg)).await;
-    let (mut r, sending) = upload_without_end(proxy.addr).await;
-    let mut head = [0u8; 12];
-    tokio::time::timeout(LIMIT, r.read_exact(&mut head))
-        .await
-        .expect("no answer")
-        .unwrap();
-    assert_eq!(&head, b"HTTP/1.1 413");
-    tokio::time::timeout(LIMIT, closed.recv())
-        .await
-        .expect("the backend connection outlived an upload that stopped moving");
-    sending.abort();
+    for (answer, settings, status, why) in [
+        // Given up on (504): at once, not when the backend gets round to it.
+        (
+            None,
+            "[pools.p]\nresponse_timeout = \"200ms\"\nretries = 0\n",
+            b"HTTP/1.1 504",
+            "the backend connection outlived the 504",
+        ),
+        // Answered early: the rest of the upload goes on while it moves, then the
+        // connection goes (within 1.5 times the idle timeout of it stopping).
+        (
+            Some(answer),
+            "[server.limits]\nidle_timeout = \"300ms\"\n[pools.p]\n",
+            b"HTTP/1.1 413",
+            "the backend connection outlived an upload that stopped moving",
+        ),
+    ] {
+        let (a, mut closed) = unread_upload_backend(answer).await;
+        let proxy = TestProxy::start(&config(&format!("{settings}backends = [\"{a}\"]\n"))).await;
+        let (mut r, sending) = upload_without_end(proxy.addr).await;
+        let mut head = [0u8; 12];
+        tokio::time::timeout(LIMIT, r.read_exact(&mut head))
+            .await
+            .expect("no answer")
+            .unwrap();
+        assert_eq!(&head, status);
+        tokio::time::timeout(LIMIT, closed.recv()).await.expect(why);
+        sending.abort();
+    }
 }
 
 #[tokio::test]

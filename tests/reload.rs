@@ -718,22 +718,7 @@ async fn a_thousand_reloads_leave_nothing_behind() {
 #[tokio::test]
 async fn a_backend_removed_from_a_stateless_pool_stays_until_its_requests_end() {
     // b holds its first request until told to answer.
-    let (arrived_tx, arrived_rx) = tokio::sync::oneshot::channel::<()>();
-    let arrived = Arc::new(std::sync::Mutex::new(Some(arrived_tx)));
-    let release = Arc::new(tokio::sync::Notify::new());
-    let gate = release.clone();
-    let b = backend(move |_req| {
-        let arrived = arrived.lock().unwrap().take();
-        let gate = gate.clone();
-        async move {
-            if let Some(tx) = arrived {
-                let _ = tx.send(());
-                gate.notified().await;
-            }
-            text("b")
-        }
-    })
-    .await;
+    let (b, arrived_rx, release) = holding_first_backend("b").await;
     let (a, c) = (named_backend("a").await, named_backend("c").await);
     let dir = tempfile::tempdir().unwrap();
     // The drain timeout is not what ends the drain of a pool that pins no clients.
@@ -902,22 +887,7 @@ async fn round_robin_goes_on_where_it_was_across_reloads() {
 #[tokio::test]
 async fn a_request_on_a_former_address_stays_in_flight_until_it_ends() {
     // The backend at the old address holds its request until told to answer.
-    let (arrived_tx, arrived_rx) = tokio::sync::oneshot::channel::<()>();
-    let arrived = Arc::new(std::sync::Mutex::new(Some(arrived_tx)));
-    let release = Arc::new(tokio::sync::Notify::new());
-    let gate = release.clone();
-    let old = backend(move |_req| {
-        let arrived = arrived.lock().unwrap().take();
-        let gate = gate.clone();
-        async move {
-            if let Some(tx) = arrived {
-                let _ = tx.send(());
-            }
-            gate.notified().await;
-            text("old")
-        }
-    })
-    .await;
+    let (old, arrived_rx, release) = holding_first_backend("old").await;
     let new = named_backend("new").await;
     let dir = tempfile::tempdir().unwrap();
     let (path, proxy, _reloader, mut rx) = start_in(dir.path(), &one_pool(&[("a", old)], "")).await;

@@ -212,6 +212,35 @@ pub async fn read_head(s: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
     Some(head)
 }
 
+/// A backend that holds the first request it gets until `release` is notified, telling
+/// `arrived` when it has it; it answers that one, and any other at once, with `name`.
+pub async fn holding_first_backend(
+    name: &'static str,
+) -> (
+    SocketAddr,
+    tokio::sync::oneshot::Receiver<()>,
+    Arc<tokio::sync::Notify>,
+) {
+    let (arrived_tx, arrived) = tokio::sync::oneshot::channel::<()>();
+    let arrived_tx = Arc::new(std::sync::Mutex::new(Some(arrived_tx)));
+    let release = Arc::new(tokio::sync::Notify::new());
+    let gate = release.clone();
+    let addr = backend(move |_req| {
+        let first = arrived_tx.lock().unwrap().take();
+        let gate = gate.clone();
+        async move {
+            if let Some(tx) = first {
+                let held = gate.notified();
+                let _ = tx.send(());
+                held.await;
+            }
+            text(name)
+        }
+    })
+    .await;
+    (addr, arrived, release)
+}
+
 /// The built-in demo backend, named `name`.
 pub async fn named_backend(name: &str) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
