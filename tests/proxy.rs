@@ -228,18 +228,7 @@ async fn a_refusal_that_leaves_the_body_unread_says_the_connection_closes() {
 async fn an_answer_before_the_upload_was_read_says_the_connection_closes() {
     // Refuses the upload on its head alone, as a backend checking size or credentials
     // does, and keeps its connection open without reading on.
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let a = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (mut s, _) = l.accept().await.unwrap();
-        let Some(mut head) = read_head(&mut s).await else {
-            return;
-        };
-        let answer = "HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\n\r\ntoo large";
-        s.write_all(answer.as_bytes()).await.unwrap();
-        // Held open until the proxy lets go of it.
-        let _ = s.read_to_end(&mut head).await;
-    });
+    let (a, _closed) = unread_upload_backend(Some(TOO_LARGE)).await;
     let proxy = TestProxy::start(&single_pool(a)).await;
     // The rest of the upload may never be read: the client can send nothing more on
     // this connection, so the answer must say that the connection closes.
@@ -265,20 +254,7 @@ async fn an_answer_before_the_upload_was_read_says_the_connection_closes() {
 #[tokio::test]
 async fn an_http2_client_gets_an_answer_before_its_upload_was_read() {
     // Refuses every upload on its head alone and reads on no further.
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let a = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let Some(mut head) = read_head(&mut s).await else {
-                    return;
-                };
-                let answer = "HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\n\r\ntoo large";
-                s.write_all(answer.as_bytes()).await.unwrap();
-                let _ = s.read_to_end(&mut head).await;
-            });
-        }
-    });
+    let (a, _closed) = unread_upload_backend(Some(TOO_LARGE)).await;
     let proxy = TestProxy::start(&single_pool(a)).await;
     let (mut h2, _conn) = h2_connect(proxy.addr).await;
     for _ in 0..2 {
@@ -309,6 +285,9 @@ async fn an_http2_client_gets_an_answer_before_its_upload_was_read() {
         drop(tx);
     }
 }
+
+/// A backend's answer to an upload it will not take.
+const TOO_LARGE: &str = "HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\n\r\ntoo large";
 
 /// A backend that reads request heads and never a byte of a body: it answers each
 /// with `answer`, if any, and tells `closed` when the proxy has closed the connection.
@@ -372,7 +351,6 @@ async fn upload_without_end(
 
 #[tokio::test]
 async fn a_backend_that_stops_reading_an_upload_loses_its_connection() {
-    let answer = "HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\n\r\ntoo large";
     for (answer, settings, status, why) in [
         // Given up on (504): at once, not when the backend gets round to it.
         (
@@ -384,7 +362,7 @@ async fn a_backend_that_stops_reading_an_upload_loses_its_connection() {
         // Answered early: the rest of the upload goes on while it moves, then the
         // connection goes (within 1.5 times the idle timeout of it stopping).
         (
-            Some(answer),
+            Some(TOO_LARGE),
             "[server.limits]\nidle_timeout = \"300ms\"\n[pools.p]\n",
             b"HTTP/1.1 413",
             "the backend connection outlived an upload that stopped moving",
