@@ -99,6 +99,7 @@ async fn serve_connection(
         let active = svc_activity.begin();
         async move {
             let resp = handle(&state, req).await;
+            active.answered();
             drop(active);
             Ok::<_, Infallible>(resp)
         }

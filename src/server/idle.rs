@@ -378,17 +378,20 @@ impl Drop for ActiveRequest {
         let a = &self.0;
         a.last_io_ms.store(a.now_ms(), Ordering::Relaxed);
         a.head_started_ms.store(NONE, Ordering::Relaxed);
-        let active = a.active.fetch_sub(1, Ordering::Relaxed) - 1;
         if a.http2.load(Ordering::Relaxed) {
-            // Requests over, less those answered: those that ended unanswered.
-            let over = a
-                .begun
-                .load(Ordering::Relaxed)
-                .saturating_sub(active as u64);
+            // Requests over, less those answered: those that ended unanswered. Read in
+            // this order (`begun` before the count of those still in progress drops,
+            // `answered` after), a request that begins or is answered meanwhile on
+            // another thread can make the figure smaller, never larger.
+            let begun = a.begun.load(Ordering::Relaxed);
+            let active = a.active.fetch_sub(1, Ordering::AcqRel) - 1;
+            let over = begun.saturating_sub(active as u64);
             let unanswered = over.saturating_sub(a.answered.load(Ordering::Relaxed));
             if unanswered >= MAX_UNANSWERED {
-                too_many_unanswered(a, unanswered);
+                too_many_unanswered(a, unanswered, begun);
             }
+        } else {
+            a.active.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -396,8 +399,8 @@ impl Drop for ActiveRequest {
 /// Asks the connection to close once most of its requests ended before their response
 /// began (see [`MAX_UNANSWERED`]).
 #[cold]
-fn too_many_unanswered(a: &Activity, unanswered: u64) {
-    if unanswered * 2 > a.begun.load(Ordering::Relaxed) && !a.stop.load(Ordering::Relaxed) {
+fn too_many_unanswered(a: &Activity, unanswered: u64, begun: u64) {
+    if unanswered * 2 > begun && !a.stop.load(Ordering::Relaxed) {
         tracing::warn!(
             unanswered,
             "closing a client connection: most of its requests ended before their response"
@@ -505,6 +508,31 @@ mod tests {
         fn wake(self: Arc<Self>) {
             self.0.fetch_add(1, Ordering::SeqCst);
         }
+    }
+
+    #[test]
+    fn only_requests_ended_unanswered_send_an_http2_connection_away() {
+        let activity = Activity::new();
+        activity.speaks_http2();
+        // Answered requests, however many.
+        for _ in 0..1000 {
+            let r = activity.begin();
+            r.answered();
+        }
+        // Unanswered ones, as many as the limit: not more than half of all.
+        for _ in 0..MAX_UNANSWERED {
+            drop(activity.begin());
+        }
+        assert!(!activity.stop.load(Ordering::Acquire));
+        // A connection whose requests are mostly unanswered.
+        let fresh = Activity::new();
+        fresh.speaks_http2();
+        for i in 0..MAX_UNANSWERED {
+            assert!(!fresh.stop.load(Ordering::Acquire), "sent away after {i}");
+            drop(fresh.begin());
+        }
+        assert!(fresh.stop.load(Ordering::Acquire));
+        assert_eq!(fresh.active.load(Ordering::Relaxed), 0);
     }
 
     #[test]
