@@ -363,7 +363,6 @@ async fn admin_connections_keep_to_the_header_timeout_and_a_cap() {
 
 #[tokio::test]
 async fn requests_refused_after_routing_count_for_their_pool() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (a, hits) = counting_backend().await;
     let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
     for (request, status) in [
@@ -375,13 +374,7 @@ async fn requests_refused_after_routing_count_for_their_pool() {
         (b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n", "405"),
         (b"GET * HTTP/1.1\r\nHost: x\r\n\r\n", "400"),
     ] {
-        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-        s.write_all(request).await.unwrap();
-        let mut got = Vec::new();
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut got))
-            .await
-            .expect("the proxy kept the connection open");
-        let got = String::from_utf8_lossy(&got);
+        let got = raw_exchange(proxy.addr, request).await;
         assert!(got.starts_with(&format!("HTTP/1.1 {status}")), "{got}");
     }
     assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0);
@@ -400,7 +393,6 @@ async fn requests_refused_after_routing_count_for_their_pool() {
 
 #[tokio::test]
 async fn requests_outside_any_pool_are_counted_and_logged() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (a, hits) = counting_backend().await;
     let toml = format!(
         "[server]\nlisten = [\"127.0.0.1:0\"]\naccess_log = \"json\"\n\
@@ -421,13 +413,7 @@ async fn requests_outside_any_pool_are_counted_and_logged() {
         (b"GET /a\x01 HTTP/1.1\r\nHost: only.example\r\n\r\n", 400),
         (big.as_bytes(), 431),
     ] {
-        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-        s.write_all(request).await.unwrap();
-        let mut got = Vec::new();
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut got))
-            .await
-            .expect("the proxy kept the connection open");
-        let got = String::from_utf8_lossy(&got);
+        let got = raw_exchange(proxy.addr, request).await;
         assert!(got.starts_with(&format!("HTTP/1.1 {status}")), "{got}");
         let line = tokio::time::timeout(std::time::Duration::from_secs(10), lines.recv())
             .await

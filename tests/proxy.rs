@@ -33,20 +33,6 @@ fn asterisk_target() -> http::Uri {
         .unwrap()
 }
 
-/// Sends `bytes` on a new connection and reads until the proxy closes it. The proxy must
-/// close it on its own; LIMIT only bounds a broken build.
-async fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    // The proxy may answer and close before reading everything (431): a failed write
-    // is part of the exchange.
-    let _ = s.write_all(bytes).await;
-    let mut buf = Vec::new();
-    let _ = tokio::time::timeout(LIMIT, s.read_to_end(&mut buf))
-        .await
-        .expect("the proxy kept the connection open");
-    String::from_utf8_lossy(&buf).into_owned()
-}
-
 #[tokio::test]
 async fn round_robin_is_even_over_three_backends() {
     let b = [

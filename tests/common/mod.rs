@@ -241,6 +241,21 @@ pub async fn holding_first_backend(
     (addr, arrived, release)
 }
 
+/// Sends `bytes` on a new connection to `addr` and reads until the proxy closes it
+/// (within 10 s); what came back, as text.
+pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    // The proxy may answer and close before reading everything (431): a failed write
+    // is part of the exchange.
+    let _ = s.write_all(bytes).await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .expect("the proxy kept the connection open");
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
 /// The built-in demo backend, named `name`.
 pub async fn named_backend(name: &str) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
