@@ -284,7 +284,7 @@ impl AccessRecord {
         format: AccessLog,
         sink: &AccessLogSink,
         start: Instant,
-        method: &http::Method,
+        method: &str,
         path: &str,
         request_id: Option<&HeaderValue>,
     ) -> Option<Box<Self>> {
@@ -295,7 +295,7 @@ impl AccessRecord {
             format,
             sink: sink.clone(),
             start,
-            method: method.as_str().to_owned(),
+            method: method.to_owned(),
             path: path.to_owned(),
             status: 0,
             pool: None,
@@ -351,14 +351,7 @@ mod tests {
     fn record(format: AccessLog) -> Option<Box<AccessRecord>> {
         let id = HeaderValue::from_static("rid-1");
         let sink = AccessLogSink::to_writer(std::io::sink(), 1);
-        let mut r = AccessRecord::new(
-            format,
-            &sink,
-            Instant::now(),
-            &http::Method::POST,
-            "/cart/1",
-            Some(&id),
-        )?;
+        let mut r = AccessRecord::new(format, &sink, Instant::now(), "POST", "/cart/1", Some(&id))?;
         r.status = 201;
         r.pool = Some("carts".into());
         r.backend = Some("cart-2".into());

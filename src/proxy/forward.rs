@@ -92,12 +92,11 @@ impl Proxy {
             rt.config.server.access_log,
             &self.shared.access_log,
             Instant::now(),
-            &Method::GET,
+            "-",
             "-",
             None,
         );
         if let Some(mut r) = record {
-            r.method = "-".to_owned();
             r.status = status;
             r.emit();
         }
@@ -149,7 +148,7 @@ impl Proxy {
                 rt.config.server.access_log,
                 &self.shared.access_log,
                 start,
-                req.method(),
+                req.method().as_str(),
                 req.uri().path(),
                 Some(&request_id),
             ));
