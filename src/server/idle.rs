@@ -340,28 +340,32 @@ impl ActiveRequest {
     /// The body is polled: the part handed on last (`held`), if any, is on its way.
     #[inline]
     pub fn polled(&self, held: &mut bool) {
-        let a = &self.0;
-        if !a.http2.load(Ordering::Relaxed) {
-            return;
+        if self.progress() {
+            self.release(held);
         }
-        a.progress_ms.store(a.now_ms(), Ordering::Relaxed);
-        self.release(held);
     }
 
     /// A part of the body is handed on: on HTTP/2, hyper polls the body again only once
     /// the client has granted room for it. `held` is the body's own note of it.
     #[inline]
     pub fn handed(&self, held: &mut bool) {
+        if self.progress() && !*held {
+            *held = true;
+            // Release: a watchdog that counts this part sees the progress stamp.
+            self.0.held.fetch_add(1, Ordering::Release);
+        }
+    }
+
+    /// On an HTTP/2 connection, stamps the time a response body moved; false on others,
+    /// where the socket shows whether the client takes what it is sent.
+    #[inline]
+    fn progress(&self) -> bool {
         let a = &self.0;
         if !a.http2.load(Ordering::Relaxed) {
-            return;
+            return false;
         }
         a.progress_ms.store(a.now_ms(), Ordering::Relaxed);
-        if !*held {
-            *held = true;
-            // Release: a watchdog that counts this part sees the stamp above.
-            a.held.fetch_add(1, Ordering::Release);
-        }
+        true
     }
 
     /// Forgets the body's part held, if any: the body is done.
