@@ -334,6 +334,7 @@ pub fn status(rt: &Runtime, reloader: &Reloader) -> serde_json::Value {
                         "in_flight": b.in_flight(),
                         "requests": b.requests(),
                         "connections_opened": b.pool.connections_opened(),
+                        "open_connections": b.pool.open_count(),
                         "idle_connections": b.pool.idle_count(),
                     })
                 })

@@ -83,6 +83,12 @@ pub fn render(
         "Connections opened to a backend; compare with requests to see reuse.",
         &["pool", "backend"],
     )?;
+    let open = gauge_vec(
+        &r,
+        "switchyard_upstream_connections_open",
+        "Connections open to a backend: busy, idle, or finishing an upload.",
+        &["pool", "backend"],
+    )?;
     let up = gauge_vec(
         &r,
         "switchyard_backend_up",
@@ -177,6 +183,8 @@ pub fn render(
             opened
                 .with_label_values(&labels)
                 .inc_by(b.stats.connections_opened());
+            open.with_label_values(&labels)
+                .set(b.pool.open_count() as i64);
             up.with_label_values(&labels)
                 .set(i64::from(b.health.is_up()));
             in_flight

@@ -1270,6 +1270,23 @@ fn retries_out_of_range() {
 }
 
 #[test]
+fn max_connections_per_backend_out_of_range() {
+    for (value, message) in [
+        ("0", "0 is out of range; expected 1 to 1000000"),
+        ("1000001", "1000001 is out of range; expected 1 to 1000000"),
+    ] {
+        let text = format!("{WEB}max_connections_per_backend = {value}\n");
+        assert_err(
+            &text,
+            "pools.web.max_connections_per_backend",
+            3,
+            Some(31),
+            message,
+        );
+    }
+}
+
+#[test]
 fn negative_workers() {
     let text = format!("[server]\nworkers = -1\n{WEB}");
     assert_err(&text, "server.workers", 2, Some(11), "-1 is out of range");
@@ -1411,6 +1428,7 @@ fn defaults() {
     assert_eq!(p.retries, 2);
     assert_eq!(p.upstream_idle_timeout, Duration::from_secs(60));
     assert_eq!(p.max_idle_per_backend, 256);
+    assert_eq!(p.max_connections_per_backend, None);
     assert_eq!(p.backends.len(), 1);
     assert_eq!(p.backends[0].weight, 1);
     assert!(c.source.is_none());
@@ -1447,6 +1465,7 @@ response_timeout = "1h"
 retries = 0
 upstream_idle_timeout = "90s"
 max_idle_per_backend = 0
+max_connections_per_backend = 500
 "#;
     let c = ok(text);
     let s = &c.server;
@@ -1482,6 +1501,7 @@ max_idle_per_backend = 0
     assert_eq!(p.retries, 0);
     assert_eq!(p.upstream_idle_timeout, Duration::from_secs(90));
     assert_eq!(p.max_idle_per_backend, 0);
+    assert_eq!(p.max_connections_per_backend, Some(500));
 }
 
 #[test]

@@ -56,6 +56,7 @@ async fn metrics_count_known_traffic() {
         "switchyard_request_duration_seconds",
         "switchyard_upstream_connect_errors_total",
         "switchyard_upstream_connections_opened_total",
+        "switchyard_upstream_connections_open",
         "switchyard_backend_up",
         "switchyard_backend_in_flight",
         "switchyard_downstream_connections_active",

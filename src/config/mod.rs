@@ -198,6 +198,9 @@ pub struct PoolConfig {
     pub upstream_idle_timeout: Duration,
     /// At most this many idle upstream connections are kept per backend.
     pub max_idle_per_backend: usize,
+    /// At most this many connections (busy, idle, or finishing an upload) are open to
+    /// each backend; `None` = no limit.
+    pub max_connections_per_backend: Option<usize>,
     /// How long a draining backend keeps serving its existing affinity.
     pub drain_timeout: Duration,
     pub affinity: AffinityConfig,

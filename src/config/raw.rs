@@ -77,6 +77,7 @@ pub struct RawPool {
     pub retries: Option<Spanned<i64>>,
     pub upstream_idle_timeout: Option<Spanned<String>>,
     pub max_idle_per_backend: Option<Spanned<i64>>,
+    pub max_connections_per_backend: Option<Spanned<i64>>,
     pub drain_timeout: Option<Spanned<String>>,
     pub sticky: Option<Spanned<RawSticky>>,
     pub learn: Option<Spanned<RawLearn>>,

@@ -487,6 +487,15 @@ fn pool(cx: &Ctx, n: &str, raw: &Spanned<RawPool>) -> Result<PoolConfig, ConfigE
             0..100_001,
             256,
         )? as usize,
+        max_connections_per_backend: match &p.max_connections_per_backend {
+            None => None,
+            Some(_) => Some(cx.int(
+                &p.max_connections_per_backend,
+                &key("max_connections_per_backend"),
+                1..1_000_001,
+                0,
+            )? as usize),
+        },
         drain_timeout,
         affinity,
         health: match &p.health {

@@ -51,6 +51,7 @@ impl ProxyError {
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::NoBackend { .. }
+            | ProxyError::Connect(UpstreamError::Full { .. })
             | ProxyError::AllUnreachable { .. }
             | ProxyError::Rejected { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect(_) | ProxyError::Upstream(_) | ProxyError::BadResponse(_) => {

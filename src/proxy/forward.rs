@@ -382,8 +382,21 @@ fn forward<'a>(
         // connection after the request was sent.
         let mut unreachable: Option<(UpstreamError, &Arc<Backend>)> = None;
         let mut reset: Option<(hyper::Error, &Arc<Backend>)> = None;
+        // The first candidate passed over because it had its connections busy, and
+        // whether it is now tried, waiting for one, as nothing else served the request.
+        let mut full = None;
+        let mut waiting = false;
         let result = 'candidates: loop {
-            let Some(i) = plan.next(pool) else { break None };
+            let i = match plan.next(pool) {
+                Some(i) => i,
+                None => match full.take() {
+                    Some(i) => {
+                        waiting = true;
+                        i
+                    }
+                    None => break None,
+                },
+            };
             // Retries ran out, or the pool's retry budget is spent, while the pool still
             // had candidates.
             if attempts == budget || (was_sent && !pool.state.take_retry()) {
@@ -406,8 +419,25 @@ fn forward<'a>(
                     mut tx,
                     mut reused,
                     at_once,
-                } = match backend.pool.checkout(now).await {
+                } = match backend
+                    .pool
+                    .checkout(now, waiting || plan.is_pinned(i))
+                    .await
+                {
                     Ok(conn) => conn,
+                    Err(UpstreamError::Full { .. }) if !waiting && !plan.is_pinned(i) => {
+                        // Not a failure of the backend, nor an attempt: another
+                        // candidate may have room, else this one is waited for.
+                        full.get_or_insert(i);
+                        attempts -= 1;
+                        continue 'candidates;
+                    }
+                    Err(e @ UpstreamError::Full { .. }) => {
+                        if let Some(o) = plan.outcome {
+                            pool.count_outcome(o);
+                        }
+                        return Err(failed(pool, Some(backend), ProxyError::Connect(e)));
+                    }
                     Err(e) => {
                         unreachable = Some((count_unreachable(pool, backend, e), backend));
                         break 'attempt;

@@ -12,7 +12,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -23,7 +23,7 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 use tokio::task::AbortHandle;
 use tokio::time::Sleep;
 
@@ -451,6 +451,10 @@ pub enum UpstreamError {
     Handshake { addr: String, source: hyper::Error },
     #[error("connection to {addr} closed before the request was sent: {source}")]
     Closed { addr: String, source: hyper::Error },
+    /// The backend has `max_connections_per_backend` connections open, none of them
+    /// free (and, when waiting was allowed, none came free within the connect timeout).
+    #[error("{addr} has its {limit} connections busy")]
+    Full { addr: String, limit: usize },
 }
 
 #[derive(Debug)]
@@ -463,6 +467,8 @@ struct Idle {
 #[derive(Debug, Clone, Copy)]
 struct Settings {
     max_idle: usize,
+    /// `max_connections_per_backend`; 0 = no limit.
+    max_open: usize,
     idle_timeout: Duration,
     connect_timeout: Duration,
 }
@@ -471,6 +477,7 @@ impl Settings {
     fn of(pool: &PoolConfig) -> Self {
         Settings {
             max_idle: pool.max_idle_per_backend,
+            max_open: pool.max_connections_per_backend.unwrap_or(0),
             idle_timeout: pool.upstream_idle_timeout,
             connect_timeout: pool.connect_timeout,
         }
@@ -495,6 +502,35 @@ pub struct ConnPool {
     max_head: usize,
     /// Counts connections opened: against the request count it shows reuse.
     stats: Arc<BackendStats>,
+    /// The connections open, and word of one freed.
+    open: Arc<Open>,
+}
+
+/// Counts a backend's open connections (busy, idle, or finishing an upload), and wakes
+/// a request waiting for one: when an idle one comes back, or one closes.
+#[derive(Debug, Default)]
+struct Open {
+    count: AtomicUsize,
+    freed: Notify,
+}
+
+/// One of a backend's open connections, counted while its task runs.
+#[derive(Debug)]
+struct Counted(Arc<Open>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::AcqRel);
+        self.0.freed.notify_one();
+    }
+}
+
+/// What a wait for room to connect ended with.
+enum Room {
+    /// Room for one more connection, taken.
+    Taken(Counted),
+    /// An idle connection came back: the caller looks at the idle list again.
+    IdleBack,
 }
 
 /// A connection checked out of the pool (or freshly opened).
@@ -528,6 +564,7 @@ impl ConnPool {
                 settings: Settings::of(pool),
             }),
             stats,
+            open: Arc::default(),
         }
     }
 
@@ -537,6 +574,11 @@ impl ConnPool {
 
     pub fn idle_count(&self) -> usize {
         self.lock().conns.len()
+    }
+
+    /// Connections open to the backend: busy, idle, or finishing an upload.
+    pub fn open_count(&self) -> usize {
+        self.open.count.load(Ordering::Acquire)
     }
 
     pub fn idle_timeout(&self) -> Duration {
@@ -549,6 +591,8 @@ impl ConnPool {
         self.lock().settings = Settings::of(pool);
         // Now, rather than when the reaper next looks, which the old timeout timed.
         self.prune();
+        // A raised limit may make room for requests waiting.
+        self.open.freed.notify_waiters();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Slots> {
@@ -558,8 +602,14 @@ impl ConnPool {
 
     /// An idle connection that is ready for a request, or a new one. `now` is a recent
     /// reading of the clock (the request's start), which idle connections are checked
-    /// against for expiry.
-    pub async fn checkout(&self, mut now: Instant) -> Result<PooledConn, UpstreamError> {
+    /// against for expiry. When the backend has `max_connections_per_backend`
+    /// connections open and none idle, the request waits for one to come free, within
+    /// the connect timeout, if `wait`; else it is refused at once (`Full`).
+    pub async fn checkout(
+        &self,
+        mut now: Instant,
+        wait: bool,
+    ) -> Result<PooledConn, UpstreamError> {
         let mut waited = false;
         // Waits for connections that are not ready at once end together by this time, so
         // that several such connections cost one connect timeout at most, not one each.
@@ -570,7 +620,27 @@ impl ConnPool {
                 (slots.conns.pop(), slots.settings)
             };
             let Some(Idle { mut tx, since }) = idle else {
-                break;
+                // Boxed: connecting is the cold path, and its future is large; inline,
+                // it would grow every request's future (and each move of it).
+                let until = wait.then(|| {
+                    *wait_until.get_or_insert_with(|| {
+                        tokio::time::Instant::from_std(now) + settings.connect_timeout
+                    })
+                });
+                match Box::pin(self.open(until, true)).await? {
+                    Some(tx) => {
+                        return Ok(PooledConn {
+                            tx,
+                            reused: false,
+                            at_once: false,
+                        })
+                    }
+                    None => {
+                        waited = true;
+                        now = Instant::now();
+                        continue;
+                    }
+                }
             };
             if tx.tx.is_closed() || now.saturating_duration_since(since) >= settings.idle_timeout {
                 continue;
@@ -601,17 +671,77 @@ impl ConnPool {
                 });
             }
         }
-        // Boxed: connecting is the cold path, and its future is large; inline, it would
-        // grow every request's future (and each move of it).
-        Box::pin(self.connect()).await.map(|tx| PooledConn {
-            tx,
-            reused: false,
-            at_once: false,
-        })
     }
 
-    /// Opens a new connection within the connect timeout.
+    /// A new connection, once there is room for it: at once, or by `until` if given.
+    /// With `idle_too`, `None` when an idle connection came back first.
+    async fn open(
+        &self,
+        until: Option<tokio::time::Instant>,
+        idle_too: bool,
+    ) -> Result<Option<Sender>, UpstreamError> {
+        let counted = match self.room(until, idle_too).await? {
+            Room::Taken(c) => c,
+            Room::IdleBack => return Ok(None),
+        };
+        self.dial(counted).await.map(Some)
+    }
+
+    /// Room for one more connection to the backend under its limit, waiting for it
+    /// until `until` (if given) for a connection to close or, with `idle_too`, to
+    /// come back idle.
+    async fn room(
+        &self,
+        until: Option<tokio::time::Instant>,
+        idle_too: bool,
+    ) -> Result<Room, UpstreamError> {
+        loop {
+            // Registered before looking, so that what is freed after the look wakes it.
+            let freed = self.open.freed.notified();
+            let mut freed = std::pin::pin!(freed);
+            freed.as_mut().enable();
+            let (limit, idle) = {
+                let slots = self.lock();
+                (slots.settings.max_open, !slots.conns.is_empty())
+            };
+            if idle_too && idle {
+                return Ok(Room::IdleBack);
+            }
+            let taken = self
+                .open
+                .count
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (limit == 0 || n < limit).then_some(n + 1)
+                });
+            if taken.is_ok() {
+                return Ok(Room::Taken(Counted(self.open.clone())));
+            }
+            let full = || UpstreamError::Full {
+                addr: self.addr.to_string(),
+                limit,
+            };
+            let Some(until) = until else {
+                return Err(full());
+            };
+            if tokio::time::timeout_at(until, freed).await.is_err() {
+                return Err(full());
+            }
+        }
+    }
+
+    /// Opens a new connection within the connect timeout, after waiting (as long again
+    /// at most) for room under the backend's connection limit.
     pub async fn connect(&self) -> Result<Sender, UpstreamError> {
+        let until = tokio::time::Instant::now() + self.lock().settings.connect_timeout;
+        loop {
+            if let Some(tx) = self.open(Some(until), false).await? {
+                return Ok(tx);
+            }
+        }
+    }
+
+    /// Opens a new connection, counted by `counted`, within the connect timeout.
+    async fn dial(&self, counted: Counted) -> Result<Sender, UpstreamError> {
         let addr = || self.addr.to_string();
         let connect_timeout = self.lock().settings.connect_timeout;
         let stream = match tokio::time::timeout(connect_timeout, connect_tcp(&self.addr)).await {
@@ -662,6 +792,7 @@ impl ConnPool {
         let (done_tx, done) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let _done = done_tx;
+            let _counted = counted;
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }
@@ -714,6 +845,10 @@ impl ConnPool {
         }
         if slots.conns.len() < max_idle {
             slots.conns.push(Idle { tx, since: now });
+            if slots.settings.max_open != 0 {
+                drop(slots);
+                self.open.freed.notify_one();
+            }
         }
     }
 

@@ -1,0 +1,281 @@
+//! `max_connections_per_backend`: a backend never has more connections open than its
+//! limit; a request finding them all busy goes to another backend that has room, or
+//! waits for one to come free (a client pinned to the backend always waits), for at most
+//! the connect timeout, then gets `503`.
+
+mod common;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, Semaphore};
+
+/// Upper bound for waits that should end much sooner; a failure, never a sync point.
+const LIMIT: Duration = Duration::from_secs(10);
+
+/// A backend answering with its name, which counts the connections it accepts and, while
+/// `hold` is set, holds each request until a permit of `release` is added for it.
+struct Gated {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    hold: Arc<AtomicBool>,
+    release: Arc<Semaphore>,
+    /// One message per request that arrived.
+    arrived: mpsc::UnboundedReceiver<()>,
+}
+
+impl Gated {
+    async fn start(name: &'static str) -> Gated {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let hold = Arc::new(AtomicBool::new(true));
+        let release = Arc::new(Semaphore::new(0));
+        let (tx, arrived) = mpsc::unbounded_channel();
+        let (count, held, gate) = (accepted.clone(), hold.clone(), release.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let (tx, held, gate) = (tx.clone(), held.clone(), gate.clone());
+                let svc = service_fn(move |_req| {
+                    let (tx, held, gate) = (tx.clone(), held.clone(), gate.clone());
+                    async move {
+                        let _ = tx.send(());
+                        if held.load(Ordering::SeqCst) {
+                            gate.acquire().await.unwrap().forget();
+                        }
+                        Ok::<_, Infallible>(text(name))
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc),
+                );
+            }
+        });
+        Gated {
+            addr,
+            accepted,
+            hold,
+            release,
+            arrived,
+        }
+    }
+
+    /// Waits until `n` more requests have arrived.
+    async fn wait_arrivals(&mut self, n: usize) {
+        for _ in 0..n {
+            tokio::time::timeout(LIMIT, self.arrived.recv())
+                .await
+                .expect("a request should reach the backend")
+                .unwrap();
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+/// A GET on a connection of its own, run in the background.
+fn spawn_get(
+    proxy: SocketAddr,
+    req: http::Request<http_body_util::Full<bytes::Bytes>>,
+) -> tokio::task::JoinHandle<Got> {
+    tokio::spawn(async move { fetch(proxy, req).await })
+}
+
+async fn joined(h: tokio::task::JoinHandle<Got>) -> Got {
+    tokio::time::timeout(LIMIT, h)
+        .await
+        .expect("the request should end")
+        .unwrap()
+}
+
+/// Polls `/status` until the backend `id` has `n` requests in flight.
+async fn wait_in_flight(proxy: &TestProxy, id: &str, n: u64) {
+    let start = Instant::now();
+    loop {
+        let s = status(proxy).await;
+        let b = s["pools"][0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["id"] == id)
+            .cloned()
+            .unwrap();
+        if b["in_flight"] == n {
+            return;
+        }
+        assert!(start.elapsed() < LIMIT, "in flight never reached {n}: {b}");
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn a_request_waits_for_a_busy_backends_connection_and_gets_503_if_none_comes_free() {
+    let mut b = Gated::start("a").await;
+    let proxy = TestProxy::start(&config(&format!(
+        "[pools.p]\nbackends = [{{ address = \"{}\", id = \"a\" }}]\nmax_connections_per_backend = 2\nconnect_timeout = \"300ms\"\n",
+        b.addr
+    )))
+    .await;
+
+    // Two requests take both connections.
+    let first = spawn_get(proxy.addr, get("/1"));
+    let second = spawn_get(proxy.addr, get("/2"));
+    b.wait_arrivals(2).await;
+
+    // A third finds no room and waits out the connect timeout: 503. (A wait that is
+    // timed: the timeout's passing is what is under test.)
+    let started = Instant::now();
+    let third = fetch(proxy.addr, get("/3")).await;
+    assert_eq!(third.status, 503, "{:?}", third.body);
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(b.accepted(), 2);
+
+    // A fourth waits, and is served on the first connection that comes free.
+    let fourth = spawn_get(proxy.addr, get("/4"));
+    wait_in_flight(&proxy, "a", 3).await;
+    b.release.add_permits(1);
+    b.wait_arrivals(1).await;
+    b.release.add_permits(2);
+    for h in [first, second, fourth] {
+        let got = joined(h).await;
+        assert_eq!(got.status, 200);
+        assert_eq!(got.body, "a");
+    }
+    // Never a third connection.
+    assert_eq!(b.accepted(), 2);
+    let s = status(&proxy).await;
+    let a = &s["pools"][0]["backends"][0];
+    assert_eq!(a["open_connections"], 2, "{a}");
+    assert_eq!(a["connections_opened"], 2, "{a}");
+    let text = metrics_text(&proxy).await;
+    assert!(
+        text.contains("switchyard_upstream_connections_open{backend=\"a\",pool=\"p\"} 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("switchyard_requests_total{backend=\"a\",code=\"5xx\",pool=\"p\"} 1"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_backend_with_its_connections_busy_is_passed_over_for_one_with_room() {
+    let mut a = Gated::start("a").await;
+    let b = named_backend("b").await;
+    let proxy = TestProxy::start(&config(&format!(
+        "[pools.p]\nbackends = [{{ address = \"{}\", id = \"a\" }}, {{ address = \"{b}\", id = \"b\" }}]\nmax_connections_per_backend = 1\nretries = 0\n",
+        a.addr
+    )))
+    .await;
+    // Until round robin sends one to `a`, which holds it.
+    let mut held = None;
+    for _ in 0..2 {
+        let mut h = spawn_get(proxy.addr, get("/"));
+        tokio::select! {
+            r = a.arrived.recv() => {
+                r.unwrap();
+                held = Some(h);
+                break;
+            }
+            got = &mut h => assert_eq!(got.unwrap().backend(), "b"),
+        }
+    }
+    let held = held.expect("round robin reaches a within two requests");
+    // Every request now goes to `b`, even with no retry allowed: passing over a
+    // backend that has no room is not a retry.
+    for _ in 0..4 {
+        let got = tokio::time::timeout(LIMIT, fetch(proxy.addr, get("/")))
+            .await
+            .expect("b should answer at once");
+        assert_eq!(got.status, 200);
+        assert_eq!(got.backend(), "b");
+    }
+    a.release.add_permits(1);
+    assert_eq!(joined(held).await.body, "a");
+    assert_eq!(a.accepted(), 1);
+}
+
+#[tokio::test]
+async fn a_client_pinned_to_a_busy_backend_waits_for_it_rather_than_moving() {
+    let mut a = Gated::start("a").await;
+    let mut b = Gated::start("b").await;
+    for g in [&a, &b] {
+        g.hold.store(false, Ordering::SeqCst);
+    }
+    let env = "SWITCHYARD_TEST_SECRET_CONNECTION_LIMIT";
+    std::env::set_var(env, "a test secret of more than sixteen bytes");
+    let proxy = TestProxy::start(&config(&format!(
+        "[pools.p]\npolicy = \"sticky_cookie\"\nbackends = [{{ address = \"{}\", id = \"a\" }}, {{ address = \"{}\", id = \"b\" }}]\nmax_connections_per_backend = 1\nconnect_timeout = \"5s\"\n[pools.p.sticky]\ncookie = \"SY\"\nsecret_env = \"{env}\"\n",
+        a.addr, b.addr
+    )))
+    .await;
+    let first = fetch(proxy.addr, get("/")).await;
+    let pinned = String::from_utf8(first.body.to_vec()).unwrap();
+    let cookie = first.headers["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let g = if pinned == "a" { &mut a } else { &mut b };
+    g.wait_arrivals(1).await;
+    g.hold.store(true, Ordering::SeqCst);
+
+    let holding = spawn_get(proxy.addr, get_with_cookie("/", &cookie));
+    g.wait_arrivals(1).await;
+    let waiting = spawn_get(proxy.addr, get_with_cookie("/", &cookie));
+    wait_in_flight(&proxy, &pinned, 2).await;
+    g.release.add_permits(2);
+    for h in [holding, waiting] {
+        let got = joined(h).await;
+        assert_eq!(got.status, 200);
+        assert_eq!(String::from_utf8(got.body.to_vec()).unwrap(), pinned);
+    }
+    assert_eq!(g.accepted(), 1);
+    let s = status(&proxy).await;
+    let affinity = &s["pools"][0]["affinity"];
+    assert_eq!(affinity["redispatched"], 0, "{s}");
+    assert_eq!(affinity["hit"], 2, "{s}");
+}
+
+#[tokio::test]
+async fn a_raised_limit_lets_a_waiting_request_through() {
+    let mut b = Gated::start("a").await;
+    let addr = b.addr;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchyard.toml");
+    let file = |limit: usize| {
+        config(&format!(
+            "[pools.p]\nbackends = [{{ address = \"{}\", id = \"a\" }}]\nmax_connections_per_backend = {limit}\nconnect_timeout = \"1h\"\n",
+            addr
+        ))
+    };
+    std::fs::write(&path, file(1)).unwrap();
+    let (proxy, reloader) = TestProxy::start_file(&path).await;
+    let first = spawn_get(proxy.addr, get("/1"));
+    b.wait_arrivals(1).await;
+    let second = spawn_get(proxy.addr, get("/2"));
+    wait_in_flight(&proxy, "a", 2).await;
+
+    std::fs::write(&path, file(2)).unwrap();
+    reloader.reload_async().await.expect("the reload applies");
+    // The waiting request gets the room made for it.
+    b.wait_arrivals(1).await;
+    b.release.add_permits(2);
+    for h in [first, second] {
+        assert_eq!(joined(h).await.status, 200);
+    }
+    assert_eq!(b.accepted(), 2);
+}
