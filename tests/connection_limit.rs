@@ -279,3 +279,45 @@ async fn a_raised_limit_lets_a_waiting_request_through() {
     }
     assert_eq!(b.accepted(), 2);
 }
+
+#[tokio::test]
+async fn a_lowered_limit_closes_connections_as_they_come_back() {
+    let mut b = Gated::start("a").await;
+    let addr = b.addr;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchyard.toml");
+    let file = |limit: usize| {
+        config(&format!(
+            "[pools.p]\nbackends = [{{ address = \"{addr}\", id = \"a\" }}]\nmax_connections_per_backend = {limit}\n"
+        ))
+    };
+    std::fs::write(&path, file(3)).unwrap();
+    let (proxy, reloader) = TestProxy::start_file(&path).await;
+    let held: Vec<_> = (0..3)
+        .map(|i| spawn_get(proxy.addr, get(&format!("/{i}"))))
+        .collect();
+    b.wait_arrivals(3).await;
+
+    std::fs::write(&path, file(1)).unwrap();
+    reloader.reload_async().await.expect("the reload applies");
+    b.release.add_permits(3);
+    for h in held {
+        assert_eq!(joined(h).await.status, 200);
+    }
+    // Two of the three are closed as they come back; one stays for reuse.
+    let start = Instant::now();
+    loop {
+        let s = status(&proxy).await;
+        let a = &s["pools"][0]["backends"][0];
+        if a["open_connections"] == 1 && a["idle_connections"] == 1 {
+            break;
+        }
+        assert!(start.elapsed() < LIMIT, "still over the lowered limit: {a}");
+        tokio::task::yield_now().await;
+    }
+    b.hold.store(false, Ordering::SeqCst);
+    for _ in 0..3 {
+        assert_eq!(fetch(proxy.addr, get("/")).await.status, 200);
+    }
+    assert_eq!(b.accepted(), 3, "the one kept is reused");
+}

@@ -926,6 +926,39 @@ async fn a_websocket_tunnel_keeps_its_connection_slot() {
 }
 
 #[tokio::test]
+async fn a_websocket_tunnel_holds_its_backend_connection_under_the_limit() {
+    let a = ws_echo_backend().await;
+    let proxy = TestProxy::start(&config(&format!(
+        "[pools.p]\nbackends = [{{ address = \"{a}\", id = \"a\" }}]\n\
+         max_connections_per_backend = 1\nconnect_timeout = \"300ms\"\n"
+    )))
+    .await;
+    let open = |s: serde_json::Value| s["pools"][0]["backends"][0]["open_connections"].clone();
+    let mut ws = ws_connect(proxy.addr).await;
+    ws_echo(&mut ws, "one").await;
+    assert_eq!(open(status(&proxy).await), 1);
+    // The tunnel is the backend's one connection: a second upgrade finds no room.
+    match tokio_tungstenite::connect_async(format!("ws://{}/chat", proxy.addr)).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 503),
+        other => panic!("expected a 503, got {other:?}"),
+    }
+    ws_echo(&mut ws, "two").await;
+    ws.close(None).await.unwrap();
+    drop(ws);
+    // Once the tunnel has closed, its connection is no longer counted.
+    let start = std::time::Instant::now();
+    while open(status(&proxy).await) != 0 {
+        assert!(
+            start.elapsed() < LIMIT,
+            "the tunnel's connection stayed counted"
+        );
+        tokio::task::yield_now().await;
+    }
+    let mut ws = ws_connect(proxy.addr).await;
+    ws_echo(&mut ws, "three").await;
+}
+
+#[tokio::test]
 async fn shutdown_closes_tunnels_when_the_grace_period_is_over() {
     use futures_util::StreamExt;
 

@@ -433,10 +433,7 @@ fn forward<'a>(
                         continue 'candidates;
                     }
                     Err(e @ UpstreamError::Full { .. }) => {
-                        if let Some(o) = plan.outcome {
-                            pool.count_outcome(o);
-                        }
-                        return Err(failed(pool, Some(backend), ProxyError::Connect(e)));
+                        return Err(busy(pool, &plan, backend, e, reset));
                     }
                     Err(e) => {
                         unreachable = Some((count_unreachable(pool, backend, e), backend));
@@ -550,6 +547,9 @@ fn forward<'a>(
                         Err(_) if resent => {
                             resend_failed = true;
                             break Some(Err(SendError::Reset(e)));
+                        }
+                        Err(e @ UpstreamError::Full { .. }) => {
+                            return Err(busy(pool, &plan, backend, e, reset));
                         }
                         Err(e) => break Some(Err(SendError::Connect(e))),
                     }
@@ -689,6 +689,27 @@ fn forward<'a>(
         }
         answered(pool, &plan, i, &mut resp, backend, client.tls);
         Ok((resp, reusable.then_some(tx), in_flight))
+    }
+}
+
+/// A request that waited for a free connection to `backend` in vain (`503`): not the
+/// backend's failure, so neither outlier detection nor affinity hears of it. A reset by
+/// a backend tried before is the answer instead (`502`).
+#[cold]
+#[inline(never)]
+fn busy(
+    pool: &Pool,
+    plan: &Plan,
+    backend: &Arc<Backend>,
+    e: UpstreamError,
+    reset: Option<(hyper::Error, &Arc<Backend>)>,
+) -> ProxyError {
+    if let Some(o) = plan.outcome {
+        pool.count_outcome(o);
+    }
+    match reset {
+        Some((e, backend)) => failed(pool, Some(backend), ProxyError::Upstream(e)),
+        None => failed(pool, Some(backend), ProxyError::Connect(e)),
     }
 }
 

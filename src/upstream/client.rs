@@ -147,6 +147,10 @@ impl Sender {
 }
 
 /// [`ConnState::phase`] values.
+const SOCKET_OPEN: u8 = 0;
+const SOCKET_CLOSING: u8 = 1;
+const SOCKET_GONE: u8 = 2;
+
 const IDLE: u8 = 0;
 const READING: u8 = 1;
 const CUT: u8 = 2;
@@ -180,6 +184,10 @@ struct ConnState {
     orphaned: AtomicBool,
     /// Set when the connection may carry no further request.
     retired: AtomicBool,
+    /// `SOCKET_CLOSING` when the connection is closed for being over a lowered
+    /// `max_connections_per_backend` (counted as closing until its socket goes),
+    /// `SOCKET_GONE` once its socket went.
+    over_limit: AtomicU8,
     /// Set when the connection is given up on: its socket is reset when dropped.
     reset: AtomicBool,
     /// The connection's task (kept here rather than in the `Sender`, which requests
@@ -250,6 +258,9 @@ fn lock(head: &Mutex<Vec<u8>>) -> std::sync::MutexGuard<'_, Vec<u8>> {
 struct HeadCopy<T: Reset> {
     inner: T,
     state: Arc<ConnState>,
+    /// Counts the socket among the backend's open connections for as long as it lives:
+    /// through an upgrade too, when hyper hands it on to a tunnel.
+    _counted: Counted,
 }
 
 /// A socket that can be told to reset, rather than close, when it is dropped.
@@ -267,6 +278,9 @@ impl<T: Reset> Drop for HeadCopy<T> {
     fn drop(&mut self) {
         if self.state.reset.load(Ordering::Relaxed) {
             self.inner.reset_when_dropped();
+        }
+        if self.state.over_limit.swap(SOCKET_GONE, Ordering::AcqRel) == SOCKET_CLOSING {
+            self._counted.0.closing.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }
@@ -511,10 +525,36 @@ pub struct ConnPool {
 #[derive(Debug, Default)]
 struct Open {
     count: AtomicUsize,
+    /// Of those, the ones closed for being over a lowered limit whose sockets are not
+    /// yet let go of.
+    closing: AtomicUsize,
     freed: Notify,
 }
 
-/// One of a backend's open connections, counted while its task runs.
+impl Open {
+    /// The connections open and not on their way out.
+    fn staying(&self) -> usize {
+        let closing = self.closing.load(Ordering::Acquire);
+        self.count.load(Ordering::Acquire).saturating_sub(closing)
+    }
+
+    /// Closes `tx` for being over a lowered limit. Counted as closing until its socket
+    /// goes, unless it went already (the backend may have closed it meanwhile).
+    fn close_over_limit(&self, tx: Sender) {
+        self.closing.fetch_add(1, Ordering::AcqRel);
+        let marked = tx.state.over_limit.compare_exchange(
+            SOCKET_OPEN,
+            SOCKET_CLOSING,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        if marked.is_err() {
+            self.closing.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// One of a backend's open connections, counted for as long as its socket lives.
 #[derive(Debug)]
 struct Counted(Arc<Open>);
 
@@ -704,7 +744,7 @@ impl ConnPool {
                 let slots = self.lock();
                 (slots.settings.max_open, !slots.conns.is_empty())
             };
-            if idle_too && idle {
+            if idle && idle_too {
                 return Ok(Room::IdleBack);
             }
             let taken = self
@@ -715,6 +755,20 @@ impl ConnPool {
                 });
             if taken.is_ok() {
                 return Ok(Room::Taken(Counted(self.open.clone())));
+            }
+            if idle {
+                // A new connection is wanted, not an idle one (one found closed is being
+                // replaced): it takes the place of the oldest idle one, which closes.
+                // Over the limit by one only until that one's socket is let go of.
+                let oldest = {
+                    let mut slots = self.lock();
+                    (!slots.conns.is_empty()).then(|| slots.conns.remove(0))
+                };
+                if let Some(oldest) = oldest {
+                    self.open.count.fetch_add(1, Ordering::AcqRel);
+                    self.open.close_over_limit(oldest.tx);
+                    return Ok(Room::Taken(Counted(self.open.clone())));
+                }
             }
             let full = || UpstreamError::Full {
                 addr: self.addr.to_string(),
@@ -740,7 +794,8 @@ impl ConnPool {
         }
     }
 
-    /// Opens a new connection, counted by `counted`, within the connect timeout.
+    /// Opens a new connection, counted by `counted` for as long as its socket lives,
+    /// within the connect timeout.
     async fn dial(&self, counted: Counted) -> Result<Sender, UpstreamError> {
         let addr = || self.addr.to_string();
         let connect_timeout = self.lock().settings.connect_timeout;
@@ -782,6 +837,7 @@ impl ConnPool {
             .handshake(TokioIo::new(HeadCopy {
                 inner: stream,
                 state: state.clone(),
+                _counted: counted,
             }))
             .await
             .map_err(|source| UpstreamError::Handshake {
@@ -792,7 +848,6 @@ impl ConnPool {
         let (done_tx, done) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let _done = done_tx;
-            let _counted = counted;
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }
@@ -844,8 +899,15 @@ impl ConnPool {
             slots.conns.remove(0);
         }
         if slots.conns.len() < max_idle {
+            let max_open = slots.settings.max_open;
+            // Over a lowered `max_connections_per_backend`: closed as it comes back,
+            // rather than kept busy above the limit.
+            if max_open != 0 && self.open.staying() > max_open {
+                self.open.close_over_limit(tx);
+                return;
+            }
             slots.conns.push(Idle { tx, since: now });
-            if slots.settings.max_open != 0 {
+            if max_open != 0 {
                 drop(slots);
                 self.open.freed.notify_one();
             }
@@ -868,6 +930,16 @@ impl ConnPool {
             // Over a lowered limit: the oldest go.
             let over = keep.len().saturating_sub(max_idle);
             gone.extend(keep.drain(..over));
+            // Over a lowered `max_connections_per_backend` too (counting as open
+            // those that go already, and those closed for it before).
+            let max_open = slots.settings.max_open;
+            if max_open != 0 {
+                let staying = self.open.staying().saturating_sub(gone.len());
+                let over = staying.saturating_sub(max_open).min(keep.len());
+                for c in keep.drain(..over) {
+                    self.open.close_over_limit(c.tx);
+                }
+            }
             slots.conns = keep;
             gone
         };
@@ -901,7 +973,14 @@ mod tests {
     fn socket(capacity: usize) -> (HeadCopy<tokio::io::DuplexStream>, tokio::io::DuplexStream) {
         let (near, far) = tokio::io::duplex(capacity);
         let state = Arc::new(ConnState::default());
-        (HeadCopy { inner: near, state }, far)
+        let open = Arc::new(Open::default());
+        open.count.store(1, Ordering::Relaxed);
+        let copy = HeadCopy {
+            inner: near,
+            state,
+            _counted: Counted(open),
+        };
+        (copy, far)
     }
 
     #[tokio::test]
@@ -942,5 +1021,87 @@ mod tests {
         let got = reader.await.unwrap();
         assert_eq!(got, [&head[..], b"next"].concat());
         assert_eq!(state.take_head().as_deref(), Some(&head[..]));
+    }
+
+    /// A pool of one backend that accepts connections and never answers, with
+    /// `max_connections_per_backend = 1`.
+    async fn pool_of_one(connect_timeout: &str) -> Arc<ConnPool> {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s);
+            }
+        });
+        let text = format!(
+            "[pools.p]\nbackends = [\"{a}\"]\nmax_connections_per_backend = 1\nconnect_timeout = \"{connect_timeout}\"\n"
+        );
+        let cfg = crate::config::parse(&text, "test.toml").unwrap();
+        Arc::new(ConnPool::new(
+            BackendAddr::Ip(a),
+            &cfg.pools[0],
+            &cfg.server.limits,
+            Arc::new(BackendStats::new("p", "a")),
+        ))
+    }
+
+    /// Lets the tasks spawned so far run until they wait (the test runtime has one
+    /// thread, and a wait for room does no I/O before it parks).
+    async fn let_run() {
+        tokio::task::yield_now().await;
+    }
+
+    #[tokio::test]
+    async fn a_connection_returned_idle_serves_whichever_waiter_it_wakes() {
+        let pool = pool_of_one("200ms").await;
+        let first = pool.checkout(Instant::now(), false).await.unwrap();
+        assert_eq!(pool.open_count(), 1);
+        // Full: refused at once when waiting is not allowed.
+        assert!(matches!(
+            pool.checkout(Instant::now(), false).await,
+            Err(UpstreamError::Full { limit: 1, .. })
+        ));
+
+        // A replacement for a connection found closed waits first, then a request.
+        let p = pool.clone();
+        let replacing = tokio::spawn(async move { p.connect().await });
+        let_run().await;
+        let p = pool.clone();
+        let waiting = tokio::spawn(async move { p.checkout(Instant::now(), true).await });
+        let_run().await;
+
+        // The connection comes back idle and wakes the replacement, which cannot use
+        // it: it closes it and takes its place, rather than wait on beside it.
+        pool.checkin(first.tx);
+        let _replaced = replacing
+            .await
+            .unwrap()
+            .expect("the replacement gets its new connection");
+        assert_eq!(pool.idle_count(), 0);
+        // The request waits on for the one connection, busy, and runs out of time.
+        assert!(matches!(
+            waiting.await.unwrap(),
+            Err(UpstreamError::Full { limit: 1, .. })
+        ));
+        assert_eq!(pool.open_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_request_takes_a_connection_returned_idle() {
+        let pool = pool_of_one("10s").await;
+        let first = pool.checkout(Instant::now(), false).await.unwrap();
+        let p = pool.clone();
+        let waiting = tokio::spawn(async move { p.checkout(Instant::now(), true).await });
+        let_run().await;
+        pool.checkin(first.tx);
+        let got = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("woken by the connection's return")
+            .unwrap()
+            .unwrap();
+        assert!(got.reused);
+        assert_eq!(pool.open_count(), 1);
+        assert_eq!(pool.stats.connections_opened(), 1);
     }
 }
