@@ -264,6 +264,9 @@ pub struct AccessRecord {
     sink: AccessLogSink,
     #[serde(skip)]
     pub start: Instant,
+    /// When the request began (its head was read), UTC, RFC 3339 with milliseconds
+    /// (filled in at emission).
+    pub time: String,
     pub method: String,
     pub path: String,
     pub status: u16,
@@ -295,6 +298,7 @@ impl AccessRecord {
             format,
             sink: sink.clone(),
             start,
+            time: String::new(),
             method: method.to_owned(),
             path: path.to_owned(),
             status: 0,
@@ -316,10 +320,20 @@ impl AccessRecord {
 
     /// Queues the line for writing.
     pub fn emit(mut self) {
-        self.total_seconds = self.start.elapsed().as_secs_f64();
+        self.finish();
         if let Some(line) = self.line() {
             self.sink.send(line);
         }
+    }
+
+    /// Fills in the fields known when the request ends: its total time, and when it
+    /// began.
+    fn finish(&mut self) {
+        let total = self.start.elapsed();
+        self.total_seconds = total.as_secs_f64();
+        let now = std::time::SystemTime::now();
+        let began = now.checked_sub(total).unwrap_or(now);
+        self.time = humantime::format_rfc3339_millis(began).to_string();
     }
 
     /// The line in the configured format.
@@ -328,7 +342,8 @@ impl AccessRecord {
             AccessLog::Off => return None,
             AccessLog::Json => serde_json::to_string(&self).unwrap_or_default(),
             AccessLog::Text => format!(
-                "{} {} {} pool={} backend={} upstream={} total={:.6} bytes={} id={}",
+                "{} {} {} {} pool={} backend={} upstream={} total={:.6} bytes={} id={}",
+                self.time,
                 self.method,
                 self.path,
                 self.status,
@@ -357,7 +372,24 @@ mod tests {
         r.backend = Some("cart-2".into());
         r.set_upstream(Duration::from_millis(1500));
         r.bytes = 42;
+        r.finish();
         Some(r)
+    }
+
+    /// The time at the start of a line, checked to be recent, and the rest of the line.
+    fn stamped(line: &str) -> &str {
+        let (time, rest) = line.split_once(' ').unwrap();
+        check_time(time);
+        rest
+    }
+
+    /// Checks that `time` is an RFC 3339 UTC time with milliseconds, within a minute
+    /// of now.
+    fn check_time(time: &str) {
+        assert_eq!(time.len(), "2026-01-01T00:00:00.000Z".len(), "{time}");
+        let t = humantime::parse_rfc3339(time).unwrap();
+        let ago = std::time::SystemTime::now().duration_since(t).unwrap();
+        assert!(ago < Duration::from_secs(60), "{time}");
     }
 
     #[test]
@@ -369,7 +401,8 @@ mod tests {
     fn text_line_has_every_field() {
         let line = record(AccessLog::Text).unwrap().line().unwrap();
         assert!(
-            line.starts_with("POST /cart/1 201 pool=carts backend=cart-2 upstream=1.500000 total="),
+            stamped(&line)
+                .starts_with("POST /cart/1 201 pool=carts backend=cart-2 upstream=1.500000 total="),
             "{line}"
         );
         assert!(line.ends_with(" bytes=42 id=rid-1"), "{line}");
@@ -388,6 +421,8 @@ mod tests {
         assert_eq!(v["bytes"], 42);
         assert_eq!(v["request_id"], "rid-1");
         assert!(v["total_seconds"].is_number());
+        check_time(v["time"].as_str().unwrap());
+        assert!(line.starts_with("{\"time\":"), "{line}");
     }
 
     /// A writer that stops in its first write until released, telling when it got there.
