@@ -2972,6 +2972,7 @@ async fn a_request_its_client_gave_up_on_is_logged_as_499() {
     let dead = dead_addr().await;
     let toml = format!(
         "[server]\nlisten = [\"127.0.0.1:0\"]\naccess_log = \"json\"\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n\
          [pools.web]\nretries = 0\nbackends = [{{ address = \"{a}\", id = \"web-1\" }}]\n\
          [[routes]]\npath_prefix = \"/dead\"\npool = \"gone\"\n[[routes]]\npool = \"web\"\n\
          [pools.gone]\nretries = 0\nbackends = [{{ address = \"{dead}\", id = \"gone-1\" }}]\n"
@@ -2999,6 +3000,12 @@ async fn a_request_its_client_gave_up_on_is_logged_as_499() {
     assert_eq!(v["path"], "/hold", "{v}");
     assert_eq!(v["backend"], "web-1", "{v}");
     assert_eq!(v["upstream_seconds"], serde_json::Value::Null, "{v}");
+    // Counted in its pool, as a backend's answer it never got is no backend's.
+    let text = metrics_text(&proxy).await;
+    assert!(
+        text.contains("switchyard_requests_total{backend=\"\",code=\"4xx\",pool=\"web\"} 1"),
+        "{text}"
+    );
     release.notify_waiters();
     // A backend that could not be reached is named too.
     assert_eq!(fetch(proxy.addr, get("/dead")).await.status, 503);

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access_log::{AccessLogSink, AccessRecord};
 use crate::affinity::{strip_cookie, Plan};
-use crate::pool::{Affinity, Outcome, Pool};
+use crate::pool::{Affinity, Outcome, Pool, PoolState};
 use crate::runtime::Runtime;
 use crate::server::idle::ActiveRequest;
 use crate::upstream::client::{Sender, UpstreamBody};
@@ -144,15 +144,18 @@ impl Proxy {
                 let pool = rt.route(host, req.uri().path());
                 (prepared.request_id, prepared.refusal, pool)
             };
-            let mut log = Unanswered(AccessRecord::new(
-                rt.config.server.access_log,
-                &self.shared.access_log,
-                start,
-                req.method().as_str(),
-                req.uri().path(),
-                Some(&request_id),
-            ));
-            let log = &mut log.0;
+            let mut unanswered = Unanswered(
+                AccessRecord::new(
+                    rt.config.server.access_log,
+                    &self.shared.access_log,
+                    start,
+                    req.method().as_str(),
+                    req.uri().path(),
+                    Some(&request_id),
+                ),
+                None,
+            );
+            let Unanswered(log, counted) = &mut unanswered;
 
             let result = match (pool, refusal) {
                 // A tunnel to wherever the client names is a forward proxy's job; and sent
@@ -167,7 +170,12 @@ impl Proxy {
                     if let Some(l) = log {
                         l.pool = Some(pool.name.to_string());
                     }
-                    forward(pool, req, client, upgrade, log, start).await
+                    if pool.metrics {
+                        *counted = Some(&pool.state);
+                    }
+                    let result = forward(pool, req, client, upgrade, log, start).await;
+                    *counted = None;
+                    result
                 }
             };
             let mut resp = match result {
@@ -231,19 +239,27 @@ impl Proxy {
     }
 }
 
-/// A request's access log record until its response is handed over: should the request
-/// end before that (an HTTP/2 client resets its stream, shutdown's grace period runs
-/// out), its line is written with status 499, nginx's "client closed request".
-struct Unanswered(Option<Box<AccessRecord>>);
+/// A request's access log record until its response is handed over, and its pool's
+/// counts while it is forwarded: should the request end before that (an HTTP/2 client
+/// resets its stream, shutdown's grace period runs out), its line is written with
+/// status 499, nginx's "client closed request", and it counts as such in the pool, with
+/// no backend (it got no backend's answer).
+struct Unanswered<'a>(Option<Box<AccessRecord>>, Option<&'a PoolState>);
 
-impl Drop for Unanswered {
+impl Drop for Unanswered<'_> {
     fn drop(&mut self) {
+        if let Some(counts) = self.1 {
+            counts.count_unattributed(CLIENT_CLOSED);
+        }
         if let Some(mut l) = self.0.take() {
-            l.status = 499;
+            l.status = CLIENT_CLOSED;
             (*l).emit();
         }
     }
 }
+
+/// nginx's status for a request whose client went away before its response began.
+const CLIENT_CLOSED: u16 = 499;
 
 /// The error response for a request that got no backend's answer.
 #[cold]
