@@ -528,10 +528,16 @@ struct Open {
     /// Of those, the ones closed for being over a lowered limit whose sockets are not
     /// yet let go of.
     closing: AtomicUsize,
+    /// Requests waiting for a connection.
+    waiting: AtomicUsize,
     freed: Notify,
 }
 
 impl Open {
+    fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
+    }
+
     /// The connections open and not on their way out.
     fn staying(&self) -> usize {
         let closing = self.closing.load(Ordering::Acquire);
@@ -569,8 +575,27 @@ impl Drop for Counted {
 enum Room {
     /// Room for one more connection, taken.
     Taken(Counted),
-    /// An idle connection came back: the caller looks at the idle list again.
-    IdleBack,
+    /// An idle connection, taken from the idle list.
+    Idle(Idle),
+}
+
+/// A request waiting for a connection of a backend at its limit, counted as such: a
+/// request that comes later waits behind it. When it stops waiting, the next one is
+/// woken to look, in case this one was woken for what it no longer takes.
+struct Waiting<'a>(&'a Open);
+
+impl<'a> Waiting<'a> {
+    fn join(open: &'a Open) -> Self {
+        open.waiting.fetch_add(1, Ordering::AcqRel);
+        Waiting(open)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.0.freed.notify_one();
+    }
 }
 
 /// A connection checked out of the pool (or freshly opened).
@@ -643,8 +668,9 @@ impl ConnPool {
     /// An idle connection that is ready for a request, or a new one. `now` is a recent
     /// reading of the clock (the request's start), which idle connections are checked
     /// against for expiry. When the backend has `max_connections_per_backend`
-    /// connections open and none idle, the request waits for one to come free, within
-    /// the connect timeout, if `wait`; else it is refused at once (`Full`).
+    /// connections open and none idle, or requests wait for one already, the request
+    /// waits for one to come free (first come, first served), within the connect
+    /// timeout, if `wait`; else it is refused at once (`Full`).
     pub async fn checkout(
         &self,
         mut now: Instant,
@@ -657,7 +683,10 @@ impl ConnPool {
         loop {
             let (idle, settings) = {
                 let mut slots = self.lock();
-                (slots.conns.pop(), slots.settings)
+                // Requests waiting for a connection go first: a new one does not take
+                // an idle connection from under them.
+                let queue = slots.settings.max_open != 0 && self.open.waiting() > 0;
+                (if queue { None } else { slots.conns.pop() }, slots.settings)
             };
             let Some(Idle { mut tx, since }) = idle else {
                 // Boxed: connecting is the cold path, and its future is large; inline,
@@ -667,20 +696,12 @@ impl ConnPool {
                         tokio::time::Instant::from_std(now) + settings.connect_timeout
                     })
                 });
-                match Box::pin(self.open(until, true)).await? {
-                    Some(tx) => {
-                        return Ok(PooledConn {
-                            tx,
-                            reused: false,
-                            at_once: false,
-                        })
-                    }
-                    None => {
-                        waited = true;
-                        now = Instant::now();
-                        continue;
-                    }
-                }
+                let (tx, reused) = Box::pin(self.open(until)).await?;
+                return Ok(PooledConn {
+                    tx,
+                    reused,
+                    at_once: false,
+                });
             };
             if tx.tx.is_closed() || now.saturating_duration_since(since) >= settings.idle_timeout {
                 continue;
@@ -713,61 +734,83 @@ impl ConnPool {
         }
     }
 
-    /// A new connection, once there is room for it: at once, or by `until` if given.
-    /// With `idle_too`, `None` when an idle connection came back first.
+    /// A connection when none could be taken idle at once: a new one when there is
+    /// room for it; else, by `until` if given, an idle one that came back (`true`:
+    /// reused) or room for a new one, whichever comes first.
     async fn open(
         &self,
         until: Option<tokio::time::Instant>,
-        idle_too: bool,
-    ) -> Result<Option<Sender>, UpstreamError> {
-        let counted = match self.room(until, idle_too).await? {
-            Room::Taken(c) => c,
-            Room::IdleBack => return Ok(None),
-        };
-        self.dial(counted).await.map(Some)
+    ) -> Result<(Sender, bool), UpstreamError> {
+        let mut ahead = false;
+        loop {
+            let Idle { mut tx, since } = match self.room(until, true, ahead).await? {
+                Room::Taken(c) => return self.dial(c).await.map(|tx| (tx, false)),
+                Room::Idle(idle) => idle,
+            };
+            // Its turn came: it stays first in line for what comes next.
+            ahead = true;
+            let settings = self.lock().settings;
+            let now = Instant::now();
+            if tx.tx.is_closed() || now.saturating_duration_since(since) >= settings.idle_timeout {
+                continue;
+            }
+            if tx.tx.is_ready() {
+                return Ok((tx, true));
+            }
+            let deadline = until
+                .unwrap_or_else(|| tokio::time::Instant::from_std(now) + settings.connect_timeout);
+            if let Ok(Ok(())) = tokio::time::timeout_at(deadline, tx.tx.ready()).await {
+                return Ok((tx, true));
+            }
+        }
     }
 
-    /// Room for one more connection to the backend under its limit, waiting for it
-    /// until `until` (if given) for a connection to close or, with `idle_too`, to
-    /// come back idle.
+    /// Room for one more connection to the backend under its limit or, with
+    /// `take_idle`, an idle connection; waiting for either until `until` (if given),
+    /// behind the requests waiting already unless `ahead`.
     async fn room(
         &self,
         until: Option<tokio::time::Instant>,
-        idle_too: bool,
+        take_idle: bool,
+        mut ahead: bool,
     ) -> Result<Room, UpstreamError> {
+        // Counts this request among those waiting, once it waits.
+        let mut queued = None;
         loop {
             // Registered before looking, so that what is freed after the look wakes it.
             let freed = self.open.freed.notified();
             let mut freed = std::pin::pin!(freed);
             freed.as_mut().enable();
-            let (limit, idle) = {
-                let slots = self.lock();
-                (slots.settings.max_open, !slots.conns.is_empty())
-            };
-            if idle && idle_too {
-                return Ok(Room::IdleBack);
-            }
-            let taken = self
-                .open
-                .count
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                    (limit == 0 || n < limit).then_some(n + 1)
-                });
-            if taken.is_ok() {
-                return Ok(Room::Taken(Counted(self.open.clone())));
-            }
-            if idle {
-                // A new connection is wanted, not an idle one (one found closed is being
-                // replaced): it takes the place of the oldest idle one, which closes.
-                // Over the limit by one only until that one's socket is let go of.
-                let oldest = {
-                    let mut slots = self.lock();
-                    (!slots.conns.is_empty()).then(|| slots.conns.remove(0))
-                };
-                if let Some(oldest) = oldest {
-                    self.open.count.fetch_add(1, Ordering::AcqRel);
-                    self.open.close_over_limit(oldest.tx);
+            let limit = self.lock().settings.max_open;
+            if ahead || limit == 0 || self.open.waiting() == 0 {
+                if take_idle {
+                    if let Some(idle) = self.lock().conns.pop() {
+                        return Ok(Room::Idle(idle));
+                    }
+                }
+                let taken =
+                    self.open
+                        .count
+                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                            (limit == 0 || n < limit).then_some(n + 1)
+                        });
+                if taken.is_ok() {
                     return Ok(Room::Taken(Counted(self.open.clone())));
+                }
+                if !take_idle {
+                    // A new connection is wanted, not an idle one (one found closed is
+                    // being replaced): it takes the place of the oldest idle one, which
+                    // closes. Over the limit by one only until that one's socket is let
+                    // go of.
+                    let oldest = {
+                        let mut slots = self.lock();
+                        (!slots.conns.is_empty()).then(|| slots.conns.remove(0))
+                    };
+                    if let Some(oldest) = oldest {
+                        self.open.count.fetch_add(1, Ordering::AcqRel);
+                        self.open.close_over_limit(oldest.tx);
+                        return Ok(Room::Taken(Counted(self.open.clone())));
+                    }
                 }
             }
             let full = || UpstreamError::Full {
@@ -777,9 +820,12 @@ impl ConnPool {
             let Some(until) = until else {
                 return Err(full());
             };
+            queued.get_or_insert_with(|| Waiting::join(&self.open));
             if tokio::time::timeout_at(until, freed).await.is_err() {
                 return Err(full());
             }
+            // Woken: its turn.
+            ahead = true;
         }
     }
 
@@ -787,10 +833,10 @@ impl ConnPool {
     /// at most) for room under the backend's connection limit.
     pub async fn connect(&self) -> Result<Sender, UpstreamError> {
         let until = tokio::time::Instant::now() + self.lock().settings.connect_timeout;
-        loop {
-            if let Some(tx) = self.open(Some(until), false).await? {
-                return Ok(tx);
-            }
+        match self.room(Some(until), false, false).await? {
+            Room::Taken(counted) => self.dial(counted).await,
+            // Not asked for.
+            Room::Idle(Idle { tx, .. }) => Ok(tx),
         }
     }
 
@@ -1102,6 +1148,29 @@ mod tests {
             .unwrap();
         assert!(got.reused);
         assert_eq!(pool.open_count(), 1);
+        assert_eq!(pool.stats.connections_opened(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_request_that_comes_while_others_wait_goes_behind_them() {
+        let pool = pool_of_one("10s").await;
+        let first = pool.checkout(Instant::now(), false).await.unwrap();
+        let p = pool.clone();
+        let waiting = tokio::spawn(async move { p.checkout(Instant::now(), true).await });
+        let_run().await;
+        // Back idle, and the waiting request woken for it, but not yet run: a request
+        // that comes now does not take it.
+        pool.checkin(first.tx);
+        assert!(matches!(
+            pool.checkout(Instant::now(), false).await,
+            Err(UpstreamError::Full { .. })
+        ));
+        let got = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("woken by the connection's return")
+            .unwrap()
+            .unwrap();
+        assert!(got.reused);
         assert_eq!(pool.stats.connections_opened(), 1);
     }
 }
