@@ -17,7 +17,7 @@ use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
-use crate::balance::key::client_ip_key;
+use crate::balance::key::{self, client_ip_key};
 use crate::config::Limits;
 use crate::pool::{Affinity, Outcome};
 use crate::reload::Reloader;
@@ -241,22 +241,19 @@ fn owner(rt: &Runtime, name: &str, query: Option<&str>) -> Response<Full<Bytes>>
     let Some(pool) = rt.pool(name) else {
         return text(StatusCode::NOT_FOUND, "no such pool\n");
     };
-    let param = |name: &str| {
-        query.and_then(|q| {
-            form_urlencoded::parse(q.as_bytes())
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.into_owned())
-        })
-    };
+    // Decoded to bytes as requests' `query:` keys are.
+    let param = |name: &str| query.and_then(|q| key::query_value(q, name));
     let (key, hashed) = match (param("key"), param("client_ip")) {
-        (Some(key), None) => {
-            let bytes = key.as_bytes().to_vec();
-            (key, bytes)
+        (Some(key), None) => (String::from_utf8_lossy(&key).into_owned(), key),
+        (None, Some(addr)) => {
+            match std::str::from_utf8(&addr).map(str::parse::<std::net::IpAddr>) {
+                Ok(Ok(ip)) => (
+                    String::from_utf8_lossy(&addr).into_owned(),
+                    client_ip_key(ip),
+                ),
+                _ => return text(StatusCode::BAD_REQUEST, "client_ip is not an IP address\n"),
+            }
         }
-        (None, Some(addr)) => match addr.parse::<std::net::IpAddr>() {
-            Ok(ip) => (addr, client_ip_key(ip)),
-            Err(_) => return text(StatusCode::BAD_REQUEST, "client_ip is not an IP address\n"),
-        },
         (Some(_), Some(_)) => {
             return text(
                 StatusCode::BAD_REQUEST,

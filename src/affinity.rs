@@ -498,7 +498,11 @@ impl Pool {
         let mut clears: Vec<String> = Vec::new();
         let mut named = false;
         for v in headers.get_all(SET_COOKIE) {
-            let Some(c) = v.to_str().ok().and_then(|s| Cookie::parse(s).ok()) else {
+            let Some((raw, c)) = v
+                .to_str()
+                .ok()
+                .and_then(|s| Some((s, Cookie::parse(s).ok()?)))
+            else {
                 continue;
             };
             if c.name() != cfg.cookie {
@@ -506,7 +510,7 @@ impl Pool {
             }
             named = true;
             let value = key::cookie_key(c.value());
-            if cleared(&c, value) {
+            if cleared(raw, &c, value) {
                 clears.push(value.to_owned());
             } else {
                 set.push(value.to_owned());
@@ -535,17 +539,40 @@ impl Pool {
     }
 }
 
-/// Whether a `Set-Cookie` clears its cookie: an empty value, a `Max-Age` of zero or
-/// less, or, without `Max-Age` (which takes precedence, RFC 6265 §5.3), an `Expires` in
-/// the past (`JSESSIONID=deleted; Expires=Thu, 01 Jan 1970 00:00:00 GMT`).
-fn cleared(c: &Cookie<'_>, value: &str) -> bool {
+/// Whether a `Set-Cookie` (`raw`, parsed as `c`) clears its cookie: an empty value, a
+/// `Max-Age` of zero or less, or, without `Max-Age` (which takes precedence, RFC 6265
+/// §5.3), an `Expires` in the past (`JSESSIONID=deleted; Expires=Thu, 01 Jan 1970
+/// 00:00:00 GMT`).
+fn cleared(raw: &str, c: &Cookie<'_>, value: &str) -> bool {
     value.is_empty()
-        || match c.max_age() {
-            Some(a) => a.is_zero() || a.is_negative(),
+        || match max_age_ends_now(raw) {
+            Some(ends) => ends,
             None => c
                 .expires_datetime()
                 .is_some_and(|t| t.unix_timestamp() <= unix_now() as i64),
         }
+}
+
+/// Whether the last valid `Max-Age` of a `Set-Cookie` ends the cookie now (zero or
+/// less); `None` without a valid one. Valid as RFC 6265 §5.2.2 says, which browsers
+/// follow: an optional `-`, then digits only. Read here rather than by the `cookie`
+/// crate, which takes an empty `Max-Age=` for the longest age, where browsers ignore it
+/// (and then honour an `Expires` in the past).
+fn max_age_ends_now(raw: &str) -> Option<bool> {
+    raw.split(';')
+        .skip(1)
+        .filter_map(|av| av.split_once('='))
+        .filter(|(k, _)| k.trim().eq_ignore_ascii_case("max-age"))
+        .filter_map(|(_, v)| {
+            let v = v.trim();
+            let (negative, digits) = match v.strip_prefix('-') {
+                Some(d) => (true, d),
+                None => (false, v),
+            };
+            (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| negative || digits.bytes().all(|b| b == b'0'))
+        })
+        .last()
 }
 
 /// Removes cookie `name` from the request's `Cookie` headers: the proxy's own cookie is
@@ -648,7 +675,7 @@ mod tests {
     fn cookies_that_clear_are_told_from_those_that_set() {
         let clears = |s: &str| {
             let c = Cookie::parse(s).unwrap();
-            cleared(&c, key::cookie_key(c.value()))
+            cleared(s, &c, key::cookie_key(c.value()))
         };
         assert!(clears("JSESSIONID=; Path=/"));
         assert!(clears("JSESSIONID=x; Max-Age=0"));
@@ -662,6 +689,24 @@ mod tests {
         assert!(!clears(
             "JSESSIONID=x; Max-Age=60; Expires=Thu, 01 Jan 1970 00:00:00 GMT"
         ));
+        assert!(clears("JSESSIONID=x; max-age=-1"));
+        assert!(clears("JSESSIONID=x; Max-Age=60; Max-Age=000"));
+        // A `Max-Age` that is not an optional `-` and digits is ignored, as browsers
+        // ignore it: an `Expires` in the past then clears.
+        for bad in ["", " ", "-", "1d", "+5", "abc"] {
+            assert!(
+                clears(&format!(
+                    "JSESSIONID=deleted; Max-Age={bad}; Expires=Thu, 01 Jan 1970 00:00:00 GMT"
+                )),
+                "Max-Age={bad:?}"
+            );
+            assert!(
+                !clears(&format!("JSESSIONID=x; Max-Age={bad}")),
+                "Max-Age={bad:?}"
+            );
+        }
+        assert!(!clears("JSESSIONID=x; Max-Age=0; Max-Age=60"));
+        assert!(clears("JSESSIONID=x; Max-Age=0; Max-Age="));
     }
 
     #[test]

@@ -202,7 +202,8 @@ async fn forged_expired_foreign_and_garbage_cookies_are_treated_as_absent() {
     let cfg = format!(
         "[[routes]]\npath_prefix = \"/a\"\npool = \"a\"\n[[routes]]\npath_prefix = \"/b\"\npool = \"b\"\n{}{}",
         sticky_pool("a", &b, &format!("secret_env = \"{env}\"")),
-        sticky_pool("b", &b, &format!("secret_env = \"{env}\""))
+        // A cookie of the same name on a path of its own: a browser keeps both.
+        sticky_pool("b", &b, &format!("secret_env = \"{env}\"\npath = \"/b\""))
     );
     let proxy = TestProxy::start(&config(&cfg)).await;
     let good = value(&our_cookies(&fetch(proxy.addr, get("/a")).await, "SWITCHYARD")[0]);

@@ -877,6 +877,61 @@ fn bad_sticky_cookie_name() {
 }
 
 #[test]
+fn two_sticky_pools_sharing_one_cookie() {
+    let pool = |name: &str, port: u16, sticky: &str| {
+        format!("[pools.{name}]\npolicy = \"sticky_cookie\"\nbackends = [\"127.0.0.1:{port}\"]\n{sticky}")
+    };
+    let routes = "[[routes]]\npath_prefix = \"/a\"\npool = \"a\"\n[[routes]]\npool = \"b\"\n";
+    // Both with the default name: pointed at the second pool's table.
+    let text = format!(
+        "{routes}{}{}",
+        pool("a", 9001, ""),
+        pool("b", 9002, "[pools.b.sticky]\nttl = \"1h\"\n")
+    );
+    assert_err(
+        &text,
+        "pools.b.sticky.cookie",
+        12,
+        Some(1),
+        "pools \"a\" and \"b\" would share the cookie \"SWITCHYARD\"",
+    );
+    // The same name given, at its key; domains compare without case.
+    let text = format!(
+        "{routes}{}{}",
+        pool(
+            "a",
+            9001,
+            "[pools.a.sticky]\ncookie = \"SY\"\ndomain = \"Example.com\"\n"
+        ),
+        pool(
+            "b",
+            9002,
+            "[pools.b.sticky]\ncookie = \"SY\"\ndomain = \"example.com\"\n"
+        )
+    );
+    assert_err(
+        &text,
+        "pools.b.sticky.cookie",
+        16,
+        Some(10),
+        "give one a cookie of its own",
+    );
+    // Another name, path or domain keeps them apart.
+    for (a, b) in [
+        ("cookie = \"SY_A\"", "cookie = \"SY_B\""),
+        ("path = \"/a\"", "path = \"/\""),
+        ("domain = \"a.example.com\"", "domain = \"example.com\""),
+        ("domain = \"example.com\"", ""),
+    ] {
+        ok(&format!(
+            "{routes}{}{}",
+            pool("a", 9001, &format!("[pools.a.sticky]\n{a}\n")),
+            pool("b", 9002, &format!("[pools.b.sticky]\n{b}\n"))
+        ));
+    }
+}
+
+#[test]
 fn bad_learn_cookie_name() {
     let text = format!("{LEARN}ttl = \"30m\"\ncookie = \"JSESSION ID\"\n");
     assert_err(

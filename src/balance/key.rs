@@ -51,15 +51,32 @@ impl KeySource {
                 .map(|v| Cow::Borrowed(v.as_bytes()))
                 .filter(|v| !v.is_empty()),
             KeySource::Cookie(name) => cookie_bytes(req, name).map(Cow::Borrowed),
-            KeySource::Query(name) => req.uri.query().and_then(|q| {
-                form_urlencoded::parse(q.as_bytes())
-                    .find(|(k, v)| k == name && !v.is_empty())
-                    .map(|(_, v)| Cow::Owned(v.into_owned().into_bytes()))
-            }),
+            KeySource::Query(name) => req
+                .uri
+                .query()
+                .and_then(|q| query_value(q, name))
+                .map(Cow::Owned),
             KeySource::Path => Some(Cow::Borrowed(req.uri.path().as_bytes())),
             KeySource::ClientIp => Some(Cow::Owned(client_ip_key(client))),
         }
     }
+}
+
+/// The first non-empty value of query parameter `name` in `query`, decoded as an HTML
+/// form encodes it (`+` for a space, `%XX` for a byte) to bytes, not to text: values
+/// that are not UTF-8 stay apart, as `header:` and `cookie:` keys do, rather than all
+/// turn into the same replacement characters.
+pub fn query_value(query: &str, name: &str) -> Option<Vec<u8>> {
+    fn decoded(s: &str) -> Vec<u8> {
+        let spaced = s.replace('+', " ");
+        percent_encoding::percent_decode_str(&spaced).collect()
+    }
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (!v.is_empty() && decoded(k) == name.as_bytes())
+            .then(|| decoded(v))
+            .filter(|v| !v.is_empty())
+    })
 }
 
 /// The key of a client address: its octets (an IPv4 address mapped into IPv6 as the
@@ -230,5 +247,21 @@ mod tests {
             .unwrap_err()
             .contains("unknown key source"));
         assert_eq!(KeySource::parse("path").unwrap(), KeySource::Path);
+    }
+
+    #[test]
+    fn query_values_decode_to_bytes() {
+        let q = "a=1&user=&user=tok%80&x=y";
+        assert_eq!(query_value(q, "user").unwrap(), b"tok\x80");
+        // Bytes outside UTF-8 stay apart.
+        assert_ne!(
+            query_value("user=tok%81", "user"),
+            query_value("user=tok%82", "user")
+        );
+        assert_eq!(query_value("us%65r=a+b%2B", "user").unwrap(), b"a b+");
+        assert_eq!(query_value("user", "user"), None);
+        assert_eq!(query_value("user=", "user"), None);
+        assert_eq!(query_value("users=1&user=2", "user").unwrap(), b"2");
+        assert_eq!(query_value("", "user"), None);
     }
 }

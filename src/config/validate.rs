@@ -168,6 +168,7 @@ pub fn validate(raw: &RawConfig, text: &str, file: &str) -> Result<Config, Confi
             "at least one pool is required, e.g. [pools.web] with backends = [\"127.0.0.1:9001\"]",
         ));
     }
+    shared_sticky_cookies(&cx, raw, &pools)?;
     let routes = routes(&cx, raw, &pools)?;
     Ok(Config {
         source: None,
@@ -178,6 +179,55 @@ pub fn validate(raw: &RawConfig, text: &str, file: &str) -> Result<Config, Confi
         routes,
         pools,
     })
+}
+
+/// Refuses two `sticky_cookie` pools whose cookies a browser would keep as one: the
+/// same name, path and domain. Each pool would take the other's cookie for an invalid
+/// one and issue its own over it, and clients would move between backends on every
+/// visit from one pool to the other.
+fn shared_sticky_cookies(
+    cx: &Ctx,
+    raw: &RawConfig,
+    pools: &[PoolConfig],
+) -> Result<(), ConfigError> {
+    let mut seen: Vec<(&str, &StickyConfig)> = Vec::new();
+    for p in pools {
+        let AffinityConfig::Cookie(s) = &p.affinity else {
+            continue;
+        };
+        let same = |o: &StickyConfig| {
+            o.cookie == s.cookie
+                && o.path == s.path
+                && match (&o.domain, &s.domain) {
+                    (None, None) => true,
+                    (Some(a), Some(b)) => a.eq_ignore_ascii_case(b),
+                    _ => false,
+                }
+        };
+        if let Some((other, _)) = seen.iter().find(|(_, o)| same(o)) {
+            let pool = raw.pools.get(&p.name);
+            let sticky = pool.and_then(|r| r.get_ref().sticky.as_ref());
+            let span = match sticky {
+                Some(st) => Some(st.get_ref().cookie.as_ref().map_or(st.span(), |c| c.span())),
+                None => pool.map(|r| r.span()),
+            };
+            return Err(cx.err(
+                span,
+                format!("pools.{}.sticky.cookie", p.name),
+                format!(
+                    "pools {other:?} and {:?} would share the cookie {:?} (same path and domain): \
+                     a browser keeps one, and each pool would replace the other's; give one \
+                     a cookie of its own, e.g. cookie = \"{}_{}\"",
+                    p.name,
+                    s.cookie,
+                    s.cookie,
+                    p.name.to_ascii_uppercase()
+                ),
+            ));
+        }
+        seen.push((&p.name, s));
+    }
+    Ok(())
 }
 
 fn server(cx: &Ctx, raw: &RawConfig) -> Result<ServerConfig, ConfigError> {
