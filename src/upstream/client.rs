@@ -280,7 +280,8 @@ impl<T: Reset> Drop for HeadCopy<T> {
             self.inner.reset_when_dropped();
         }
         if self.state.over_limit.swap(SOCKET_GONE, Ordering::AcqRel) == SOCKET_CLOSING {
-            self._counted.0.closing.fetch_sub(1, Ordering::AcqRel);
+            // Uncounted as closing when uncounted as open, just after this.
+            self._counted.closing = true;
         }
     }
 }
@@ -528,14 +529,39 @@ struct Open {
     /// Of those, the ones closed for being over a lowered limit whose sockets are not
     /// yet let go of.
     closing: AtomicUsize,
-    /// Requests waiting for a connection.
+    /// Requests waiting for a connection, by ticket, first come first: only the first
+    /// may take what comes free.
+    queue: Mutex<std::collections::VecDeque<u64>>,
+    /// The queue's length, read without its lock.
     waiting: AtomicUsize,
+    next_ticket: AtomicU64,
+    /// Told when a connection comes back idle or closes: every waiter looks whether its
+    /// turn came.
     freed: Notify,
 }
 
 impl Open {
     fn waiting(&self) -> usize {
         self.waiting.load(Ordering::Acquire)
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<u64>> {
+        // Tickets only: a panic while holding the lock cannot leave them inconsistent.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the request holding `ticket` (if it has one; else a request that comes
+    /// now) is first in line.
+    fn first(&self, ticket: Option<&Ticket<'_>>) -> bool {
+        let queue = self.queue();
+        match ticket {
+            Some(t) => queue.front() == Some(&t.number),
+            None => queue.is_empty(),
+        }
+    }
+
+    fn wake_all(&self) {
+        self.freed.notify_waiters();
     }
 
     /// The connections open and not on their way out.
@@ -560,14 +586,32 @@ impl Open {
     }
 }
 
-/// One of a backend's open connections, counted for as long as its socket lives.
+/// One of a backend's open connections, counted for as long as its socket lives;
+/// `closing` when it was closed for being over a lowered limit.
 #[derive(Debug)]
-struct Counted(Arc<Open>);
+struct Counted {
+    open: Arc<Open>,
+    closing: bool,
+}
+
+impl Counted {
+    fn new(open: &Arc<Open>) -> Self {
+        Counted {
+            open: open.clone(),
+            closing: false,
+        }
+    }
+}
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        self.0.count.fetch_sub(1, Ordering::AcqRel);
-        self.0.freed.notify_one();
+        // The count first: read between the two, the connections staying are too few
+        // for a moment, never too many (which would close a connection for nothing).
+        self.open.count.fetch_sub(1, Ordering::AcqRel);
+        if self.closing {
+            self.open.closing.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.open.wake_all();
     }
 }
 
@@ -579,22 +623,33 @@ enum Room {
     Idle(Idle),
 }
 
-/// A request waiting for a connection of a backend at its limit, counted as such: a
-/// request that comes later waits behind it. When it stops waiting, the next one is
-/// woken to look, in case this one was woken for what it no longer takes.
-struct Waiting<'a>(&'a Open);
+/// A request's place in line for a connection of a backend at its limit: a request
+/// that comes later waits behind it. When it leaves the line (served, or out of time),
+/// every waiter looks again, the next in line among them.
+struct Ticket<'a> {
+    open: &'a Open,
+    number: u64,
+}
 
-impl<'a> Waiting<'a> {
+impl<'a> Ticket<'a> {
     fn join(open: &'a Open) -> Self {
+        let number = open.next_ticket.fetch_add(1, Ordering::Relaxed);
+        open.queue().push_back(number);
         open.waiting.fetch_add(1, Ordering::AcqRel);
-        Waiting(open)
+        Ticket { open, number }
     }
 }
 
-impl Drop for Waiting<'_> {
+impl Drop for Ticket<'_> {
     fn drop(&mut self) {
-        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
-        self.0.freed.notify_one();
+        {
+            let mut queue = self.open.queue();
+            if let Some(i) = queue.iter().position(|&n| n == self.number) {
+                queue.remove(i);
+            }
+        }
+        self.open.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.open.wake_all();
     }
 }
 
@@ -657,7 +712,7 @@ impl ConnPool {
         // Now, rather than when the reaper next looks, which the old timeout timed.
         self.prune();
         // A raised limit may make room for requests waiting.
-        self.open.freed.notify_waiters();
+        self.open.wake_all();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Slots> {
@@ -741,14 +796,13 @@ impl ConnPool {
         &self,
         until: Option<tokio::time::Instant>,
     ) -> Result<(Sender, bool), UpstreamError> {
-        let mut ahead = false;
+        // Its place in line, kept while it looks at the idle connections it is handed.
+        let mut ticket = None;
         loop {
-            let Idle { mut tx, since } = match self.room(until, true, ahead).await? {
+            let Idle { mut tx, since } = match self.room(until, true, &mut ticket).await? {
                 Room::Taken(c) => return self.dial(c).await.map(|tx| (tx, false)),
                 Room::Idle(idle) => idle,
             };
-            // Its turn came: it stays first in line for what comes next.
-            ahead = true;
             let settings = self.lock().settings;
             let now = Instant::now();
             if tx.tx.is_closed() || now.saturating_duration_since(since) >= settings.idle_timeout {
@@ -767,22 +821,20 @@ impl ConnPool {
 
     /// Room for one more connection to the backend under its limit or, with
     /// `take_idle`, an idle connection; waiting for either until `until` (if given),
-    /// behind the requests waiting already unless `ahead`.
-    async fn room(
-        &self,
+    /// in line behind the requests waiting already (`ticket` holds its place).
+    async fn room<'a>(
+        &'a self,
         until: Option<tokio::time::Instant>,
         take_idle: bool,
-        mut ahead: bool,
+        ticket: &mut Option<Ticket<'a>>,
     ) -> Result<Room, UpstreamError> {
-        // Counts this request among those waiting, once it waits.
-        let mut queued = None;
         loop {
             // Registered before looking, so that what is freed after the look wakes it.
             let freed = self.open.freed.notified();
             let mut freed = std::pin::pin!(freed);
             freed.as_mut().enable();
             let limit = self.lock().settings.max_open;
-            if ahead || limit == 0 || self.open.waiting() == 0 {
+            if limit == 0 || self.open.first(ticket.as_ref()) {
                 if take_idle {
                     if let Some(idle) = self.lock().conns.pop() {
                         return Ok(Room::Idle(idle));
@@ -795,9 +847,9 @@ impl ConnPool {
                             (limit == 0 || n < limit).then_some(n + 1)
                         });
                 if taken.is_ok() {
-                    return Ok(Room::Taken(Counted(self.open.clone())));
+                    return Ok(Room::Taken(Counted::new(&self.open)));
                 }
-                if !take_idle {
+                if !take_idle && self.open.staying() <= limit {
                     // A new connection is wanted, not an idle one (one found closed is
                     // being replaced): it takes the place of the oldest idle one, which
                     // closes. Over the limit by one only until that one's socket is let
@@ -809,7 +861,7 @@ impl ConnPool {
                     if let Some(oldest) = oldest {
                         self.open.count.fetch_add(1, Ordering::AcqRel);
                         self.open.close_over_limit(oldest.tx);
-                        return Ok(Room::Taken(Counted(self.open.clone())));
+                        return Ok(Room::Taken(Counted::new(&self.open)));
                     }
                 }
             }
@@ -820,12 +872,12 @@ impl ConnPool {
             let Some(until) = until else {
                 return Err(full());
             };
-            queued.get_or_insert_with(|| Waiting::join(&self.open));
+            if ticket.is_none() {
+                *ticket = Some(Ticket::join(&self.open));
+            }
             if tokio::time::timeout_at(until, freed).await.is_err() {
                 return Err(full());
             }
-            // Woken: its turn.
-            ahead = true;
         }
     }
 
@@ -833,7 +885,7 @@ impl ConnPool {
     /// at most) for room under the backend's connection limit.
     pub async fn connect(&self) -> Result<Sender, UpstreamError> {
         let until = tokio::time::Instant::now() + self.lock().settings.connect_timeout;
-        match self.room(Some(until), false, false).await? {
+        match self.room(Some(until), false, &mut None).await? {
             Room::Taken(counted) => self.dial(counted).await,
             // Not asked for.
             Room::Idle(Idle { tx, .. }) => Ok(tx),
@@ -955,7 +1007,7 @@ impl ConnPool {
             slots.conns.push(Idle { tx, since: now });
             if max_open != 0 {
                 drop(slots);
-                self.open.freed.notify_one();
+                self.open.wake_all();
             }
         }
     }
@@ -980,7 +1032,8 @@ impl ConnPool {
             // those that go already, and those closed for it before).
             let max_open = slots.settings.max_open;
             if max_open != 0 {
-                let staying = self.open.staying().saturating_sub(gone.len());
+                let going = gone.iter().filter(|c| !c.tx.tx.is_closed()).count();
+                let staying = self.open.staying().saturating_sub(going);
                 let over = staying.saturating_sub(max_open).min(keep.len());
                 for c in keep.drain(..over) {
                     self.open.close_over_limit(c.tx);
@@ -1024,7 +1077,7 @@ mod tests {
         let copy = HeadCopy {
             inner: near,
             state,
-            _counted: Counted(open),
+            _counted: Counted::new(&open),
         };
         (copy, far)
     }
@@ -1168,6 +1221,45 @@ mod tests {
         let got = tokio::time::timeout(Duration::from_secs(5), waiting)
             .await
             .expect("woken by the connection's return")
+            .unwrap()
+            .unwrap();
+        assert!(got.reused);
+        assert_eq!(pool.stats.connections_opened(), 1);
+    }
+
+    #[tokio::test]
+    async fn waiting_requests_are_served_in_the_order_they_came() {
+        let pool = pool_of_one("10s").await;
+        let first = pool.checkout(Instant::now(), false).await.unwrap();
+        let mut waiting = Vec::new();
+        for _ in 0..3 {
+            let p = pool.clone();
+            waiting.push(tokio::spawn(async move {
+                p.checkout(Instant::now(), true).await
+            }));
+            let_run().await;
+        }
+        let mut tx = first.tx;
+        let mut rest = waiting.into_iter();
+        for _ in 0..2 {
+            pool.checkin(tx);
+            let next = rest.next().unwrap();
+            let got = tokio::time::timeout(Duration::from_secs(5), next)
+                .await
+                .expect("the first in line is served")
+                .unwrap()
+                .unwrap();
+            assert!(got.reused);
+            tx = got.tx;
+        }
+        // The third waits on behind the second, which holds the connection.
+        let third = rest.next().unwrap();
+        let_run().await;
+        assert!(!third.is_finished());
+        pool.checkin(tx);
+        let got = tokio::time::timeout(Duration::from_secs(5), third)
+            .await
+            .expect("served in its turn")
             .unwrap()
             .unwrap();
         assert!(got.reused);
