@@ -800,7 +800,11 @@ impl ConnPool {
         let mut ticket = None;
         loop {
             let Idle { mut tx, since } = match self.room(until, true, &mut ticket).await? {
-                Room::Taken(c) => return self.dial(c).await.map(|tx| (tx, false)),
+                Room::Taken(c) => {
+                    // Out of the line before the connect, which may take a while.
+                    drop(ticket.take());
+                    return self.dial(c).await.map(|tx| (tx, false));
+                }
                 Room::Idle(idle) => idle,
             };
             let settings = self.lock().settings;
@@ -811,6 +815,8 @@ impl ConnPool {
             if tx.tx.is_ready() {
                 return Ok((tx, true));
             }
+            // Out of the line while this one gets ready, lest the line wait on it.
+            drop(ticket.take());
             let deadline = until
                 .unwrap_or_else(|| tokio::time::Instant::from_std(now) + settings.connect_timeout);
             if let Ok(Ok(())) = tokio::time::timeout_at(deadline, tx.tx.ready()).await {
@@ -859,8 +865,9 @@ impl ConnPool {
                         (!slots.conns.is_empty()).then(|| slots.conns.remove(0))
                     };
                     if let Some(oldest) = oldest {
-                        self.open.count.fetch_add(1, Ordering::AcqRel);
+                        // Closing first: the connections staying never read too many.
                         self.open.close_over_limit(oldest.tx);
+                        self.open.count.fetch_add(1, Ordering::AcqRel);
                         return Ok(Room::Taken(Counted::new(&self.open)));
                     }
                 }
@@ -885,7 +892,11 @@ impl ConnPool {
     /// at most) for room under the backend's connection limit.
     pub async fn connect(&self) -> Result<Sender, UpstreamError> {
         let until = tokio::time::Instant::now() + self.lock().settings.connect_timeout;
-        match self.room(Some(until), false, &mut None).await? {
+        let mut ticket = None;
+        let room = self.room(Some(until), false, &mut ticket).await?;
+        // Out of the line before the connect, which may take a while.
+        drop(ticket);
+        match room {
             Room::Taken(counted) => self.dial(counted).await,
             // Not asked for.
             Room::Idle(Idle { tx, .. }) => Ok(tx),
