@@ -84,6 +84,13 @@ impl Gated {
     }
 }
 
+/// A proxy config: pool `p` of backend `a` at `addr` under `limit`, and `rest`.
+fn limited(addr: SocketAddr, limit: usize, rest: &str) -> String {
+    config(&format!(
+        "[pools.p]\nbackends = [{{ address = \"{addr}\", id = \"a\" }}]\nmax_connections_per_backend = {limit}\n{rest}"
+    ))
+}
+
 /// A GET on a connection of its own, run in the background.
 fn spawn_get(
     proxy: SocketAddr,
@@ -103,14 +110,7 @@ async fn joined(h: tokio::task::JoinHandle<Got>) -> Got {
 async fn wait_in_flight(proxy: &TestProxy, id: &str, n: u64) {
     let start = Instant::now();
     loop {
-        let s = status(proxy).await;
-        let b = s["pools"][0]["backends"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|b| b["id"] == id)
-            .cloned()
-            .unwrap();
+        let b = backend_status(&status(proxy).await, id);
         if b["in_flight"] == n {
             return;
         }
@@ -122,11 +122,7 @@ async fn wait_in_flight(proxy: &TestProxy, id: &str, n: u64) {
 #[tokio::test]
 async fn a_request_waits_for_a_busy_backends_connection_and_gets_503_if_none_comes_free() {
     let mut b = Gated::start("a").await;
-    let proxy = TestProxy::start(&config(&format!(
-        "[pools.p]\nbackends = [{{ address = \"{}\", id = \"a\" }}]\nmax_connections_per_backend = 2\nconnect_timeout = \"300ms\"\n",
-        b.addr
-    )))
-    .await;
+    let proxy = TestProxy::start(&limited(b.addr, 2, "connect_timeout = \"300ms\"\n")).await;
 
     // Two requests take both connections.
     let first = spawn_get(proxy.addr, get("/1"));
@@ -253,15 +249,9 @@ async fn a_client_pinned_to_a_busy_backend_waits_for_it_rather_than_moving() {
 #[tokio::test]
 async fn a_raised_limit_lets_a_waiting_request_through() {
     let mut b = Gated::start("a").await;
-    let addr = b.addr;
-    let dir = tempfile::tempdir().unwrap();
+    let (addr, dir) = (b.addr, tempfile::tempdir().unwrap());
+    let file = |limit| limited(addr, limit, "connect_timeout = \"1h\"\n");
     let path = dir.path().join("switchyard.toml");
-    let file = |limit: usize| {
-        config(&format!(
-            "[pools.p]\nbackends = [{{ address = \"{}\", id = \"a\" }}]\nmax_connections_per_backend = {limit}\nconnect_timeout = \"1h\"\n",
-            addr
-        ))
-    };
     std::fs::write(&path, file(1)).unwrap();
     let (proxy, reloader) = TestProxy::start_file(&path).await;
     let first = spawn_get(proxy.addr, get("/1"));
@@ -283,14 +273,9 @@ async fn a_raised_limit_lets_a_waiting_request_through() {
 #[tokio::test]
 async fn a_lowered_limit_closes_connections_as_they_come_back() {
     let mut b = Gated::start("a").await;
-    let addr = b.addr;
-    let dir = tempfile::tempdir().unwrap();
+    let (addr, dir) = (b.addr, tempfile::tempdir().unwrap());
+    let file = |limit| limited(addr, limit, "");
     let path = dir.path().join("switchyard.toml");
-    let file = |limit: usize| {
-        config(&format!(
-            "[pools.p]\nbackends = [{{ address = \"{addr}\", id = \"a\" }}]\nmax_connections_per_backend = {limit}\n"
-        ))
-    };
     std::fs::write(&path, file(3)).unwrap();
     let (proxy, reloader) = TestProxy::start_file(&path).await;
     let held: Vec<_> = (0..3)

@@ -42,14 +42,7 @@ fn flag(v: bool) -> Arc<AtomicBool> {
 /// Health checks run on their own clock, so this polls `/status`.
 async fn wait_health(proxy: &TestProxy, id: &str, want: bool) {
     for _ in 0..400 {
-        let s = status(proxy).await;
-        let b = s["pools"][0]["backends"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|b| b["id"] == id)
-            .cloned()
-            .unwrap();
+        let b = backend_status(&status(proxy).await, id);
         if b["healthy"] == want {
             return;
         }

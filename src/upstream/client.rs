@@ -1156,6 +1156,17 @@ mod tests {
         ))
     }
 
+    /// The connection a spawned checkout got, within 5 s.
+    async fn served(
+        checkout: tokio::task::JoinHandle<Result<PooledConn, UpstreamError>>,
+    ) -> PooledConn {
+        tokio::time::timeout(Duration::from_secs(5), checkout)
+            .await
+            .expect("the waiting request is served")
+            .unwrap()
+            .unwrap()
+    }
+
     /// Lets the tasks spawned so far run until they wait (the test runtime has one
     /// thread, and a wait for room does no I/O before it parks).
     async fn let_run() {
@@ -1205,11 +1216,7 @@ mod tests {
         let waiting = tokio::spawn(async move { p.checkout(Instant::now(), true).await });
         let_run().await;
         pool.checkin(first.tx);
-        let got = tokio::time::timeout(Duration::from_secs(5), waiting)
-            .await
-            .expect("woken by the connection's return")
-            .unwrap()
-            .unwrap();
+        let got = served(waiting).await;
         assert!(got.reused);
         assert_eq!(pool.open_count(), 1);
         assert_eq!(pool.stats.connections_opened(), 1);
@@ -1229,11 +1236,7 @@ mod tests {
             pool.checkout(Instant::now(), false).await,
             Err(UpstreamError::Full { .. })
         ));
-        let got = tokio::time::timeout(Duration::from_secs(5), waiting)
-            .await
-            .expect("woken by the connection's return")
-            .unwrap()
-            .unwrap();
+        let got = served(waiting).await;
         assert!(got.reused);
         assert_eq!(pool.stats.connections_opened(), 1);
     }
@@ -1255,11 +1258,7 @@ mod tests {
         for _ in 0..2 {
             pool.checkin(tx);
             let next = rest.next().unwrap();
-            let got = tokio::time::timeout(Duration::from_secs(5), next)
-                .await
-                .expect("the first in line is served")
-                .unwrap()
-                .unwrap();
+            let got = served(next).await;
             assert!(got.reused);
             tx = got.tx;
         }
@@ -1268,11 +1267,7 @@ mod tests {
         let_run().await;
         assert!(!third.is_finished());
         pool.checkin(tx);
-        let got = tokio::time::timeout(Duration::from_secs(5), third)
-            .await
-            .expect("served in its turn")
-            .unwrap()
-            .unwrap();
+        let got = served(third).await;
         assert!(got.reused);
         assert_eq!(pool.stats.connections_opened(), 1);
     }

@@ -460,6 +460,17 @@ pub async fn status(proxy: &TestProxy) -> serde_json::Value {
         .json()
 }
 
+/// Backend `id` of the first pool in a `/status` document.
+pub fn backend_status(status: &serde_json::Value, id: &str) -> serde_json::Value {
+    status["pools"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["id"] == id)
+        .cloned()
+        .unwrap_or_else(|| panic!("no backend {id} in {status}"))
+}
+
 /// A request with a `Cookie` header.
 pub fn get_with_cookie(path: &str, cookie: &str) -> Request<Full<Bytes>> {
     Request::get(path)
