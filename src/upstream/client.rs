@@ -260,7 +260,7 @@ struct HeadCopy<T: Reset> {
     state: Arc<ConnState>,
     /// Counts the socket among the backend's open connections for as long as it lives:
     /// through an upgrade too, when hyper hands it on to a tunnel.
-    _counted: Counted,
+    counted: Counted,
 }
 
 /// A socket that can be told to reset, rather than close, when it is dropped.
@@ -281,7 +281,7 @@ impl<T: Reset> Drop for HeadCopy<T> {
         }
         if self.state.over_limit.swap(SOCKET_GONE, Ordering::AcqRel) == SOCKET_CLOSING {
             // Uncounted as closing when uncounted as open, just after this.
-            self._counted.closing = true;
+            self.counted.closing = true;
         }
     }
 }
@@ -946,7 +946,7 @@ impl ConnPool {
             .handshake(TokioIo::new(HeadCopy {
                 inner: stream,
                 state: state.clone(),
-                _counted: counted,
+                counted,
             }))
             .await
             .map_err(|source| UpstreamError::Handshake {
@@ -1088,7 +1088,7 @@ mod tests {
         let copy = HeadCopy {
             inner: near,
             state,
-            _counted: Counted::new(&open),
+            counted: Counted::new(&open),
         };
         (copy, far)
     }
