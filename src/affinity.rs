@@ -59,19 +59,24 @@ pub struct Plan {
 /// still hits one of those with a chance of 4^-8; the order then goes on in list order.
 const MAX_REDRAWS: u8 = 8;
 
+/// The longest session value a request brings that a `sticky_learn` pool binds when it
+/// does not know it (session ids are 16 to 64 characters; Tomcat's with a route suffix
+/// some more).
+const MAX_UNKNOWN_SESSION: usize = 256;
+
 #[derive(Debug)]
 enum Rest {
     /// Balanced over eligible members: the selector's order.
     Balanced {
         order: Option<crate::balance::Candidates>,
-        /// For `sticky_learn`: the known session value the request carries, to be
-        /// bound to the backend that serves it if redispatched, or forgotten if the
-        /// response clears the cookie. Kept here, where the ranked variant already
-        /// takes the room, so that a plan is no larger to move.
+        /// For `sticky_learn`: the session value the request carries, to be bound to
+        /// the backend that serves it (see `rebind`), or forgotten if the response
+        /// clears the cookie. Kept here, where the ranked variant already takes the
+        /// room, so that a plan is no larger to move.
         session: Option<Box<str>>,
-        /// The session's backend is down, ejected or gone: bind the session to the one
-        /// that serves it instead (not after a failed connect alone, which a backend
-        /// still up may have).
+        /// Bind the session to the backend that serves it: it is unknown or expired,
+        /// or its backend is down, ejected or gone (not after a failed connect alone,
+        /// which a backend still up may have).
         rebind: bool,
     },
     /// The rendezvous ranking of a hash key, computed on first use; members at or over
@@ -241,7 +246,7 @@ impl Plan {
         Ok(())
     }
 
-    /// The known learned session the request carries, if any.
+    /// The learned session value the request carries, if any.
     fn session(&self) -> Option<&str> {
         match &self.rest {
             Rest::Balanced { session, .. } => session.as_deref(),
@@ -368,20 +373,19 @@ impl Pool {
         if let (Some(value), Some(table)) =
             (key::cookie_value(req, &cfg.cookie), self.state.learned())
         {
-            match table.lookup(value, unix_now()) {
+            // Whether the session is to be bound to the backend that serves it: a known
+            // one whose backend is down, ejected or gone, and an unknown or expired one
+            // (an application that does not set its cookie again, as with a session in
+            // a shared store, would otherwise see the client's requests balanced one by
+            // one). A value longer than any session id is balanced alone, so that
+            // requests cannot fill the table with large entries.
+            let rebind = match table.lookup(value, unix_now()) {
                 Lookup::Hit(id) => {
                     let pinned = self
                         .by_id
                         .get(&id)
                         .copied()
                         .filter(|&i| self.pinnable(i, plan));
-                    if let Rest::Balanced {
-                        session, rebind, ..
-                    } = &mut plan.rest
-                    {
-                        *session = Some(value.into());
-                        *rebind = pinned.is_none();
-                    }
                     match pinned {
                         Some(i) => {
                             plan.pinned = Some(i);
@@ -389,9 +393,20 @@ impl Pool {
                         }
                         None => outcome = Outcome::Redispatched,
                     }
+                    pinned.is_none()
                 }
-                Lookup::Expired => outcome = Outcome::Expired,
-                Lookup::Unknown => {}
+                Lookup::Expired => {
+                    outcome = Outcome::Expired;
+                    value.len() <= MAX_UNKNOWN_SESSION
+                }
+                Lookup::Unknown => value.len() <= MAX_UNKNOWN_SESSION,
+            };
+            if let Rest::Balanced {
+                session, rebind: r, ..
+            } = &mut plan.rest
+            {
+                *session = Some(value.into());
+                *r = rebind;
             }
         }
         plan.outcome = Some(outcome);
@@ -482,9 +497,10 @@ impl Pool {
     }
 
     /// Learns from a response of member `i` (with `status`) the session cookie it set
-    /// or cleared. A known session whose backend is down, ejected or gone, and that the
-    /// response does not replace, is bound to member `i` unless it answered with a
-    /// server error: it would otherwise be balanced anew on every request.
+    /// or cleared. A session the request carries that is unknown, expired, or whose
+    /// backend is down, ejected or gone, and that the response does not replace, is
+    /// bound to member `i` unless it answered with a server error: it would otherwise
+    /// be balanced anew on every request.
     #[inline(never)]
     pub fn learn_from(&self, i: usize, status: StatusCode, headers: &HeaderMap, plan: &Plan) {
         let (Affinity::Learn { cfg }, Some(table)) = (&self.affinity, self.state.learned()) else {

@@ -497,13 +497,70 @@ async fn learned_sessions_stick_to_the_backend_that_issued_them() {
             assert_eq!(&String::from_utf8(got.body.to_vec()).unwrap(), owner);
         }
     }
-    // An unknown session value is balanced normally, and the table learns nothing new.
-    let got = fetch(proxy.addr, get_with_cookie("/", "JSESSIONID=never-issued")).await;
-    assert_eq!(got.status, 200);
     let s = status(&proxy).await;
     assert_eq!(s["pools"][0]["sessions_learned"], 6);
     assert_eq!(s["pools"][0]["affinity"]["hit"], 600);
     drop((x, y, z));
+}
+
+#[tokio::test]
+async fn a_session_the_proxy_does_not_know_stays_where_it_was_first_sent() {
+    let (x, y, z) = (
+        Killable::start("x").await,
+        Killable::start("y").await,
+        Killable::start("z").await,
+    );
+    let proxy = TestProxy::start(&config(&learn_pool(&[x.addr, y.addr, z.addr], ""))).await;
+    // A session issued before a restart, or through another proxy: the backends keep
+    // it in a shared store and do not set it again. It is balanced once, then bound.
+    let session = "JSESSIONID=issued-elsewhere";
+    let first = fetch(proxy.addr, get_with_cookie("/", session)).await.body;
+    for _ in 0..9 {
+        assert_eq!(
+            fetch(proxy.addr, get_with_cookie("/", session)).await.body,
+            first
+        );
+    }
+    let s = status(&proxy).await;
+    assert_eq!(s["pools"][0]["sessions_learned"], 1, "{s}");
+    assert_eq!(s["pools"][0]["affinity"]["new"], 1, "{s}");
+    assert_eq!(s["pools"][0]["affinity"]["hit"], 9, "{s}");
+    // A value longer than any session id is balanced on every request and never kept.
+    let long = format!("JSESSIONID={}", "v".repeat(300));
+    let mut went = HashSet::new();
+    for _ in 0..3 {
+        went.insert(fetch(proxy.addr, get_with_cookie("/", &long)).await.body);
+    }
+    assert_eq!(went.len(), 3, "round robin over x, y and z");
+    assert_eq!(status(&proxy).await["pools"][0]["sessions_learned"], 1);
+    drop((x, y, z));
+}
+
+#[tokio::test]
+async fn an_expired_session_is_bound_again_where_it_goes() {
+    let (x, y) = (Killable::start("x").await, Killable::start("y").await);
+    let proxy = TestProxy::start(&config(&learn_pool(&[x.addr, y.addr], "ttl = \"1s\""))).await;
+    let got = fetch(proxy.addr, get("/")).await;
+    assert_eq!(got.body, "x");
+    let session = pair(got.headers["set-cookie"].to_str().unwrap());
+    assert_eq!(status(&proxy).await["pools"][0]["sessions_learned"], 1);
+    // The passage of time is what is under test: the session, last used within the
+    // current second, expires with the next one (the table counts whole seconds).
+    let unix = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+    };
+    let learned_by = unix().as_secs();
+    tokio::time::sleep(std::time::Duration::from_secs(learned_by + 1) - unix()).await;
+    let got = fetch(proxy.addr, get_with_cookie("/", &session)).await;
+    assert_eq!(got.status, 200);
+    assert!(!got.headers.contains_key("set-cookie"));
+    let s = status(&proxy).await;
+    assert_eq!(s["pools"][0]["affinity"]["expired"], 1, "{s}");
+    // Forgotten when found expired, then bound to the backend that served it.
+    assert_eq!(s["pools"][0]["sessions_learned"], 1, "{s}");
+    drop((x, y));
 }
 
 #[tokio::test]
