@@ -352,8 +352,14 @@ impl Pool {
                             plan.pinned = Some(i);
                             outcome = Outcome::Hit;
                             plan.reject_if_pinned_fails = reject(i);
+                            // Renewed when sliding and half its ttl has passed, and
+                            // when it outlives the ttl, as a cookie issued before the
+                            // ttl was lowered does: it then ends within the new one.
+                            // A minute's leeway spares cookies from proxies sharing
+                            // the secret whose clocks are a little ahead.
                             let left = u64::from(expires).saturating_sub(u64::from(now));
-                            plan.renew = cfg.sliding && left < cfg.ttl.as_secs() / 2;
+                            let ttl = cfg.ttl.as_secs();
+                            plan.renew = left > ttl + 60 || (cfg.sliding && left < ttl / 2);
                         }
                         None => outcome = Outcome::Redispatched,
                     }

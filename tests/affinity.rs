@@ -11,7 +11,7 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE, URL_SAFE_NO_PAD};
 use base64::Engine;
 use common::*;
 use switchyard::affinity::unix_now;
-use switchyard::balance::sticky_cookie::Codec;
+use switchyard::balance::sticky_cookie::{Codec, Verdict};
 
 const SECRET: &str = "a test secret of more than sixteen bytes";
 
@@ -916,6 +916,35 @@ async fn sliding_cookies_are_renewed_after_half_their_ttl() {
     let got = fetch(proxy.addr, get_with_cookie("/", &format!("SWITCHYARD={v}"))).await;
     assert!(our_cookies(&got, "SWITCHYARD").is_empty());
     assert_eq!(status(&proxy).await["pools"][0]["affinity"]["hit"], 3);
+}
+
+#[tokio::test]
+async fn a_cookie_that_outlives_a_lowered_ttl_is_renewed_within_it() {
+    let env = secret_env("LOWERED");
+    let a = named_backend("a").await;
+    let cfg = sticky_pool("p", &[a], &format!("secret_env = \"{env}\"\nttl = \"1h\""));
+    let proxy = TestProxy::start(&config(&cfg)).await;
+    let codec = Codec::new("p", &[SECRET.as_bytes().to_vec()]);
+    // Issued while the ttl was a day: it is renewed with the hour the pool has now,
+    // and keeps its backend.
+    let issued = codec.encode("p-1", (unix_now() + 86_000) as u32);
+    let got = fetch(
+        proxy.addr,
+        get_with_cookie("/", &format!("SWITCHYARD={issued}")),
+    )
+    .await;
+    let renewed = our_cookies(&got, "SWITCHYARD");
+    assert_eq!(renewed.len(), 1, "{:?}", got.headers);
+    assert!(renewed[0].contains("Max-Age=3600"), "{}", renewed[0]);
+    let v = value(&renewed[0]);
+    match codec.decode(&v, unix_now() as u32) {
+        Verdict::Valid { expires, .. } => assert!(u64::from(expires) <= unix_now() + 3600),
+        other => panic!("{other:?}"),
+    }
+    // Within the ttl (not sliding): kept as is.
+    let got = fetch(proxy.addr, get_with_cookie("/", &format!("SWITCHYARD={v}"))).await;
+    assert!(our_cookies(&got, "SWITCHYARD").is_empty());
+    assert_eq!(status(&proxy).await["pools"][0]["affinity"]["hit"], 2);
 }
 
 #[tokio::test]
