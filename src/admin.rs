@@ -234,8 +234,8 @@ fn owner_pool(path: &str) -> Option<&str> {
     path.strip_prefix("/pools/")?.strip_suffix("/owner")
 }
 
-/// `GET /pools/NAME/owner?key=K`: which backend owns hash key `K` now, and the order
-/// the key would fall back in. `?client_ip=ADDR` asks the same for the key of a client
+/// `GET /pools/NAME/owner?key=K`: which backend owns hash key `K` now, which one a
+/// request with the key would go to now, and the order the key would fall back in. `?client_ip=ADDR` asks the same for the key of a client
 /// address (`client_ip` keys are the address's octets, not its text).
 fn owner(rt: &Runtime, name: &str, query: Option<&str>) -> Response<Full<Bytes>> {
     let Some(pool) = rt.pool(name) else {
@@ -262,23 +262,22 @@ fn owner(rt: &Runtime, name: &str, query: Option<&str>) -> Response<Full<Bytes>>
         }
         (None, None) => return text(StatusCode::BAD_REQUEST, "missing ?key= or ?client_ip=\n"),
     };
-    match pool.hash_candidates(&hashed) {
-        None => text(
-            StatusCode::BAD_REQUEST,
-            "this pool does not use consistent_hash\n",
-        ),
-        Some(order) => {
-            let ids: Vec<&str> = order
-                .iter()
-                .map(|&i| &*pool.members[i].backend.id)
-                .collect();
+    match (pool.hash_candidates(&hashed), pool.hash_serving(&hashed)) {
+        (Some(order), Some(serving)) => {
+            let id = |i: usize| &*pool.members[i].backend.id;
+            let ids: Vec<&str> = order.iter().map(|&i| id(i)).collect();
             json_response(&json!({
                 "pool": name,
                 "key": key,
                 "owner": ids.first(),
+                "serving": serving.map(id),
                 "candidates": ids,
             }))
         }
+        _ => text(
+            StatusCode::BAD_REQUEST,
+            "this pool does not use consistent_hash\n",
+        ),
     }
 }
 

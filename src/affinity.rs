@@ -52,6 +52,8 @@ pub struct Plan {
     passed_over: Option<usize>,
     /// Balancing orders drawn again (see [`Plan::draw_again`]).
     redraws: u8,
+    /// A plan made to show where a request would go, not for one: it counts nothing.
+    probe: bool,
 }
 
 /// How many times a request's balancing order is drawn again when its pick is passed
@@ -202,7 +204,9 @@ impl Plan {
                         return None;
                     }
                     self.ignore_health = true;
-                    pool.state.fail_open.fetch_add(1, Ordering::Relaxed);
+                    if !self.probe {
+                        pool.state.fail_open.fetch_add(1, Ordering::Relaxed);
+                    }
                     match &mut self.rest {
                         // Drawn afresh: a round robin's next turn would be the next
                         // request's too, and with an even cycle one backend would take
@@ -273,7 +277,20 @@ impl Plan {
 impl Pool {
     /// Decides where one request goes.
     pub fn plan(&self, req: &Parts, client: IpAddr) -> Plan {
-        let mut plan = Plan {
+        let mut plan = self.empty_plan();
+        // Each policy's work is out of line: the request path of a pool without
+        // affinity, or with another kind, then spans fewer cache lines.
+        match &self.affinity {
+            Affinity::None => {}
+            Affinity::Cookie { .. } => self.plan_cookie(&mut plan, req),
+            Affinity::Learn { .. } => self.plan_learned(&mut plan, req),
+            Affinity::Hash { .. } => self.plan_hash(&mut plan, req, client),
+        }
+        plan
+    }
+
+    fn empty_plan(&self) -> Plan {
+        Plan {
             pinned: None,
             pinned_done: false,
             rest: Rest::Balanced {
@@ -289,16 +306,8 @@ impl Pool {
             ignore_health: false,
             passed_over: None,
             redraws: 0,
-        };
-        // Each policy's work is out of line: the request path of a pool without
-        // affinity, or with another kind, then spans fewer cache lines.
-        match &self.affinity {
-            Affinity::None => {}
-            Affinity::Cookie { .. } => self.plan_cookie(&mut plan, req),
-            Affinity::Learn { .. } => self.plan_learned(&mut plan, req),
-            Affinity::Hash { .. } => self.plan_hash(&mut plan, req, client),
+            probe: false,
         }
-        plan
     }
 
     /// Whether a client pinned to member `i` goes there: it is healthy, or, with no
@@ -420,46 +429,65 @@ impl Pool {
 
     #[inline(never)]
     fn plan_hash(&self, plan: &mut Plan, req: &Parts, client: IpAddr) {
-        let Affinity::Hash { cfg, table } = &self.affinity else {
+        let Affinity::Hash { cfg, .. } = &self.affinity else {
             return;
         };
         match key::extract(&cfg.key, req, client) {
             None => plan.outcome = Some(Outcome::New),
-            Some(k) => {
-                let key_hash = consistent_hash::hash_key(&k);
-                let bound = cfg.bounded_load.map(|c| {
-                    // Over the backends that take new requests: the caps of the others
-                    // would leave less room than there is load, and the owner would
-                    // take the rest beyond its own.
-                    let open = (0..self.members.len())
-                        .filter(|&i| self.healthy(i) && !self.members[i].draining);
-                    let (total, total_weight) = open.fold((0, 0), |(t, w), i| {
-                        let m = &self.members[i];
-                        (t + m.backend.in_flight(), w + u64::from(m.weight))
-                    });
-                    Bound {
-                        c,
-                        total,
-                        total_weight,
-                    }
-                });
-                let owner = table
-                    .owner(key_hash)
-                    .filter(|&i| self.healthy(i) && Bound::admits(bound, &self.members[i]));
-                plan.outcome = Some(if owner.is_some() {
-                    Outcome::Hit
-                } else {
-                    Outcome::Redispatched
-                });
-                plan.pinned = owner;
-                plan.rest = Rest::Ranked {
-                    key_hash,
-                    order: None,
-                    pos: 0,
-                    bound,
-                };
-            }
+            Some(k) => self.plan_hash_key(plan, consistent_hash::hash_key(&k)),
         }
+    }
+
+    /// Plans for a key hashing to `key_hash`: its owner first, if it is healthy and
+    /// under its bounded-load cap, then the key's ranking.
+    fn plan_hash_key(&self, plan: &mut Plan, key_hash: u64) {
+        let Affinity::Hash { cfg, table } = &self.affinity else {
+            return;
+        };
+        let bound = cfg.bounded_load.map(|c| {
+            // Over the backends that take new requests: the caps of the others
+            // would leave less room than there is load, and the owner would
+            // take the rest beyond its own.
+            let open =
+                (0..self.members.len()).filter(|&i| self.healthy(i) && !self.members[i].draining);
+            let (total, total_weight) = open.fold((0, 0), |(t, w), i| {
+                let m = &self.members[i];
+                (t + m.backend.in_flight(), w + u64::from(m.weight))
+            });
+            Bound {
+                c,
+                total,
+                total_weight,
+            }
+        });
+        let owner = table
+            .owner(key_hash)
+            .filter(|&i| self.healthy(i) && Bound::admits(bound, &self.members[i]));
+        plan.outcome = Some(if owner.is_some() {
+            Outcome::Hit
+        } else {
+            Outcome::Redispatched
+        });
+        plan.pinned = owner;
+        plan.rest = Rest::Ranked {
+            key_hash,
+            order: None,
+            pos: 0,
+            bound,
+        };
+    }
+
+    /// For a consistent_hash pool: the member a request with `key` would go to now
+    /// (health and bounded load as they are at this instant), if any; `None` for
+    /// other pools.
+    pub fn hash_serving(&self, key: &[u8]) -> Option<Option<usize>> {
+        let Affinity::Hash { .. } = &self.affinity else {
+            return None;
+        };
+        let mut plan = self.empty_plan();
+        plan.probe = true;
+        self.plan_hash_key(&mut plan, consistent_hash::hash_key(key));
+        Some(plan.next(self))
     }
 
     /// For a consistent_hash pool: the members in the order `key` would try them now

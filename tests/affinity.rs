@@ -814,6 +814,45 @@ async fn hash_keys_fail_over_and_come_back() {
 }
 
 #[tokio::test]
+async fn the_owner_endpoint_says_where_a_key_goes_while_its_owner_is_out() {
+    let (mut k1, k2) = (Killable::start("k1").await, Killable::start("k2").await);
+    let backends = [("k1".to_owned(), k1.addr), ("k2".to_owned(), k2.addr)];
+    let cfg = hash_pool(&backends, "[pools.h.outlier]\nconsecutive_failures = 1");
+    let proxy = TestProxy::start(&config(&cfg)).await;
+    let admin = proxy.admin.unwrap();
+    let ask = |id: String| async move {
+        fetch(admin, get(&format!("/pools/h/owner?key={id}")))
+            .await
+            .json()
+    };
+    let mut key = None;
+    for u in 0..100 {
+        let id = format!("user-{u}");
+        if ask(id.clone()).await["owner"] == "k1" {
+            key = Some(id);
+            break;
+        }
+    }
+    let key = key.expect("some key of a hundred is k1's");
+    let said = ask(key.clone()).await;
+    assert_eq!(said["serving"], "k1", "{said}");
+    // k1 goes down: the key's request fails over to k2, and ejects k1.
+    k1.kill().await;
+    assert_eq!(
+        fetch(proxy.addr, user("/no-session", &key)).await.body,
+        "k2"
+    );
+    let said = ask(key.clone()).await;
+    assert_eq!(said["owner"], "k1", "placement does not change: {said}");
+    assert_eq!(said["serving"], "k2", "{said}");
+    assert_eq!(
+        fetch(proxy.addr, user("/no-session", &key)).await.body,
+        "k2"
+    );
+    drop(k2);
+}
+
+#[tokio::test]
 async fn owner_endpoint_errors() {
     let a = named_backend("a").await;
     let cfg = format!(
