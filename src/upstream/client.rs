@@ -522,22 +522,21 @@ pub struct ConnPool {
 }
 
 /// Counts a backend's open connections (busy, idle, or finishing an upload), and wakes
-/// a request waiting for one: when an idle one comes back, or one closes.
+/// the request first in line for one: when an idle one comes back, one closes, or the
+/// request before it leaves the line.
 #[derive(Debug, Default)]
 struct Open {
     count: AtomicUsize,
     /// Of those, the ones closed for being over a lowered limit whose sockets are not
     /// yet let go of.
     closing: AtomicUsize,
-    /// Requests waiting for a connection, by ticket, first come first: only the first
-    /// may take what comes free.
-    queue: Mutex<std::collections::VecDeque<u64>>,
+    /// Requests waiting for a connection, by ticket, first come first, each with the
+    /// signal that wakes it: only the first may take what comes free, and only the
+    /// first is woken, so that an event costs the same however long the line.
+    queue: Mutex<std::collections::VecDeque<(u64, Arc<Notify>)>>,
     /// The queue's length, read without its lock.
     waiting: AtomicUsize,
     next_ticket: AtomicU64,
-    /// Told when a connection comes back idle or closes: every waiter looks whether its
-    /// turn came.
-    freed: Notify,
 }
 
 impl Open {
@@ -545,7 +544,7 @@ impl Open {
         self.waiting.load(Ordering::Acquire)
     }
 
-    fn queue(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<u64>> {
+    fn queue(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<(u64, Arc<Notify>)>> {
         // Tickets only: a panic while holding the lock cannot leave them inconsistent.
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -554,14 +553,24 @@ impl Open {
     /// now) is first in line.
     fn first(&self, ticket: Option<&Ticket<'_>>) -> bool {
         let queue = self.queue();
-        match ticket {
-            Some(t) => queue.front() == Some(&t.number),
-            None => queue.is_empty(),
+        match (ticket, queue.front()) {
+            (Some(t), Some((first, _))) => *first == t.number,
+            (Some(_), None) => false,
+            (None, front) => front.is_none(),
         }
     }
 
-    fn wake_all(&self) {
-        self.freed.notify_waiters();
+    /// Tells the request first in line to look again. A request that joins the line
+    /// looks once more after joining, so one that joins while this reads no one
+    /// waiting misses nothing; and the signal keeps a wake-up given while its request
+    /// is not yet waiting.
+    fn wake_first(&self) {
+        if self.waiting() == 0 {
+            return;
+        }
+        if let Some((_, signal)) = self.queue().front() {
+            signal.notify_one();
+        }
     }
 
     /// The connections open and not on their way out.
@@ -611,7 +620,7 @@ impl Drop for Counted {
         if self.closing {
             self.open.closing.fetch_sub(1, Ordering::AcqRel);
         }
-        self.open.wake_all();
+        self.open.wake_first();
     }
 }
 
@@ -625,18 +634,25 @@ enum Room {
 
 /// A request's place in line for a connection of a backend at its limit: a request
 /// that comes later waits behind it. When it leaves the line (served, or out of time),
-/// every waiter looks again, the next in line among them.
+/// the next in line is woken to look again.
 struct Ticket<'a> {
     open: &'a Open,
     number: u64,
+    /// Told when this request may be first in line and something came free.
+    signal: Arc<Notify>,
 }
 
 impl<'a> Ticket<'a> {
     fn join(open: &'a Open) -> Self {
         let number = open.next_ticket.fetch_add(1, Ordering::Relaxed);
-        open.queue().push_back(number);
+        let signal = Arc::new(Notify::new());
+        open.queue().push_back((number, signal.clone()));
         open.waiting.fetch_add(1, Ordering::AcqRel);
-        Ticket { open, number }
+        Ticket {
+            open,
+            number,
+            signal,
+        }
     }
 }
 
@@ -644,12 +660,13 @@ impl Drop for Ticket<'_> {
     fn drop(&mut self) {
         {
             let mut queue = self.open.queue();
-            if let Some(i) = queue.iter().position(|&n| n == self.number) {
+            if let Some(i) = queue.iter().position(|(n, _)| *n == self.number) {
                 queue.remove(i);
             }
         }
         self.open.waiting.fetch_sub(1, Ordering::AcqRel);
-        self.open.wake_all();
+        // A wake-up this request was given and did not use goes on to the next.
+        self.open.wake_first();
     }
 }
 
@@ -711,8 +728,9 @@ impl ConnPool {
         self.lock().settings = Settings::of(pool);
         // Now, rather than when the reaper next looks, which the old timeout timed.
         self.prune();
-        // A raised limit may make room for requests waiting.
-        self.open.wake_all();
+        // A raised limit may make room for requests waiting: the first takes it, and,
+        // leaving the line, wakes the next.
+        self.open.wake_first();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Slots> {
@@ -835,10 +853,6 @@ impl ConnPool {
         ticket: &mut Option<Ticket<'a>>,
     ) -> Result<Room, UpstreamError> {
         loop {
-            // Registered before looking, so that what is freed after the look wakes it.
-            let freed = self.open.freed.notified();
-            let mut freed = std::pin::pin!(freed);
-            freed.as_mut().enable();
             let limit = self.lock().settings.max_open;
             if limit == 0 || self.open.first(ticket.as_ref()) {
                 if take_idle {
@@ -879,11 +893,18 @@ impl ConnPool {
             let Some(until) = until else {
                 return Err(full());
             };
-            if ticket.is_none() {
-                *ticket = Some(Ticket::join(&self.open));
-            }
-            if tokio::time::timeout_at(until, freed).await.is_err() {
-                return Err(full());
+            match ticket {
+                // In line now: it looks again before it waits, so that what came free
+                // since the look above (when no one was in line to be woken) is seen.
+                None => *ticket = Some(Ticket::join(&self.open)),
+                Some(t) => {
+                    if tokio::time::timeout_at(until, t.signal.notified())
+                        .await
+                        .is_err()
+                    {
+                        return Err(full());
+                    }
+                }
             }
         }
     }
@@ -1018,7 +1039,7 @@ impl ConnPool {
             slots.conns.push(Idle { tx, since: now });
             if max_open != 0 {
                 drop(slots);
-                self.open.wake_all();
+                self.open.wake_first();
             }
         }
     }
@@ -1257,5 +1278,30 @@ mod tests {
         let got = served(third).await;
         assert!(got.reused);
         assert_eq!(pool.stats.connections_opened(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_raised_limit_lets_every_waiting_request_through() {
+        let pool = pool_of_one("10s").await;
+        let _first = pool.checkout(Instant::now(), false).await.unwrap();
+        let mut waiting = Vec::new();
+        for _ in 0..3 {
+            let p = pool.clone();
+            waiting.push(tokio::spawn(async move {
+                p.checkout(Instant::now(), true).await
+            }));
+            let_run().await;
+        }
+        // Only the first in line is woken; each, leaving the line, wakes the next.
+        let text = format!(
+            "[pools.p]\nbackends = [\"{}\"]\nmax_connections_per_backend = 4\n",
+            pool.addr
+        );
+        let cfg = crate::config::parse(&text, "test.toml").unwrap();
+        pool.configure(&cfg.pools[0]);
+        for w in waiting {
+            assert!(!served(w).await.reused);
+        }
+        assert_eq!(pool.open_count(), 4);
     }
 }
