@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 
 /// Upper bound for waits that should end much sooner; a failure, never a sync point.
@@ -108,13 +109,18 @@ async fn joined(h: tokio::task::JoinHandle<Got>) -> Got {
 
 /// Polls `/status` until the backend `id` has `n` requests in flight.
 async fn wait_in_flight(proxy: &TestProxy, id: &str, n: u64) {
+    wait_status(proxy, id, "in_flight", n).await;
+}
+
+/// Polls `/status` until the backend `id`'s `field` reads `n`.
+async fn wait_status(proxy: &TestProxy, id: &str, field: &str, n: u64) {
     let start = Instant::now();
     loop {
         let b = backend_status(&status(proxy).await, id);
-        if b["in_flight"] == n {
+        if b[field] == n {
             return;
         }
-        assert!(start.elapsed() < LIMIT, "in flight never reached {n}: {b}");
+        assert!(start.elapsed() < LIMIT, "{field} never reached {n}: {b}");
         tokio::task::yield_now().await;
     }
 }
@@ -305,4 +311,204 @@ async fn a_lowered_limit_closes_connections_as_they_come_back() {
         assert_eq!(fetch(proxy.addr, get("/")).await.status, 200);
     }
     assert_eq!(b.accepted(), 3, "the one kept is reused");
+}
+
+/// A backend whose connections the test holds: it reads and answers their requests by
+/// hand, and closes a connection by dropping it. It accepts a connection only when
+/// asked to, and its listener queues at most one connection not yet accepted: with one
+/// waiting there, a further connection attempt goes unanswered (its SYN is dropped)
+/// until the queue has room, as with a backend too busy to accept.
+struct Manual {
+    addr: SocketAddr,
+    /// One permit per connection to accept.
+    accept: Arc<Semaphore>,
+    conns: mpsc::UnboundedReceiver<TcpStream>,
+}
+
+impl Manual {
+    async fn start() -> Manual {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accept = Arc::new(Semaphore::new(0));
+        let (tx, conns) = mpsc::unbounded_channel();
+        let gate = accept.clone();
+        tokio::spawn(async move {
+            loop {
+                gate.acquire().await.unwrap().forget();
+                let Ok((s, _)) = listener.accept().await else {
+                    return;
+                };
+                if tx.send(s).is_err() {
+                    return;
+                }
+            }
+        });
+        Manual {
+            addr,
+            accept,
+            conns,
+        }
+    }
+
+    /// Accepts the next connection and reads its first request head.
+    async fn next_request(&mut self) -> TcpStream {
+        self.accept.add_permits(1);
+        let mut s = tokio::time::timeout(LIMIT, self.conns.recv())
+            .await
+            .expect("a connection should reach the backend")
+            .unwrap();
+        request_on(&mut s).await;
+        s
+    }
+}
+
+/// Reads a request head on a backend connection.
+async fn request_on(s: &mut TcpStream) {
+    tokio::time::timeout(LIMIT, read_head(s))
+        .await
+        .expect("a request should come")
+        .expect("the connection should stay open");
+}
+
+/// Answers a request on a backend connection with `body`.
+async fn answer(s: &mut TcpStream, body: &str) {
+    let response = format!(
+        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(response.as_bytes()).await.unwrap();
+}
+
+/// Reads one response on a client connection: its status and body.
+async fn response_on(s: &mut TcpStream) -> (u16, String) {
+    let read = async {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the connection closed mid-response");
+            got.extend_from_slice(&buf[..n]);
+            let mut fields = [httparse::EMPTY_HEADER; 32];
+            let mut r = httparse::Response::new(&mut fields);
+            if let httparse::Status::Complete(head) = r.parse(&got).unwrap() {
+                let length: usize = r
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                    .map(|h| std::str::from_utf8(h.value).unwrap().parse().unwrap())
+                    .expect("a content-length");
+                if got.len() >= head + length {
+                    let body = String::from_utf8_lossy(&got[head..head + length]);
+                    return (r.code.unwrap(), body.into_owned());
+                }
+            }
+        }
+    };
+    tokio::time::timeout(LIMIT, read)
+        .await
+        .expect("a response should come")
+}
+
+/// Sends a GET on a client connection, returning once it is written.
+async fn send_on(s: &mut TcpStream, path: &str) {
+    let request = format!("GET {path} HTTP/1.1\r\nhost: test.local\r\n\r\n");
+    s.write_all(request.as_bytes()).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_stale_connection_replaced_while_the_backend_is_at_its_limit_gets_503_not_a_failure() {
+    let mut b = Manual::start().await;
+    let proxy = TestProxy::start(&limited(b.addr, 2, "connect_timeout = \"300ms\"\n")).await;
+    // One connection busy with a request held.
+    let held = spawn_get(proxy.addr, get("/held"));
+    let _busy = b.next_request().await;
+    // The other idle in the pool, after serving a request from each of two client
+    // connections.
+    let mut x = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut y = TcpStream::connect(proxy.addr).await.unwrap();
+    send_on(&mut x, "/x").await;
+    let mut idle = b.next_request().await;
+    answer(&mut idle, "x").await;
+    assert_eq!(response_on(&mut x).await, (200, "x".to_owned()));
+    wait_status(&proxy, "a", "idle_connections", 1).await;
+    send_on(&mut y, "/y").await;
+    request_on(&mut idle).await;
+    answer(&mut idle, "y").await;
+    assert_eq!(response_on(&mut y).await, (200, "y".to_owned()));
+    wait_status(&proxy, "a", "idle_connections", 1).await;
+
+    // A request on `x`, then one on `y`, then the backend closes the idle connection,
+    // all before the proxy runs again: the test runtime has one thread (this test must
+    // keep to it), and these writes do not wait. The proxy learns of all three at once
+    // and handles them in the order they came: the request on `x` takes the idle
+    // connection, which still looks ready; the one on `y` finds none and waits in line;
+    // the connection's task then reads its end before writing, and hands the request
+    // on `x` back unsent.
+    send_on(&mut x, "/stale").await;
+    send_on(&mut y, "/waiting").await;
+    drop(idle);
+    // The closed connection's room goes to the request that waited first; the
+    // replacement for the stale one waits behind it, in vain while its request is held:
+    // 503, after the connect timeout.
+    let mut waiting = b.next_request().await;
+    let (status_code, body) = response_on(&mut x).await;
+    assert_eq!(status_code, 503, "{body}");
+    // A backend with its connections busy has not failed to be reached: no connect
+    // error is counted, and the request opened no connection of its own.
+    let a = backend_status(&status(&proxy).await, "a");
+    assert_eq!(a["connections_opened"], 3, "{a}");
+    let text = metrics_text(&proxy).await;
+    assert!(
+        text.contains("switchyard_upstream_connect_errors_total{backend=\"a\",pool=\"p\"} 0"),
+        "{text}"
+    );
+    answer(&mut waiting, "waiting").await;
+    assert_eq!(response_on(&mut y).await, (200, "waiting".to_owned()));
+    drop(held);
+}
+
+#[tokio::test]
+async fn a_request_first_in_line_that_is_slow_to_connect_lets_the_next_take_a_freed_connection() {
+    let mut b = Manual::start().await;
+    let (addr, dir) = (b.addr, tempfile::tempdir().unwrap());
+    let file = |limit| limited(addr, limit, "connect_timeout = \"30s\"\n");
+    let path = dir.path().join("switchyard.toml");
+    std::fs::write(&path, file(2)).unwrap();
+    let (proxy, reloader) = TestProxy::start_file(&path).await;
+    // Both connections busy, and two requests waiting in line for one.
+    let first = spawn_get(proxy.addr, get("/1"));
+    let _one = b.next_request().await;
+    let second = spawn_get(proxy.addr, get("/2"));
+    let mut two = b.next_request().await;
+    let ahead = spawn_get(proxy.addr, get("/ahead"));
+    wait_in_flight(&proxy, "a", 3).await;
+    let behind = spawn_get(proxy.addr, get("/behind"));
+    wait_in_flight(&proxy, "a", 4).await;
+
+    // A connection left in the backend's accept queue fills it: the next connection
+    // attempt goes unanswered.
+    let _queued = TcpStream::connect(addr).await.unwrap();
+    // A raised limit makes room for one more connection: the request first in line
+    // takes it, and connects, slowly.
+    std::fs::write(&path, file(3)).unwrap();
+    reloader.reload_async().await.expect("the reload applies");
+    wait_status(&proxy, "a", "open_connections", 3).await;
+
+    // A connection comes back idle meanwhile: the request next in line takes it rather
+    // than wait for the one connecting.
+    answer(&mut two, "2").await;
+    assert_eq!(joined(second).await.body, "2");
+    request_on(&mut two).await;
+    answer(&mut two, "behind").await;
+    let got = joined(behind).await;
+    assert_eq!((got.status, &got.body[..]), (200, &b"behind"[..]));
+    assert!(
+        !ahead.is_finished(),
+        "the slow connection should still be connecting"
+    );
+    let a = backend_status(&status(&proxy).await, "a");
+    assert_eq!(a["connections_opened"], 2, "{a}");
+    drop((first, ahead));
 }
