@@ -363,6 +363,92 @@ async fn admin_connections_keep_to_the_header_timeout_and_a_cap() {
 }
 
 #[tokio::test]
+async fn admin_connections_close_after_the_idle_timeout_when_it_is_below_the_cap() {
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    let a = named_backend("a").await;
+    let idle = Duration::from_millis(300);
+    let proxy = TestProxy::start(&config(&format!(
+        "[server.limits]\nidle_timeout = \"300ms\"\nheader_read_timeout = \"1h\"\n\
+         [pools.p]\nbackends = [\"{a}\"]\n"
+    )))
+    .await;
+    let admin = proxy.admin.unwrap();
+    // The passing of the idle timeout is what is under test, so these waits are timed:
+    // each connection must close after the idle timeout, and well before the cap of
+    // 10 s that applies when the idle timeout is longer.
+    let within = Duration::from_secs(5);
+    // One that sends nothing.
+    let started = Instant::now();
+    let mut silent = TcpStream::connect(admin).await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(within, silent.read_to_end(&mut rest))
+        .await
+        .expect("an admin connection that sent nothing stayed open")
+        .unwrap();
+    assert!(rest.is_empty());
+    assert!(
+        started.elapsed() >= idle,
+        "closed after {:?}",
+        started.elapsed()
+    );
+    // One that idles after a request.
+    let mut kept = TcpStream::connect(admin).await.unwrap();
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = kept.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    let answered = Instant::now();
+    tokio::time::timeout(within, kept.read_to_end(&mut rest))
+        .await
+        .expect("an idle admin connection stayed open")
+        .unwrap();
+    assert!(
+        answered.elapsed() >= idle,
+        "closed after {:?}",
+        answered.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn heads_refused_by_the_parser_are_logged_and_counted_with_the_status_sent() {
+    let (a, hits) = counting_backend().await;
+    let toml = format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\naccess_log = \"json\"\n\
+         [server.limits]\nmax_header_bytes = 131072\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [pools.p]\nbackends = [\"{a}\"]\n"
+    );
+    let (proxy, mut lines) = TestProxy::start_logging(&toml).await;
+    // hyper's parser takes request targets of at most 65,534 bytes, whatever the room
+    // for the head.
+    let long_target = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(70_000));
+    let big_head = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(140_000)
+    );
+    for (request, status) in [(long_target, 414), (big_head, 431)] {
+        let got = raw_exchange(proxy.addr, request.as_bytes()).await;
+        assert!(got.starts_with(&format!("HTTP/1.1 {status}")), "{got}");
+        let line = tokio::time::timeout(std::time::Duration::from_secs(10), lines.recv())
+            .await
+            .expect("no access log line")
+            .unwrap();
+        let line: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(line["status"], status, "{line}");
+    }
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let text = scrape(&proxy).await;
+    assert_sample(
+        &text,
+        "switchyard_requests_total{backend=\"\",code=\"4xx\",pool=\"\"}",
+        2.0,
+    );
+}
+
+#[tokio::test]
 async fn requests_refused_after_routing_count_for_their_pool() {
     let (a, hits) = counting_backend().await;
     let proxy = TestProxy::start(&config(&format!("[pools.p]\nbackends = [\"{a}\"]\n"))).await;
