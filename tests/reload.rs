@@ -926,3 +926,121 @@ async fn a_request_on_a_former_address_stays_in_flight_until_it_ends() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A consistent-hash pool of `n` backends `{prefix}0`, `{prefix}1`, .. on `addr`, which
+/// drain for an hour once removed.
+fn hashed_pool(prefix: &str, n: usize, addr: std::net::SocketAddr) -> String {
+    let list: Vec<String> = (0..n)
+        .map(|i| format!("{{ address = \"{addr}\", id = \"{prefix}{i}\" }}"))
+        .collect();
+    format!(
+        "{}[pools.p]\npolicy = \"consistent_hash\"\nhash_key = [\"header:X-User\"]\ndrain_timeout = \"1h\"\nbackends = [{}]\n",
+        base(true),
+        list.join(", ")
+    )
+}
+
+#[tokio::test]
+async fn removed_backends_beyond_the_hash_table_bound_stop_draining_earliest_removed_first() {
+    use switchyard::balance::consistent_hash::{MAX_BACKENDS, MAX_MEMBERS};
+    // No request is sent: one address where nothing listens serves every backend.
+    let addr = dead_addr().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchyard.toml");
+    write(&path, &hashed_pool("a", MAX_BACKENDS, addr));
+    let (proxy, reloader) = TestProxy::start_file(&path).await;
+    // The backends of /status, in order: (id, removed).
+    let members = || async {
+        let s = status(&proxy).await;
+        s["pools"][0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| (b["id"].as_str().unwrap().to_owned(), b["removed"] == true))
+            .collect::<Vec<_>>()
+    };
+    let set = |prefix: &str, removed: bool| {
+        (0..MAX_BACKENDS)
+            .map(|i| (format!("{prefix}{i}"), removed))
+            .collect::<Vec<_>>()
+    };
+    // Compared entry by entry: a failure names the first that differs, not thousands.
+    let same = |got: &[(String, bool)], want: &[(String, bool)]| {
+        if let Some(i) = (0..got.len().max(want.len())).find(|&i| got.get(i) != want.get(i)) {
+            panic!(
+                "backend {i} of {}: {:?}, expected {:?} (of {})",
+                got.len(),
+                got.get(i),
+                want.get(i),
+                want.len()
+            );
+        }
+    };
+
+    // A whole new set: the old one drains beside it, within the bound.
+    write(&path, &hashed_pool("b", MAX_BACKENDS, addr));
+    reloader.reload_async().await.expect("the reload applies");
+    same(
+        &members().await,
+        &[set("b", false), set("a", true)].concat(),
+    );
+
+    // Another: the first set, removed earliest, no longer fits and stops draining; the
+    // configured backends and the set removed last stay.
+    write(&path, &hashed_pool("c", MAX_BACKENDS, addr));
+    reloader.reload_async().await.expect("the reload applies");
+    let now = members().await;
+    assert_eq!(now.len(), MAX_MEMBERS);
+    same(&now, &[set("c", false), set("b", true)].concat());
+}
+
+#[test]
+fn a_reload_asked_for_once_the_runtime_has_shut_down_is_refused_and_changes_nothing() {
+    use futures_util::FutureExt;
+    use switchyard::reload::{ReloadError, Reloader};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchyard.toml");
+    // No request is sent: the backends' addresses only need to be valid.
+    let addr = || {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    write(&path, &one_pool(&[("a", addr())], ""));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let handle = rt.handle().clone();
+    let (reloader, snapshot) = rt.block_on(async {
+        let config = switchyard::config::load(&path).unwrap();
+        let snapshot = Arc::new(arc_swap::ArcSwap::from_pointee(
+            switchyard::runtime::Runtime::build(config, 1, None),
+        ));
+        let reloader = Arc::new(Reloader::new(Some(path.clone()), snapshot.clone()));
+        (reloader, snapshot)
+    });
+    // A change that a reload would apply.
+    write(&path, &one_pool(&[("a", addr()), ("b", addr())], ""));
+    // The runtime shuts down, its blocking pool with it: a reload asked for now has
+    // nowhere to run. (The admin listener's tasks end with the runtime, so `POST
+    // /reload` cannot be sent in this state; the library call shows what it answers.)
+    drop(rt);
+    let _entered = handle.enter();
+    let result = reloader
+        .reload_async()
+        .now_or_never()
+        .expect("the refusal comes at once");
+    let e = result.expect_err("the reload cannot run");
+    assert!(matches!(e, ReloadError::ShuttingDown), "{e:?}");
+    // `POST /reload` would answer `400` with this text.
+    assert_eq!(
+        e.to_string(),
+        "the reload did not run: the process is shutting down"
+    );
+    // Nothing ran: the running configuration stays, and no attempt is recorded.
+    let now = snapshot.load();
+    assert_eq!(now.generation, 1);
+    assert_eq!(now.pool("p").unwrap().members.len(), 1);
+    assert_eq!(reloader.attempts.load(Ordering::Relaxed), 0);
+    assert!(reloader.last().is_none());
+}
