@@ -11,11 +11,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use cookie::{Cookie, SameSite as CookieSameSite};
 use http::header::{HeaderMap, HeaderValue, COOKIE, SET_COOKIE};
-use http::request::Parts;
 use http::StatusCode;
 
 use crate::balance::consistent_hash::{self, weighted_load_cap};
-use crate::balance::key;
+use crate::balance::key::{self, RequestHead};
 use crate::balance::learned::Lookup;
 use crate::balance::sticky_cookie::Verdict;
 use crate::config::{AllDown, OnUnavailable, SameSite, SecureMode};
@@ -276,7 +275,7 @@ impl Plan {
 
 impl Pool {
     /// Decides where one request goes.
-    pub fn plan(&self, req: &Parts, client: IpAddr) -> Plan {
+    pub fn plan(&self, req: &impl RequestHead, client: IpAddr) -> Plan {
         let mut plan = self.empty_plan();
         // Each policy's work is out of line: the request path of a pool without
         // affinity, or with another kind, then spans fewer cache lines.
@@ -332,7 +331,7 @@ impl Pool {
     }
 
     #[inline(never)]
-    fn plan_cookie(&self, plan: &mut Plan, req: &Parts) {
+    fn plan_cookie(&self, plan: &mut Plan, req: &impl RequestHead) {
         let Affinity::Cookie { cfg, codec, tags } = &self.affinity else {
             return;
         };
@@ -380,7 +379,7 @@ impl Pool {
     }
 
     #[inline(never)]
-    fn plan_learned(&self, plan: &mut Plan, req: &Parts) {
+    fn plan_learned(&self, plan: &mut Plan, req: &impl RequestHead) {
         let Affinity::Learn { cfg } = &self.affinity else {
             return;
         };
@@ -428,7 +427,7 @@ impl Pool {
     }
 
     #[inline(never)]
-    fn plan_hash(&self, plan: &mut Plan, req: &Parts, client: IpAddr) {
+    fn plan_hash(&self, plan: &mut Plan, req: &impl RequestHead, client: IpAddr) {
         let Affinity::Hash { cfg, .. } = &self.affinity else {
             return;
         };

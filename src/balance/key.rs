@@ -6,6 +6,34 @@ use std::net::IpAddr;
 
 use http::header::{HeaderMap, HeaderName, COOKIE};
 use http::request::Parts;
+use http::{Request, Uri};
+
+/// What keys are read from: a request's target and fields, whether the request is
+/// whole or split into its parts.
+pub trait RequestHead {
+    fn uri(&self) -> &Uri;
+    fn headers(&self) -> &HeaderMap;
+}
+
+impl RequestHead for Parts {
+    fn uri(&self) -> &Uri {
+        &self.uri
+    }
+
+    fn headers(&self) -> &HeaderMap {
+        &self.headers
+    }
+}
+
+impl<B> RequestHead for Request<B> {
+    fn uri(&self) -> &Uri {
+        self.uri()
+    }
+
+    fn headers(&self) -> &HeaderMap {
+        self.headers()
+    }
+}
 
 /// Where a key may come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,20 +71,20 @@ impl KeySource {
     }
 
     /// This source's value in a request, if present and non-empty.
-    pub fn extract<'a>(&self, req: &'a Parts, client: IpAddr) -> Option<Cow<'a, [u8]>> {
+    pub fn extract<'a>(&self, req: &'a impl RequestHead, client: IpAddr) -> Option<Cow<'a, [u8]>> {
         match self {
             KeySource::Header(name) => req
-                .headers
+                .headers()
                 .get(name)
                 .map(|v| Cow::Borrowed(v.as_bytes()))
                 .filter(|v| !v.is_empty()),
             KeySource::Cookie(name) => cookie_bytes(req, name).map(Cow::Borrowed),
             KeySource::Query(name) => req
-                .uri
+                .uri()
                 .query()
                 .and_then(|q| query_value(q, name))
                 .map(Cow::Owned),
-            KeySource::Path => Some(Cow::Borrowed(req.uri.path().as_bytes())),
+            KeySource::Path => Some(Cow::Borrowed(req.uri().path().as_bytes())),
             KeySource::ClientIp => Some(Cow::Owned(client_ip_key(client))),
         }
     }
@@ -126,22 +154,22 @@ fn matching<'a>((k, v): (&[u8], &'a [u8]), name: &str) -> Option<&'a str> {
 }
 
 /// Every value of cookie `name` in the request's `Cookie` headers, in order.
-pub fn cookie_values<'a>(req: &'a Parts, name: &str) -> Vec<&'a str> {
-    cookie_pairs(&req.headers)
+pub fn cookie_values<'a>(req: &'a impl RequestHead, name: &str) -> Vec<&'a str> {
+    cookie_pairs(req.headers())
         .filter_map(|pair| matching(pair, name))
         .collect()
 }
 
 /// The first non-empty value of cookie `name`.
-pub fn cookie_value<'a>(req: &'a Parts, name: &str) -> Option<&'a str> {
-    cookie_pairs(&req.headers).find_map(|pair| matching(pair, name))
+pub fn cookie_value<'a>(req: &'a impl RequestHead, name: &str) -> Option<&'a str> {
+    cookie_pairs(req.headers()).find_map(|pair| matching(pair, name))
 }
 
 /// The first non-empty value of cookie `name` as bytes, without surrounding whitespace
 /// or double quotes: a hash key, which needs no text (a value outside UTF-8 is a key
 /// all the same).
-fn cookie_bytes<'a>(req: &'a Parts, name: &str) -> Option<&'a [u8]> {
-    cookie_pairs(&req.headers).find_map(|(k, v)| {
+fn cookie_bytes<'a>(req: &'a impl RequestHead, name: &str) -> Option<&'a [u8]> {
+    cookie_pairs(req.headers()).find_map(|(k, v)| {
         if k != name.as_bytes() {
             return None;
         }
@@ -164,7 +192,11 @@ pub fn cookie_key(value: &str) -> &str {
 }
 
 /// The first present key of `chain`.
-pub fn extract<'a>(chain: &[KeySource], req: &'a Parts, client: IpAddr) -> Option<Cow<'a, [u8]>> {
+pub fn extract<'a>(
+    chain: &[KeySource],
+    req: &'a impl RequestHead,
+    client: IpAddr,
+) -> Option<Cow<'a, [u8]>> {
     chain.iter().find_map(|s| s.extract(req, client))
 }
 

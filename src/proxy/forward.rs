@@ -120,25 +120,33 @@ impl Proxy {
     /// copy each argument into a local of its own and keep both in the future, which
     /// hyper moves twice per request; and what is only borrowed before the first
     /// `await` sits in blocks of its own, so that it takes no room in the future.
+    ///
+    /// The request, with its body as it goes upstream, is held in one place for the
+    /// whole exchange (`pending`): it is rewritten there, and [`forward`] borrows it
+    /// rather than take it, which would copy it into its future and through its steps.
     #[allow(clippy::manual_async_fn)]
     pub fn handle(
         self,
         client: ClientInfo,
         mut active: Option<ActiveRequest>,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
     ) -> impl Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + 'static {
+        let mut pending = Some(req.map(|b| Either::Left(Upload::new(b))));
         async move {
             let start = Instant::now();
             let rt = self.shared.runtime.load_full();
+            let Some(req) = pending.as_mut() else {
+                unreachable!("the request is taken only to be sent")
+            };
             let http1 = req.version() <= Version::HTTP_11;
             // A body that a refusal may leave unread: hyper then closes the connection
             // after the response, which the response must say.
-            let body_left = http1 && !upload::ended(req.body());
+            let body_left = http1 && !body_ended(req.body());
             let upgrade = headers::is_upgrade(req.headers(), req.version());
-            let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+            let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut *req));
             let proto = if client.tls { "https" } else { "http" };
             let (request_id, refusal, pool) = {
-                let prepared = headers::prepare_request(&mut req, client.addr.ip(), proto, upgrade);
+                let prepared = headers::prepare_request(req, client.addr.ip(), proto, upgrade);
                 // After the rewrite: routing reads the host the backend will read.
                 let host = prepared.host.as_ref().and_then(|h| h.to_str().ok());
                 let pool = rt.route(host, req.uri().path());
@@ -173,7 +181,7 @@ impl Proxy {
                     if pool.metrics {
                         *counted = Some(&pool.state);
                     }
-                    let result = forward(pool, req, client, upgrade, log, start).await;
+                    let result = forward(pool, &mut pending, client, upgrade, log, start).await;
                     *counted = None;
                     result
                 }
@@ -292,6 +300,14 @@ fn refused(
 /// as counted in flight.
 type Forwarded = (Response<Incoming>, Option<Sender>, InFlight);
 
+/// Whether an upstream request's body holds no more bytes to send (see [`upload::ended`]).
+fn body_ended(body: &UpstreamBody) -> bool {
+    match body {
+        Either::Left(upload) => upload.ended(),
+        Either::Right(_) => true,
+    }
+}
+
 /// Whether `req` could go to another backend after a reset: a bodyless request with an
 /// idempotent method. Its head is then copied as it is written (see
 /// [`Sender::copy_next_head`]), and read back by [`replayed`] for the next backend.
@@ -338,49 +354,53 @@ fn replayed(head: &[u8]) -> Option<Request<UpstreamBody>> {
     Some(req)
 }
 
-/// Sends `req` along the pool's plan: the client's affinity target first, then others,
-/// trying at most `retries` further backends, each once. A request moves on to the next
-/// backend when connecting fails (no request byte was sent), or, for a bodyless request
-/// with an idempotent method, when the connection is reset before a complete response
-/// head (unless the backend is the client's pinned one).
+/// Sends the request in `pending` along the pool's plan: the client's affinity target
+/// first, then others, trying at most `retries` further backends, each once. A request
+/// moves on to the next backend when connecting fails (no request byte was sent), or,
+/// for a bodyless request with an idempotent method, when the connection is reset
+/// before a complete response head (unless the backend is the client's pinned one).
 /// Sets or learns affinity cookies on the response. A response head that cannot be
 /// passed on (a 101 switching to a protocol the request did not ask for, a status above
 /// 599, framing fields that disagree) is a bad response (502).
 ///
-/// A plain function returning its future: the setup runs before the future exists, so
-/// the request's parts never take room in it, and the request is held in one place
-/// (`pending`) from then on. The future is moved whole wherever it goes.
+/// `pending` holds the request until it is sent, and again whenever it is to be sent
+/// once more (unsent, or rebuilt for a retry). It is the caller's, so that the request
+/// is never moved into this future, which is moved whole wherever it goes; a plain
+/// function returning an `async` block, as [`Proxy::handle`], for the same reason.
+#[allow(clippy::manual_async_fn)]
 fn forward<'a>(
     pool: &'a Pool,
-    req: Request<Incoming>,
+    pending: &'a mut Option<Request<UpstreamBody>>,
     client: ClientInfo,
     upgrade: bool,
     log: &'a mut Option<Box<AccessRecord>>,
     start: Instant,
 ) -> impl Future<Output = Result<Forwarded, ProxyError>> + 'a {
-    let (mut parts, body) = req.into_parts();
-    // What the client asked to switch to, which the backend's 101 must agree with.
-    let asked_upgrade = if upgrade {
-        headers::upgrade_offer(&parts.headers)
-    } else {
-        None
-    };
-    let mut plan = pool.plan(&parts, client.addr.ip());
-    if let Affinity::Cookie { cfg, .. } = &pool.affinity {
-        strip_cookie(&mut parts.headers, &cfg.cookie);
-    }
-    let http1 = parts.version <= http::Version::HTTP_11;
-    let (upload, watch) = Upload::new(body);
-    let req = Request::from_parts(parts, Either::Left(upload));
-    let budget = pool.retries as usize + 1;
-    // Whether the request may be sent again after the backend closed the connection on
-    // it: once more to the same backend when a keep-alive connection closed as the
-    // request arrived, and, where it could go somewhere, to the next backend.
-    let again = !plan.reject_now && replayable(&req);
-    let replay = again && budget > 1 && pool.members.len() > 1;
-    let mut pending = Some(req);
-
     async move {
+        let Some(req) = pending.as_mut() else {
+            unreachable!("a request is forwarded once")
+        };
+        // What the client asked to switch to, which the backend's 101 must agree with.
+        let asked_upgrade = if upgrade {
+            headers::upgrade_offer(req.headers())
+        } else {
+            None
+        };
+        let mut plan = pool.plan(&*req, client.addr.ip());
+        if let Affinity::Cookie { cfg, .. } = &pool.affinity {
+            strip_cookie(req.headers_mut(), &cfg.cookie);
+        }
+        let http1 = req.version() <= http::Version::HTTP_11;
+        let watch = match req.body_mut() {
+            Either::Left(upload) => upload.watch(),
+            Either::Right(_) => None,
+        };
+        let budget = pool.retries as usize + 1;
+        // Whether the request may be sent again after the backend closed the connection
+        // on it: once more to the same backend when a keep-alive connection closed as
+        // the request arrived, and, where it could go somewhere, to the next backend.
+        let again = !plan.reject_now && replayable(req);
+        let replay = again && budget > 1 && pool.members.len() > 1;
         if plan.reject_now {
             pool.count_outcome(Outcome::Rejected);
             let e = ProxyError::Rejected {
@@ -511,7 +531,7 @@ fn forward<'a>(
                         if let Some(unsent) = unsent {
                             // Never written: nothing was sent, and the request is kept
                             // for whichever connection comes next.
-                            pending = Some(unsent);
+                            *pending = Some(unsent);
                         } else if reused
                             && again
                             && !tx.read_since_head()
@@ -523,7 +543,7 @@ fn forward<'a>(
                             // arrived (its idle timeout racing the request): a request
                             // safe to send twice goes once more to the same backend, as
                             // its head reads back, as nginx does.
-                            pending = tx.take_head().as_deref().and_then(replayed);
+                            *pending = tx.take_head().as_deref().and_then(replayed);
                             if pending.is_none() {
                                 break Some(Err(SendError::of(e)));
                             }
@@ -583,9 +603,9 @@ fn forward<'a>(
                     // before it was written): it goes on to another backend only if its
                     // head, as written, reads back.
                     if !replay || plan.is_pinned(i) {
-                        pending = None;
+                        *pending = None;
                     } else if pending.is_none() {
-                        pending = tx.take_head().as_deref().and_then(replayed);
+                        *pending = tx.take_head().as_deref().and_then(replayed);
                     }
                 }
                 match sent {

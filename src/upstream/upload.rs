@@ -32,14 +32,22 @@ pub struct Upload {
 }
 
 impl Upload {
-    /// Wraps `body`; also returns the watch when there is a body to upload.
-    pub fn new(body: Incoming) -> (Self, Option<Arc<UploadWatch>>) {
-        let watch = (!ended(&body)).then(|| Arc::new(UploadWatch::new()));
-        let upload = Upload {
-            body,
-            watch: watch.clone(),
-        };
-        (upload, watch)
+    /// Wraps `body`, unwatched until [`Self::watch`] is called.
+    pub fn new(body: Incoming) -> Self {
+        Upload { body, watch: None }
+    }
+
+    /// Starts watching the upload, if there is a body to upload; returns the watch.
+    pub fn watch(&mut self) -> Option<Arc<UploadWatch>> {
+        if self.watch.is_none() && !self.ended() {
+            self.watch = Some(Arc::new(UploadWatch::new()));
+        }
+        self.watch.clone()
+    }
+
+    /// See [`ended`].
+    pub fn ended(&self) -> bool {
+        ended(&self.body)
     }
 }
 
