@@ -127,17 +127,19 @@ impl ProxyBody {
         b
     }
 
-    pub fn with_log(mut self, log: Option<Box<AccessRecord>>) -> Self {
+    /// Hands the body what must happen once the response is over: the access log line
+    /// to write, and the client connection's request to end. In place, as the body sits
+    /// in a response that is moved whole.
+    pub fn set_log_and_active(
+        &mut self,
+        log: Option<Box<AccessRecord>>,
+        active: Option<ActiveRequest>,
+    ) {
         self.log = log;
-        self
-    }
-
-    pub fn with_active(mut self, active: Option<ActiveRequest>) -> Self {
         if let Some(a) = &active {
             a.answered();
         }
         self.active = active;
-        self
     }
 
     fn finish_upstream(&mut self) {

@@ -181,11 +181,12 @@ impl Proxy {
                     if pool.metrics {
                         *counted = Some(&pool.state);
                     }
-                    let result = forward(pool, &mut pending, client, upgrade, log, start).await;
-                    *counted = None;
-                    result
+                    forward(pool, &mut pending, client, upgrade, log, start).await
                 }
             };
+            // Forwarded, answered or not: no longer the client's to cut short. (Only
+            // ever set for the request's forwarding.)
+            *counted = None;
             let mut resp = match result {
                 Ok((mut resp, conn, in_flight)) => {
                     // `forward` let a 101 through only for an upgrade request it agreed
@@ -210,8 +211,7 @@ impl Proxy {
             if let Some(l) = log {
                 l.status = resp.status().as_u16();
             }
-            let body = std::mem::replace(resp.body_mut(), ProxyBody::empty());
-            *resp.body_mut() = body.with_log(log.take()).with_active(active);
+            resp.body_mut().set_log_and_active(log.take(), active);
             Ok(resp)
         }
     }
