@@ -120,9 +120,10 @@ async fn handle(
     client: IpAddr,
     mut req: Request<Incoming>,
 ) -> Result<Response<Pooled>, Infallible> {
-    let request_id = shared
-        .rewrite_headers
-        .then(|| headers::prepare_request(&mut req, client, "http", false).request_id);
+    let request_id = shared.rewrite_headers.then(|| {
+        headers::prepare_request(&mut req, &headers::ClientAddr::new(client), "http", false)
+            .request_id
+    });
     let i = shared.next.fetch_add(1, Ordering::Relaxed) % shared.backends.len();
     let sent = match checkout(&shared, i).await {
         Ok(mut tx) => tx.send_request(req).await.map(|resp| (resp, tx)).ok(),

@@ -28,15 +28,24 @@ use crate::upstream::{Backend, InFlight, PooledConn, UpstreamError};
 
 use super::body::ProxyBody;
 use super::error::ProxyError;
-use super::headers::{self, X_REQUEST_ID};
+use super::headers::{self, ClientAddr, X_REQUEST_ID};
 use super::upgrade::Tunnels;
 
 /// What the proxy knows of the client connection a request came on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ClientInfo {
-    pub addr: SocketAddr,
+    pub addr: ClientAddr,
     /// Whether the client connection is TLS (sets `X-Forwarded-Proto`).
     pub tls: bool,
+}
+
+impl ClientInfo {
+    pub fn new(peer: SocketAddr, tls: bool) -> Self {
+        ClientInfo {
+            addr: ClientAddr::new(peer.ip()),
+            tls,
+        }
+    }
 }
 
 /// The request handler shared by every listener; cheap to clone (one `Arc`).
@@ -146,7 +155,7 @@ impl Proxy {
             let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut *req));
             let proto = if client.tls { "https" } else { "http" };
             let (request_id, refusal, pool) = {
-                let prepared = headers::prepare_request(req, client.addr.ip(), proto, upgrade);
+                let prepared = headers::prepare_request(req, &client.addr, proto, upgrade);
                 // After the rewrite: routing reads the host the backend will read.
                 let host = prepared.host.as_ref().and_then(|h| h.to_str().ok());
                 let pool = rt.route(host, req.uri().path());
@@ -181,7 +190,7 @@ impl Proxy {
                     if pool.metrics {
                         *counted = Some(&pool.state);
                     }
-                    forward(pool, &mut pending, client, upgrade, log, start).await
+                    forward(pool, &mut pending, &client, upgrade, log, start).await
                 }
             };
             // Forwarded, answered or not: no longer the client's to cut short. (Only
@@ -371,7 +380,7 @@ fn replayed(head: &[u8]) -> Option<Request<UpstreamBody>> {
 fn forward<'a>(
     pool: &'a Pool,
     pending: &'a mut Option<Request<UpstreamBody>>,
-    client: ClientInfo,
+    client: &'a ClientInfo,
     upgrade: bool,
     log: &'a mut Option<Box<AccessRecord>>,
     start: Instant,

@@ -396,7 +396,7 @@ fn settle_host(
 /// Rewrites a downstream request for an HTTP/1.1 backend.
 pub fn prepare_request<B: Body>(
     req: &mut Request<B>,
-    client: IpAddr,
+    client: &ClientAddr,
     proto: &'static str,
     upgrade: bool,
 ) -> Prepared {
@@ -591,17 +591,32 @@ impl AsRef<[u8]> for IpText {
     }
 }
 
-fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
-    let mut buf = [0u8; MAX_IP_TEXT];
-    let ip = write_ip(client, &mut buf);
+/// A client's address, with its text as `X-Forwarded-For` carries it: written once per
+/// client connection rather than for each of its requests, whose fields then share it.
+#[derive(Debug, Clone)]
+pub struct ClientAddr {
+    ip: IpAddr,
+    text: HeaderValue,
+}
+
+impl ClientAddr {
+    pub fn new(ip: IpAddr) -> Self {
+        let mut buf = [0u8; MAX_IP_TEXT];
+        let len = write_ip(ip, &mut buf).len();
+        let text = HeaderValue::from_maybe_shared(Bytes::from_owner(IpText { buf, len }))
+            .expect("an IP address is a valid header value");
+        ClientAddr { ip, text }
+    }
+
+    pub fn ip(&self) -> IpAddr {
+        self.ip
+    }
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, client: &ClientAddr) {
     match headers.entry(&X_FORWARDED_FOR) {
         Entry::Vacant(e) => {
-            let len = ip.len();
-            let text = Bytes::from_owner(IpText { buf, len });
-            e.insert(
-                HeaderValue::from_maybe_shared(text)
-                    .expect("an IP address is a valid header value"),
-            );
+            e.insert(client.text.clone());
         }
         Entry::Occupied(mut e) => {
             let mut joined = Vec::new();
@@ -609,7 +624,7 @@ fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
                 joined.extend_from_slice(prior.as_bytes());
                 joined.extend_from_slice(b", ");
             }
-            joined.extend_from_slice(ip);
+            joined.extend_from_slice(client.text.as_bytes());
             if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from_owner(joined)) {
                 e.insert(v);
             }
@@ -897,9 +912,9 @@ mod tests {
 
     #[test]
     fn forwarded_for_appends_to_every_prior_value() {
-        let client: IpAddr = "10.0.0.7".parse().unwrap();
+        let client = ClientAddr::new("10.0.0.7".parse().unwrap());
         let mut h = HeaderMap::new();
-        append_forwarded_for(&mut h, client);
+        append_forwarded_for(&mut h, &client);
         assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.7");
         let mut h = HeaderMap::new();
         h.append(&X_FORWARDED_FOR, HeaderValue::from_static("1.1.1.1"));
@@ -907,7 +922,7 @@ mod tests {
             &X_FORWARDED_FOR,
             HeaderValue::from_static("2.2.2.2, 3.3.3.3"),
         );
-        append_forwarded_for(&mut h, client);
+        append_forwarded_for(&mut h, &client);
         let all: Vec<_> = h.get_all(&X_FORWARDED_FOR).iter().collect();
         assert_eq!(all, ["1.1.1.1, 2.2.2.2, 3.3.3.3, 10.0.0.7"]);
     }

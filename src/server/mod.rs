@@ -284,14 +284,14 @@ pub async fn serve(
         let guard = (permit, Open::new(&listener.active));
         let activity = Activity::new();
         let io = TrackedIo::new(stream, activity.clone(), guard);
-        let info = ClientInfo { addr: peer, tls };
+        let info = ClientInfo::new(peer, tls);
         let refusing = proxy.clone();
         let refused = move |status| refusing.refused_unparsed(status);
         let proxy = proxy.clone();
         let svc_activity = activity.clone();
         let svc = service_fn(move |req| {
             let active = svc_activity.begin();
-            proxy.clone().handle(info, Some(active), req)
+            proxy.clone().handle(info.clone(), Some(active), req)
         });
         let idle_timeout = limits.idle_timeout;
         let header_timeout = limits.header_read_timeout;
