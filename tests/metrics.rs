@@ -413,6 +413,25 @@ async fn admin_connections_close_after_the_idle_timeout_when_it_is_below_the_cap
     );
 }
 
+/// Sends `request` on a connection of its own, expects `status` back, and returns the
+/// access log line it made, which must carry the same status.
+async fn refused_and_logged(
+    proxy: &TestProxy,
+    lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    request: &[u8],
+    status: u16,
+) -> serde_json::Value {
+    let got = raw_exchange(proxy.addr, request).await;
+    assert!(got.starts_with(&format!("HTTP/1.1 {status}")), "{got}");
+    let line = tokio::time::timeout(std::time::Duration::from_secs(10), lines.recv())
+        .await
+        .expect("no access log line")
+        .unwrap();
+    let line: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(line["status"], status, "{line}");
+    line
+}
+
 #[tokio::test]
 async fn heads_refused_by_the_parser_are_logged_and_counted_with_the_status_sent() {
     let (a, hits) = counting_backend().await;
@@ -430,14 +449,7 @@ async fn heads_refused_by_the_parser_are_logged_and_counted_with_the_status_sent
         "a".repeat(140_000)
     );
     for (request, status) in [(long_target, 414), (big_head, 431)] {
-        let got = raw_exchange(proxy.addr, request.as_bytes()).await;
-        assert!(got.starts_with(&format!("HTTP/1.1 {status}")), "{got}");
-        let line = tokio::time::timeout(std::time::Duration::from_secs(10), lines.recv())
-            .await
-            .expect("no access log line")
-            .unwrap();
-        let line: serde_json::Value = serde_json::from_str(&line).unwrap();
-        assert_eq!(line["status"], status, "{line}");
+        refused_and_logged(&proxy, &mut lines, request.as_bytes(), status).await;
     }
     assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0);
     let text = scrape(&proxy).await;
@@ -500,14 +512,7 @@ async fn requests_outside_any_pool_are_counted_and_logged() {
         (b"GET /a\x01 HTTP/1.1\r\nHost: only.example\r\n\r\n", 400),
         (big.as_bytes(), 431),
     ] {
-        let got = raw_exchange(proxy.addr, request).await;
-        assert!(got.starts_with(&format!("HTTP/1.1 {status}")), "{got}");
-        let line = tokio::time::timeout(std::time::Duration::from_secs(10), lines.recv())
-            .await
-            .expect("no access log line")
-            .unwrap();
-        let line: serde_json::Value = serde_json::from_str(&line).unwrap();
-        assert_eq!(line["status"], status, "{line}");
+        let line = refused_and_logged(&proxy, &mut lines, request, status).await;
         assert_eq!(line["pool"], serde_json::Value::Null, "{line}");
         if status != 404 {
             assert_eq!((&line["method"], &line["path"]), (&"-".into(), &"-".into()));

@@ -1249,18 +1249,27 @@ mod tests {
         assert_eq!(pool.stats.connections_opened(), 1);
     }
 
-    #[tokio::test]
-    async fn waiting_requests_are_served_in_the_order_they_came() {
-        let pool = pool_of_one("10s").await;
-        let first = pool.checkout(Instant::now(), false).await.unwrap();
+    /// `n` checkouts that wait, spawned one after another, each waiting before the next.
+    async fn line_up(
+        pool: &Arc<ConnPool>,
+        n: usize,
+    ) -> Vec<tokio::task::JoinHandle<Result<PooledConn, UpstreamError>>> {
         let mut waiting = Vec::new();
-        for _ in 0..3 {
+        for _ in 0..n {
             let p = pool.clone();
             waiting.push(tokio::spawn(async move {
                 p.checkout(Instant::now(), true).await
             }));
             let_run().await;
         }
+        waiting
+    }
+
+    #[tokio::test]
+    async fn waiting_requests_are_served_in_the_order_they_came() {
+        let pool = pool_of_one("10s").await;
+        let first = pool.checkout(Instant::now(), false).await.unwrap();
+        let waiting = line_up(&pool, 3).await;
         let mut tx = first.tx;
         let mut rest = waiting.into_iter();
         for _ in 0..2 {
@@ -1284,14 +1293,7 @@ mod tests {
     async fn a_raised_limit_lets_every_waiting_request_through() {
         let pool = pool_of_one("10s").await;
         let _first = pool.checkout(Instant::now(), false).await.unwrap();
-        let mut waiting = Vec::new();
-        for _ in 0..3 {
-            let p = pool.clone();
-            waiting.push(tokio::spawn(async move {
-                p.checkout(Instant::now(), true).await
-            }));
-            let_run().await;
-        }
+        let waiting = line_up(&pool, 3).await;
         // Only the first in line is woken; each, leaving the line, wakes the next.
         let text = format!(
             "[pools.p]\nbackends = [\"{}\"]\nmax_connections_per_backend = 4\n",
