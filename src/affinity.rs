@@ -63,7 +63,7 @@ const MAX_REDRAWS: u8 = 8;
 /// The longest session value a request brings that a `sticky_learn` pool binds when it
 /// does not know it (session ids are 16 to 64 characters; Tomcat's with a route suffix
 /// some more).
-const MAX_UNKNOWN_SESSION: usize = 256;
+const MAX_UNKNOWN_SESSION: usize = 128;
 
 #[derive(Debug)]
 enum Rest {
@@ -75,10 +75,8 @@ enum Rest {
         /// clears the cookie. Kept here, where the ranked variant already takes the
         /// room, so that a plan is no larger to move.
         session: Option<Box<str>>,
-        /// Bind the session to the backend that serves it: it is unknown or expired,
-        /// or its backend is down, ejected or gone (not after a failed connect alone,
-        /// which a backend still up may have).
-        rebind: bool,
+        /// Whether to bind the session to the backend that serves it.
+        rebind: Rebind,
     },
     /// The rendezvous ranking of a hash key, computed on first use; members at or over
     /// their bounded-load cap are passed over.
@@ -88,6 +86,18 @@ enum Rest {
         pos: usize,
         bound: Option<Bound>,
     },
+}
+
+/// Whether a `sticky_learn` request's session is bound to the backend that serves it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rebind {
+    No,
+    /// Its backend is down, ejected or gone (not after a failed connect alone, which a
+    /// backend still up may have).
+    Redispatched,
+    /// The table does not hold it (never seen, or expired): bound only while the table
+    /// has room, as no backend vouched for it.
+    Unknown,
 }
 
 /// Bounded load (`c`) with the in-flight total and weight of the members that take new
@@ -258,8 +268,11 @@ impl Plan {
     }
 
     /// Whether the request's learned session is to be bound to the backend that serves it.
-    fn rebind(&self) -> bool {
-        matches!(self.rest, Rest::Balanced { rebind: true, .. })
+    fn rebind(&self) -> Rebind {
+        match self.rest {
+            Rest::Balanced { rebind, .. } => rebind,
+            Rest::Ranked { .. } => Rebind::No,
+        }
     }
 
     /// Whether member `i` is the one the client's affinity points at.
@@ -295,7 +308,7 @@ impl Pool {
             rest: Rest::Balanced {
                 order: None,
                 session: None,
-                rebind: false,
+                rebind: Rebind::No,
             },
             outcome: None,
             reject_if_pinned_fails: false,
@@ -391,13 +404,15 @@ impl Pool {
             // one whose backend is down, ejected or gone, and an unknown or expired one
             // (an application that does not set its cookie again, as with a session in
             // a shared store, would otherwise see the client's requests balanced one by
-            // one). A value longer than any session id is balanced alone, so that
-            // requests cannot fill the table with large entries.
-            let rebind = match table.lookup(value, unix_now()) {
+            // one). Values no backend set are bound only while the table has room
+            // (a client making them up cannot push out sessions backends set), and
+            // only as long as a session id (longer ones are balanced alone).
+            let found = table.lookup(value, unix_now());
+            let rebind = match &found {
                 Lookup::Hit(id) => {
                     let pinned = self
                         .by_id
-                        .get(&id)
+                        .get(id)
                         .copied()
                         .filter(|&i| self.pinnable(i, plan));
                     match pinned {
@@ -407,13 +422,22 @@ impl Pool {
                         }
                         None => outcome = Outcome::Redispatched,
                     }
-                    pinned.is_none()
+                    if pinned.is_none() {
+                        Rebind::Redispatched
+                    } else {
+                        Rebind::No
+                    }
                 }
-                Lookup::Expired => {
-                    outcome = Outcome::Expired;
-                    value.len() <= MAX_UNKNOWN_SESSION
+                Lookup::Expired | Lookup::Unknown => {
+                    if matches!(found, Lookup::Expired) {
+                        outcome = Outcome::Expired;
+                    }
+                    if value.len() <= MAX_UNKNOWN_SESSION {
+                        Rebind::Unknown
+                    } else {
+                        Rebind::No
+                    }
                 }
-                Lookup::Unknown => value.len() <= MAX_UNKNOWN_SESSION,
             };
             if let Rest::Balanced {
                 session, rebind: r, ..
@@ -580,9 +604,11 @@ impl Pool {
         for value in &set {
             table.learn(value, backend, unix_now());
         }
-        if let (false, Some(session), true) = (named, plan.session(), plan.rebind()) {
-            if !status.is_server_error() {
-                table.learn(session, backend, unix_now());
+        if let (false, Some(session), false) = (named, plan.session(), status.is_server_error()) {
+            match plan.rebind() {
+                Rebind::No => {}
+                Rebind::Redispatched => table.learn(session, backend, unix_now()),
+                Rebind::Unknown => table.learn_if_room(session, backend, unix_now()),
             }
         }
     }

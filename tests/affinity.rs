@@ -537,6 +537,38 @@ async fn a_session_the_proxy_does_not_know_stays_where_it_was_first_sent() {
 }
 
 #[tokio::test]
+async fn made_up_session_values_never_push_out_learned_ones() {
+    let (x, y) = (Killable::start("x").await, Killable::start("y").await);
+    let proxy = TestProxy::start(&config(&learn_pool(&[x.addr, y.addr], "max_entries = 4"))).await;
+    let got = fetch(proxy.addr, get("/")).await;
+    let session = pair(got.headers["set-cookie"].to_str().unwrap());
+    for i in 0..20 {
+        let made_up = format!("JSESSIONID=made-up-{i}");
+        assert_eq!(
+            fetch(proxy.addr, get_with_cookie("/", &made_up))
+                .await
+                .status,
+            200
+        );
+    }
+    let s = status(&proxy).await;
+    assert_eq!(
+        s["pools"][0]["sessions_learned"], 4,
+        "bound while there was room: {s}"
+    );
+    assert_eq!(
+        fetch(proxy.addr, get_with_cookie("/", &session)).await.body,
+        got.body
+    );
+    let s = status(&proxy).await;
+    assert_eq!(
+        s["pools"][0]["affinity"]["hit"], 1,
+        "the learned session stayed: {s}"
+    );
+    drop((x, y));
+}
+
+#[tokio::test]
 async fn an_expired_session_is_bound_again_where_it_goes() {
     let (x, y) = (Killable::start("x").await, Killable::start("y").await);
     let proxy = TestProxy::start(&config(&learn_pool(&[x.addr, y.addr], "ttl = \"1s\""))).await;

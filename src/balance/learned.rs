@@ -183,6 +183,18 @@ impl Learned {
         }
     }
 
+    /// Remembers that `value` belongs to `backend` only while the table has room for
+    /// it without evicting (nor asking for eviction): for a value a request brought
+    /// that no backend set, which must never push out a session a backend did set.
+    pub fn learn_if_room(&self, value: &str, backend: &Arc<str>, now: u64) {
+        let max = self.max_entries.load(Ordering::Relaxed);
+        let early = max / 64;
+        let limit = if early > 0 { max - early - 1 } else { max };
+        if self.len() < limit {
+            self.learn(value, backend, now);
+        }
+    }
+
     fn tick(&self) -> u64 {
         self.ticks.fetch_add(1, Ordering::Relaxed)
     }
@@ -320,6 +332,27 @@ mod tests {
         assert_eq!(t.lookup("s1099", 7), Lookup::Hit(id("a")));
         assert_eq!(t.lookup("s0", 7), Lookup::Unknown);
         assert_eq!(t.lookup("s950", 7), Lookup::Unknown);
+    }
+
+    #[test]
+    fn values_no_backend_set_never_push_out_others() {
+        use futures_util::FutureExt;
+        for max in [8, 128] {
+            let t = Learned::new(1_000_000, max);
+            let wanted = t.room_wanted();
+            t.learn("set-by-a-backend", &id("a"), 7);
+            for i in 0..1000 {
+                t.learn_if_room(&format!("made-up-{i}"), &id("b"), 7);
+            }
+            assert_eq!(t.lookup("set-by-a-backend", 7), Lookup::Hit(id("a")));
+            // Up to where eviction is asked for, and not asked for.
+            let limit = if max >= 64 { max - max / 64 - 1 } else { max };
+            assert_eq!(t.len(), limit, "max {max}");
+            assert!(wanted.notified().now_or_never().is_none(), "max {max}");
+            // Sessions backends set still go in, evicting as before.
+            t.learn("set-later", &id("a"), 7);
+            assert_eq!(t.lookup("set-later", 7), Lookup::Hit(id("a")));
+        }
     }
 
     #[test]

@@ -560,14 +560,12 @@ impl Open {
         }
     }
 
-    /// Tells the request first in line to look again. A request that joins the line
-    /// looks once more after joining, so one that joins while this reads no one
-    /// waiting misses nothing; and the signal keeps a wake-up given while its request
-    /// is not yet waiting.
+    /// Tells the request first in line to look again; the signal keeps a wake-up given
+    /// while its request is not yet waiting. A request that joins the line looks once
+    /// more after joining, and the queue's lock orders the two: either the join comes
+    /// first and this finds it, or this comes first and the look after the join sees
+    /// what came free before it.
     fn wake_first(&self) {
-        if self.waiting() == 0 {
-            return;
-        }
         if let Some((_, signal)) = self.queue().front() {
             signal.notify_one();
         }
@@ -1037,7 +1035,9 @@ impl ConnPool {
                 return;
             }
             slots.conns.push(Idle { tx, since: now });
-            if max_open != 0 {
+            // A request that joins the line after this reads it empty looks at the
+            // idle list after joining, under the lock held here: it finds this one.
+            if max_open != 0 && self.open.waiting() > 0 {
                 drop(slots);
                 self.open.wake_first();
             }
