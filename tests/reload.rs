@@ -740,20 +740,12 @@ async fn a_backend_removed_from_a_stateless_pool_stays_until_its_requests_end() 
     // b and c leave; c has nothing in flight and goes at once, b drains.
     write(&path, &one_pool(&[("a", a)], extra));
     assert_eq!(post_reload(&proxy).await.status, 200);
-    let entry = |s: &serde_json::Value, id: &str| {
-        s["pools"][0]["backends"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|x| x["id"] == id)
-            .cloned()
-    };
     let s = status(&proxy).await;
     assert!(
-        entry(&s, "c").is_none(),
+        find_backend_status(&s, "c").is_none(),
         "c listed with nothing to drain: {s}"
     );
-    let b_entry = entry(&s, "b").expect("b listed while its request runs");
+    let b_entry = find_backend_status(&s, "b").expect("b listed while its request runs");
     assert_eq!(b_entry["draining"], true);
     assert_eq!(b_entry["removed"], true);
     assert_eq!(b_entry["in_flight"], 1);
@@ -778,7 +770,7 @@ async fn a_backend_removed_from_a_stateless_pool_stays_until_its_requests_end() 
             .await
             .unwrap();
         let s = status(&proxy).await;
-        if entry(&s, "b").is_none() {
+        if find_backend_status(&s, "b").is_none() {
             break;
         }
         assert!(

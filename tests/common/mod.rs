@@ -460,15 +460,19 @@ pub async fn status(proxy: &TestProxy) -> serde_json::Value {
         .json()
 }
 
-/// Backend `id` of the first pool in a `/status` document.
-pub fn backend_status(status: &serde_json::Value, id: &str) -> serde_json::Value {
+/// Backend `id` of the first pool in a `/status` document, if listed.
+pub fn find_backend_status(status: &serde_json::Value, id: &str) -> Option<serde_json::Value> {
     status["pools"][0]["backends"]
         .as_array()
         .unwrap()
         .iter()
         .find(|b| b["id"] == id)
         .cloned()
-        .unwrap_or_else(|| panic!("no backend {id} in {status}"))
+}
+
+/// Backend `id` of the first pool in a `/status` document.
+pub fn backend_status(status: &serde_json::Value, id: &str) -> serde_json::Value {
+    find_backend_status(status, id).unwrap_or_else(|| panic!("no backend {id} in {status}"))
 }
 
 /// A request with a `Cookie` header.
