@@ -92,6 +92,40 @@ fn limited(addr: SocketAddr, limit: usize, rest: &str) -> String {
     ))
 }
 
+/// A configuration file of one limited pool, which a test reloads with other limits.
+struct LimitedFile {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    addr: SocketAddr,
+    rest: &'static str,
+}
+
+impl LimitedFile {
+    /// Writes the file with `limit` and starts the proxy from it.
+    async fn start(
+        addr: SocketAddr,
+        limit: usize,
+        rest: &'static str,
+    ) -> (LimitedFile, TestProxy, Arc<switchyard::reload::Reloader>) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = LimitedFile {
+            path: dir.path().join("switchyard.toml"),
+            _dir: dir,
+            addr,
+            rest,
+        };
+        std::fs::write(&file.path, limited(addr, limit, rest)).unwrap();
+        let (proxy, reloader) = TestProxy::start_file(&file.path).await;
+        (file, proxy, reloader)
+    }
+
+    /// Writes the file with `limit` and reloads it.
+    async fn reload(&self, reloader: &Arc<switchyard::reload::Reloader>, limit: usize) {
+        std::fs::write(&self.path, limited(self.addr, limit, self.rest)).unwrap();
+        reloader.reload_async().await.expect("the reload applies");
+    }
+}
+
 /// A GET on a connection of its own, run in the background.
 fn spawn_get(
     proxy: SocketAddr,
@@ -255,18 +289,13 @@ async fn a_client_pinned_to_a_busy_backend_waits_for_it_rather_than_moving() {
 #[tokio::test]
 async fn a_raised_limit_lets_a_waiting_request_through() {
     let mut b = Gated::start("a").await;
-    let (addr, dir) = (b.addr, tempfile::tempdir().unwrap());
-    let file = |limit| limited(addr, limit, "connect_timeout = \"1h\"\n");
-    let path = dir.path().join("switchyard.toml");
-    std::fs::write(&path, file(1)).unwrap();
-    let (proxy, reloader) = TestProxy::start_file(&path).await;
+    let (file, proxy, reloader) = LimitedFile::start(b.addr, 1, "connect_timeout = \"1h\"\n").await;
     let first = spawn_get(proxy.addr, get("/1"));
     b.wait_arrivals(1).await;
     let second = spawn_get(proxy.addr, get("/2"));
     wait_in_flight(&proxy, "a", 2).await;
 
-    std::fs::write(&path, file(2)).unwrap();
-    reloader.reload_async().await.expect("the reload applies");
+    file.reload(&reloader, 2).await;
     // The waiting request gets the room made for it.
     b.wait_arrivals(1).await;
     b.release.add_permits(2);
@@ -279,18 +308,13 @@ async fn a_raised_limit_lets_a_waiting_request_through() {
 #[tokio::test]
 async fn a_lowered_limit_closes_connections_as_they_come_back() {
     let mut b = Gated::start("a").await;
-    let (addr, dir) = (b.addr, tempfile::tempdir().unwrap());
-    let file = |limit| limited(addr, limit, "");
-    let path = dir.path().join("switchyard.toml");
-    std::fs::write(&path, file(3)).unwrap();
-    let (proxy, reloader) = TestProxy::start_file(&path).await;
+    let (file, proxy, reloader) = LimitedFile::start(b.addr, 3, "").await;
     let held: Vec<_> = (0..3)
         .map(|i| spawn_get(proxy.addr, get(&format!("/{i}"))))
         .collect();
     b.wait_arrivals(3).await;
 
-    std::fs::write(&path, file(1)).unwrap();
-    reloader.reload_async().await.expect("the reload applies");
+    file.reload(&reloader, 1).await;
     b.release.add_permits(3);
     for h in held {
         assert_eq!(joined(h).await.status, 200);
@@ -472,11 +496,8 @@ async fn a_stale_connection_replaced_while_the_backend_is_at_its_limit_gets_503_
 #[tokio::test]
 async fn a_request_first_in_line_that_is_slow_to_connect_lets_the_next_take_a_freed_connection() {
     let mut b = Manual::start().await;
-    let (addr, dir) = (b.addr, tempfile::tempdir().unwrap());
-    let file = |limit| limited(addr, limit, "connect_timeout = \"30s\"\n");
-    let path = dir.path().join("switchyard.toml");
-    std::fs::write(&path, file(2)).unwrap();
-    let (proxy, reloader) = TestProxy::start_file(&path).await;
+    let addr = b.addr;
+    let (file, proxy, reloader) = LimitedFile::start(addr, 2, "connect_timeout = \"30s\"\n").await;
     // Both connections busy, and two requests waiting in line for one.
     let first = spawn_get(proxy.addr, get("/1"));
     let _one = b.next_request().await;
@@ -492,8 +513,7 @@ async fn a_request_first_in_line_that_is_slow_to_connect_lets_the_next_take_a_fr
     let _queued = TcpStream::connect(addr).await.unwrap();
     // A raised limit makes room for one more connection: the request first in line
     // takes it, and connects, slowly.
-    std::fs::write(&path, file(3)).unwrap();
-    reloader.reload_async().await.expect("the reload applies");
+    file.reload(&reloader, 3).await;
     wait_status(&proxy, "a", "open_connections", 3).await;
 
     // A connection comes back idle meanwhile: the request next in line takes it rather
