@@ -7,6 +7,7 @@
 //! [`WRITE_EVERY`], in as few system calls as the buffer allows.
 
 use std::io::Write;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -267,6 +268,8 @@ pub struct AccessRecord {
     /// When the request began (its head was read), UTC, RFC 3339 with milliseconds
     /// (filled in at emission).
     pub time: String,
+    /// The address of the client's end of the connection the request came on.
+    pub client: IpAddr,
     pub method: String,
     pub path: String,
     pub status: u16,
@@ -287,6 +290,7 @@ impl AccessRecord {
         format: AccessLog,
         sink: &AccessLogSink,
         start: Instant,
+        client: IpAddr,
         method: &str,
         path: &str,
         request_id: Option<&HeaderValue>,
@@ -299,6 +303,9 @@ impl AccessRecord {
             sink: sink.clone(),
             start,
             time: String::new(),
+            // As `X-Forwarded-For` has it: an IPv4 client of a dual-stack listener in
+            // its IPv4 form.
+            client: client.to_canonical(),
             method: method.to_owned(),
             path: path.to_owned(),
             status: 0,
@@ -342,7 +349,7 @@ impl AccessRecord {
             AccessLog::Off => return None,
             AccessLog::Json => serde_json::to_string(&self).unwrap_or_default(),
             AccessLog::Text => format!(
-                "{} {} {} {} pool={} backend={} upstream={} total={:.6} bytes={} id={}",
+                "{} {} {} {} pool={} backend={} upstream={} total={:.6} bytes={} id={} client={}",
                 self.time,
                 self.method,
                 self.path,
@@ -354,6 +361,7 @@ impl AccessRecord {
                 self.total_seconds,
                 self.bytes,
                 self.request_id,
+                self.client,
             ),
         })
     }
@@ -366,7 +374,15 @@ mod tests {
     fn record(format: AccessLog) -> Option<Box<AccessRecord>> {
         let id = HeaderValue::from_static("rid-1");
         let sink = AccessLogSink::to_writer(std::io::sink(), 1);
-        let mut r = AccessRecord::new(format, &sink, Instant::now(), "POST", "/cart/1", Some(&id))?;
+        let mut r = AccessRecord::new(
+            format,
+            &sink,
+            Instant::now(),
+            "2001:db8::7".parse().unwrap(),
+            "POST",
+            "/cart/1",
+            Some(&id),
+        )?;
         r.status = 201;
         r.pool = Some("carts".into());
         r.backend = Some("cart-2".into());
@@ -405,7 +421,28 @@ mod tests {
                 .starts_with("POST /cart/1 201 pool=carts backend=cart-2 upstream=1.500000 total="),
             "{line}"
         );
-        assert!(line.ends_with(" bytes=42 id=rid-1"), "{line}");
+        assert!(
+            line.ends_with(" bytes=42 id=rid-1 client=2001:db8::7"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn an_ipv4_client_of_a_dual_stack_listener_is_logged_in_its_ipv4_form() {
+        let sink = AccessLogSink::to_writer(std::io::sink(), 1);
+        let client = "::ffff:10.1.2.3".parse().unwrap();
+        let r = AccessRecord::new(
+            AccessLog::Json,
+            &sink,
+            Instant::now(),
+            client,
+            "GET",
+            "/",
+            None,
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&r.line().unwrap()).unwrap();
+        assert_eq!(v["client"], "10.1.2.3");
     }
 
     #[test]
@@ -420,6 +457,7 @@ mod tests {
         assert_eq!(v["upstream_seconds"], 1.5);
         assert_eq!(v["bytes"], 42);
         assert_eq!(v["request_id"], "rid-1");
+        assert_eq!(v["client"], "2001:db8::7");
         assert!(v["total_seconds"].is_number());
         check_time(v["time"].as_str().unwrap());
         assert!(line.starts_with("{\"time\":"), "{line}");

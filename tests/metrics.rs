@@ -429,6 +429,7 @@ async fn refused_and_logged(
         .unwrap();
     let line: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(line["status"], status, "{line}");
+    assert_eq!(line["client"], "127.0.0.1", "{line}");
     line
 }
 

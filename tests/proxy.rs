@@ -2916,6 +2916,7 @@ async fn access_log_has_one_line_per_request_with_every_field() {
             assert_eq!(v["backend"], "web-1", "{line}");
             assert_eq!(v["bytes"], bytes, "{line}");
             assert_eq!(v["request_id"], "rid-42", "{line}");
+            assert_eq!(v["client"], "127.0.0.1", "{line}");
             let time = humantime::parse_rfc3339(v["time"].as_str().expect(&line)).expect(&line);
             assert!(time <= std::time::SystemTime::now(), "{line}");
             let upstream = v["upstream_seconds"].as_f64().expect(&line);
@@ -2929,7 +2930,7 @@ async fn access_log_has_one_line_per_request_with_every_field() {
                 "{line}"
             );
             assert!(
-                line.ends_with(&format!(" bytes={bytes} id=rid-42")),
+                line.ends_with(&format!(" bytes={bytes} id=rid-42 client=127.0.0.1")),
                 "{line}"
             );
         }

@@ -3,7 +3,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -92,7 +92,7 @@ impl Proxy {
     /// which never came to [`Self::handle`]: counted outside any pool, and logged with
     /// no method, path or id, as none could be read.
     #[cold]
-    pub fn refused_unparsed(&self, status: u16) {
+    pub fn refused_unparsed(&self, status: u16, client: IpAddr) {
         let rt = self.shared.runtime.load();
         if rt.config.server.metrics {
             self.shared.unrouted.count(status);
@@ -101,6 +101,7 @@ impl Proxy {
             rt.config.server.access_log,
             &self.shared.access_log,
             Instant::now(),
+            client,
             "-",
             "-",
             None,
@@ -166,6 +167,7 @@ impl Proxy {
                     rt.config.server.access_log,
                     &self.shared.access_log,
                     start,
+                    client.addr.ip(),
                     req.method().as_str(),
                     req.uri().path(),
                     Some(&request_id),

@@ -286,7 +286,7 @@ pub async fn serve(
         let io = TrackedIo::new(stream, activity.clone(), guard);
         let info = ClientInfo::new(peer, tls);
         let refusing = proxy.clone();
-        let refused = move |status| refusing.refused_unparsed(status);
+        let refused = move |status| refusing.refused_unparsed(status, peer.ip());
         let proxy = proxy.clone();
         let svc_activity = activity.clone();
         let svc = service_fn(move |req| {
