@@ -24,6 +24,8 @@
 #   ROUNDS [3]  DURATION [10s]  WARMUP [1s, 0 = none]  CONNS [64]
 #   PROXY_CPU [1]  LOAD_CPU [0]  BASE_PORT [18001]  (uses BASE_PORT .. BASE_PORT+6)
 #   CG_BASE [2000]  CG_N [12000]  CG_CONNS [8]
+#   CG_CACHE_SIM [0]  1 = callgrind also simulates the caches and reports first-level
+#   instruction and data cache misses per request (I1mr, D1mr + D1mw) beside Ir
 #   SWITCHYARD_BIN [target/release/switchyard, built if missing]
 #   KEEP_TMP [0]  (1 = keep configs, logs and callgrind files)
 #   PROXIES ["nginx haproxy switchyard"]  any of those, switchyard-nometrics
@@ -71,6 +73,8 @@ BASE_PORT=${BASE_PORT:-18001}
 CG_BASE=${CG_BASE:-2000}
 CG_N=${CG_N:-12000}
 CG_CONNS=${CG_CONNS:-8}
+CG_CACHE_SIM=${CG_CACHE_SIM:-0}
+case "$CG_CACHE_SIM" in 0 | 1) ;; *) echo "CG_CACHE_SIM must be 0 or 1" >&2 && exit 2 ;; esac
 KEEP_TMP=${KEEP_TMP:-0}
 ACCESS_LOG=${ACCESS_LOG:-off}
 SAME_HEADERS=${SAME_HEADERS:-0}
@@ -617,13 +621,17 @@ print(done)
 EOF
 }
 
-# Total Ir of one callgrind run of proxy $1 serving $2 requests, left in CG_IR.
+# Total Ir of one callgrind run of proxy $1 serving $2 requests, left in CG_IR; with
+# CG_CACHE_SIM=1, also its first-level instruction and data cache misses, in CG_I1 and
+# CG_D1.
 callgrind_run() {
     local name=$1 count=$2 port out ir tag
+    local sim=()
+    [ "$CG_CACHE_SIM" = 1 ] && sim=(--cache-sim=yes)
     tag="$name-$count"
     port=$(proxy_port "$name")
     out="$TMP/callgrind.$tag.out"
-    start_proxy "$name" valgrind --tool=callgrind --collect-atstart=yes --callgrind-out-file="$out"
+    start_proxy "$name" valgrind --tool=callgrind "${sim[@]}" --collect-atstart=yes --callgrind-out-file="$out"
     timeout 900 python3 "$TMP/client.py" "$port" "$count" "$CG_CONNS" >"$TMP/client.$tag.txt" 2>&1 ||
         die "client failed against $name: $(cat "$TMP/client.$tag.txt")"
     stop_pid "$PROXY_PID" 120 || die "$name under valgrind did not exit on SIGTERM"
@@ -632,6 +640,22 @@ callgrind_run() {
     ir=$(awk '/^(summary|totals):/ { print $2; exit }' "$out")
     [ -n "$ir" ] || die "no summary/totals line in $out"
     CG_IR=$ir
+    if [ "$CG_CACHE_SIM" = 1 ]; then
+        # The events line names the summary's columns.
+        read -r CG_I1 CG_D1 < <(awk '
+            /^events:/ && !n { for (i = 2; i <= NF; i++) col[$i] = i; n = 1 }
+            /^(summary|totals):/ && n {
+                if (!col["I1mr"] || !col["D1mr"] || !col["D1mw"]) exit
+                print $col["I1mr"], $col["D1mr"] + $col["D1mw"]; exit
+            }' "$out")
+        [ -n "${CG_D1:-}" ] || die "no cache miss counts in $out"
+    fi
+}
+
+# Per request: the difference between counts at CG_N and CG_BASE requests, over their
+# difference.
+per_request() {
+    awk -v a="$1" -v b="$2" -v n="$((CG_N - CG_BASE))" 'BEGIN { printf "%.0f", (a - b) / n }'
 }
 
 callgrind() {
@@ -639,17 +663,22 @@ callgrind() {
     write_client
     log "callgrind: Ir difference between $CG_N and $CG_BASE requests, $CG_CONNS keep-alive connections"
     log "proxy pinned on CPU $PROXY_CPU under valgrind; backends unpinned"
-    declare -A BASE NN PER
+    declare -A BASE NN PER I1 D1
+    local i1_base d1_base
     for name in "${PROXIES[@]}"; do
         log "$name: $CG_BASE requests"
         callgrind_run "$name" "$CG_BASE"
-        ir_base=$CG_IR
+        ir_base=$CG_IR i1_base=${CG_I1:-} d1_base=${CG_D1:-}
         log "$name: $CG_N requests"
         callgrind_run "$name" "$CG_N"
         ir_n=$CG_IR
-        per=$(awk -v a="$ir_n" -v b="$ir_base" -v n="$((CG_N - CG_BASE))" 'BEGIN { printf "%.0f", (a - b) / n }')
+        per=$(per_request "$ir_n" "$ir_base")
         BASE[$name]=$ir_base NN[$name]=$ir_n PER[$name]=$per
         log "$name: $per instructions/request"
+        if [ "$CG_CACHE_SIM" = 1 ]; then
+            I1[$name]=$(per_request "$CG_I1" "$i1_base")
+            D1[$name]=$(per_request "$CG_D1" "$d1_base")
+        fi
     done
     echo
     echo "switchyard compare, callgrind: user-space instructions per proxied request"
@@ -660,6 +689,14 @@ callgrind() {
     for name in "${PROXIES[@]}"; do
         printf '%-22s %16s %16s %12s\n' "$name" "${BASE[$name]}" "${NN[$name]}" "${PER[$name]}"
     done
+    if [ "$CG_CACHE_SIM" = 1 ]; then
+        echo
+        echo "first-level cache misses per request (callgrind's cache simulation)"
+        printf '%-22s %16s %16s\n' proxy "I1mr/request" "D1mr+D1mw/request"
+        for name in "${PROXIES[@]}"; do
+            printf '%-22s %16s %16s\n' "$name" "${I1[$name]}" "${D1[$name]}"
+        done
+    fi
     echo
     for name in "${PROXIES[@]}"; do
         has_proxy switchyard && [ "$name" != switchyard ] || continue
