@@ -13,7 +13,7 @@
 //! - `hash_ranking/nN`: `ranking(key_hash)`, the fallback order computed only when the
 //!   owner is unusable or over its bounded load;
 //! - `hash_build/nN/{equal,weighted}`: `HashTable::new` (2^18 slots × N scores), done
-//!   once per pool per configuration snapshot.
+//!   once per pool per configuration snapshot, up to N = 1,000, the most a pool may list.
 
 use std::hint::black_box;
 
@@ -136,7 +136,8 @@ fn bench_ranking(c: &mut Criterion) {
 fn bench_build(c: &mut Criterion) {
     let mut group = c.benchmark_group("hash_build");
     group.sample_size(10);
-    for n in [10usize, 50] {
+    // 1,000: the most a consistent-hash pool may list.
+    for n in [10usize, 50, 1000] {
         let ids = ids(n);
         for (label, weights) in [("equal", vec![1; n]), ("weighted", mixed_weights(n))] {
             group.bench_function(BenchmarkId::new(format!("n{n}"), label), |b| {

@@ -89,10 +89,21 @@ impl HashTable {
                     }
                 } else {
                     let mut best_score = t.score(slot, 0);
+                    // Since -ln(u) ≥ 1 - u, w / (1 - u) bounds a score from above. A
+                    // backend whose bound falls short of the leader's score by far more
+                    // than rounding could make up (`floor`) cannot win, and its logarithm
+                    // is not taken: with N backends, all but about one in N are passed
+                    // over so. The table is the same as with every score taken.
+                    let mut floor = best_score * (1.0 - 1e-9);
                     for i in 1..ids.len() {
-                        let s = t.score(slot, i);
+                        let u = t.unit(slot, i);
+                        if t.weights[i] < floor * (1.0 - u) {
+                            continue;
+                        }
+                        let s = t.weights[i] / -u.ln();
                         if s > best_score || (s == best_score && t.ids[i] < t.ids[best]) {
                             (best, best_score) = (i, s);
+                            floor = best_score * (1.0 - 1e-9);
                         }
                     }
                 }
@@ -127,10 +138,15 @@ impl HashTable {
         mix(self.seeds[i] ^ mix(slot.wrapping_add(0x9e37_79b9_7f4a_7c15)))
     }
 
-    /// Weighted rendezvous score: w / -ln(u) for u uniform in (0, 1).
+    /// Backend `i`'s draw for `slot`, uniform in (0, 1]: 53 bits and a half, rounded to
+    /// 1 when all 53 are set.
+    fn unit(&self, slot: u64, i: usize) -> f64 {
+        ((self.raw(slot, i) >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    /// Weighted rendezvous score: w / -ln(u) for u uniform in (0, 1] (infinite at 1).
     fn score(&self, slot: u64, i: usize) -> f64 {
-        let u = ((self.raw(slot, i) >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-        self.weights[i] / -u.ln()
+        self.weights[i] / -self.unit(slot, i).ln()
     }
 
     /// Every backend, best first, for `key_hash`: the owner, then the backends that
@@ -217,6 +233,54 @@ mod tests {
             let (owner, runner_up) = without_first(hash_key(&k.to_le_bytes()));
             assert_eq!(owner, runner_up);
         }
+    }
+
+    /// The owner of every slot by scoring every backend, as `ranking` orders them.
+    fn best_by_every_score(t: &HashTable, slot: u64) -> usize {
+        (1..t.len()).fold(0, |best, i| {
+            let (s, b) = (t.score(slot, i), t.score(slot, best));
+            if s > b || (s == b && t.ids[i] < t.ids[best]) {
+                i
+            } else {
+                best
+            }
+        })
+    }
+
+    #[test]
+    fn weighted_tables_give_each_slot_to_the_best_score() {
+        let ids: Vec<String> = (0..40).map(|i| format!("10.1.0.{i}:80")).collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let weight_sets: [Vec<u32>; 3] = [
+            (0..40).map(|i| i % 10 + 1).collect(),
+            // One heavy backend among light ones, and the other way round.
+            (0..40).map(|i| if i == 7 { 1000 } else { 1 }).collect(),
+            (0..40).map(|i| if i == 7 { 1 } else { 1000 }).collect(),
+        ];
+        for weights in &weight_sets {
+            let t = HashTable::new(&ids, weights);
+            for slot in 0..1u64 << SLOT_BITS {
+                assert_eq!(
+                    usize::from(t.slots[slot as usize]),
+                    best_by_every_score(&t, slot),
+                    "slot {slot}, weights {weights:?}"
+                );
+            }
+        }
+    }
+
+    /// Placement is part of the contract: proxies of different versions with the same
+    /// backends must send every key to the same one.
+    #[test]
+    fn placement_does_not_change_between_versions() {
+        let fingerprint = |ids: &[&str], weights: &[u32]| {
+            let t = HashTable::new(ids, weights);
+            let bytes: Vec<u8> = t.slots.iter().flat_map(|s| s.to_le_bytes()).collect();
+            xxh3_64_with_seed(&bytes, 0)
+        };
+        let ids = ["web-1", "web-2", "web-3", "10.0.0.4:8080", "10.0.0.5:8080"];
+        assert_eq!(fingerprint(&ids, &[1, 1, 1, 1, 1]), 15912727231843335890);
+        assert_eq!(fingerprint(&ids, &[1, 5, 1, 2, 10]), 10950465974745555627);
     }
 
     #[test]
