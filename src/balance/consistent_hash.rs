@@ -138,8 +138,8 @@ impl HashTable {
         mix(self.seeds[i] ^ mix(slot.wrapping_add(0x9e37_79b9_7f4a_7c15)))
     }
 
-    /// Backend `i`'s draw for `slot`, uniform in (0, 1]: 53 bits and a half, rounded to
-    /// 1 when all 53 are set.
+    /// Backend `i`'s draw for `slot`, uniform in (0, 1]: the top 53 bits of its hash plus
+    /// one half, over 2^53 (which rounds to 1 when all 53 bits are set).
     fn unit(&self, slot: u64, i: usize) -> f64 {
         ((self.raw(slot, i) >> 11) as f64 + 0.5) / (1u64 << 53) as f64
     }
