@@ -642,12 +642,13 @@ callgrind_run() {
     CG_IR=$ir
     if [ "$CG_CACHE_SIM" = 1 ]; then
         # The events line names the summary's columns.
+        CG_I1='' CG_D1=''
         read -r CG_I1 CG_D1 < <(awk '
             /^events:/ && !n { for (i = 2; i <= NF; i++) col[$i] = i; n = 1 }
             /^(summary|totals):/ && n {
                 if (!col["I1mr"] || !col["D1mr"] || !col["D1mw"]) exit
-                print $col["I1mr"], $col["D1mr"] + $col["D1mw"]; exit
-            }' "$out")
+                printf "%s %.0f\n", $col["I1mr"], $col["D1mr"] + $col["D1mw"]; exit
+            }' "$out") || true
         [ -n "${CG_D1:-}" ] || die "no cache miss counts in $out"
     fi
 }

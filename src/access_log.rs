@@ -303,8 +303,8 @@ impl AccessRecord {
             sink: sink.clone(),
             start,
             time: String::new(),
-            // As `X-Forwarded-For` has it: an IPv4 client of a dual-stack listener in
-            // its IPv4 form.
+            // In the form the proxy writes into `X-Forwarded-For`: an IPv4 client of a
+            // dual-stack listener in its IPv4 form.
             client: client.to_canonical(),
             method: method.to_owned(),
             path: path.to_owned(),

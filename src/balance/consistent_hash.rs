@@ -89,15 +89,13 @@ impl HashTable {
                     }
                 } else {
                     let mut best_score = t.score(slot, 0);
-                    // Since -ln(u) ≥ 1 - u, w / (1 - u) bounds a score from above. A
-                    // backend whose bound falls short of the leader's score by far more
-                    // than rounding could make up (`floor`) cannot win, and its logarithm
-                    // is not taken: with N backends, all but about one in N are passed
-                    // over so. The table is the same as with every score taken.
+                    // A backend that `cannot_win` has its logarithm not taken: with N
+                    // backends, about ln N of the N are taken per slot. The table is the
+                    // same as with every score taken.
                     let mut floor = best_score * (1.0 - 1e-9);
                     for i in 1..ids.len() {
                         let u = t.unit(slot, i);
-                        if t.weights[i] < floor * (1.0 - u) {
+                        if cannot_win(t.weights[i], u, floor) {
                             continue;
                         }
                         let s = t.weights[i] / -u.ln();
@@ -139,12 +137,14 @@ impl HashTable {
     }
 
     /// Backend `i`'s draw for `slot`, uniform in (0, 1]: the top 53 bits of its hash plus
-    /// one half, over 2^53 (which rounds to 1 when all 53 bits are set).
+    /// one half, over 2^53 (the half is rounded away for draws of one half and above, and
+    /// the draw is 1 when all 53 bits are set).
     fn unit(&self, slot: u64, i: usize) -> f64 {
         ((self.raw(slot, i) >> 11) as f64 + 0.5) / (1u64 << 53) as f64
     }
 
-    /// Weighted rendezvous score: w / -ln(u) for u uniform in (0, 1] (infinite at 1).
+    /// Weighted rendezvous score: w / -ln(u) for u uniform in (0, 1]. At 1 it is minus
+    /// infinity (`-ln 1` is `-0.0`): such a draw never wins.
     fn score(&self, slot: u64, i: usize) -> f64 {
         self.weights[i] / -self.unit(slot, i).ln()
     }
@@ -172,6 +172,14 @@ impl HashTable {
         }
         order
     }
+}
+
+/// Whether a backend of weight `w` and draw `u` scores below a leader whose score
+/// times (1 - 1e-9) is `floor`. Since -ln(u) ≥ 1 - u, w / (1 - u) bounds its score from
+/// above; the margin is far more than rounding could make up, so a backend this says
+/// cannot win would not even tie. Never true at u = 1 (0 or NaN on the right).
+fn cannot_win(w: f64, u: f64, floor: f64) -> bool {
+    w < floor * (1.0 - u)
 }
 
 /// Bounded load (Mirrokni, Thorup and Zadimoghaddam, "Consistent Hashing with Bounded
@@ -281,6 +289,49 @@ mod tests {
         let ids = ["web-1", "web-2", "web-3", "10.0.0.4:8080", "10.0.0.5:8080"];
         assert_eq!(fingerprint(&ids, &[1, 1, 1, 1, 1]), 15912727231843335890);
         assert_eq!(fingerprint(&ids, &[1, 5, 1, 2, 10]), 10950465974745555627);
+    }
+
+    /// The skip rule on draws within a few steps of its threshold, for leaders of
+    /// several weights and draws up to the largest below 1: whatever it skips scores
+    /// below the leader. (A rule that also skipped backends whose bound is up to one part
+    /// in 10^12 above the leader's score fails here.)
+    #[test]
+    fn a_skipped_backend_scores_below_the_leader() {
+        let unit = |k: u64| (k as f64 + 0.5) / (1u64 << 53) as f64;
+        let top = (1u64 << 53) - 2; // the largest k whose draw is below 1
+                                    // Leaders' draws from near 0 to near 1, denser towards 1, where the bound is
+                                    // tight.
+        let mut leaders: Vec<u64> = (0..53).map(|b| 1u64 << b).collect();
+        leaders.extend((1..52).map(|b| top - (top >> b)));
+        leaders.push(top);
+        let mut skipped = 0u64;
+        for &k_leader in &leaders {
+            for wb in [1.0, 7.0, 1000.0] {
+                let best = wb / -unit(k_leader).ln();
+                let floor = best * (1.0 - 1e-9);
+                for w in [1.0, 2.0, 999.0, 1000.0] {
+                    let at = 1.0 - w / floor;
+                    if at <= 0.0 {
+                        continue;
+                    }
+                    let k0 = (at * (1u64 << 53) as f64) as u64;
+                    for k in k0.saturating_sub(32)..=(k0 + 32).min(top) {
+                        let u = unit(k);
+                        if cannot_win(w, u, floor) {
+                            skipped += 1;
+                            assert!(w / -u.ln() < best, "w {w}, u {u:e}, leader {best:e}");
+                        }
+                    }
+                }
+            }
+        }
+        assert!(skipped > 0);
+        // A draw of 1 scores minus infinity and is never skipped.
+        assert_eq!(unit(top + 1), 1.0);
+        assert_eq!(1.0 / -unit(top + 1).ln(), f64::NEG_INFINITY);
+        assert!(!cannot_win(1.0, 1.0, 5.0));
+        assert!(!cannot_win(1.0, 1.0, f64::NEG_INFINITY));
+        assert!(!cannot_win(1.0, 0.5, f64::NEG_INFINITY));
     }
 
     #[test]
