@@ -92,7 +92,7 @@ impl HashTable {
                     // A backend that `cannot_win` has its logarithm not taken: with N
                     // backends, about ln N of the N are taken per slot. The table is the
                     // same as with every score taken.
-                    let mut floor = best_score * (1.0 - 1e-9);
+                    let mut floor = best_score * MARGIN;
                     for i in 1..ids.len() {
                         let u = t.unit(slot, i);
                         if cannot_win(t.weights[i], u, floor) {
@@ -101,7 +101,7 @@ impl HashTable {
                         let s = t.weights[i] / -u.ln();
                         if s > best_score || (s == best_score && t.ids[i] < t.ids[best]) {
                             (best, best_score) = (i, s);
-                            floor = best_score * (1.0 - 1e-9);
+                            floor = best_score * MARGIN;
                         }
                     }
                 }
@@ -174,8 +174,12 @@ impl HashTable {
     }
 }
 
+/// What a leader's score is multiplied by to give [`cannot_win`]'s `floor`: a margin
+/// far wider than the rounding of a score or its bound.
+const MARGIN: f64 = 1.0 - 1e-9;
+
 /// Whether a backend of weight `w` and draw `u` scores below a leader whose score
-/// times (1 - 1e-9) is `floor`. Since -ln(u) ≥ 1 - u, w / (1 - u) bounds its score from
+/// times [`MARGIN`] is `floor`. Since -ln(u) ≥ 1 - u, w / (1 - u) bounds its score from
 /// above; the margin is far more than rounding could make up, so a backend this says
 /// cannot win would not even tie. Never true at u = 1 (0 or NaN on the right).
 fn cannot_win(w: f64, u: f64, floor: f64) -> bool {
@@ -308,7 +312,7 @@ mod tests {
         for &k_leader in &leaders {
             for wb in [1.0, 7.0, 1000.0] {
                 let best = wb / -unit(k_leader).ln();
-                let floor = best * (1.0 - 1e-9);
+                let floor = best * MARGIN;
                 for w in [1.0, 2.0, 999.0, 1000.0] {
                     let at = 1.0 - w / floor;
                     if at <= 0.0 {
