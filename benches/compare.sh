@@ -165,13 +165,6 @@ if [ ! -x "$SWITCHYARD_BIN" ]; then
     [ -x "$SWITCHYARD_BIN" ] || die "build did not produce $SWITCHYARD_BIN"
 fi
 
-port_in_use() {
-    if command -v ss >/dev/null 2>&1; then
-        ss -Htln "sport = :$1" 2>/dev/null | grep -q .
-    else
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
-    fi
-}
 for p in "$BACKEND1_PORT" "$BACKEND2_PORT" "$NGINX_PORT" "$HAPROXY_PORT" "$SWITCHYARD_PORT" "$NOMETRICS_PORT" "$BASELINE_PORT"; do
     ! port_in_use "$p" || die "port $p is already in use (set BASE_PORT to use other ports)"
 done
@@ -179,38 +172,6 @@ done
 # --- process bookkeeping -----------------------------------------------------
 
 bench_bookkeeping switchyard-compare
-
-# Sends SIGTERM and waits up to $2 seconds for the process to exit, then SIGKILL.
-# Returns 1 if the process had to be killed.
-stop_pid() {
-    local pid=$1 limit=${2:-10} i
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < limit * 10; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    local rc=0
-    if kill -0 "$pid" 2>/dev/null; then
-        kill -KILL "$pid" 2>/dev/null || true
-        rc=1
-    fi
-    wait "$pid" 2>/dev/null || true
-    forget_pid "$pid"
-    return $rc
-}
-
-# Waits until http://127.0.0.1:$1/ answers 200 (at most $2 seconds); $3 = pid to watch.
-wait_ready() {
-    local port=$1 limit=$2 pid=$3 i
-    for ((i = 0; i < limit * 10; i++)); do
-        kill -0 "$pid" 2>/dev/null || return 1
-        if [ "$(curl -s -o /dev/null -m 2 -w '%{http_code}' "http://127.0.0.1:$port/" 2>/dev/null)" = 200 ]; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    return 1
-}
 
 # --- configs -----------------------------------------------------------------
 
@@ -356,7 +317,7 @@ start_backends() {
     [ "$MODE" = throughput ] && pin=(taskset -c "$LOAD_CPU")
     start_bg "$TMP/backend/stdout.log" "${pin[@]}" nginx -p "$TMP/backend/" -e "$TMP/backend/logs/error.log" -c "$TMP/backend/nginx.conf"
     BACKEND_PID=$STARTED_PID
-    wait_ready "$BACKEND1_PORT" 10 "$BACKEND_PID" && wait_ready "$BACKEND2_PORT" 10 "$BACKEND_PID" ||
+    wait_ready "http://127.0.0.1:$BACKEND1_PORT/" 10 "$BACKEND_PID" && wait_ready "http://127.0.0.1:$BACKEND2_PORT/" 10 "$BACKEND_PID" ||
         die "backends did not start: $(cat "$TMP/backend/logs/error.log" "$TMP/backend/stdout.log" 2>/dev/null)"
 }
 
@@ -389,7 +350,7 @@ start_proxy() {
     [ "${#wrap[@]}" -gt 0 ] && limit=120
     start_bg "$TMP/$name/run.log" taskset -c "$PROXY_CPU" "${wrap[@]}" "${PROXY_CMD[@]}"
     PROXY_PID=$STARTED_PID
-    wait_ready "$(proxy_port "$name")" "$limit" "$PROXY_PID" ||
+    wait_ready "http://127.0.0.1:$(proxy_port "$name")/" "$limit" "$PROXY_PID" ||
         die "$name did not start: $(tail -n 20 "$TMP/$name/run.log" 2>/dev/null)"
 }
 

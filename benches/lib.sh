@@ -1,4 +1,4 @@
-# Shared by benches/compare.sh and benches/reload_load.sh; sourced, not run.
+# Shared by benches/compare.sh, benches/reload_load.sh and benches/pgo.sh; sourced, not run.
 # The sourcing script sets BENCH (its name, for messages) before sourcing, and KEEP_TMP
 # before calling bench_bookkeeping.
 
@@ -63,6 +63,69 @@ start_bg() {
     "$@" >"$logfile" 2>&1 </dev/null &
     STARTED_PID=$!
     PIDS+=("$STARTED_PID")
+}
+
+# Sends SIGTERM and waits up to $2 seconds for the process to exit, then SIGKILL.
+# Returns 1 if the process had to be killed.
+stop_pid() {
+    local pid=$1 limit=${2:-10} i
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < limit * 10; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    local rc=0
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -KILL "$pid" 2>/dev/null || true
+        rc=1
+    fi
+    wait "$pid" 2>/dev/null || true
+    forget_pid "$pid"
+    return $rc
+}
+
+# Waits until URL $1 answers 200 (at most $2 seconds); $3 = pid to watch.
+wait_ready() {
+    local url=$1 limit=$2 pid=$3 i
+    for ((i = 0; i < limit * 10; i++)); do
+        kill -0 "$pid" 2>/dev/null || return 1
+        if [ "$(curl -s -o /dev/null -m 2 -w '%{http_code}' "$url" 2>/dev/null)" = 200 ]; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    return 1
+}
+
+# --- ports -----------------------------------------------------------------------
+
+# True if a TCP socket uses port $1, listening or connected (sockets in TIME-WAIT, which
+# a new listener may reuse, do not count).
+port_in_use() {
+    if command -v ss >/dev/null 2>&1; then
+        ss -Htan exclude time-wait "sport = :$1" 2>/dev/null | grep -q .
+    else
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+    fi
+}
+
+# Prints the first port from $1 (stepping by $2) that begins $2 consecutive free ports.
+find_ports() {
+    local base=$1 count=$2 p ok
+    for ((; base + count <= 65000; base += count)); do
+        ok=1
+        for ((p = base; p < base + count; p++)); do
+            if port_in_use "$p"; then
+                ok=0
+                break
+            fi
+        done
+        if ((ok)); then
+            echo "$base"
+            return 0
+        fi
+    done
+    return 1
 }
 
 # --- number helpers (awk) ------------------------------------------------------

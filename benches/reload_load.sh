@@ -92,33 +92,7 @@ if [ -z "${SWITCHYARD_BIN:-}" ]; then
 fi
 [ -x "$SWITCHYARD_BIN" ] || die "$SWITCHYARD_BIN is not an executable"
 
-# --- ports -------------------------------------------------------------------
-
-port_in_use() {
-    if command -v ss >/dev/null 2>&1; then
-        ss -Htan "sport = :$1" 2>/dev/null | grep -q .
-    else
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
-    fi
-}
-find_ports() {
-    local base=$1 p ok
-    for ((; base < 65000; base += 4)); do
-        ok=1
-        for ((p = base; p < base + 4; p++)); do
-            if port_in_use "$p"; then
-                ok=0
-                break
-            fi
-        done
-        if ((ok)); then
-            echo "$base"
-            return 0
-        fi
-    done
-    return 1
-}
-BASE=$(find_ports "$BASE_PORT") || die "no 4 free consecutive ports from $BASE_PORT"
+BASE=$(find_ports "$BASE_PORT" 4) || die "no 4 free consecutive ports from $BASE_PORT"
 B1_PORT=$BASE
 B2_PORT=$((BASE + 1))
 PROXY_PORT=$((BASE + 2))
@@ -141,19 +115,6 @@ MAIN_PID=$$
     kill -TERM "$MAIN_PID" 2>/dev/null
 ) &
 PIDS+=("$!")
-
-# Waits until $1 answers 200 (at most $2 seconds); $3 = pid to watch.
-wait_ready() {
-    local url=$1 limit=$2 pid=$3 i
-    for ((i = 0; i < limit * 10; i++)); do
-        kill -0 "$pid" 2>/dev/null || return 1
-        if [ "$(curl -s -o /dev/null -m 2 -w '%{http_code}' "$url" 2>/dev/null)" = 200 ]; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    return 1
-}
 
 # --- configuration ---------------------------------------------------------------
 
