@@ -1,4 +1,5 @@
 # Shared by benches/compare.sh, benches/reload_load.sh and benches/pgo.sh; sourced, not run.
+# shellcheck shell=bash
 # The sourcing script sets BENCH (its name, for messages) before sourcing, and KEEP_TMP
 # before calling bench_bookkeeping.
 
