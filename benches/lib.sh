@@ -103,8 +103,11 @@ wait_ready() {
 # True if a TCP socket uses port $1, listening or connected (sockets in TIME-WAIT, which
 # a new listener may reuse, do not count).
 port_in_use() {
-    if command -v ss >/dev/null 2>&1; then
-        ss -Htan exclude time-wait "sport = :$1" 2>/dev/null | grep -q .
+    local out
+    # Not `ss | grep -q`: grep's early exit can end ss with SIGPIPE, which pipefail
+    # turns into "free".
+    if out=$(ss -Htan exclude time-wait "sport = :$1" 2>/dev/null); then
+        [ -n "$out" ]
     else
         (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
     fi

@@ -29,9 +29,11 @@
 # run: it stays correct, but may be slower than in a plain release build.
 #
 # Environment (defaults in brackets):
-#   TRAIN_SECS [2]  seconds per wrk phase (eight phases per run, two runs)
+#   TRAIN_SECS [2]  seconds per wrk phase (nine phases per run, two runs)
 #   BASE_PORT [18201]  first of six consecutive free ports at or above it is used
 #   KEEP_TMP [0]  1 = keep the configurations, logs and raw profiles
+#   RUSTFLAGS  passed on to both builds, before the profile flags (as with any cargo
+#   build, RUSTFLAGS replaces build.rustflags from a cargo configuration file)
 #
 # Needs: cargo; the llvm-tools component (rustup component add llvm-tools), whose
 # llvm-profdata matches rustc's LLVM; wrk, curl and h2load (apt-get install -y wrk curl
@@ -63,7 +65,11 @@ BENCH=pgo
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-need cargo "cargo (rustup)"
+command -v cargo >/dev/null 2>&1 || die "cargo not found (install Rust with rustup)"
+# The profile flags go in RUSTFLAGS, which CARGO_ENCODED_RUSTFLAGS would override; a
+# path with a space would split them.
+[ -z "${CARGO_ENCODED_RUSTFLAGS:-}" ] || die "unset CARGO_ENCODED_RUSTFLAGS: the profile flags go in RUSTFLAGS"
+case "$REPO" in *' '*) die "the repository path has a space, which RUSTFLAGS cannot carry: $REPO" ;; esac
 need wrk wrk
 need curl curl
 need h2load nghttp2-client
@@ -97,8 +103,8 @@ log "building the instrumented binary in $GEN_DIR"
 
 # --- 2. training -----------------------------------------------------------------
 
-# Everything but the proxy writes its profile where it is thrown away (the build's own
-# scripts, run at build time, wrote theirs to $GEN_DIR/unused-profiles).
+# Everything but the proxy writes its profile where it is thrown away (the build scripts
+# and procedural macros, run at build time, wrote theirs to $GEN_DIR/unused-profiles).
 export LLVM_PROFILE_FILE=$TMP/discard/%p-%m.profraw
 
 for i in 1 2 3; do
@@ -226,27 +232,53 @@ BROWSER=(
     -H "Cookie: session=8f14e45fceea167a5a36dedd4bea2543; theme=dark"
 )
 
+# Each load must get only 2xx answers, with no socket errors: training on error pages
+# would teach the build the wrong path.
 train_wrk() {
-    wrk -t1 -c16 -d"${TRAIN_SECS}s" "$@" >>"$TMP/wrk.log" 2>&1 || die "wrk failed: $(tail -n 5 "$TMP/wrk.log")"
+    local out
+    out=$(timeout 60 wrk -t1 -c16 -d"${TRAIN_SECS}s" "$@" 2>&1) || die "wrk $* failed: $out"
+    echo "$out" >>"$TMP/wrk.log"
+    if grep -qE 'Non-2xx|Socket errors' <<<"$out"; then die "wrk $* saw errors: $out"; fi
 }
 
 train_h2load() {
-    h2load "$@" >>"$TMP/h2load.log" 2>&1 || die "h2load failed: $(tail -n 5 "$TMP/h2load.log")"
-    tail -n 20 "$TMP/h2load.log" | grep -q ' 0 failed, 0 errored, 0 timeout' ||
-        die "h2load saw failed requests: $(tail -n 12 "$TMP/h2load.log")"
+    local out
+    out=$(timeout 120 h2load "$@" 2>&1) || die "h2load $* failed: $(tail -n 8 <<<"$out")"
+    echo "$out" >>"$TMP/h2load.log"
+    if ! grep -q ' 0 failed, 0 errored, 0 timeout' <<<"$out" ||
+        ! grep -qE 'status codes: [1-9][0-9]* 2xx, 0 3xx, 0 4xx, 0 5xx' <<<"$out"; then
+        die "h2load $* saw failed requests: $(tail -n 8 <<<"$out")"
+    fi
+}
+
+# curl with a time limit; the output is thrown away, a failure ends the script.
+train_curl() {
+    curl -sS -m 60 -o /dev/null "$@" 2>>"$TMP/curl.log" || die "curl $* failed: $(tail -n 3 "$TMP/curl.log")"
+}
+
+# Prints the status code of one request; 000 if there was no answer.
+status_of() {
+    curl -s -m 30 -o /dev/null -w '%{http_code}' "$@" || true
+}
+
+# Prints the "backend" field of the built-in backend's answer to one request.
+backend_of() {
+    curl -s -m 30 "$@" | sed -n 's/^ *"backend": "\(.*\)",\{0,1\}$/\1/p' || true
 }
 
 # Prints the value of cookie $2 that URL $1 sets (with Host $3).
 cookie_from() {
-    curl -s -o /dev/null -D - -H "Host: $3" "$1" | tr -d '\r' |
+    { curl -s -m 30 -o /dev/null -D - -H "Host: $3" "$1" || true; } | tr -d '\r' |
         sed -n "s/^[Ss]et-[Cc]ookie: $2=\([^;]*\).*/\1/p" | head -n 1
 }
 
 # Sends raw bytes $1 to the proxy and prints the status code it answers with.
 raw_status() {
-    (
-        exec 3<>"/dev/tcp/127.0.0.1/$PROXY_PORT" && printf '%b' "$1" >&3 && timeout 5 head -n 1 <&3
-    ) 2>/dev/null | awk '{ print $2 }'
+    {
+        (
+            exec 3<>"/dev/tcp/127.0.0.1/$PROXY_PORT" && printf '%b' "$1" >&3 && timeout 5 head -n 1 <&3
+        ) 2>/dev/null || true
+    } | awk '{ print $2 }'
 }
 
 # One training run; $1 = workers, $2 = access log.
@@ -254,8 +286,10 @@ train() {
     local workers=$1 access_log=$2 pid sticky sid code
     write_config "$workers" "$access_log"
     "$GEN_BIN" check --config "$TMP/switchyard.toml" >/dev/null || die "the training configuration is refused"
+    # The access log (standard output) is thrown away: at TRAIN_SECS=2 it is some 80 MB.
+    # shellcheck disable=SC2016 # $0 and $1 are the inner shell's
     LLVM_PROFILE_FILE=$TMP/profiles/proxy-%p.profraw start_bg "$TMP/proxy-$workers.log" \
-        "$GEN_BIN" --config "$TMP/switchyard.toml"
+        sh -c 'exec "$0" --config "$1" >/dev/null' "$GEN_BIN" "$TMP/switchyard.toml"
     pid=$STARTED_PID
     wait_ready "$URL/" 10 "$pid" || die "the proxy did not start: $(tail -n 20 "$TMP/proxy-$workers.log")"
     log "training with workers = $workers, access log $access_log"
@@ -270,6 +304,16 @@ train() {
     [ -n "$sticky" ] || die "the sticky_cookie pool set no cookie"
     sid=$(cookie_from "$URL/account" sid app.example.com)
     [ -n "$sid" ] || die "the sticky_learn pool's backend set no session cookie"
+    # Both pools must keep their client on one backend, or the phases below train
+    # the wrong path.
+    for c in "SWITCHYARD=$sticky" "sid=$sid"; do
+        host=localhost path=/cart/check
+        [ "${c%%=*}" = sid ] && host=app.example.com path=/account
+        seen=$(for _ in 1 2 3 4 5 6; do backend_of -H "Host: $host" -H "Cookie: $c" "$URL$path"; done | sort -u)
+        if [ -z "$seen" ] || [ "$(wc -l <<<"$seen")" != 1 ]; then
+            die "requests with cookie ${c%%=*} went to backends: $(tr '\n' ' ' <<<"$seen")"
+        fi
+    done
     train_wrk -H "Cookie: SWITCHYARD=$sticky" "$URL/cart/items"
     train_wrk -H "Host: app.example.com" -H "Cookie: theme=dark; sid=$sid" "$URL/account"
     train_wrk "$URL/cart/new"
@@ -281,39 +325,40 @@ train() {
     # Large bodies both ways, over both protocols.
     train_h2load -n 2 -c 1 -d "$TMP/upload.bin" "$URL/api/upload"
     train_h2load -n 2 -c 1 "$URL/bytes/8388608"
-    curl -s --http1.1 --data-binary @"$TMP/upload.bin" "$URL/api/upload" >/dev/null
-    curl -s --http1.1 "$URL/bytes/8388608" >/dev/null
+    train_curl --http1.1 --data-binary @"$TMP/upload.bin" "$URL/api/upload"
+    train_curl --http1.1 "$URL/bytes/8388608"
     # Keep-alive sessions with cookie jars, as a client holds them.
-    curl -s -b "$TMP/jar-$workers" -c "$TMP/jar-$workers" "$URL/cart/[1-500]" >/dev/null
-    curl -s -b "$TMP/jar-$workers" -c "$TMP/jar-$workers" -H "Host: app.example.com" "$URL/app/[1-500]" >/dev/null
+    train_curl -b "$TMP/jar-$workers" -c "$TMP/jar-$workers" "$URL/cart/[1-500]"
+    train_curl -b "$TMP/jar-$workers" -c "$TMP/jar-$workers" -H "Host: app.example.com" "$URL/app/[1-500]"
 
     # Errors: a pool whose backend is down, a closed one, bad requests.
-    code=$(curl -s -o /dev/null -w '%{http_code}' -H "Host: a.down.example.com" "$URL/")
+    code=$(status_of -H "Host: a.down.example.com" "$URL/")
     [ "$code" = 502 ] || [ "$code" = 503 ] || die "the dead pool answered $code, not 502 or 503"
-    curl -s -H "Host: shop.example.com" "$URL/closed/[1-20]" >/dev/null
+    train_curl -H "Host: shop.example.com" "$URL/closed/[1-20]"
     code=$(raw_status 'GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n')
     [ "$code" = 400 ] || die "conflicting Content-Length fields got $code, not 400"
     code=$(raw_status 'GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n')
     [ "$code" = 400 ] || die "an unknown transfer coding got $code, not 400"
     code=$(raw_status 'GET / HTTP/1.1\r\n\r\n')
     [ "$code" = 400 ] || die "a request without Host got $code, not 400"
-    code=$(curl -s -o /dev/null -w '%{http_code}' -H "X-Big: $(head -c 20000 /dev/zero | tr '\0' a)" "$URL/")
+    code=$(status_of -H "X-Big: $(head -c 20000 /dev/zero | tr '\0' a)" "$URL/")
     [ "$code" = 431 ] || die "an oversized head got $code, not 431"
 
     # Admin: scrapes, status, the owner of a key, and a reload with new weights.
-    curl -s "$ADMIN/metrics" "$ADMIN/status" "$ADMIN/readyz" "$ADMIN/pools/cache/owner?key=u42" >/dev/null
+    train_curl "$ADMIN/metrics" "$ADMIN/status" "$ADMIN/readyz" "$ADMIN/pools/cache/owner?key=u42"
     WEB_WEIGHT=3 write_config "$workers" "$access_log"
-    code=$(curl -s -o /dev/null -w '%{http_code}' -X POST "$ADMIN/reload")
+    code=$(status_of -X POST "$ADMIN/reload")
     [ "$code" = 200 ] || die "the reload answered $code, not 200"
     train_wrk "$URL/after-reload"
-    curl -s "$ADMIN/metrics" >/dev/null
+    train_curl "$ADMIN/metrics"
 
     stop_pid "$pid" 15 || die "the proxy did not exit on SIGTERM, so it wrote no profile"
 }
 
 train 1 off
 train 2 json
-ls "$TMP"/profiles/*.profraw >/dev/null 2>&1 || die "the training runs wrote no profile"
+n=$(find "$TMP/profiles" -name '*.profraw' | wc -l)
+[ "$n" = 2 ] || die "the two training runs wrote $n profiles, not 2"
 
 # --- 3. merge and build with the profile -----------------------------------------
 
