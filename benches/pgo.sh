@@ -251,9 +251,10 @@ train_h2load() {
     fi
 }
 
-# curl with a time limit; the output is thrown away, a failure ends the script.
+# curl with a time limit; the output is thrown away (of every URL: -o would take only
+# the first), a failure ends the script.
 train_curl() {
-    curl -sS -m 60 -o /dev/null "$@" 2>>"$TMP/curl.log" || die "curl $* failed: $(tail -n 3 "$TMP/curl.log")"
+    curl -sS -m 60 "$@" >/dev/null 2>>"$TMP/curl.log" || die "curl $* failed: $(tail -n 3 "$TMP/curl.log")"
 }
 
 # Prints the status code of one request; 000 if there was no answer.
