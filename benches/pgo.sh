@@ -236,7 +236,7 @@ BROWSER=(
 # would teach the build the wrong path.
 train_wrk() {
     local out
-    out=$(timeout 60 wrk -t1 -c16 -d"${TRAIN_SECS}s" "$@" 2>&1) || die "wrk $* failed: $out"
+    out=$(timeout $((TRAIN_SECS + 30)) wrk -t1 -c16 -d"${TRAIN_SECS}s" "$@" 2>&1) || die "wrk $* failed: $out"
     echo "$out" >>"$TMP/wrk.log"
     if grep -qE 'Non-2xx|Socket errors' <<<"$out"; then die "wrk $* saw errors: $out"; fi
 }
@@ -284,7 +284,7 @@ raw_status() {
 
 # One training run; $1 = workers, $2 = access log.
 train() {
-    local workers=$1 access_log=$2 pid sticky sid code
+    local workers=$1 access_log=$2 pid sticky sid code c host path seen
     write_config "$workers" "$access_log"
     "$GEN_BIN" check --config "$TMP/switchyard.toml" >/dev/null || die "the training configuration is refused"
     # The access log (standard output) is thrown away: at TRAIN_SECS=2 it is some 80 MB.
