@@ -9,7 +9,8 @@
 #   2. run it as the proxy under a training load, which writes its profile on exit;
 #   3. merge the profiles with llvm-profdata and build again (-Cprofile-use) in
 #      target/pgo.
-# The result behaves exactly as `cargo build --release` does; only its speed differs.
+# The result is the same code as `cargo build --release` builds, compiled differently:
+# PGO moves inlining and code layout, not behaviour.
 #
 # The training load. Three built-in backends (`switchyard backend`, run from the same
 # instrumented binary with their profiles thrown away) serve a proxy that has one pool
@@ -267,6 +268,15 @@ backend_of() {
     curl -s -m 30 "$@" | sed -n 's/^ *"backend": "\(.*\)",\{0,1\}$/\1/p' || true
 }
 
+# Dies unless six requests with cookie $3 (Host $1, path $2) all reach one backend.
+expect_sticky() {
+    local seen
+    seen=$(for _ in 1 2 3 4 5 6; do backend_of -H "Host: $1" -H "Cookie: $3" "$URL$2"; done | sort -u)
+    if [ -z "$seen" ] || [ "$(wc -l <<<"$seen")" != 1 ]; then
+        die "requests with cookie ${3%%=*} went to backends: $(tr '\n' ' ' <<<"$seen")"
+    fi
+}
+
 # Prints the value of cookie $2 that URL $1 sets (with Host $3).
 cookie_from() {
     { curl -s -m 30 -o /dev/null -D - -H "Host: $3" "$1" || true; } | tr -d '\r' |
@@ -284,7 +294,7 @@ raw_status() {
 
 # One training run; $1 = workers, $2 = access log.
 train() {
-    local workers=$1 access_log=$2 pid sticky sid code c host path seen
+    local workers=$1 access_log=$2 pid sticky sid code
     write_config "$workers" "$access_log"
     "$GEN_BIN" check --config "$TMP/switchyard.toml" >/dev/null || die "the training configuration is refused"
     # The access log (standard output) is thrown away: at TRAIN_SECS=2 it is some 80 MB.
@@ -307,14 +317,8 @@ train() {
     [ -n "$sid" ] || die "the sticky_learn pool's backend set no session cookie"
     # Both pools must keep their client on one backend, or the phases below train
     # the wrong path.
-    for c in "SWITCHYARD=$sticky" "sid=$sid"; do
-        host=localhost path=/cart/check
-        [ "${c%%=*}" = sid ] && host=app.example.com path=/account
-        seen=$(for _ in 1 2 3 4 5 6; do backend_of -H "Host: $host" -H "Cookie: $c" "$URL$path"; done | sort -u)
-        if [ -z "$seen" ] || [ "$(wc -l <<<"$seen")" != 1 ]; then
-            die "requests with cookie ${c%%=*} went to backends: $(tr '\n' ' ' <<<"$seen")"
-        fi
-    done
+    expect_sticky localhost /cart/check "SWITCHYARD=$sticky"
+    expect_sticky app.example.com /account "sid=$sid"
     train_wrk -H "Cookie: SWITCHYARD=$sticky" "$URL/cart/items"
     train_wrk -H "Host: app.example.com" -H "Cookie: theme=dark; sid=$sid" "$URL/account"
     train_wrk "$URL/cart/new"
